@@ -1,0 +1,58 @@
+"""Which backend runs a call: "reference", "cpu" or "cuda".
+
+`backend=None` means the MOE_BACKEND environment variable if set, else "cpu".
+The CUDA backend is imported only when asked for, so importing `kernels`
+never imports CuPy and never touches a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Optional
+
+KNOWN_BACKENDS = ("reference", "cpu", "cuda")
+DEFAULT_BACKEND = "cpu"
+ENV_VARIABLE = "MOE_BACKEND"
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    """None when the CUDA backend can run here, else why it cannot."""
+    if importlib.util.find_spec("kernels.cuda") is None:
+        return "the CUDA backend (kernels/cuda) is not part of this build"
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install -e '.[cuda12]' or '.[cuda13]')"
+    try:
+        import cupy  # imported here, never at package import
+
+        device_count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CuPy raises its own CUDA error types
+        return f"CuPy finds no usable CUDA device ({type(error).__name__}: {error})"
+    if device_count == 0:
+        return "CuPy finds no CUDA device"
+    return None
+
+
+def available_backends() -> tuple:
+    """The backends that can run on this machine; "cuda" only where CuPy finds a device."""
+    names = ("reference", "cpu")
+    if cuda_unavailable_reason() is None:
+        names += ("cuda",)
+    return names
+
+
+def resolve(backend: Optional[str]) -> ModuleType:
+    """The module that implements `backend` (see the module docstring for None)."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(ENV_VARIABLE) or DEFAULT_BACKEND
+        source = f"backend (from ${ENV_VARIABLE})"
+    if backend not in KNOWN_BACKENDS:
+        raise ValueError(f"{source}: expected one of {KNOWN_BACKENDS}, got {backend!r}")
+    if backend == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"{source}: 'cuda' is not available here: {reason}")
+    return importlib.import_module(f"kernels.{backend}")
