@@ -1,0 +1,165 @@
+"""The project's one timing helper.
+
+``time_function`` runs a function a few times untimed (warm-up), then times
+each of many calls separately and reports the median with the 20th and 80th
+percentiles, the spread the book draws as error bars.
+
+Caches flatter a benchmark that calls a function on the same arrays again and
+again: the second call finds its inputs (and, for small problems, its weights)
+in cache, which a real model running other layers in between would not. So
+``args_sets`` takes several argument tuples, and successive calls cycle through
+them. On the CPU, choose the number of sets so that their total size is larger
+than the last-level cache (``sets_to_exceed_cache`` does that sum); then every
+call reads its data from memory, as it would in a model.
+
+``device="cpu"`` times with ``time.perf_counter``. ``device="cuda"`` times with
+CUDA events recorded on the current stream around each call, the GPU-side time
+of the work the call launched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy
+
+#: What ``last_level_cache_bytes`` returns where the machine won't say:
+#: a generous server L3, so that rotation errs on the side of more sets.
+FALLBACK_LAST_LEVEL_CACHE_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and the 20th/80th percentiles of ``repeats`` calls."""
+
+    median_s: float
+    p20_s: float
+    p80_s: float
+    repeats: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def time_function(
+    fn: Callable,
+    *,
+    args_sets: Sequence[tuple] | None = None,
+    warmup: int = 3,
+    repeats: int = 20,
+    min_time_s: float = 0.0,
+    setup: Callable[[], object] | None = None,
+    device: str = "cpu",
+) -> Timing:
+    """Time ``fn``; return the median and p20/p80 of the per-call times.
+
+    ``args_sets``: a list of argument tuples; call ``i`` (warm-up included) is
+    ``fn(*args_sets[i % len(args_sets)])``. Without it, ``fn()``. To rotate a
+    buffer index instead, pass ``[(0,), (1,), ...]``.
+    ``warmup``: untimed calls first (first-touch, BLAS thread start-up, kernel
+    compilation).
+    ``repeats``: timed calls at least; more are made until the timed calls add
+    up to ``min_time_s``, so a fast function is not judged on a few microseconds.
+    ``setup``: called untimed before every call, e.g. to flush a cache.
+    ``device``: ``"cpu"`` (wall clock, ``time.perf_counter``) or ``"cuda"``
+    (CUDA events through CuPy).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats: expected at least 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup: expected at least 0, got {warmup}")
+    if args_sets is not None and len(args_sets) == 0:
+        raise ValueError("args_sets: expected at least one argument tuple, got an empty sequence")
+    argument_sets = [tuple(arguments) for arguments in args_sets] if args_sets is not None else [()]
+
+    if device == "cpu":
+        time_one_call = _cpu_call_timer()
+    elif device == "cuda":
+        time_one_call = _cuda_call_timer()
+    else:
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+
+    call_index = 0
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn(*argument_sets[call_index % len(argument_sets)])
+        call_index += 1
+
+    seconds_per_call: list[float] = []
+    while len(seconds_per_call) < repeats or sum(seconds_per_call) < min_time_s:
+        if setup is not None:
+            setup()
+        seconds_per_call.append(time_one_call(fn, argument_sets[call_index % len(argument_sets)]))
+        call_index += 1
+
+    p20, median, p80 = numpy.percentile(seconds_per_call, [20, 50, 80])
+    return Timing(median_s=float(median), p20_s=float(p20), p80_s=float(p80),
+                  repeats=len(seconds_per_call))
+
+
+def _cpu_call_timer() -> Callable[[Callable, tuple], float]:
+    def time_one_call(fn: Callable, arguments: tuple) -> float:
+        start = time.perf_counter()
+        fn(*arguments)
+        return time.perf_counter() - start
+
+    return time_one_call
+
+
+def _cuda_call_timer() -> Callable[[Callable, tuple], float]:
+    """CUDA-event timing. NOT TESTED on the development machine (it has no GPU):
+    the GPU issue that first uses it must check it against a known kernel.
+
+    Events are recorded on the current stream, so the time is the GPU's time
+    for the work ``fn`` launched, excluding Python overhead before the first
+    launch; ``stop.synchronize()`` makes each call finish before the next.
+    """
+    if importlib.util.find_spec("cupy") is None:
+        raise RuntimeError("device='cuda' needs CuPy, which is not installed")
+    import cupy  # noqa: PLC0415 - never imported unless CUDA timing is asked for
+
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    # Work queued before timing starts (warm-up, setup) must not be counted.
+    cupy.cuda.Device().synchronize()
+
+    def time_one_call(fn: Callable, arguments: tuple) -> float:
+        start.record()
+        fn(*arguments)
+        stop.record()
+        stop.synchronize()
+        return cupy.cuda.get_elapsed_time(start, stop) / 1e3  # milliseconds to seconds
+
+    return time_one_call
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache, from Linux sysfs; a generous fallback
+    (``FALLBACK_LAST_LEVEL_CACHE_BYTES``) where sysfs doesn't say."""
+    largest = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size_file.read_text().strip().upper()
+        except OSError:
+            continue
+        multiplier = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            largest = max(largest, int(digits) * multiplier)
+    return largest or FALLBACK_LAST_LEVEL_CACHE_BYTES
+
+
+def sets_to_exceed_cache(bytes_per_set: int, *, cache_bytes: int | None = None,
+                         factor: float = 2.0, minimum: int = 2) -> int:
+    """How many argument sets to rotate so that together they are ``factor``
+    times the last-level cache: by the time a set comes round again, it has
+    been evicted. At least ``minimum`` sets, so no two calls in a row share data."""
+    if bytes_per_set <= 0:
+        raise ValueError(f"bytes_per_set: expected a positive size, got {bytes_per_set}")
+    cache_bytes = last_level_cache_bytes() if cache_bytes is None else cache_bytes
+    return max(minimum, math.ceil(factor * cache_bytes / bytes_per_set))

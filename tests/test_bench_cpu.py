@@ -1,0 +1,82 @@
+"""The CPU benchmark end to end on tiny shapes, and its goal judgement."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from analysis import bench_cpu, records, timing
+
+
+def test_quick_run_prints_the_table(capsys):
+    assert bench_cpu.main(["--quick", "--tokens", "1", "16", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "moe/dense_active" in out and "moe % SGEMM" in out
+    assert "Goals: not judged" in out
+    assert "Records appended" not in out
+
+
+def test_quick_run_writes_records(tmp_path, capsys):
+    argv = ["--quick", "--tokens", "2", "300", "--k", "2", "--results-dir", str(tmp_path)]
+    assert bench_cpu.main(argv) == 0
+    assert "Records appended" in capsys.readouterr().out
+
+    written = records.read_records(bench_cpu.RECORD_KIND, results_dir=tmp_path)
+    sgemm = [r for r in written if r["measurement"] == "sgemm-rate"]
+    timed = [r for r in written if r["measurement"] == "forward-time"]
+    assert len(sgemm) == 1 and sgemm[0]["flop_per_s"] > 0
+    # Per T: dense K*F and dense E*F, the cpu MoE; the reference only for T <= 256.
+    implementations = sorted((r["params"]["tokens"], r["implementation"], r["backend"]) for r in timed)
+    assert implementations == [
+        (2, "dense", "cpu"), (2, "dense", "cpu"), (2, "moe", "cpu"), (2, "moe", "reference"),
+        (300, "dense", "cpu"), (300, "dense", "cpu"), (300, "moe", "cpu"),
+    ]
+    for record in timed:
+        assert record["p20_s"] <= record["median_s"] <= record["p80_s"]
+        assert record["rotation_sets"] >= 2
+        assert record["git_dirty"] in (True, False, None)
+    moe = next(r for r in timed if r["implementation"] == "moe" and r["params"]["tokens"] == 300)
+    assert moe["kept_assignments"] == 600  # dropless: T*K
+    reference = next(r for r in timed if r["backend"] == "reference")
+    assert reference["cpu_relative_error_vs_reference"] < 1e-3
+    for line in (next(tmp_path.glob("*/bench-cpu.jsonl"))).read_text().splitlines():
+        json.loads(line)
+
+
+def test_quick_preset_yields_to_explicit_options():
+    config, _ = bench_cpu.parse_config(["--quick", "--d-model", "32", "--k", "1", "--repeats", "2"])
+    assert config.d_model == 32 and config.top_ks == (1,) and config.repeats == 2
+    assert config.min_repeats <= 2
+    assert config.d_ff == bench_cpu.PRESETS["quick"].d_ff
+    full, _ = bench_cpu.parse_config([])
+    assert full == bench_cpu.PRESETS["full"]
+
+
+def test_dense_widths_are_timed_once_each():
+    config = bench_cpu.PRESETS["quick"]
+    comparisons = bench_cpu.dense_comparisons(config)
+    assert sorted(comparisons) == [config.d_ff, 2 * config.d_ff, config.n_experts * config.d_ff]
+    # E = K = 2: equal active FLOPs at k=2 and equal parameters are the same width.
+    two_experts = bench_cpu.dense_comparisons(dataclasses.replace(config, n_experts=2))
+    assert len(two_experts[2 * config.d_ff]) == 2
+
+
+def _row(tokens, ratio, fraction):
+    return {"tokens": tokens, "moe_over_dense_active": ratio, "moe_fraction_of_sgemm": fraction}
+
+
+def test_goal_report_judges_only_large_token_counts():
+    config = bench_cpu.PRESETS["quick"]
+    def report(rows):
+        return bench_cpu.goal_report(bench_cpu.BenchResult(config, 1.0, [], rows))
+
+    met = report([_row(16, 5.0, 0.01), _row(4096, 1.10, 0.75), _row(16384, 1.05, 0.80)])
+    assert "1.10x -> MET" in met[0] and "75.0% -> MET" in met[1]
+    missed = report([_row(4096, 1.20, 0.60)])
+    assert "NOT MET" in missed[0] and "NOT MET" in missed[1]
+    assert "not judged" in report([_row(16, 1.0, 1.0)])[0]
+
+
+def test_rotation_exceeds_the_cache():
+    count = bench_cpu.rotation_count(1000, 1_000_000)
+    assert count * 1_001_000 >= 2 * timing.last_level_cache_bytes()
