@@ -4,15 +4,16 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= test,book
+EXTRAS ?= test,book,torch
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: setup test book notebooks bench-cpu clean help
+.PHONY: setup test book notebooks bench-cpu device-check clean help
 
 help:
 	@echo "make book       run every chapter notebook, then build book/_build/html"
 	@echo "make test       run the test suite (pytest)"
 	@echo "make bench-cpu  MoE vs dense on this CPU, prints ratios, writes results/"
+	@echo "make device-check PY=python3  on a GPU machine: gpu tests, compute-sanitizer, a gpu-tests record"
 	@echo "make setup      create .venv and install the project (done by the others)"
 	@echo "make clean      remove generated notebooks, the built book and caches"
 
@@ -36,6 +37,11 @@ book: notebooks
 
 bench-cpu: $(STAMP)
 	$(PY) -m analysis.bench_cpu $(BENCH_ARGS)
+
+# No $(STAMP) prerequisite: GPU machines have their own Python (no .venv), so
+# run it there as `make device-check PY=python3`. Pass options in DEVICE_CHECK_ARGS.
+device-check:
+	$(PY) -m analysis.device_check $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf book/_build book/generated .pytest_cache .hypothesis

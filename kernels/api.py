@@ -40,6 +40,28 @@ def _check_finite(impl, arrays: dict) -> None:
             raise ValueError(f"{name}: expected finite values, got non-finite entries (NaN or infinity)")
 
 
+def _finite_check_on_device(impl, check_finite: Any) -> bool:
+    """Whether the backend checks x and router for NaN and infinity itself
+    (the cuda backend: a flag raised by its router kernel, read back once);
+    only such a backend may be told to skip the check (check_finite=False,
+    for CUDA graph capture and timing)."""
+    if not isinstance(check_finite, (bool, np.bool_)):
+        raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
+    on_device = bool(getattr(impl, "checks_finite_on_device", False))
+    if not check_finite and not on_device:
+        raise ValueError(
+            f"check_finite: expected True for backend {impl.name!r} (only the 'cuda' backend "
+            f"may skip the finiteness check), got False"
+        )
+    return on_device
+
+
+def _route(impl, x, router, k: int, renormalize: bool, check_finite: bool, on_device: bool) -> Routing:
+    if on_device:
+        return impl.route(x, router, k, renormalize, check_finite=bool(check_finite))
+    return impl.route(x, router, k, renormalize)
+
+
 def _check_weights(weights: MoEWeights, cfg: MoEConfig) -> None:
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg: expected a kernels.MoEConfig, got {type(cfg).__name__}")
@@ -93,20 +115,25 @@ def init_weights(cfg: MoEConfig, *, seed: int = 0, dtype: Any = np.float32) -> M
     )
 
 
-def route(x, router, k: int, *, renormalize: bool = True, backend: Optional[str] = None) -> Routing:
+def route(x, router, k: int, *, renormalize: bool = True, backend: Optional[str] = None,
+          check_finite: bool = True) -> Routing:
     """Top-k routing: softmax(x @ router) and each token's k best experts.
 
     x (T, D), router (D, E) -> Routing(experts (T, k) int32, weights (T, k), probs (T, E)).
     Ties go to the smaller expert index; with `renormalize` the k weights sum to 1.
+    NaN or infinity in x or router: ValueError. `check_finite=False` skips that
+    check (and its wait for the device); only the "cuda" backend accepts it.
     """
     impl = resolve(backend)
+    on_device = _finite_check_on_device(impl, check_finite)
     (T, D) = checks.check_rank("x", x, 2, "(T, D)")
     (router_rows, E) = checks.check_rank("router", router, 2, "(D, E)")
     checks.check_dim("router", "D rows", router_rows, D, "x's width")
     k = checks.check_k(k, E)
     x, router = _float_inputs(impl, {"x": x, "router": router})
-    _check_finite(impl, {"x": x, "router": router})
-    return impl.route(x, router, k, bool(renormalize))
+    if not on_device:
+        _check_finite(impl, {"x": x, "router": router})
+    return _route(impl, x, router, k, bool(renormalize), check_finite, on_device)
 
 
 def dispatch(experts, n_experts: int, *, capacity: Optional[int] = None,
@@ -176,27 +203,32 @@ def combine(expert_out, routing: Routing, plan: DispatchPlan, *, backend: Option
     return impl.combine(expert_out, weights, plan.row)
 
 
-def moe_forward(x, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str] = None) -> MoEOutput:
+def moe_forward(x, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str] = None,
+                check_finite: bool = True) -> MoEOutput:
     """The whole MoE layer: route, dispatch (with cfg's capacity), expert MLPs, combine.
 
     y[t] = sum over kept j of routing.weights[t, j] * expert_{experts[t, j]}(x[t]);
     a token whose assignments were all dropped gets y[t] = 0.
+    `check_finite=False` (the "cuda" backend only) skips the NaN/infinity check
+    of x and router, so that a dropless layer never waits for the device.
     """
     impl = resolve(backend)
+    on_device = _finite_check_on_device(impl, check_finite)
     _check_weights(weights, cfg)
     (T, D) = checks.check_rank("x", x, 2, "(T, D)")
     checks.check_dim("x", "D columns", D, cfg.d_model, "cfg.d_model")
     x, router, w1, w2, w3 = _float_inputs(
         impl, {"x": x, "router": weights.router, "w1": weights.w1, "w2": weights.w2, "w3": weights.w3}
     )
-    _check_finite(impl, {"x": x, "router": router})
+    if not on_device:
+        _check_finite(impl, {"x": x, "router": router})
     expert_capacity = capacity(cfg, T)
     if hasattr(impl, "moe_forward"):  # the reference writes the formula out directly
         y, routing, plan = impl.moe_forward(
             x, router, w1, w2, w3, cfg.activation, cfg.top_k, cfg.renormalize, expert_capacity
         )
         return MoEOutput(y=y, routing=routing, plan=plan)
-    routing = impl.route(x, router, cfg.top_k, cfg.renormalize)
+    routing = _route(impl, x, router, cfg.top_k, cfg.renormalize, check_finite, on_device)
     plan = impl.dispatch(routing.experts, cfg.n_experts, expert_capacity)
     rows = impl.permute(x, plan)
     expert_out = impl.expert_mlp(rows, plan.offsets, w1, w2, w3, cfg.activation)

@@ -16,11 +16,19 @@ from typing import Optional
 KNOWN_BACKENDS = ("reference", "cpu", "cuda")
 DEFAULT_BACKEND = "cpu"
 ENV_VARIABLE = "MOE_BACKEND"
+#: The module of each backend. The CUDA backend lives in a sub-package whose
+#: __init__ imports nothing, so its CuPy-free tools (nvcc's build report)
+#: import without CuPy; its backend module imports CuPy at the top.
+BACKEND_MODULES = {"reference": "kernels.reference", "cpu": "kernels.cpu", "cuda": "kernels.cuda.backend"}
 
 
 def cuda_unavailable_reason() -> Optional[str]:
     """None when the CUDA backend can run here, else why it cannot."""
-    if importlib.util.find_spec("kernels.cuda") is None:
+    try:
+        backend_found = importlib.util.find_spec(BACKEND_MODULES["cuda"]) is not None
+    except ModuleNotFoundError:  # the kernels.cuda package itself is missing
+        backend_found = False
+    if not backend_found:
         return "the CUDA backend (kernels/cuda) is not part of this build"
     if importlib.util.find_spec("cupy") is None:
         return "CuPy is not installed (pip install -e '.[cuda12]' or '.[cuda13]')"
@@ -55,4 +63,4 @@ def resolve(backend: Optional[str]) -> ModuleType:
         reason = cuda_unavailable_reason()
         if reason is not None:
             raise ValueError(f"{source}: 'cuda' is not available here: {reason}")
-    return importlib.import_module(f"kernels.{backend}")
+    return importlib.import_module(BACKEND_MODULES[backend])
