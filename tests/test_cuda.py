@@ -308,6 +308,38 @@ def test_expert_mlp_matches_reference(T, E, load, activation, dtype):
     assert_close_to_reference(out, expected, plain, name=f"expert_mlp {activation}", dtype=dtype)
 
 
+EXPERT_MLP_VERSION_CASES = [  # (version, dtype) pairs each version takes
+    ("v1", np.float32), ("v1", np.float16), ("v2", np.float32), ("v3", np.float16),
+    ("decode", np.float32), ("decode", np.float16),
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("version, dtype", EXPERT_MLP_VERSION_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("T, E, D, F", [(3, 8, 104, 72), (129, 8, 33, 47), (511, 2, 104, 200)])
+def test_every_expert_mlp_version_matches_reference(T, E, D, F, activation, version, dtype):
+    """The default rule picks one version per size (choose_version), so each
+    version is forced here at decode-sized and GEMM-sized batches alike."""
+    from kernels.cuda.expert_mlp import grouped_mlp
+
+    import cupy
+
+    K = 2
+    _, weights, _ = make_inputs(0, D, F, E, K, activation=activation, dtype=dtype, seed=E + T)
+    plan = kernels.dispatch(experts_with_load(T, E, K, "random", seed=T), E, backend="cuda")
+    rows = np.random.default_rng(T).standard_normal((plan.n_kept, D)).astype(dtype)
+    device = lambda a: None if a is None else cupy.asarray(a)  # noqa: E731
+    out = to_host(grouped_mlp(cupy.asarray(rows), plan.offsets, device(weights.w1), device(weights.w2),
+                              device(weights.w3), activation, version=version))
+    offsets = to_host(plan.offsets)
+    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
+    expected = reference.expert_mlp(rows.astype(np.float64), offsets, as64(weights.w1), as64(weights.w2),
+                                    as64(weights.w3), activation)
+    plain = reference.expert_mlp(rows, offsets, weights.w1, weights.w2, weights.w3, activation)
+    assert_close_to_reference(out, expected, plain, name=f"expert_mlp {version} {activation}", dtype=dtype)
+
+
 @gpu_test
 @pytest.mark.parametrize("dtype", FLOATS, ids=name_of)
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -1,0 +1,453 @@
+"""Tables, numbers and the chart of the Kernels chapter (book/notebooks/kernels.ipynb).
+
+The chapter explains the CUDA kernels of ``kernels/cuda`` without running them:
+everything here is read from the sources, from the launchers' constants and
+rules (``launch_config``, ``expert_mlp``; neither imports CuPy), and from
+nvcc's resource report (``build_report.resource_report``), which needs nvcc
+but no GPU. Where nvcc is absent, ``compiler_report`` returns a note instead
+of a table and the chapter still runs.
+
+The GPU-side verification is ``make device-check``; ``gpu_check_note`` says
+whether a record of it is committed, and whether it is of the code here.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from kernels.cuda import build_report, expert_mlp, launch_config
+
+#: (kernel name prefix, family), the first match wins; the chapter's sections
+#: follow these families. A kernel matching none is "other", so that a new
+#: kernel shows up in the tables instead of breaking them.
+FAMILY_PREFIXES = (
+    ("router_", "router"),
+    ("dispatch_", "dispatch"),
+    ("permute_rows_", "permute"),
+    ("combine_", "combine"),
+    ("expert_mlp_v1_", "expert MLP v1"),
+    ("expert_mlp_v2_", "expert MLP v2"),
+    ("expert_mlp_v3_", "expert MLP v3"),
+    ("expert_mlp_decode_", "expert MLP decode"),
+    ("expert_mlp_tile_starts", "expert MLP tile starts"),
+    ("activate_", "activation (dense)"),
+)
+OTHER_FAMILY = "other"
+
+#: The columns of the resource table, in order.
+RESOURCE_COLUMNS = ("file", "family", "kernel", "variant", "registers", "spill stores (bytes)",
+                    "spill loads (bytes)", "static shared (bytes)", "stack (bytes)")
+#: How a file compiled with its own #ifndef defaults (no -D set) is labelled.
+FILE_DEFAULTS = "(the file's defaults)"
+
+#: Okabe-Ito colours (colour-blind safe), one per .cu file.
+FILE_COLOURS = {
+    "router.cu": "#0072B2",
+    "dispatch.cu": "#E69F00",
+    "combine.cu": "#009E73",
+    "expert_mlp.cu": "#D55E00",
+    "activation.cu": "#CC79A7",
+}
+OTHER_COLOUR = "#999999"
+BAR_HEIGHT = 13  # pixels per kernel in the registers chart
+LABEL_LIMIT = 320  # pixels of axis label: room for a kernel name and its -D values
+
+#: Shapes for the launch-rule tables: (T, k, E) batches around the decode
+#: threshold, expert counts for the router and dispatch layouts, row widths D.
+VERSION_CASES = ((1, 1, 8), (1, 2, 8), (16, 2, 8), (17, 2, 8), (4096, 2, 8),
+                 (1, 2, 64), (128, 2, 64), (129, 2, 64), (4096, 2, 64))
+ROUTER_EXPERT_COUNTS = (1, 2, 3, 8, 16, 32, 64, 128, 256, 1024)
+DISPATCH_EXPERT_COUNTS = (8, 64, 1024, 2048, 4096, launch_config.MAX_DISPATCH_EXPERTS)
+ROW_WIDTHS = (33, 100, 104, 4096)
+
+
+def kernel_family(kernel: str) -> str:
+    """The chapter's family of a kernel, by its name (see FAMILY_PREFIXES)."""
+    for prefix, family in FAMILY_PREFIXES:
+        if kernel.startswith(prefix):
+            return family
+    return OTHER_FAMILY
+
+
+def _family_rank(family: str) -> int:
+    families = [name for _, name in FAMILY_PREFIXES]
+    return families.index(family) if family in families else len(families)
+
+
+# ---------------------------------------------------------------------------
+# the sources
+
+
+def full_width(table: pd.DataFrame):
+    """``table`` for display with nothing cut: every row, and long text cells whole
+    (a DataFrame's own display shortens both)."""
+    return table.style
+
+
+def kernel_inventory() -> pd.DataFrame:
+    """One row per family: its file, how many kernels, and their names (from
+    the ``extern "C" __global__`` definitions of the .cu files)."""
+    by_family: dict = {}
+    for file, kernel in build_report.source_kernels():
+        by_family.setdefault((kernel_family(kernel), file), []).append(kernel)
+    rows = [(family, file, len(names), ", ".join(sorted(names)))
+            for (family, file), names in sorted(by_family.items(), key=lambda item: _family_rank(item[0][0]))]
+    return pd.DataFrame(rows, columns=["family", "file", "kernels", "names"]).set_index("family")
+
+
+# ---------------------------------------------------------------------------
+# launch rules, from the launchers' own constants and functions
+
+
+def launch_constants() -> dict:
+    """The constants the chapter's prose quotes, by glue name, read from
+    launch_config and expert_mlp (plain Python numbers)."""
+    defines = expert_mlp.COMPILE_DEFINES
+    return {
+        "warp": launch_config.WARP,
+        "router_warps": launch_config.ROUTER_WARPS,
+        "router_threads": launch_config.ROUTER_WARPS * launch_config.WARP,
+        "max_router_experts": launch_config.MAX_ROUTER_EXPERTS,
+        "router_logits_per_lane": launch_config.ROUTER_LOGITS_PER_LANE,
+        "max_router_tokens": launch_config.MAX_ROUTER_TOKENS,
+        "dispatch_rounds": launch_config.DISPATCH_ROUNDS,
+        "dispatch_segment": launch_config.DISPATCH_SEGMENT,
+        "dispatch_max_warps": launch_config.DISPATCH_MAX_WARPS,
+        "dispatch_shared_kib": launch_config.DISPATCH_SHARED_BYTES // 1024,
+        "max_dispatch_experts": launch_config.MAX_DISPATCH_EXPERTS,
+        "scan_threads": launch_config.SCAN_THREADS,
+        "row_warps": launch_config.ROW_WARPS,
+        "elementwise_threads": launch_config.ELEMENTWISE_THREADS,
+        "blocks_per_sm": launch_config.BLOCKS_PER_SM,
+        "mlp_threads": defines["THREADS"],
+        "v1_block_cols": defines["V1_BLOCK_COLS"],
+        "v2_block_rows": defines["V2_BLOCK_ROWS"],
+        "v2_block_cols": defines["V2_BLOCK_COLS"],
+        "v2_block_cols_gated": defines["V2_BLOCK_COLS_GATED"],
+        "v3_block_rows": defines["V3_BLOCK_ROWS"],
+        "v3_block_cols": defines["V3_BLOCK_COLS"],
+        "v3_block_cols_gated": defines["V3_BLOCK_COLS_GATED"],
+        "decode_rows": defines["DECODE_ROWS"],
+        "decode_hidden_lanes": defines["DECODE_HIDDEN_LANES"],
+        "decode_out_lanes": defines["DECODE_OUT_LANES"],
+        "max_grid_y": expert_mlp.MAX_GRID_Y,
+        "mlp_versions": ", ".join(expert_mlp.VERSIONS),
+    }
+
+
+def launch_constants_table() -> pd.DataFrame:
+    """Every integer constant of launch_config, expert_mlp.COMPILE_DEFINES and
+    expert_mlp.MAX_GRID_Y, with where it lives."""
+    rows = [(f"launch_config.{name}", value) for name, value in sorted(vars(launch_config).items())
+            if name.isupper() and isinstance(value, int)]
+    rows += [(f"expert_mlp.COMPILE_DEFINES[{name!r}]", value) for name, value in expert_mlp.COMPILE_DEFINES.items()]
+    rows += [("expert_mlp.MAX_GRID_Y", expert_mlp.MAX_GRID_Y)]
+    return pd.DataFrame(rows, columns=["constant", "value"]).set_index("constant")
+
+
+def version_choice_table(cases: Sequence[tuple] = VERSION_CASES) -> pd.DataFrame:
+    """expert_mlp.choose_version on dropless batches (N = T * k rows) for float32 and float16."""
+    threshold_rows = expert_mlp.COMPILE_DEFINES["DECODE_ROWS"]
+    rows = []
+    for T, k, E in cases:
+        N = T * k
+        rows.append({
+            "T": T, "k": k, "E": E, "N = T k": N, "decode if N <=": threshold_rows * E,
+            "float32": expert_mlp.choose_version(N, E, np.float32),
+            "float16": expert_mlp.choose_version(N, E, np.float16),
+        })
+    return pd.DataFrame(rows).set_index(["T", "k", "E"])
+
+
+def router_partial_logit_bytes(n_experts: int) -> int:
+    """Static shared memory of router.cu's cross-warp sum for E experts:
+    (ROUTER_WARPS - 1) x ROUTER_TOKENS x experts per lane x expert lanes float32,
+    as declared in route_block (the report's shared bytes must agree)."""
+    defines = launch_config.router_defines(n_experts)
+    expert_lanes, per_lane = launch_config.router_lanes(n_experts)
+    return 4 * max(1, defines["ROUTER_WARPS"] - 1) * defines["ROUTER_TOKENS"] * per_lane * expert_lanes
+
+
+def router_layout_table(expert_counts: Sequence[int] = ROUTER_EXPERT_COUNTS) -> pd.DataFrame:
+    """router.cu's warp layout for each E, from launch_config.router_lanes and router_defines."""
+    rows = []
+    for E in expert_counts:
+        expert_lanes, per_lane = launch_config.router_lanes(E)
+        defines = launch_config.router_defines(E)
+        rows.append({
+            "E": E, "expert lanes": expert_lanes, "column lanes": launch_config.WARP // expert_lanes,
+            "experts per lane": per_lane, "tokens per block (ROUTER_TOKENS)": defines["ROUTER_TOKENS"],
+            "logits per lane": per_lane * defines["ROUTER_TOKENS"],
+            "partial-logit shared (bytes)": router_partial_logit_bytes(E),
+        })
+    return pd.DataFrame(rows).set_index("E")
+
+
+def dispatch_layout_table(expert_counts: Sequence[int] = DISPATCH_EXPERT_COUNTS) -> pd.DataFrame:
+    """dispatch.cu's warps per block and dynamic shared memory (a counter per expert per warp)."""
+    rows = []
+    for E in expert_counts:
+        warps = launch_config.dispatch_warps_per_block(E)
+        rows.append({"E": E, "warps per block": warps, "dynamic shared (bytes)": warps * E * 4})
+    return pd.DataFrame(rows).set_index("E")
+
+
+def access_width_table(widths: Sequence[int] = ROW_WIDTHS) -> pd.DataFrame:
+    """permute's access width (launch_config.widest_access) for rows of D elements at
+    16-byte aligned addresses; the vector combine kernels need the full 16 bytes."""
+    rows = []
+    for D in widths:
+        for dtype in (np.float32, np.float16):
+            row_bytes = D * np.dtype(dtype).itemsize
+            width = launch_config.widest_access(row_bytes, 0, 0)
+            rows.append({"D": D, "dtype": np.dtype(dtype).name, "row bytes": row_bytes,
+                         "permute kernel": f"permute_rows_{width}",
+                         "combine": "vector" if width == 16 else "scalar"})
+    return pd.DataFrame(rows).set_index(["D", "dtype"])
+
+
+# ---------------------------------------------------------------------------
+# nvcc's resource report
+
+
+class Note:
+    """A visible note in the executed notebook and the built page (an admonition
+    in HTML, plain text elsewhere)."""
+
+    def __init__(self, title: str, text: str):
+        self.title = title
+        self.text = text
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        markup = (f'<div class="admonition note"><p class="admonition-title">{html.escape(self.title)}</p>'
+                  f"<p>{html.escape(self.text)}</p></div>")
+        return {"text/html": markup, "text/plain": f"{self.title}: {self.text}"}
+
+    def __repr__(self) -> str:
+        return f"{self.title}: {self.text}"
+
+
+@dataclass(frozen=True)
+class CompilerReport:
+    """nvcc's report for one arch: the table and its raw rows, or a note saying why
+    there is none."""
+
+    arch: str
+    rows: Optional[list]  # build_report.resource_report's dicts; None without nvcc
+    table: Optional[pd.DataFrame]
+    note: Optional[str]
+    nvcc_release: Optional[str]
+
+    @property
+    def available(self) -> bool:
+        return self.table is not None
+
+
+def no_nvcc_note(arch: str) -> str:
+    return (f"nvcc is not installed on the machine that executed this chapter (looked on PATH, in "
+            f"$CUDA_HOME and /usr/local/cuda), so there is no resource report for {arch} here. "
+            f"Install the CUDA toolkit and re-run the chapter to get it; nothing in it needs a GPU.")
+
+
+def variant_label(defines: dict) -> str:
+    """A -D set as it would be passed to nvcc, sorted by name."""
+    if not defines:
+        return FILE_DEFAULTS
+    return " ".join(f"-D{name}={value}" for name, value in sorted(defines.items()))
+
+
+def _short_variant_labels(rows: Sequence[dict]) -> list:
+    """Per row, only the -D values that differ between the variants of its file
+    ("" for a file compiled once): short enough for a chart axis."""
+    varying: dict = {}
+    for row in rows:
+        for name, value in row["defines"].items():
+            varying.setdefault((row["file"], name), set()).add(value)
+    labels = []
+    for row in rows:
+        shown = [f"{name}={value}" for name, value in sorted(row["defines"].items())
+                 if len(varying[(row["file"], name)]) > 1]
+        labels.append(" ".join(shown))
+    return labels
+
+
+def _sorted_rows(rows: Sequence[dict]) -> list:
+    """Report rows by family (the chapter's order), then file, kernel and -D values."""
+    return sorted(rows, key=lambda row: (_family_rank(kernel_family(row["kernel"])), row["file"], row["kernel"],
+                                         sorted(row["defines"].items())))
+
+
+def resource_table(rows: Sequence[dict]) -> pd.DataFrame:
+    """build_report.resource_report's rows as the chapter's table (RESOURCE_COLUMNS).
+    Registers are empty for a device function that ptxas did not inline."""
+    rows = _sorted_rows(rows)
+    return pd.DataFrame({
+        "file": [row["file"] for row in rows],
+        "family": [kernel_family(row["kernel"]) for row in rows],
+        "kernel": [row["kernel"] for row in rows],
+        "variant": [variant_label(row["defines"]) for row in rows],
+        "registers": pd.array([row["registers"] for row in rows], dtype="Int64"),
+        "spill stores (bytes)": [int(row["spill_stores"]) for row in rows],
+        "spill loads (bytes)": [int(row["spill_loads"]) for row in rows],
+        "static shared (bytes)": [int(row["shared_bytes"]) for row in rows],
+        "stack (bytes)": [int(row["stack_bytes"]) for row in rows],
+    }, columns=list(RESOURCE_COLUMNS))
+
+
+def nvcc_release(nvcc: str) -> Optional[str]:
+    """'release 13.0, V13.0.88' from ``nvcc --version``; None when it can't be read."""
+    try:
+        done = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release [^\n]+", done.stdout)
+    return match.group(0).strip() if match else None
+
+
+def compiler_report(arch: str, *, files: Optional[Sequence[str]] = None) -> CompilerReport:
+    """nvcc's resource report of kernels/cuda for ``arch`` (every .cu file, or the
+    named ``files``), or, where nvcc is absent, a CompilerReport with only a note.
+    A failing compile raises build_report.BuildError: that is a bug, not a missing tool."""
+    nvcc = build_report.nvcc_path()
+    if nvcc is None:
+        return CompilerReport(arch=arch, rows=None, table=None, note=no_nvcc_note(arch), nvcc_release=None)
+    sources = None
+    if files is not None:
+        by_name = {path.name: path for path in build_report.kernel_sources()}
+        unknown = sorted(set(files) - set(by_name))
+        if unknown:
+            raise ValueError(f"files: no such kernel source(s) {unknown}; the sources are {sorted(by_name)}")
+        sources = [by_name[name] for name in files]
+    rows = build_report.resource_report(arch, sources=sources)
+    return CompilerReport(arch=arch, rows=rows, table=resource_table(rows), note=None,
+                          nvcc_release=nvcc_release(nvcc))
+
+
+def report_display(report: CompilerReport):
+    """What the chapter shows: the whole table (no row limit), or the note."""
+    if not report.available:
+        return Note("No compiler report", report.note)
+    return report.table.style.hide(axis="index").format(na_rep="(not inlined)")
+
+
+NOT_AVAILABLE = "not available (no nvcc)"
+
+
+def report_numbers(report: CompilerReport) -> dict:
+    """The report's numbers for the prose, by glue name; text saying they are not
+    available where nvcc is absent (so the same prose renders either way)."""
+    keys = ("n_kernels", "n_compiled", "n_files", "max_spill_bytes", "max_stack_bytes", "max_registers",
+            "max_registers_kernel", "max_static_shared", "max_static_shared_kernel", "nvcc_release",
+            "router_shared_check")
+    if not report.available:
+        return {key: NOT_AVAILABLE for key in keys}
+    table = report.table
+    spills = table["spill stores (bytes)"] + table["spill loads (bytes)"]
+    entries = table[table["registers"].notna()]
+    heaviest = entries.loc[entries["registers"].astype(int).idxmax()]
+    largest_shared = table.loc[table["static shared (bytes)"].idxmax()]
+    return {
+        "n_kernels": int(len({(row["file"], row["kernel"]) for row in report.rows})),
+        "n_compiled": int(len(table)),
+        "n_files": int(table["file"].nunique()),
+        "max_spill_bytes": int(spills.max()),
+        "max_stack_bytes": int(table["stack (bytes)"].max()),
+        "max_registers": int(heaviest["registers"]),
+        "max_registers_kernel": _kernel_and_variant(heaviest),
+        "max_static_shared": int(largest_shared["static shared (bytes)"]),
+        "max_static_shared_kernel": _kernel_and_variant(largest_shared),
+        "nvcc_release": report.nvcc_release or "unknown",
+        "router_shared_check": router_shared_check(report.rows),
+    }
+
+
+def _kernel_and_variant(row: pd.Series) -> str:
+    return row["kernel"] if row["variant"] == FILE_DEFAULTS else f"{row['kernel']} ({row['variant']})"
+
+
+def router_shared_check(rows: Sequence[dict]) -> str:
+    """Whether the router's static shared memory in the report equals
+    router_partial_logit_bytes(E) for every compiled E; raises if not."""
+    router_rows = [row for row in rows if row["file"] == "router.cu" and row["registers"] is not None]
+    if not router_rows:
+        return "no router variant compiled"
+    wrong = [f"{row['kernel']} E={row['defines']['N_EXPERTS']}: {row['shared_bytes']} bytes, expected "
+             f"{router_partial_logit_bytes(row['defines']['N_EXPERTS'])}"
+             for row in router_rows if row["shared_bytes"] != router_partial_logit_bytes(row["defines"]["N_EXPERTS"])]
+    if wrong:
+        raise AssertionError("router.cu's shared memory differs from its layout:\n" + "\n".join(wrong))
+    experts = sorted({row["defines"]["N_EXPERTS"] for row in router_rows})
+    return f"equal for all {len(router_rows)} compiled router kernels (E = {', '.join(map(str, experts))})"
+
+
+def registers_chart(report: CompilerReport) -> alt.TopLevelMixin:
+    """Registers per thread of every compiled kernel and variant, coloured by file."""
+    rows = _sorted_rows(report.rows)
+    labels = [f"{row['kernel']} {short}".strip() for row, short in zip(rows, _short_variant_labels(rows))]
+    data = pd.DataFrame({
+        "kernel": labels,
+        "file": [row["file"] for row in rows],
+        "registers": [row["registers"] for row in rows],
+    }).dropna(subset=["registers"])
+    files = list(dict.fromkeys(data["file"]))
+    colours = [FILE_COLOURS.get(file, OTHER_COLOUR) for file in files]
+    return alt.Chart(data).mark_bar().encode(
+        x=alt.X("registers:Q", title=f"registers per thread (ptxas, {report.arch})"),
+        y=alt.Y("kernel:N", sort=list(data["kernel"]), title=None, axis=alt.Axis(labelLimit=LABEL_LIMIT)),
+        color=alt.Color("file:N", scale=alt.Scale(domain=files, range=colours), title="file",
+                        legend=alt.Legend(orient="bottom", columns=len(files))),
+    ).properties(width=320, height=BAR_HEIGHT * len(data))
+
+
+def registers_figure(report: CompilerReport):
+    """The chart as static SVG, or None (nothing shown; the table's note says why)."""
+    if not report.available:
+        return None
+    from analysis import charts  # noqa: PLC0415 - vl-convert only where there is a chart
+
+    return charts.show(registers_chart(report))
+
+
+# ---------------------------------------------------------------------------
+# the GPU checks that are still to be run
+
+
+def gpu_check_note(results_dir=None) -> str:
+    """One sentence on the newest committed ``gpu-tests`` record (make device-check):
+    device, date, counts, and whether it was made with the kernels sources here."""
+    from analysis import records  # noqa: PLC0415
+
+    try:
+        found = records.read_records("gpu-tests", results_dir=results_dir)
+    except FileNotFoundError:
+        return ("No gpu-tests record is committed (results/<device>/gpu-tests.jsonl): the checks listed in "
+                "this chapter have not yet been run on a GPU for this code.")
+    record = max(found, key=lambda item: item.get("utc", ""))
+    same_code = record.get("source_hash") == build_report.source_hash()
+    return (f"The newest gpu-tests record is from {record.get('device') or 'an unnamed device'} on "
+            f"{str(record.get('utc', '?'))[:10]}: {record.get('passed')} passed, {record.get('failed')} failed, "
+            f"{record.get('errors')} errors, {record.get('skipped')} skipped. It was made with "
+            + ("these kernel sources (same source hash)." if same_code else
+               "other kernel sources than these (its source hash differs), so it does not vouch for this code."))
+
+
+def source_numbers() -> dict:
+    """What the chapter describes, by glue name: the number of kernels and .cu files
+    in kernels/cuda, and the start of build_report.source_hash() that names them."""
+    defined = build_report.source_kernels()
+    return {"n_source_kernels": len(defined), "n_source_files": len({file for file, _ in defined}),
+            "source_hash": build_report.source_hash()[:12]}
+
+
+def choose_version_source() -> str:
+    """The source text of expert_mlp.choose_version: the whole rule, as the launcher runs it."""
+    return inspect.getsource(expert_mlp.choose_version).rstrip()
