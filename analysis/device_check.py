@@ -11,7 +11,13 @@ On a machine with a CUDA device it runs, in order:
 2. compute-sanitizer's memcheck and racecheck on ``python -m kernels.cuda.smoke``;
 3. the benchmark sweep, ``python -m analysis.sweep``, only where that module exists;
 
-then appends a record of kind ``gpu-tests`` to ``results/<device>/gpu-tests.jsonl``
+Each step gets at most the time left of ``--deadline-s`` (default 540 s, so
+one call fits the device tool's 10-minute limit with room to copy results
+back); the sweep is told to start no new cell once its share is nearly
+spent. ``--skip-tests --skip-sanitizer`` reruns the sweep alone in a second
+call.
+
+Unless the tests were skipped, it then appends a record of kind ``gpu-tests`` to ``results/<device>/gpu-tests.jsonl``
 (through ``analysis.records.write_records``, which adds the device, the UTC
 time, the commit from git or ``$MOE_GIT_COMMIT``, and the versions) carrying
 the counts, each sanitizer's verdict and ``source_hash``, the hash of the
@@ -34,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,14 +79,21 @@ def gpu_test_files() -> list:
                   if "mark.gpu" in path.read_text(encoding="utf-8", errors="replace"))
 
 
+#: Seconds the sweep keeps after its last new cell starts: the cell in flight,
+#: the summary tables and the records.
+SWEEP_WIND_DOWN_S = 90
+
+
 def plan_steps(args, log_dir: Path) -> list:
     python = sys.executable
-    steps = [Step(
-        "gpu-tests",
-        [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-         f"--junitxml={log_dir / 'gpu-tests.xml'}", *gpu_test_files(), *shlex.split(args.pytest_args)],
-        "pytest-gpu.log", args.tests_timeout,
-    )]
+    steps = []
+    if not args.skip_tests:
+        steps.append(Step(
+            "gpu-tests",
+            [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+             f"--junitxml={log_dir / 'gpu-tests.xml'}", *gpu_test_files(), *shlex.split(args.pytest_args)],
+            "pytest-gpu.log", args.tests_timeout,
+        ))
     if not args.skip_sanitizer:
         sanitizer = _sanitizer() or "compute-sanitizer"
         for tool in SANITIZER_TOOLS:
@@ -157,10 +171,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, one string")
     parser.add_argument("--sweep-args", default="", help="arguments for python -m analysis.sweep, one string")
     parser.add_argument("--skip-sanitizer", action="store_true")
+    parser.add_argument("--skip-tests", action="store_true", help="no pytest and no gpu-tests record")
     parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--tests-timeout", type=int, default=360)
-    parser.add_argument("--sanitizer-timeout", type=int, default=90)
-    parser.add_argument("--sweep-timeout", type=int, default=60)
+    parser.add_argument("--deadline-s", type=int, default=540, help="time for all the steps together")
+    parser.add_argument("--tests-timeout", type=int, default=300)
+    parser.add_argument("--sanitizer-timeout", type=int, default=60)
+    parser.add_argument("--sweep-timeout", type=int, default=420)
     args = parser.parse_args(argv)
 
     out = args.out or os.environ.get("OUT")
@@ -192,8 +208,18 @@ def main(argv: Optional[list] = None) -> int:
     steps = plan_steps(args, log_dir)
 
     table = []
+    started = time.monotonic()
     for step in steps:
-        print(f"[device_check] {step.name}: {shlex.join(step.command)}", flush=True)
+        remaining = int(args.deadline_s - (time.monotonic() - started))
+        if remaining < 20:
+            step.outcome = {"returncode": None, "verdict": "not run (deadline)", "passed": 0, "failed": 0,
+                            "errors": 0, "skipped": 0}
+            table.append((step.name, "not run: the deadline was reached"))
+            continue
+        step.timeout_s = min(step.timeout_s, remaining)
+        if step.name == "sweep" and "--budget-s" not in step.command:
+            step.command += ["--budget-s", str(max(30, step.timeout_s - SWEEP_WIND_DOWN_S))]
+        print(f"[device_check] {step.name} (at most {step.timeout_s} s): {shlex.join(step.command)}", flush=True)
         returncode = _run(step, log_dir)
         if step.name == "gpu-tests":
             step.outcome = read_test_counts(log_dir / "gpu-tests.xml", log_dir / step.log)
@@ -208,6 +234,11 @@ def main(argv: Optional[list] = None) -> int:
             table.append((step.name, "ok" if returncode == 0 else f"exit {returncode}"))
 
     by_name = {step.name: step.outcome for step in steps}
+    clean = all(by_name[tool]["verdict"] == "clean" for tool in SANITIZER_TOOLS if tool in by_name)
+    if "gpu-tests" not in by_name:  # a sweep-only call: no test outcome to record
+        _print_table(table)
+        return 0 if clean and all(o.get("returncode") in (0, None) for o in by_name.values()
+                                  if "returncode" in o) else 1
     tests = by_name["gpu-tests"]
     record = {
         "params": {"pytest_args": args.pytest_args, "sanitizer_tools": [] if args.skip_sanitizer else
@@ -228,8 +259,6 @@ def main(argv: Optional[list] = None) -> int:
     (log_dir / "summary.txt").write_text("\n".join(f"{name}\t{result}" for name, result in table) + "\n",
                                          encoding="utf-8")
     _print_table(table)
-
-    clean = all(by_name[tool]["verdict"] == "clean" for tool in SANITIZER_TOOLS if tool in by_name)
     return 0 if tests["failed"] == 0 and tests["errors"] == 0 and tests["passed"] > 0 and clean else 1
 
 

@@ -14,7 +14,16 @@ call reads its data from memory, as it would in a model.
 
 ``device="cpu"`` times with ``time.perf_counter``. ``device="cuda"`` times with
 CUDA events recorded on the current stream around each call, the GPU-side time
-of the work the call launched.
+of the work the call launched. On the GPU the weights of a large layer dwarf
+the L2 cache but a small one's do not, so ``flush_bytes`` (``l2_flush_bytes()``
+gives twice the device's L2) overwrites a scratch buffer before every call,
+untimed: each call then finds its weights in device memory, as it would after
+the other layers of a model had run.
+
+``cuda_graph=True`` captures one call per argument set into a CUDA graph and
+times the graphs' replays: a layer of many small kernels (decode) is then
+timed without the host's launch gaps. Replays are for timing only: the
+captured calls' outputs live in memory the allocator may hand out again.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ def time_function(
     min_time_s: float = 0.0,
     setup: Callable[[], object] | None = None,
     device: str = "cpu",
+    flush_bytes: int = 0,
+    cuda_graph: bool = False,
 ) -> Timing:
     """Time ``fn``; return the median and p20/p80 of the per-call times.
 
@@ -68,6 +79,14 @@ def time_function(
     ``setup``: called untimed before every call, e.g. to flush a cache.
     ``device``: ``"cpu"`` (wall clock, ``time.perf_counter``) or ``"cuda"``
     (CUDA events through CuPy).
+    ``flush_bytes`` (``device="cuda"`` only): before every call, untimed, write
+    a scratch buffer of this many bytes so the L2 cache holds nothing of the
+    last call (0: no flush).
+    ``cuda_graph`` (``device="cuda"`` only): capture each argument set's call
+    into a CUDA graph (after one eager call on the capture stream, which
+    compiles kernels and fills the allocator's pool for it) and time replays.
+    A function that synchronises with the host cannot be captured: then this
+    raises ``GraphCaptureError``, and the caller may time it eagerly instead.
     """
     if repeats < 1:
         raise ValueError(f"repeats: expected at least 1, got {repeats}")
@@ -77,13 +96,33 @@ def time_function(
         raise ValueError("args_sets: expected at least one argument tuple, got an empty sequence")
     argument_sets = [tuple(arguments) for arguments in args_sets] if args_sets is not None else [()]
 
-    if device == "cpu":
-        time_one_call = _cpu_call_timer()
-    elif device == "cuda":
-        time_one_call = _cuda_call_timer()
-    else:
+    if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    if device == "cpu" and (flush_bytes or cuda_graph):
+        raise ValueError("flush_bytes, cuda_graph: expected only with device='cuda'")
+    if flush_bytes < 0:
+        raise ValueError(f"flush_bytes: expected at least 0, got {flush_bytes}")
+    if device == "cpu":
+        return _timed_calls(fn, argument_sets, warmup, repeats, min_time_s, setup, _cpu_call_timer())
 
+    cupy = _import_cupy()
+    setup = _with_l2_flush(cupy, setup, flush_bytes)
+    if not cuda_graph:
+        return _timed_calls(fn, argument_sets, warmup, repeats, min_time_s, setup, _cuda_call_timer())
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:  # capture, flushes, events and replays all on one stream
+        graphs, outputs = _capture_graphs(cupy, stream, fn, argument_sets)
+        replay_sets = [(graph,) for graph in graphs]
+        return _timed_calls(lambda graph: graph.launch(stream), replay_sets, warmup, repeats,
+                            min_time_s, setup, _cuda_call_timer())
+
+
+class GraphCaptureError(RuntimeError):
+    """The function could not be captured into a CUDA graph (it synchronises
+    with the host, or allocates outside the pool)."""
+
+
+def _timed_calls(fn, argument_sets, warmup, repeats, min_time_s, setup, time_one_call) -> Timing:
     call_index = 0
     for _ in range(warmup):
         if setup is not None:
@@ -112,6 +151,62 @@ def _cpu_call_timer() -> Callable[[Callable, tuple], float]:
     return time_one_call
 
 
+def _import_cupy():
+    if importlib.util.find_spec("cupy") is None:
+        raise RuntimeError("device='cuda' needs CuPy, which is not installed")
+    import cupy  # noqa: PLC0415 - never imported unless CUDA timing is asked for
+
+    return cupy
+
+
+def _with_l2_flush(cupy, setup, flush_bytes: int):
+    """``setup`` followed by a write of ``flush_bytes`` bytes (a memset), both
+    on the current stream and so before the start event: untimed."""
+    if not flush_bytes:
+        return setup
+    scratch = cupy.empty(int(flush_bytes), dtype=cupy.uint8)
+
+    def flush_then_setup():
+        scratch.fill(1)
+        if setup is not None:
+            setup()
+
+    return flush_then_setup
+
+
+def _capture_graphs(cupy, stream, fn: Callable, argument_sets: list) -> tuple:
+    """(graphs, outputs): one CUDA graph per argument set, each capturing one
+    call of ``fn``, and what each captured call returned, kept alive so that
+    no graph writes into memory the allocator has handed to something else."""
+    graphs, outputs = [], []
+    for arguments in argument_sets:
+        fn(*arguments)  # compiles, and leaves pool blocks for this stream to reuse
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            outputs.append(fn(*arguments))
+        except Exception as error:
+            _abandon_capture(stream)
+            raise GraphCaptureError(f"could not capture {getattr(fn, '__name__', fn)!r}: "
+                                    f"{type(error).__name__}: {error}") from error
+        try:
+            graphs.append(stream.end_capture())
+        except Exception as error:  # the capture was invalidated by a call inside fn
+            raise GraphCaptureError(f"capture of {getattr(fn, '__name__', fn)!r} failed: "
+                                    f"{type(error).__name__}: {error}") from error
+    stream.synchronize()
+    return graphs, outputs
+
+
+def _abandon_capture(stream) -> None:
+    """End a capture that failed part-way, so the stream can be used again."""
+    try:
+        if stream.is_capturing():
+            stream.end_capture()
+    except Exception:  # an invalidated capture reports its error here; it is already being raised
+        pass
+
+
 def _cuda_call_timer() -> Callable[[Callable, tuple], float]:
     """CUDA-event timing. NOT TESTED on the development machine (it has no GPU):
     the GPU issue that first uses it must check it against a known kernel.
@@ -119,10 +214,10 @@ def _cuda_call_timer() -> Callable[[Callable, tuple], float]:
     Events are recorded on the current stream, so the time is the GPU's time
     for the work ``fn`` launched, excluding Python overhead before the first
     launch; ``stop.synchronize()`` makes each call finish before the next.
+    Work on the legacy default stream (CuPy's and PyTorch's default) is
+    ordered with these events, so PyTorch code is timed the same way.
     """
-    if importlib.util.find_spec("cupy") is None:
-        raise RuntimeError("device='cuda' needs CuPy, which is not installed")
-    import cupy  # noqa: PLC0415 - never imported unless CUDA timing is asked for
+    cupy = _import_cupy()
 
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
     # Work queued before timing starts (warm-up, setup) must not be counted.
@@ -136,6 +231,18 @@ def _cuda_call_timer() -> Callable[[Callable, tuple], float]:
         return cupy.cuda.get_elapsed_time(start, stop) / 1e3  # milliseconds to seconds
 
     return time_one_call
+
+
+def gpu_l2_cache_bytes() -> int:
+    """The current CUDA device's L2 cache size in bytes (CuPy)."""
+    cupy = _import_cupy()
+    return int(cupy.cuda.Device().attributes["L2CacheSize"])
+
+
+def l2_flush_bytes() -> int:
+    """Bytes to write before each GPU call so that nothing of the last call
+    survives in L2: twice its size."""
+    return 2 * gpu_l2_cache_bytes()
 
 
 def last_level_cache_bytes() -> int:

@@ -43,3 +43,49 @@ def test_unknown_activation():
 def test_sgemm_rate_is_plausible():
     rate = roofline.sgemm_rate(n=128, dtype=np.float32, warmup=1, repeats=3)
     assert 1e7 < rate < 1e14  # between a slow phone and a rack of GPUs
+
+
+def test_stage_costs_by_hand():
+    # T=4, D=8, F=16, E=4, K=2, swiglu, float16 (s=2); dropless: N=8; all 4 experts used.
+    costs = roofline.stage_costs(4, 8, 16, 4, 2, "swiglu", 2)
+    # router: x 4*8, router 8*4, probs 4*4, weights 4*2 (all *2 bytes); experts 4*2 int32.
+    assert costs["router"] == roofline.Cost(2 * 4 * 8 * 4, 2 * (32 + 32 + 16 + 8) + 4 * 8, "router")
+    # dispatch: experts 8 int32 read; token 8, row 8, counts+offsets 9, all int64.
+    assert costs["dispatch"].flops == 0 and costs["dispatch"].bytes == 4 * 8 + 8 * (8 + 8 + 9)
+    # permute: x 4*8 read, rows 8*8 written (s=2); token 8 int64.
+    assert costs["permute"].bytes == 2 * (32 + 64) + 8 * 8
+    # GEMM 1: rows 8*8, w1+w3 of 4 experts 2*4*8*16, hidden 8*16; FLOPs 2*8*8*16*2.
+    assert costs["expert_gemm1"] == roofline.Cost(4096, 2 * (64 + 1024 + 128), "expert_gemm1")
+    # GEMM 2: hidden 8*16, w2 4*16*8, out 8*8; FLOPs 2*8*16*8.
+    assert costs["expert_gemm2"] == roofline.Cost(2048, 2 * (128 + 512 + 64), "expert_gemm2")
+    # combine: out 8*8, weights 4*2, y 4*8 (s=2); row 8 int64.
+    assert costs["combine"].bytes == 2 * (64 + 8 + 32) + 8 * 8
+    assert costs["expert_mlp"].flops == 4096 + 2048
+    assert costs["end_to_end"].flops == roofline.moe_flops(4, 8, 16, 4, 2, "swiglu")
+    assert costs["end_to_end"].bytes == sum(costs[s].bytes for s in roofline.STAGES)
+    # One expert used, three rows kept (drops): weights of one expert only.
+    few = roofline.stage_costs(4, 8, 16, 4, 2, "relu", 4, kept_assignments=3, experts_used=1)
+    assert few["expert_gemm1"] == roofline.Cost(2 * 3 * 8 * 16, 4 * (3 * 8 + 8 * 16 + 3 * 16), "expert_gemm1")
+
+
+def test_dense_costs_and_roofline_by_hand():
+    costs = roofline.dense_costs(2, 8, 16, "swiglu", 4)
+    assert costs["gemm1"] == roofline.Cost(2 * 2 * 8 * 16 * 2, 4 * (16 + 2 * 128 + 32), "dense_gemm1")
+    assert costs["gemm2"] == roofline.Cost(2 * 2 * 16 * 8, 4 * (32 + 128 + 16), "dense_gemm2")
+    assert costs["end_to_end"].flops == roofline.dense_flops(2, 8, 16, "swiglu")
+    # 1000 FLOPs at 100 FLOP/s = 10 s; 50 bytes at 10 B/s = 5 s: compute bound, 10 s.
+    work = roofline.Cost(1000, 50, "x")
+    assert roofline.roofline_seconds(work, 100.0, 10.0) == 10.0
+    assert roofline.bound(work, 100.0, 10.0) == "compute"
+    assert roofline.bound(work, 1000.0, 10.0) == "memory"
+    assert roofline.pipeline_roofline_seconds([work, work], 100.0, 10.0) == 20.0
+    assert (work + work).flops == 2000
+
+
+def test_cpu_ceilings_are_plausible():
+    assert 1e8 < roofline.copy_bandwidth("cpu", 4 * 2**20, warmup=1, repeats=3) < 1e13
+    assert 1e7 < roofline.gemm_rate("cpu", np.float32, 128, warmup=1, repeats=3) < 1e14
+    with pytest.raises(ValueError, match="device"):
+        roofline.copy_bandwidth("tpu")
+    with pytest.raises(ValueError, match="device"):
+        roofline.gemm_rate("tpu")

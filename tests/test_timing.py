@@ -54,3 +54,154 @@ def test_sets_to_exceed_cache():
     assert timing.last_level_cache_bytes() > 0
     with pytest.raises(ValueError):
         timing.sets_to_exceed_cache(0)
+
+
+def test_gpu_options_are_refused_on_the_cpu():
+    with pytest.raises(ValueError, match="flush_bytes"):
+        timing.time_function(lambda: None, flush_bytes=1024)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        timing.time_function(lambda: None, cuda_graph=True)
+
+
+def test_cuda_timing_without_cupy_says_so(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cupy" else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="CuPy"):
+        timing.time_function(lambda: None, device="cuda")
+    with pytest.raises(RuntimeError, match="CuPy"):
+        timing.gpu_l2_cache_bytes()
+    with pytest.raises(ValueError, match="flush_bytes"):
+        timing.time_function(lambda: None, device="cuda", flush_bytes=-1)
+
+
+def test_graph_capture_error_is_a_runtime_error():
+    assert issubclass(timing.GraphCaptureError, RuntimeError)
+
+
+# ---------------------------------------------------------------------------
+# The CUDA paths' control flow, on a stand-in for CuPy (no GPU here): events
+# around each call, the flush before it, capture then replay with graphs.
+
+
+class _FakeCupy:
+    """Just enough of CuPy's interface for analysis.timing: events read the
+    wall clock, a 'stream' records what ran on it, a 'graph' replays a call."""
+
+    def __init__(self):
+        self.log = []
+        fake = self
+
+        class Event:
+            def record(self, stream=None):
+                self.at = time.perf_counter()
+
+            def synchronize(self):
+                pass
+
+        class Stream:
+            def __init__(self, non_blocking=False):
+                self.capturing = False
+
+            def __enter__(self):
+                fake.log.append("enter stream")
+                return self
+
+            def __exit__(self, *exc):
+                fake.log.append("exit stream")
+
+            def begin_capture(self):
+                self.capturing = True
+                fake.log.append("begin capture")
+
+            def is_capturing(self):
+                return self.capturing
+
+            def end_capture(self):
+                self.capturing = False
+                fake.log.append("end capture")
+                return Graph(fake.last_call)
+
+            def synchronize(self):
+                pass
+
+        class Graph:
+            def __init__(self, call):
+                self.call = call
+
+            def launch(self, stream=None):
+                fake.log.append(f"replay {self.call}")
+
+        class Device:
+            attributes = {"L2CacheSize": 50 * 2**20}
+
+            def synchronize(self):
+                pass
+
+        class Scratch:
+            def fill(self, value):
+                fake.log.append("flush")
+
+        class Cuda:
+            pass
+
+        self.cuda = Cuda()
+        self.cuda.Event, self.cuda.Stream, self.cuda.Device = Event, Stream, Device
+        self.cuda.get_elapsed_time = lambda start, stop: (stop.at - start.at) * 1e3
+        self.uint8 = "uint8"
+        self.empty = lambda n, dtype=None: Scratch()
+        self.last_call = None
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    import importlib.util
+    import sys
+
+    fake = _FakeCupy()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "cupy" else real_find_spec(name, *a))
+    return fake
+
+
+def test_cuda_timing_flushes_before_every_call(fake_cupy):
+    def call(index):
+        fake_cupy.log.append(f"call {index}")
+
+    result = timing.time_function(call, args_sets=[(0,), (1,)], warmup=1, repeats=3, device="cuda",
+                                  flush_bytes=1024)
+    assert result.repeats == 3
+    assert fake_cupy.log == ["flush", "call 0", "flush", "call 1", "flush", "call 0", "flush", "call 1"]
+    assert timing.l2_flush_bytes() == 100 * 2**20
+
+
+def test_cuda_graphs_are_captured_once_per_set_then_replayed(fake_cupy):
+    def call(index):
+        fake_cupy.last_call = index
+        fake_cupy.log.append(f"call {index}")
+        return index
+
+    timing.time_function(call, args_sets=[(0,), (1,)], warmup=1, repeats=2, device="cuda", cuda_graph=True)
+    log = fake_cupy.log
+    assert log[:8] == ["enter stream", "call 0", "begin capture", "call 0", "end capture",
+                       "call 1", "begin capture", "call 1"]
+    replays = [entry for entry in log if entry.startswith("replay")]
+    assert replays == ["replay 0", "replay 1", "replay 0"]  # warm-up, then two timed
+    assert log[-1] == "exit stream"
+
+
+def test_a_call_that_cannot_be_captured_raises_graph_capture_error(fake_cupy):
+    calls = []
+
+    def synchronising(index):
+        calls.append(index)
+        if len(calls) == 2:  # the eager warm-up passes, the captured call fails
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(timing.GraphCaptureError, match="not permitted"):
+        timing.time_function(synchronising, args_sets=[(0,)], device="cuda", cuda_graph=True)
+    assert "end capture" in fake_cupy.log  # the capture was ended, the stream usable again

@@ -1,0 +1,504 @@
+"""Data, tables and charts of the chapters "Performance on the GPU" and "The CPU baseline".
+
+Both chapters show ``sweep`` records (``analysis.sweep``). Where they come
+from is decided in one place, ``chapter_data``: measured live while the chapter
+runs, or the newest committed records of the device kind, or nothing (a GPU
+chapter on a machine without a GPU before any GPU run was committed). Every
+chapter shows ``ChapterData.note``, which names the source, device, date and
+commit.
+
+The functions below turn records into pandas frames and Altair charts (drawn
+offline by ``analysis.charts.show``); each returns an empty frame or a chart
+that says what is missing when its records are absent, so a chapter always
+runs to the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from typing import Optional
+
+import altair as alt
+import numpy
+import pandas as pd
+
+from analysis import records as record_io
+from analysis import sweep
+
+KIND = sweep.RECORD_KIND
+STAGE_ORDER = ["router", "dispatch", "permute", "expert_mlp", "combine"]
+#: Okabe-Ito colours, one per stage, colour-blind safe.
+STAGE_COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7"]
+NO_GPU_RECORDS = "no GPU records yet: this chapter shows no GPU numbers"
+
+
+@dataclasses.dataclass
+class ChapterData:
+    """The records a chapter shows and where they came from."""
+
+    records: list
+    source: str  # "live", "records" or "none"
+    note: str
+    device: Optional[str] = None
+    run_id: Optional[str] = None
+
+    @property
+    def empty(self) -> bool:
+        return not any(record.get("measurement") == "time" for record in self.records)
+
+
+# ---------------------------------------------------------------- where the numbers come from
+
+
+def chapter_data(device_kind: str, *, source: str = "auto", plan: Optional[str] = None,
+                 results_dir=None, overrides: Optional[dict] = None) -> ChapterData:
+    """The one place a chapter's numbers come from.
+
+    ``source``: "live" runs the sweep now (``plan``, default ``gpu-default``
+    or ``cpu-tiny``, with ``overrides`` such as ``{"tokens": [1, 16]}``) and
+    writes its records to a temporary folder, so they carry the same
+    provenance as committed ones; "records" reads the newest committed run of
+    ``device_kind`` ("gpu" or "cpu") under ``results_dir``; "auto" is "live"
+    for a GPU chapter where a GPU is present, "records" otherwise, and for a
+    CPU chapter "records" where any exist, "live" otherwise.
+    """
+    if device_kind not in ("gpu", "cpu"):
+        raise ValueError(f"device_kind: expected 'gpu' or 'cpu', got {device_kind!r}")
+    if source not in ("auto", "live", "records"):
+        raise ValueError(f"source: expected 'auto', 'live' or 'records', got {source!r}")
+    if source == "auto":
+        if device_kind == "gpu":
+            source = "live" if _gpu_present() else "records"
+        else:
+            source = "records" if newest_folder(device_kind, results_dir) else "live"
+    if source == "live":
+        return _live(device_kind, plan, overrides or {})
+    folder = newest_folder(device_kind, results_dir)
+    if folder is None:
+        what = NO_GPU_RECORDS if device_kind == "gpu" else "no CPU records yet: this chapter shows no CPU numbers"
+        return ChapterData([], "none", f"Note: {what} (none under {record_io.results_root(results_dir)}).")
+    run = newest_run(record_io.read_records(KIND, results_dir=results_dir, device=folder))
+    first = run[0]
+    where = "GPU" if device_kind == "gpu" else "CPU"
+    note = (f"Note: these are the newest committed {where} records, not measured while this chapter ran: "
+            f"{first.get('device')}, measured {_date(first)}, {_commit(first)} "
+            f"(run {first.get('run_id')}, results/{folder}/{KIND}.jsonl).")
+    if device_kind == "gpu":
+        note = "No GPU here. " + note
+    return ChapterData(run, "records", note, first.get("device"), first.get("run_id"))
+
+
+def _gpu_present() -> bool:
+    from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
+
+    return cuda_unavailable_reason() is None
+
+
+def _live(device_kind: str, plan_name: Optional[str], overrides: dict) -> ChapterData:
+    plan_name = plan_name or ("gpu-default" if device_kind == "gpu" else "cpu-tiny")
+    plan = sweep.with_overrides(sweep.PLANS[plan_name], **overrides)
+    if (plan.device == "cuda") != (device_kind == "gpu"):
+        raise ValueError(f"plan: {plan_name!r} runs on {plan.device}, not on a {device_kind}")
+    folder = tempfile.mkdtemp(prefix="moe-live-")
+    result = sweep.run_sweep(plan, progress=False, results_dir=folder, echo=lambda message: None)
+    first = result.records[0]
+    note = (f"Note: measured live while this chapter ran (plan {plan.name}): {first.get('device')}, "
+            f"{_date(first)}, {_commit(first)}.")
+    return ChapterData(result.records, "live", note, first.get("device"), result.run_id)
+
+
+def _date(record: dict) -> str:
+    utc = str(record.get("utc", ""))
+    return utc[:10] + " " + utc[11:16] + " UTC" if len(utc) >= 16 else (utc or "an unknown date")
+
+
+def _commit(record: dict) -> str:
+    commit = record.get("git_commit")
+    if not commit:
+        return "commit unknown"
+    dirty = {True: ", with uncommitted changes", False: "", None: ""}[record.get("git_dirty")]
+    return f"commit {commit[:10]}{dirty}"
+
+
+def newest_folder(device_kind: str, results_dir=None) -> Optional[str]:
+    """The device folder (``cpu-*`` for CPUs, else GPUs) holding the newest
+    ``sweep`` record of that kind, or None."""
+    root = record_io.results_root(results_dir)
+    newest, newest_utc = None, ""
+    for path in sorted(root.glob(f"*/{KIND}.jsonl")):
+        folder = path.parent.name
+        if folder.startswith("cpu-") != (device_kind == "cpu"):
+            continue
+        found = record_io.read_records(KIND, results_dir=root, device=folder)
+        utc = max((record.get("utc", "") for record in found), default="")
+        if found and utc > newest_utc:
+            newest, newest_utc = folder, utc
+    return newest
+
+
+def newest_run(found: list) -> list:
+    """The records of the run (``run_id``) whose records are newest."""
+    latest: dict = {}
+    for record in found:
+        run_id = record.get("run_id")
+        latest[run_id] = max(latest.get(run_id, ""), record.get("utc", ""))
+    newest = max(latest, key=lambda run_id: latest[run_id])
+    return [record for record in found if record.get("run_id") == newest]
+
+
+# ---------------------------------------------------------------- frames
+
+
+def timing_frame(data: ChapterData) -> pd.DataFrame:
+    """One line per timing record, flattened, with a series ``label``."""
+    lines = []
+    for record in data.records:
+        if record.get("measurement") != "time":
+            continue
+        params = record["params"]
+        lines.append({
+            "preset": params["preset"], "dtype": params["dtype"], "skew": params.get("skew", "uniform"),
+            "tokens": params["tokens"], "top_k": params.get("top_k"), "width": params.get("width"),
+            "compared_as": ", ".join(params.get("compared_as", [])), "compute_dtype": params.get("compute_dtype"),
+            "implementation": record["implementation"], "stage": record["stage"],
+            "launch": record.get("launch", "eager"),
+            **{key: record.get(key) for key in ("median_s", "p20_s", "p80_s", "roofline_s", "fraction_of_roofline",
+                                                "achieved_flop_per_s", "achieved_bytes_per_s", "bound",
+                                                "load_max_over_mean", "experts_used", "relative_error_vs_moe")},
+        })
+    frame = pd.DataFrame(lines)
+    if frame.empty:
+        return frame
+    frame["label"] = [_label(line) for line in frame.itertuples()]
+    return frame
+
+
+def _label(line) -> str:
+    if line.implementation == "moe":
+        return "MoE (graph replay)" if line.launch == "graph" else "MoE (kernels)"
+    if line.implementation == "dense":
+        return "dense, equal parameters (E·F)" if "equal-params" in line.compared_as and "active" not in \
+            line.compared_as else "dense, equal active FLOPs (K·F)"
+    if line.implementation == "hf-eager":
+        return "HF eager loop"
+    if line.implementation == "torch-grouped-mm":
+        return f"torch._grouped_mm ({line.compute_dtype})"
+    if line.implementation == "gemm-same-flops":
+        return "GEMMs alone, same FLOPs"
+    return line.implementation
+
+
+def main_shape(data: ChapterData) -> tuple:
+    """(preset, dtype) with the most token counts measured: the chapter's main layer."""
+    frame = timing_frame(data)
+    if frame.empty:
+        return None, None
+    counts = frame[frame["skew"] == "uniform"].groupby(["preset", "dtype"])["tokens"].nunique()
+    preset, dtype = counts.idxmax()
+    return preset, dtype
+
+
+def layer_curves(data: ChapterData, preset: str, dtype: str) -> pd.DataFrame:
+    """Whole-layer times against T, one series per (k, implementation): the MoE,
+    its peers, and the dense baselines that belong to each k."""
+    frame = timing_frame(data)
+    if frame.empty:
+        return frame
+    frame = frame[(frame["preset"] == preset) & (frame["dtype"] == dtype) & (frame["skew"] == "uniform")
+                  & (frame["stage"] == "end_to_end") & (frame["implementation"] != "gemm-same-flops")]
+    parts = []
+    for k in sorted(frame["top_k"].dropna().unique()):
+        k = int(k)
+        mine = frame[frame["top_k"] == k]
+        widths = frame[frame["implementation"] == "dense"]
+        F = _d_ff(data, preset)
+        E = _n_experts(data, preset)
+        dense = widths[(widths["width"] == k * F) | (widths["width"] == E * F)].copy()
+        dense["label"] = numpy.where(dense["width"] == k * F, "dense, equal active FLOPs (K·F)",
+                                     "dense, equal parameters (E·F)")
+        parts.append(pd.concat([mine, dense]).assign(top_k=k))
+    return pd.concat(parts, ignore_index=True) if parts else frame
+
+
+def _shape_value(data: ChapterData, preset: str, key: str):
+    for record in data.records:
+        if record.get("measurement") == "time" and record["params"]["preset"] == preset:
+            return record["params"][key]
+    return None
+
+
+def _d_ff(data: ChapterData, preset: str):
+    return _shape_value(data, preset, "d_ff")
+
+
+def _n_experts(data: ChapterData, preset: str):
+    return _shape_value(data, preset, "n_experts")
+
+
+def crossovers(curves: pd.DataFrame) -> pd.DataFrame:
+    """Where the MoE (eager) stops or starts beating each dense baseline, per k:
+    the T at which time(MoE) / time(dense) crosses 1, interpolated on log T
+    between the two measured T around it. None where it never crosses."""
+    rows = []
+    if curves.empty:
+        return pd.DataFrame(columns=["top_k", "baseline", "crossover_tokens", "moe_faster_at"])
+    for k, mine in curves.groupby("top_k"):
+        moe = mine[mine["label"] == "MoE (kernels)"].set_index("tokens")["median_s"]
+        for baseline in ("dense, equal active FLOPs (K·F)", "dense, equal parameters (E·F)"):
+            dense = mine[mine["label"] == baseline].set_index("tokens")["median_s"]
+            common = sorted(set(moe.index) & set(dense.index))
+            if not common:
+                continue
+            ratio = numpy.array([moe[T] / dense[T] for T in common])
+            crossing = None
+            for i in range(len(common) - 1):
+                if (ratio[i] - 1) * (ratio[i + 1] - 1) < 0:
+                    a, b = math.log(common[i]), math.log(common[i + 1])
+                    fa, fb = math.log(ratio[i]), math.log(ratio[i + 1])
+                    crossing = float(math.exp(a + (b - a) * (0 - fa) / (fb - fa)))
+                    break
+            faster = [T for T, r in zip(common, ratio) if r < 1]
+            rows.append({"top_k": int(k), "baseline": baseline, "crossover_tokens": crossing,
+                         "moe_faster_at": _describe_tokens(faster, common)})
+    return pd.DataFrame(rows)
+
+
+def _describe_tokens(faster: list, measured: list) -> str:
+    if not faster:
+        return "no measured T"
+    if len(faster) == len(measured):
+        return "every measured T"
+    return "T = " + ", ".join(str(T) for T in faster)
+
+
+def stage_frame(data: ChapterData, preset: str, dtype: str) -> pd.DataFrame:
+    """Per-stage times and % of roofline, uniform routing."""
+    frame = timing_frame(data)
+    if frame.empty:
+        return frame
+    return frame[(frame["preset"] == preset) & (frame["dtype"] == dtype) & (frame["skew"] == "uniform")
+                 & (frame["implementation"] == "moe") & (frame["launch"] == "eager")].copy()
+
+
+def ceilings_table(data: ChapterData) -> pd.DataFrame:
+    rows = []
+    for record in data.records:
+        if record.get("measurement") != "ceiling":
+            continue
+        if record["implementation"] == "copy":
+            rows.append({"ceiling": "copy bandwidth (read + written)", "value": record["bytes_per_s"] / 1e9,
+                         "unit": "GB/s"})
+        else:
+            rows.append({"ceiling": f"GEMM rate, {record['params']['dtype']} ({record['params'].get('library')})",
+                         "value": record["flop_per_s"] / 1e12, "unit": "TFLOP/s"})
+    return pd.DataFrame(rows, columns=["ceiling", "value", "unit"])
+
+
+def ceiling_numbers(data: ChapterData) -> dict:
+    """Copy GB/s and the largest GEMM TFLOP/s, for the prose (None when absent)."""
+    copy = [r["bytes_per_s"] for r in data.records if r.get("measurement") == "ceiling" and r["implementation"] == "copy"]
+    gemm = [r["flop_per_s"] for r in data.records if r.get("measurement") == "ceiling" and r["implementation"] == "gemm"]
+    return {"copy_gb_per_s": round(copy[0] / 1e9, 1) if copy else None,
+            "gemm_tflop_per_s": round(max(gemm) / 1e12, 3) if gemm else None}
+
+
+def summary_frame(data: ChapterData) -> pd.DataFrame:
+    """``sweep.summary_table`` as a frame, times in milliseconds."""
+    table = pd.DataFrame(sweep.summary_table(data.records))
+    if table.empty:
+        return table
+    for column in [c for c in table.columns if c.endswith("_s")]:
+        table[column.removesuffix("_s") + " ms"] = table.pop(column) * 1e3
+    table["moe % of roofline"] = 100 * table.pop("moe_fraction_of_roofline").astype(float)
+    return table.set_index(["preset", "dtype", "tokens", "top_k"])
+
+
+def goals_frame(data: ChapterData, preset: Optional[str] = None, dtype: Optional[str] = None) -> pd.DataFrame:
+    """``sweep.goal_table`` as a frame (percentages for fractions)."""
+    if preset is None:
+        preset, dtype = "mixtral", "float16"
+    rows = sweep.goal_table(data.records, preset, dtype)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame["measured"] = [None if m is None else (100 * m if u == "fraction" else m)
+                         for m, u in zip(frame["measured"], frame["unit"])]
+    frame["target"] = [100 * t if u == "fraction" else t for t, u in zip(frame["target"], frame["unit"])]
+    frame["unit"] = frame["unit"].map({"fraction": "%", "ratio": "x"})
+    frame["met"] = frame["met"].map({True: "met", False: "not met", None: "not measured"})
+    return frame.set_index("goal")[["measured", "target", "unit", "met", "worst_at"]]
+
+
+def skew_frame(data: ChapterData, preset: str, dtype: str) -> pd.DataFrame:
+    """Whole-layer (eager) time per skew at the T where skews were measured,
+    relative to uniform routing at the same T and k."""
+    frame = timing_frame(data)
+    if frame.empty:
+        return frame
+    frame = frame[(frame["preset"] == preset) & (frame["dtype"] == dtype) & (frame["implementation"] == "moe")
+                  & (frame["stage"] == "end_to_end") & (frame["launch"] == "eager")]
+    skewed_tokens = set(frame.loc[frame["skew"] != "uniform", "tokens"])
+    frame = frame[frame["tokens"].isin(skewed_tokens)].copy()
+    if frame.empty:
+        return frame
+    uniform = frame[frame["skew"] == "uniform"].set_index(["tokens", "top_k"])["median_s"]
+    frame["time_vs_uniform"] = [row.median_s / uniform.get((row.tokens, row.top_k), numpy.nan)
+                                for row in frame.itertuples()]
+    frame["top_k"] = frame["top_k"].astype(int)
+    return frame[["skew", "tokens", "top_k", "median_s", "time_vs_uniform", "load_max_over_mean",
+                  "experts_used"]].reset_index(drop=True)
+
+
+def ncu_frame(data: ChapterData) -> pd.DataFrame:
+    rows = [dict(r, top_k=r["params"].get("top_k")) for r in data.records if r.get("measurement") == "ncu"]
+    columns = ["top_k", "kernel", "stage", "sm_throughput_pct", "dram_throughput_pct", "achieved_occupancy_pct",
+               "tensor_pipe_pct", "duration_s", "message"]
+    return pd.DataFrame(rows).reindex(columns=columns) if rows else pd.DataFrame(columns=columns)
+
+
+def nvml_frame(data: ChapterData) -> pd.DataFrame:
+    rows = [dict(r, top_k=r["params"].get("top_k")) for r in data.records if r.get("measurement") == "nvml"]
+    columns = ["top_k", "gpu_utilisation_pct", "gpu_utilisation_max_pct", "sm_clock_mhz", "power_w",
+               "memory_used_bytes", "samples", "message"]
+    return pd.DataFrame(rows).reindex(columns=columns).set_index("top_k") if rows else pd.DataFrame(columns=columns)
+
+
+def run_problems(data: ChapterData) -> pd.DataFrame:
+    """What the run reported as failed or skipped (its summary record)."""
+    rows = []
+    for record in data.records:
+        if record.get("measurement") == "run":
+            rows += [{"what": p["what"], "problem": p["error"]} for p in record.get("problems", [])]
+            if record.get("skipped"):
+                rows.append({"what": f"{len(record['skipped'])} cells", "problem": "skipped: time budget ran out"})
+    return pd.DataFrame(rows, columns=["what", "problem"])
+
+
+# ---------------------------------------------------------------- charts
+
+
+def message_chart(text: str) -> alt.Chart:
+    """A small chart that only says ``text``: shown where data is missing."""
+    return alt.Chart(pd.DataFrame({"text": [text]})).mark_text(align="left", fontSize=13).encode(
+        text="text:N").properties(width=420, height=40)
+
+
+def time_vs_tokens_chart(curves: pd.DataFrame, crossings: pd.DataFrame, title: str) -> alt.TopLevelMixin:
+    """Log-log time against T, one panel per k, p20-p80 as error bars, the
+    crossovers against the dense baselines as dashed rules."""
+    if curves.empty:
+        return message_chart("no timings to draw")
+    panels = []
+    for k, mine in curves.groupby("top_k"):
+        base = alt.Chart(mine).encode(
+            x=alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T"),
+            color=alt.Color("label:N", title=None, legend=alt.Legend(orient="bottom", columns=2)))
+        lines = base.mark_line(point=True).encode(
+            y=alt.Y("median_s:Q", scale=alt.Scale(type="log"), title="time per layer (s)"))
+        bars = base.mark_rule().encode(y="p20_s:Q", y2="p80_s:Q")
+        layers = [lines, bars]
+        marks = crossings[(crossings["top_k"] == k) & crossings["crossover_tokens"].notna()] if not crossings.empty \
+            else crossings
+        if not marks.empty:
+            marks = marks.assign(text=[f"crossover vs {b.split(',')[1].split('(')[0].strip()}: T≈{t:.0f}"
+                                       for b, t in zip(marks["baseline"], marks["crossover_tokens"])])
+            layers.append(alt.Chart(marks).mark_rule(strokeDash=[4, 3], color="black").encode(x="crossover_tokens:Q"))
+            layers.append(alt.Chart(marks).mark_text(align="left", dx=3, dy=-4, angle=270, fontSize=10).encode(
+                x="crossover_tokens:Q", y=alt.value(5), text="text:N"))
+        panels.append(alt.layer(*layers).properties(width=300, height=260, title=f"k = {int(k)}"))
+    return alt.hconcat(*panels).properties(title=title).resolve_scale(y="shared")
+
+
+def stage_share_chart(stages: pd.DataFrame, title: str) -> alt.TopLevelMixin:
+    """Each stage's share of the summed stage times, per T, one panel per k."""
+    stages = stages[stages["stage"].isin(STAGE_ORDER)] if not stages.empty else stages
+    if stages.empty:
+        return message_chart("no per-stage timings to draw")
+    stages = stages.assign(stage_order=stages["stage"].map(STAGE_ORDER.index))
+    return alt.Chart(stages).mark_bar().encode(
+        x=alt.X("tokens:O", title="tokens T"),
+        y=alt.Y("median_s:Q", stack="normalize", title="share of the stages' time"),
+        color=alt.Color("stage:N", scale=alt.Scale(domain=STAGE_ORDER, range=STAGE_COLOURS), title="stage"),
+        order=alt.Order("stage_order:Q"),
+        column=alt.Column("top_k:O", title="k"),
+    ).properties(width=280, height=220, title=title)
+
+
+def roofline_chart(stages: pd.DataFrame, title: str) -> alt.TopLevelMixin:
+    """% of roofline per stage (and the whole layer) against T, one panel per k."""
+    if stages.empty:
+        return message_chart("no per-stage timings to draw")
+    frame = stages.assign(percent=100 * stages["fraction_of_roofline"].astype(float))
+    order = STAGE_ORDER + ["end_to_end"]
+    return alt.Chart(frame).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T"),
+        y=alt.Y("percent:Q", title="% of roofline (roofline time / measured time)"),
+        color=alt.Color("stage:N", scale=alt.Scale(domain=order, range=STAGE_COLOURS + ["#000000"]), title="stage"),
+        column=alt.Column("top_k:O", title="k"),
+    ).properties(width=280, height=220, title=title)
+
+
+def utilisation_chart(ncu: pd.DataFrame) -> alt.TopLevelMixin:
+    """Nsight Compute's four utilisation figures per kernel, k = 1 beside k = 2."""
+    measured = ncu.dropna(subset=["sm_throughput_pct"]) if not ncu.empty else ncu
+    if measured.empty:
+        messages = sorted({m for m in ncu.get("message", pd.Series(dtype=str)).dropna()}) if not ncu.empty else []
+        return message_chart("no Nsight Compute data" + (f": {messages[0][:140]}" if messages else ""))
+    metrics = {"sm_throughput_pct": "SM throughput", "dram_throughput_pct": "DRAM throughput",
+               "achieved_occupancy_pct": "achieved occupancy", "tensor_pipe_pct": "tensor pipe"}
+    long = measured.melt(id_vars=["top_k", "kernel", "stage"], value_vars=list(metrics),
+                         var_name="metric", value_name="percent")
+    long["metric"] = long["metric"].map(metrics)
+    long["k"] = "k = " + long["top_k"].astype(int).astype(str)
+    return alt.Chart(long).mark_bar().encode(
+        y=alt.Y("kernel:N", title=None, sort=None),
+        x=alt.X("percent:Q", title="% of peak", scale=alt.Scale(domain=[0, 100])),
+        yOffset="k:N",
+        color=alt.Color("k:N", title=None, scale=alt.Scale(range=["#56B4E9", "#D55E00"])),
+        column=alt.Column("metric:N", title=None),
+    ).properties(width=150, height=alt.Step(9), title="Nsight Compute per kernel")
+
+
+def skew_chart(skews: pd.DataFrame, title: str) -> alt.TopLevelMixin:
+    """Whole-layer time under each skew relative to uniform routing, per k."""
+    if skews.empty:
+        return message_chart("no skew timings to draw")
+    frame = skews.assign(k="k = " + skews["top_k"].astype(int).astype(str))
+    bars = alt.Chart(frame).mark_bar().encode(
+        x=alt.X("skew:N", sort=["uniform", "zipf-1.0", "zipf-2.0", "one-hot", "half-empty"], title="routing skew"),
+        xOffset="k:N",
+        y=alt.Y("time_vs_uniform:Q", title="time / time with uniform routing"),
+        color=alt.Color("k:N", title=None, scale=alt.Scale(range=["#56B4E9", "#D55E00"])))
+    rule = alt.Chart(pd.DataFrame({"one": [1.0]})).mark_rule(strokeDash=[4, 3]).encode(y="one:Q")
+    return alt.layer(bars, rule).properties(width=360, height=220, title=title)
+
+
+def as_text(value, unit: str = "", digits: int = 3) -> str:
+    """A number for the prose (``digits`` significant), or "not measured"."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "not measured"
+    return f"{value:.{digits}g}{' ' + unit if unit else ''}"
+
+
+def crossover_sentence(crossings: pd.DataFrame) -> str:
+    """One sentence per k on where the MoE beats each dense baseline."""
+    if crossings.empty:
+        return "No crossover could be computed: the run has no MoE and dense timings at common T."
+    parts = []
+    for row in crossings.itertuples():
+        baseline = row.baseline.split(",")[1].split("(")[0].strip()
+        where = (f"first crosses near T ≈ {row.crossover_tokens:.0f}" if pd.notna(row.crossover_tokens)
+                 else "does not cross")
+        parts.append(f"k = {row.top_k} against {baseline}: {where}; MoE faster at {row.moe_faster_at}")
+    return "; ".join(parts) + "."
+
+
+def first_value(frame: pd.DataFrame, column: str, default=None):
+    """The first non-null value of a column, for glue (``default`` when none)."""
+    if frame.empty or column not in frame:
+        return default
+    values = frame[column].dropna()
+    return default if values.empty else values.iloc[0]
+

@@ -1,0 +1,490 @@
+"""How busy the GPU is while the MoE layer runs: Nsight Compute per kernel, NVML over a loop.
+
+Two instruments, each optional; where one is missing (no GPU, no ``ncu``, no
+``nsight-python``, no ``nvidia-ml-py``) its functions return the same fields
+set to ``None`` with a ``message`` saying why, and never raise.
+
+**Per kernel, Nsight Compute through nsight-python.** ``profile_kernels``
+runs ``python -m analysis.utilisation`` in a fresh process (nsight-python must
+load before CUDA starts, and its 0.9 releases re-run the calling script under
+``ncu``, so the profiled code has a script of its own). That process
+annotates every kernel launch of one ``moe_forward`` (each CUDA-backend kernel
+becomes its own ``nsight.annotate`` range, named after the kernel) and each
+cuBLAS GEMM of the dense baseline at equal active FLOPs, and asks ``ncu`` for
+``NCU_METRICS`` per annotation: SM throughput, DRAM throughput, achieved
+occupancy and tensor-pipe activity, each as % of its peak, and the kernel's
+duration. Clocks are left as the card has them (``clock_control="none"``);
+caches are flushed before each kernel replay (``ncu``'s default).
+
+**Over a sustained loop, NVML through nvidia-ml-py.** ``nvml_during`` calls a
+function again and again for a few seconds while a thread samples GPU
+utilisation (% of time a kernel ran), SM clock, power and memory used.
+
+Stages of the kernels, by name (``kernel_stage``): router*, dispatch*,
+permute*, expert_mlp*hidden* (GEMM 1 + activation), expert_mlp*out* (GEMM 2),
+expert_mlp_tile_starts (its helper), combine*, and dense:* for cuBLAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: The fields of an Nsight Compute record and the ncu metric for each; where a
+#: field lists several, the first the installed ncu knows for the chip is used
+#: (names differ between ncu versions and GPU generations).
+NCU_METRICS = {
+    "sm_throughput_pct": ("sm__throughput.avg.pct_of_peak_sustained_elapsed",),
+    "dram_throughput_pct": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+                            "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+    "achieved_occupancy_pct": ("sm__warps_active.avg.pct_of_peak_sustained_active",),
+    # Hopper's tensor pipe runs both mma.sync (HMMA) and wgmma; the first name covers both.
+    "tensor_pipe_pct": ("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+                        "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+                        "sm__inst_executed_pipe_tensor.avg.pct_of_peak_sustained_active"),
+    "duration_s": ("gpu__time_duration.sum",),  # nanoseconds in ncu, seconds in our records
+}
+NCU_FIELDS = tuple(NCU_METRICS)
+NVML_FIELDS = ("gpu_utilisation_pct", "gpu_utilisation_max_pct", "sm_clock_mhz", "power_w",
+               "memory_used_bytes", "samples")
+
+#: ``ncu --query-metrics --chip`` names, by compute capability.
+NCU_CHIPS = {"7.0": "gv100", "8.0": "ga100", "8.6": "ga102", "8.9": "ad102", "9.0": "gh100",
+             "10.0": "gb100", "12.0": "gb202"}
+
+
+# ---------------------------------------------------------------- kernel names
+
+
+def kernel_stage(kernel: str) -> str:
+    """The MoE stage a kernel belongs to, from its name (see the module docstring)."""
+    name = kernel.lower()
+    if name.startswith("dense:"):
+        return "dense"
+    if name.startswith("router"):
+        return "router"
+    if name.startswith("dispatch"):
+        return "dispatch"
+    if name.startswith("permute"):
+        return "permute"
+    if name.startswith("combine"):
+        return "combine"
+    if name.startswith("expert_mlp"):
+        if "hidden" in name:
+            return "expert_gemm1"
+        if "_out" in name:
+            return "expert_gemm2"
+        return "expert_mlp"
+    return "other"
+
+
+# ---------------------------------------------------------------- what is missing
+
+
+def find_ncu() -> Optional[str]:
+    """The ``ncu`` executable: on PATH, else under CUDA_HOME or /opt/nvidia/nsight-compute."""
+    found = shutil.which("ncu")
+    if found:
+        return found
+    candidates = [Path(root) / "bin" / "ncu" for root in
+                  (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if root]
+    candidates += [Path(p) for p in sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), reverse=True)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def ncu_report_folder(ncu: str) -> Optional[str]:
+    """The folder of the ``ncu_report`` module that ships with this ``ncu``
+    (nsight-python reads reports with it where no ``ncu-report`` wheel is installed)."""
+    for folder in (Path(ncu).resolve().parent / "extras" / "python",
+                   Path(ncu).resolve().parent.parent / "extras" / "python"):
+        if (folder / "ncu_report.py").is_file():
+            return str(folder)
+    return None
+
+
+def gpu_unavailable_reason() -> Optional[str]:
+    from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
+
+    return cuda_unavailable_reason()
+
+
+def profiler_unavailable_reason() -> Optional[str]:
+    """None when nsight-python and ``ncu`` can profile here, else why not."""
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        return f"no GPU: {reason}"
+    ncu = find_ncu()
+    if ncu is None:
+        return "Nsight Compute's ncu is not installed (not on PATH, CUDA_HOME or /opt/nvidia/nsight-compute)"
+    if importlib.util.find_spec("nsight") is None:
+        return ("nsight-python is not installed (pip install 'nsight-python' and its dependencies "
+                "deepdiff, nvtx; see the gpu-tools extra)")
+    return None
+
+
+def nvml_unavailable_reason() -> Optional[str]:
+    if importlib.util.find_spec("pynvml") is None:
+        return "nvidia-ml-py is not installed (pip install nvidia-ml-py)"
+    try:
+        import pynvml  # noqa: PLC0415
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+    except Exception as error:  # NVML library or driver missing
+        return f"NVML does not start: {type(error).__name__}: {error}"
+    return None
+
+
+def empty_ncu_row(message: str, **identity) -> dict:
+    return {**identity, **{field: None for field in NCU_FIELDS}, "tool": None, "message": message}
+
+
+def empty_nvml_row(message: str, **identity) -> dict:
+    return {**identity, **{field: None for field in NVML_FIELDS}, "tool": None, "message": message}
+
+
+# ---------------------------------------------------------------- NVML
+
+
+def nvml_during(fn: Callable[[], object], seconds: float = 2.0, interval_s: float = 0.02,
+                synchronize: Optional[Callable[[], object]] = None) -> dict:
+    """Call ``fn`` for about ``seconds`` while a thread samples NVML; return
+    the medians (GPU utilisation, SM clock, power), the largest GPU
+    utilisation and memory used, and the sample count. ``synchronize`` is
+    called every few calls so the queue of launched work stays short.
+    Without NVML: the same fields, ``None``, and a ``message``."""
+    reason = nvml_unavailable_reason()
+    if reason is not None:
+        return empty_nvml_row(reason)
+    import numpy  # noqa: PLC0415
+    import pynvml  # noqa: PLC0415
+
+    pynvml.nvmlInit()
+    try:
+        handle = _nvml_handle(pynvml)
+        samples: list = []
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                try:
+                    samples.append((
+                        pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+                        pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                        pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+                        pynvml.nvmlDeviceGetMemoryInfo(handle).used,
+                    ))
+                except Exception:  # a counter this GPU does not offer: skip the sample
+                    pass
+                stop.wait(interval_s)
+
+        fn()  # once before sampling: compilation and allocation are not steady state
+        if synchronize is not None:
+            synchronize()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        deadline = time.perf_counter() + seconds
+        calls = 0
+        while time.perf_counter() < deadline:
+            fn()
+            calls += 1
+            if synchronize is not None and calls % 4 == 0:
+                synchronize()
+        if synchronize is not None:
+            synchronize()
+        stop.set()
+        sampler.join()
+    finally:
+        pynvml.nvmlShutdown()
+    if not samples:
+        return empty_nvml_row("NVML answered no sample on this GPU")
+    table = numpy.asarray(samples, dtype=numpy.float64)
+    return {
+        "gpu_utilisation_pct": float(numpy.median(table[:, 0])),
+        "gpu_utilisation_max_pct": float(table[:, 0].max()),
+        "sm_clock_mhz": float(numpy.median(table[:, 1])),
+        "power_w": float(numpy.median(table[:, 2])),
+        "memory_used_bytes": int(table[:, 3].max()),
+        "samples": len(samples),
+        "calls": calls,
+        "tool": "nvml",
+        "message": None,
+    }
+
+
+def _nvml_handle(pynvml):
+    """The NVML handle of the GPU CuPy computes on (matched by PCI bus id;
+    NVML and CUDA may number devices differently), else device 0."""
+    try:
+        import cupy  # noqa: PLC0415
+
+        return pynvml.nvmlDeviceGetHandleByPciBusId(cupy.cuda.Device().pci_bus_id.encode())
+    except Exception:
+        return pynvml.nvmlDeviceGetHandleByIndex(0)
+
+
+# ---------------------------------------------------------------- Nsight Compute, caller side
+
+
+def profile_kernels(preset: str, tokens: int, top_ks: tuple, dtype: str, *, timeout_s: float = 180.0,
+                    work_dir: Optional[str] = None) -> list:
+    """Per-kernel Nsight Compute metrics of one ``moe_forward`` (and the dense
+    baseline's cuBLAS GEMMs) for each k in ``top_ks``, from a separate process.
+
+    One row per (k, kernel): ``top_k``, ``kernel``, ``stage``, the
+    ``NCU_FIELDS``, ``tool`` and ``message``. Where profiling cannot run or
+    fails, one row per k with every field ``None`` and the reason.
+    """
+    identity = lambda k: {"top_k": k, "kernel": None, "stage": None}  # noqa: E731
+    reason = profiler_unavailable_reason()
+    if reason is not None:
+        return [empty_ncu_row(reason, **identity(k)) for k in top_ks]
+    ncu = find_ncu()
+    work = Path(work_dir or tempfile.mkdtemp(prefix="moe-ncu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    output = work / "kernels.json"
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    environment["PATH"] = os.pathsep.join([str(Path(ncu).parent), environment.get("PATH", "")])
+    python_path = [str(REPO_ROOT)] + ([ncu_report_folder(ncu)] if ncu_report_folder(ncu) else [])
+    environment["PYTHONPATH"] = os.pathsep.join(python_path + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p])
+    command = [sys.executable, "-m", "analysis.utilisation", "--preset", preset, "--tokens", str(tokens),
+               "--dtype", dtype, "--out", str(output), "--work-dir", str(work), "--k", *map(str, top_ks)]
+    log = work / "profile.log"
+    try:
+        with open(log, "w", encoding="utf-8") as log_file:
+            done = subprocess.run(command, cwd=REPO_ROOT, env=environment, stdout=log_file,
+                                  stderr=subprocess.STDOUT, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return [empty_ncu_row(f"Nsight Compute profiling stopped after {timeout_s:.0f} s (log: {log})",
+                              **identity(k)) for k in top_ks]
+    if output.is_file():
+        rows = json.loads(output.read_text(encoding="utf-8"))
+        if rows:
+            return rows
+    tail = log.read_text(encoding="utf-8", errors="replace")[-600:] if log.is_file() else ""
+    return [empty_ncu_row(f"Nsight Compute profiling failed (exit {done.returncode}, log {log}): {tail}",
+                          **identity(k)) for k in top_ks]
+
+
+# ---------------------------------------------------------------- Nsight Compute, profiled side
+
+
+def chosen_metrics(ncu: Optional[str], compute_capability: Optional[str]) -> dict:
+    """{field: ncu metric}: for each field the first candidate that
+    ``ncu --query-metrics`` lists for this chip (the first candidate where ncu
+    cannot be asked)."""
+    known: set = set()
+    chip = NCU_CHIPS.get(compute_capability or "")
+    if ncu and chip:
+        try:
+            listing = subprocess.run([ncu, "--query-metrics", "--chip", chip], capture_output=True,
+                                     text=True, timeout=60, check=True).stdout
+            known = {line.split()[0] for line in listing.splitlines() if line.strip()}
+        except (OSError, subprocess.SubprocessError):
+            known = set()
+    chosen = {}
+    for field, candidates in NCU_METRICS.items():
+        base_names = [candidate.split(".")[0] for candidate in candidates]
+        available = [c for c, base in zip(candidates, base_names) if base in known]
+        chosen[field] = (available or candidates)[0]
+    return chosen
+
+
+class _AnnotatedLaunches:
+    """While active, every kernel the CUDA backend launches through its loader
+    runs inside ``annotate(<kernel name>)``: one Nsight range per kernel. The
+    backend's modules look ``get_kernel`` up at call time, so replacing that
+    name in them is enough; the originals come back on exit."""
+
+    MODULES = ("kernels.cuda.backend", "kernels.cuda.expert_mlp")
+
+    def __init__(self, annotate):
+        self.annotate = annotate
+        self.saved: list = []
+
+    def __enter__(self):
+        for module_name in self.MODULES:
+            module = importlib.import_module(module_name)
+            original = getattr(module, "get_kernel", None)
+            if original is None:
+                continue
+            self.saved.append((module, original))
+            setattr(module, "get_kernel", self._wrap(original))
+        return self
+
+    def __exit__(self, *exc):
+        for module, original in self.saved:
+            module.get_kernel = original
+        return False
+
+    def _wrap(self, get_kernel):
+        annotate = self.annotate
+
+        def get_annotated_kernel(file, name, **defines):
+            kernel = get_kernel(file, name, **defines)
+
+            def launch(*args, **kwargs):
+                with annotate(name):
+                    return kernel(*args, **kwargs)
+
+            return launch
+
+        return get_annotated_kernel
+
+
+_LAYERS: dict = {}
+
+
+def _layer(preset: str, tokens: int, top_k: int, dtype: str):
+    """The inputs of one profiled configuration, made once per process and
+    warmed up (kernels compiled) before any profiling."""
+    key = (preset, tokens, top_k, dtype)
+    if key not in _LAYERS:
+        import cupy  # noqa: PLC0415
+
+        import kernels  # noqa: PLC0415
+        from analysis import sweep, sweep_cells  # noqa: PLC0415
+
+        shape = sweep.PRESETS[preset]
+        cfg = shape.config(top_k)
+        weights = sweep_cells.device_weights(cfg, dtype, seed=0)
+        x = sweep_cells.make_tokens("uniform", tokens, weights.router, top_k, dtype=dtype, device="cuda", seed=0)
+        dense = sweep_cells.device_dense_weights(shape.d_model, top_k * shape.d_ff, shape.activation, dtype,
+                                                 seed=1)
+        kernels.moe_forward(x, weights, cfg, backend="cuda", check_finite=False)
+        _dense_gemms(cupy, x, dense, shape.activation, annotate=None)
+        cupy.cuda.Device().synchronize()
+        _LAYERS[key] = (cfg, weights, x, dense, shape.activation)
+    return _LAYERS[key]
+
+
+def _dense_gemms(cupy, x, dense, activation: str, annotate) -> None:
+    """The dense baseline's two or three cuBLAS GEMMs, each in its own range."""
+    w1, w2, w3 = dense
+    ranges = [("dense:gemm1", lambda: cupy.matmul(x, w1))]
+    if w3 is not None:
+        ranges.append(("dense:gemm3", lambda: cupy.matmul(x, w3)))
+    hidden = None
+    for name, gemm in ranges:
+        if annotate is None:
+            hidden = gemm()
+        else:
+            with annotate(name):
+                hidden = gemm()
+    if annotate is None:
+        cupy.matmul(hidden, w2)
+    else:
+        with annotate("dense:gemm2"):
+            cupy.matmul(hidden, w2)
+
+
+def _profile_main(args) -> int:
+    """The profiled process (see ``profile_kernels``): writes its rows to ``--out``."""
+    identity = lambda k: {"top_k": k, "kernel": None, "stage": None}  # noqa: E731
+    ncu = find_ncu()
+    if ncu and ncu_report_folder(ncu) and ncu_report_folder(ncu) not in sys.path:
+        sys.path.append(ncu_report_folder(ncu))
+    try:
+        import nsight  # before CUDA starts: nsight-python 1.x attaches ncu at import
+    except Exception as error:
+        rows = [empty_ncu_row(f"nsight-python does not import: {type(error).__name__}: {error}",
+                              **identity(k)) for k in args.k]
+        Path(args.out).write_text(json.dumps(rows), encoding="utf-8")
+        return 0
+    import cupy  # noqa: PLC0415
+
+    capability = str(cupy.cuda.Device().compute_capability)  # CuPy says "90" for 9.0
+    capability = f"{capability[:-1]}.{capability[-1]}"
+    metrics = chosen_metrics(ncu, capability)
+    configs = [(args.preset, args.tokens, k, args.dtype) for k in args.k]
+
+    def profile_moe_layer(preset, tokens, top_k, dtype):
+        import kernels  # noqa: PLC0415
+
+        cfg, weights, x, dense, activation = _layer(preset, tokens, top_k, dtype)
+        with _AnnotatedLaunches(nsight.annotate):
+            kernels.moe_forward(x, weights, cfg, backend="cuda", check_finite=False)
+        _dense_gemms(cupy, x, dense, activation, annotate=nsight.annotate)
+
+    for config in configs:  # inputs and kernels ready before ncu looks
+        _layer(*config)
+    decorated = nsight.analyze.kernel(
+        configs=configs, runs=1, metrics=list(metrics.values()),
+        combine_kernel_metrics=larger,  # only where cuBLAS splits one GEMM into several kernels
+        clock_control="none", cache_control="all", replay_mode="kernel",
+        output_prefix=str(Path(args.work_dir) / "nsight-"),
+    )(profile_moe_layer)
+    try:
+        frame = decorated().to_dataframe()
+        rows = rows_from_frame(frame, metrics)
+    except Exception as error:  # ncu refused a metric, the report did not parse, ...
+        rows = [empty_ncu_row(f"Nsight Compute profiling failed: {type(error).__name__}: {error}",
+                              **identity(k)) for k in args.k]
+    Path(args.out).write_text(json.dumps(rows), encoding="utf-8")
+    return 0
+
+
+def larger(first: float, second: float) -> float:
+    """How nsight-python merges the metrics of several kernels in one range
+    (a cuBLAS GEMM split in two): the busier one. A plain two-argument
+    function, as nsight-python 0.9 checks."""
+    return max(first, second)
+
+
+def rows_from_frame(frame, metrics: dict) -> list:
+    """nsight-python's long table (one line per annotation, config and metric)
+    as one row per (k, kernel) with our field names; durations in seconds."""
+    field_of_metric = {metric: field for field, metric in metrics.items()}
+    value_column = next(c for c in ("AvgValue", "Value", "MeanValue") if c in frame.columns)
+    k_column = "top_k" if "top_k" in frame.columns else None
+    rows: dict = {}
+    for _, line in frame.iterrows():
+        metric = str(line["Metric"])
+        if metric not in field_of_metric:
+            continue
+        k = int(line[k_column]) if k_column else None
+        kernel = str(line["Annotation"])
+        row = rows.setdefault((k, kernel), {"top_k": k, "kernel": kernel, "stage": kernel_stage(kernel),
+                                            **{field: None for field in NCU_FIELDS},
+                                            "kernel_names": str(line.get("Kernel", kernel)),
+                                            "tool": "nsight-python+ncu", "message": None})
+        value = float(line[value_column])
+        field = field_of_metric[metric]
+        row[field] = value * 1e-9 if field == "duration_s" else value
+    for row in rows.values():
+        row["metrics"] = metrics
+    return list(rows.values())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.utilisation",
+        description="Profile one MoE layer's kernels with Nsight Compute (through nsight-python); "
+                    "run by analysis.sweep in a process of its own.")
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--tokens", type=int, required=True)
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--out", required=True, help="where the rows go (JSON)")
+    parser.add_argument("--work-dir", default=tempfile.gettempdir(), help="nsight-python's report files")
+    return _profile_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

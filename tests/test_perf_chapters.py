@@ -1,0 +1,131 @@
+"""Where the performance chapters' numbers come from, and their tables and
+charts, on records of a tiny CPU sweep (also standing in for GPU records,
+which this machine cannot make)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("altair", reason="the book extra is not installed")
+pytest.importorskip("torch", reason="the peers need the torch extra")
+
+from analysis import charts, perf_chapters, sweep  # noqa: E402
+
+TINY = sweep.with_overrides(sweep.PLANS["cpu-tiny"], tokens=(1, 16), top_ks=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A results folder with one CPU sweep and the same records under a GPU-like folder name."""
+    root = tmp_path_factory.mktemp("results")
+    sweep.run_sweep(TINY, progress=False, results_dir=root, echo=lambda message: None)
+    (cpu_folder,) = [p for p in root.iterdir() if p.name.startswith("cpu-")]
+    shutil.copytree(cpu_folder, root / "nvidia-test-gpu")
+    return root
+
+
+def test_gpu_chapter_without_records_shows_the_note(tmp_path):
+    data = perf_chapters.chapter_data("gpu", source="records", results_dir=tmp_path)
+    assert data.source == "none" and data.empty
+    assert perf_chapters.NO_GPU_RECORDS in data.note
+    # Every table and chart still renders, empty or saying what is missing.
+    assert perf_chapters.main_shape(data) == (None, None)
+    curves = perf_chapters.layer_curves(data, None, None)
+    assert "no timings" in charts.to_svg(perf_chapters.time_vs_tokens_chart(curves, perf_chapters.crossovers(curves),
+                                                                            "t"))
+    assert perf_chapters.goals_frame(data)["met"].eq("not measured").all()
+    assert perf_chapters.ncu_frame(data).empty and perf_chapters.run_problems(data).empty
+    for chart in (perf_chapters.stage_share_chart(perf_chapters.stage_frame(data, None, None), "t"),
+                  perf_chapters.skew_chart(perf_chapters.skew_frame(data, None, None), "t"),
+                  perf_chapters.utilisation_chart(perf_chapters.ncu_frame(data))):
+        assert "<svg" in charts.to_svg(chart)
+
+
+def test_gpu_chapter_reads_the_newest_gpu_records(results):
+    data = perf_chapters.chapter_data("gpu", source="records", results_dir=results)
+    assert data.source == "records" and not data.empty
+    assert "nvidia-test-gpu" in data.note and "newest committed GPU records" in data.note
+    assert data.device in data.note and "commit" in data.note
+    assert perf_chapters.newest_folder("cpu", results).startswith("cpu-")
+    assert perf_chapters.chapter_data("cpu", source="auto", results_dir=results).source == "records"
+
+
+def test_cpu_chapter_runs_live_without_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "PLANS", dict(sweep.PLANS, **{"cpu-tiny": sweep.with_overrides(
+        sweep.PLANS["cpu-tiny"], tokens=(2,), top_ks=(1,), skews=("uniform",))}))
+    data = perf_chapters.chapter_data("cpu", source="auto", results_dir=tmp_path)
+    assert data.source == "live" and not data.empty and "measured live" in data.note
+    with pytest.raises(ValueError, match="plan"):
+        perf_chapters.chapter_data("gpu", source="live", plan="cpu-tiny")
+    with pytest.raises(ValueError, match="source"):
+        perf_chapters.chapter_data("cpu", source="somewhere")
+
+
+def test_tables_and_charts_from_records(results):
+    data = perf_chapters.chapter_data("cpu", source="records", results_dir=results)
+    preset, dtype = perf_chapters.main_shape(data)
+    assert (preset, dtype) == ("tiny", "float32")
+    curves = perf_chapters.layer_curves(data, preset, dtype)
+    assert set(curves["top_k"]) == {1, 2}
+    labels = set(curves["label"])
+    assert {"MoE (kernels)", "dense, equal active FLOPs (K·F)", "dense, equal parameters (E·F)",
+            "HF eager loop"} <= labels
+    crossings = perf_chapters.crossovers(curves)
+    assert set(crossings["top_k"]) == {1, 2}
+    assert perf_chapters.crossover_sentence(crossings).endswith(".")
+    stages = perf_chapters.stage_frame(data, preset, dtype)
+    assert set(stages["stage"]) == {"router", "dispatch", "permute", "expert_mlp", "combine", "end_to_end"}
+    skews = perf_chapters.skew_frame(data, preset, dtype)
+    assert set(skews["skew"]) == {"uniform", "zipf-1.0", "zipf-2.0", "one-hot", "half-empty"}
+    assert skews.loc[skews["skew"] == "uniform", "time_vs_uniform"].eq(1.0).all()
+    summary = perf_chapters.summary_frame(data)
+    assert "moe ms" in summary.columns and len(summary) == 4
+    assert set(perf_chapters.ceilings_table(data)["unit"]) == {"GB/s", "TFLOP/s"}
+    numbers = perf_chapters.ceiling_numbers(data)
+    assert numbers["copy_gb_per_s"] > 0
+    assert len(perf_chapters.goals_frame(data, "tiny", "float32")) == 6
+    for chart in (perf_chapters.time_vs_tokens_chart(curves, crossings, "t"),
+                  perf_chapters.stage_share_chart(stages, "t"), perf_chapters.roofline_chart(stages, "t"),
+                  perf_chapters.skew_chart(skews, "t")):
+        svg = charts.to_svg(chart)
+        assert "<svg" in svg and "no timings" not in svg
+
+
+def test_crossover_is_interpolated_on_log_tokens():
+    rows = []
+    for T, moe, dense in ((1, 1.0, 2.0), (10, 2.0, 2.5), (100, 4.0, 2.0)):
+        rows.append({"top_k": 1, "tokens": T, "label": "MoE (kernels)", "median_s": moe})
+        rows.append({"top_k": 1, "tokens": T, "label": "dense, equal active FLOPs (K·F)", "median_s": dense})
+    crossings = perf_chapters.crossovers(pd.DataFrame(rows))
+    (row,) = crossings.itertuples()
+    # ratio 0.8 at T=10 and 2 at T=100: log-ratio crosses 0 at 10 * 10**(log(1.25)/log(2.5))
+    assert row.crossover_tokens == pytest.approx(10 * 10 ** (0.22314 / 0.91629), rel=1e-3)
+    assert row.moe_faster_at == "T = 1, 10"
+
+
+def test_utilisation_frames_and_chart():
+    params = lambda k: {"top_k": k, "preset": "mixtral", "tokens": 8192}  # noqa: E731
+    data = perf_chapters.ChapterData([
+        {"measurement": "ncu", "kernel": "router_top1_f16", "stage": "router", "sm_throughput_pct": 30.0,
+         "dram_throughput_pct": 80.0, "achieved_occupancy_pct": 60.0, "tensor_pipe_pct": 0.0,
+         "duration_s": 1e-5, "message": None, "params": params(k)} for k in (1, 2)
+    ] + [{"measurement": "nvml", "gpu_utilisation_pct": 99.0, "gpu_utilisation_max_pct": 100.0, "sm_clock_mhz": 1980.0,
+          "power_w": 500.0, "memory_used_bytes": 1, "samples": 10, "message": None, "params": params(1)}],
+        "records", "note")
+    ncu = perf_chapters.ncu_frame(data)
+    assert list(ncu["top_k"]) == [1, 2]
+    assert "<svg" in charts.to_svg(perf_chapters.utilisation_chart(ncu))
+    assert perf_chapters.nvml_frame(data).loc[1, "power_w"] == 500.0
+    missing = perf_chapters.ncu_frame(perf_chapters.ChapterData(
+        [{"measurement": "ncu", "kernel": None, "sm_throughput_pct": None, "message": "ncu is not installed",
+          "params": params(1)}], "records", "note"))
+    assert "ncu is not installed" in charts.to_svg(perf_chapters.utilisation_chart(missing))
+
+
+def test_newest_run_is_picked():
+    found = [{"run_id": "a", "utc": "2026-01-01"}, {"run_id": "b", "utc": "2026-02-01"},
+             {"run_id": "a", "utc": "2026-01-02"}]
+    assert perf_chapters.newest_run(found) == [{"run_id": "b", "utc": "2026-02-01"}]
