@@ -7,13 +7,17 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= test,book,torch
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: setup test book notebooks bench-cpu device-check clean help
+.PHONY: setup test book notebooks bench-cpu sweep-cpu gpu-wheels device-check train-cpu train-gpu clean help
 
 help:
 	@echo "make book       run every chapter notebook, then build book/_build/html"
 	@echo "make test       run the test suite (pytest)"
 	@echo "make bench-cpu  MoE vs dense on this CPU, prints ratios, writes results/"
-	@echo "make device-check PY=python3  on a GPU machine: gpu tests, compute-sanitizer, a gpu-tests record"
+	@echo "make sweep-cpu  the benchmark sweep on this CPU (SWEEP_THREADS=1 on a shared machine), writes results/"
+	@echo "make gpu-wheels download the wheels a GPU machine lacks (nsight-python 0.9 and its needs) into .whl/"
+	@echo "make device-check PY=python3  on a GPU machine: gpu tests, compute-sanitizer, the GPU sweep, records"
+	@echo "make train-cpu  train the accuracy study's cpu preset (all arms, 3 seeds; ~1 h on 2 cores, resumable)"
+	@echo "make train-gpu  the same with the larger gpu preset on a CUDA device"
 	@echo "make setup      create .venv and install the project (done by the others)"
 	@echo "make clean      remove generated notebooks, the built book and caches"
 
@@ -38,10 +42,31 @@ book: notebooks
 bench-cpu: $(STAMP)
 	$(PY) -m analysis.bench_cpu $(BENCH_ARGS)
 
+# The sweep (analysis/sweep.py) at CPU-sized shapes. SWEEP_THREADS sets the
+# BLAS and OpenMP thread counts (they must be set before NumPy starts).
+sweep-cpu: $(STAMP)
+	$(if $(SWEEP_THREADS),OPENBLAS_NUM_THREADS=$(SWEEP_THREADS) OMP_NUM_THREADS=$(SWEEP_THREADS) MKL_NUM_THREADS=$(SWEEP_THREADS)) $(PY) -m analysis.sweep --plan cpu-default $(SWEEP_ARGS)
+
+# Pure-Python (and one manylinux) wheels the GPU machine lacks: nsight-python
+# 0.9 (1.x needs ncu >= 2026.2.1; the machines have 2025.3) and its needs.
+# Carry .whl with the run and pip install --no-index --target from it there.
+GPU_WHEELS := nsight-python==0.9.6 deepdiff==8.6.2 orderly-set==5.5.0 nvtx==0.2.17
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+
 # No $(STAMP) prerequisite: GPU machines have their own Python (no .venv), so
-# run it there as `make device-check PY=python3`. Pass options in DEVICE_CHECK_ARGS.
+# run it there as `make device-check PY=python3`. Pass options in DEVICE_CHECK_ARGS
+# (--deadline-s, --skip-tests, ...: python -m analysis.device_check --help).
 device-check:
 	$(PY) -m analysis.device_check $(DEVICE_CHECK_ARGS)
+
+train-cpu: $(STAMP)
+	$(PY) -m analysis.train --preset cpu $(TRAIN_ARGS)
+
+train-gpu: $(STAMP)
+	$(PY) -m analysis.train --preset gpu $(TRAIN_ARGS)
 
 clean:
 	rm -rf book/_build book/generated .pytest_cache .hypothesis

@@ -33,10 +33,27 @@ TINY_PARAMETERS = {
         pytest.param({"T": 6, "D": 4, "F": 8, "E": 3, "k": 2, "activation": "relu",
                       "capacity_factor": 0.25}, id="k2-relu-heavy-drops"),
     ],
+    # Both chapters train the `tiny` preset (every arm, two seeds; seconds) into a
+    # temporary folder instead of reading the committed checkpoints.
+    "accuracy": [
+        pytest.param({"preset": "tiny", "scratch": True, "experiment_bytes": 1024, "check_bytes": 512},
+                     id="tiny-scratch"),
+    ],
+    "routing": [
+        pytest.param({"preset": "tiny", "scratch": True, "routing_bytes": 1024}, id="tiny-scratch"),
+    ],
     # nvcc's report of every .cu file (about 10 s on 2 cores), for sm_80 so that
     # the parameter is exercised; without nvcc the chapter shows a note instead.
     "kernels": [
         pytest.param({"arch": "sm_80"}, id="sm80-all-files"),
+    ],
+    # Without a GPU: the newest committed GPU records, or the note that there are none.
+    "gpu_performance": [
+        pytest.param({"source": "records"}, id="committed-records-or-note"),
+    ],
+    # The sweep run live at tiny sizes (seconds).
+    "cpu_baseline": [
+        pytest.param({"source": "live", "plan": "cpu-tiny"}, id="live-tiny"),
     ],
 }
 

@@ -1,0 +1,510 @@
+"""The accuracy chapter's tables and charts, and the checks around the trained models.
+
+``evaluate(checkpoint_path, split="test")`` re-scores any committed checkpoint:
+held-out bits per byte and next-byte accuracy (the scoring rule is in
+analysis/evaluation.py, which this module re-exports).
+
+Also here: the inference-time experiments (top-k and capacity at inference),
+the cross-check of the trained MoE layers against ``kernels.moe_forward``, and
+the test loss computed with every FFN replaced by the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F_nn
+
+import kernels
+from kernels import testing
+
+from . import corpus, records
+from .evaluation import (EVAL_KIND, TRAIN_LOG_KIND, all_records, collect_routing, eval_records,  # noqa: F401
+                         eval_windows, evaluate, evaluate_model)
+from .moe_model import ByteTransformer, MoELayer, load_checkpoint, to_kernels
+CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0, None)
+#: The test loss through the kernels must equal PyTorch's within this many bits
+#: per byte. Both run the same float32 model; they differ only in summation
+#: order (BLAS against PyTorch's kernels, expert-order index_add against the
+#: contract's j-order combine), about 1e-7 relative per operation, which moves
+#: the mean loss over thousands of bytes by well under 1e-5 bits; a near-tie
+#: routed to another expert moves one byte's loss, diluted by the byte count.
+LOSS_TOLERANCE_BITS = 1e-4
+#: Order and colours (Okabe-Ito) of the arms in every chart and table.
+ARM_ORDER = ("dense", "moe-k1", "moe-k2-half", "moe-k2", "dense-wide", "moe-k1-nobal", "moe-k2-half-nobal")
+ARM_COLOURS = ("#000000", "#0072B2", "#D55E00", "#E69F00", "#999999", "#56B4E9", "#CC79A7")
+MAIN_ARMS = ARM_ORDER[:5]
+
+
+def _arm_rank(arm: str) -> int:
+    return ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER)
+
+
+def runs_table(results_dir=None, *, preset: str = "cpu") -> pd.DataFrame:
+    """One row per trained (arm, seed): its test metrics, size, cost and checkpoint path."""
+    rows = []
+    root = records.results_root(results_dir)
+    for record in eval_records(results_dir, preset=preset):
+        params = record["params"]
+        rows.append({
+            "arm": params["arm"], "seed": int(params["seed"]), "comparison": params["comparison"],
+            "top_k": params["model"]["top_k"] if params["model"]["ffn"] == "moe" else None,
+            "d_ff": params["model"]["d_ff"], "ffn": params["model"]["ffn"],
+            "params_total": params["parameters"]["total"], "params_active": params["parameters"]["active"],
+            "steps": params["steps"], "tokens": record["tokens"], "train_seconds": record["train_seconds"],
+            "seconds_per_step": record["seconds_per_step"], "bits_per_byte": record["bits_per_byte"],
+            "accuracy": record["accuracy"], "eval_bytes": record["n_bytes"], "run_id": params["run_id"],
+            "checkpoint": str(root / params["checkpoint"]), "device": record["device"], "utc": record["utc"],
+            "git_commit": record["git_commit"], "git_dirty": record["git_dirty"],
+        })
+    if not rows:
+        raise FileNotFoundError(f"no {EVAL_KIND!r} records of preset {preset!r} under {root}")
+    table = pd.DataFrame(rows)
+    table["arm_rank"] = table["arm"].map(_arm_rank)
+    return table.sort_values(["arm_rank", "seed"]).drop(columns="arm_rank").reset_index(drop=True)
+
+
+def provenance_note(runs: pd.DataFrame) -> dict:
+    """Where the chapter's numbers come from: device, dates and commits of the runs."""
+    commits = sorted({f"{c[:10]}{' (dirty)' if d else ''}" for c, d in zip(runs["git_commit"].fillna("unknown"),
+                                                                            runs["git_dirty"].fillna(False))})
+    return {"device": ", ".join(sorted(runs["device"].unique())), "first_utc": runs["utc"].min()[:19],
+            "last_utc": runs["utc"].max()[:19], "commits": ", ".join(commits), "n_runs": len(runs)}
+
+
+def mean_std(table: pd.DataFrame, by: Sequence[str], columns: Sequence[str]) -> pd.DataFrame:
+    """Mean and (sample) standard deviation over seeds of each column, per group."""
+    grouped = table.groupby(list(by), sort=False, dropna=False)
+    result = grouped[list(columns)].agg(["mean", "std"])
+    result.columns = [f"{column}_{stat}" for column, stat in result.columns]
+    result["n_seeds"] = grouped.size()
+    return result.reset_index()
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: test bits per byte and accuracy as mean ± std over seeds, with sizes and cost."""
+    summary = mean_std(runs, ["arm"], ["bits_per_byte", "accuracy", "seconds_per_step"])
+    firsts = runs.groupby("arm", sort=False)[["comparison", "top_k", "d_ff", "params_total", "params_active",
+                                              "tokens"]].first().reset_index()
+    summary = firsts.merge(summary, on="arm")
+    dense = summary.loc[summary["arm"] == "dense", "bits_per_byte_mean"]
+    if len(dense):
+        summary["vs_dense_percent"] = 100 * (summary["bits_per_byte_mean"] / float(dense.iloc[0]) - 1)
+    return summary
+
+
+def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary as the book prints it: mean ± std strings."""
+    out = pd.DataFrame({
+        "arm": summary["arm"],
+        "comparison": summary["comparison"],
+        "k": summary["top_k"].map(lambda k: "" if pd.isna(k) else str(int(k))),
+        "F": summary["d_ff"],
+        "parameters (total / active)": [f"{t:,} / {a:,}" for t, a in zip(summary["params_total"],
+                                                                        summary["params_active"])],
+        "test bits/byte": [f"{m:.4f} ± {s:.4f}" for m, s in zip(summary["bits_per_byte_mean"],
+                                                                 summary["bits_per_byte_std"].fillna(0))],
+        "next-byte accuracy": [f"{m:.4f} ± {s:.4f}" for m, s in zip(summary["accuracy_mean"],
+                                                                     summary["accuracy_std"].fillna(0))],
+        "seeds": summary["n_seeds"],
+        "ms/step": (1e3 * summary["seconds_per_step_mean"]).round(1),
+    })
+    if "vs_dense_percent" in summary:
+        out["bits/byte vs dense"] = summary["vs_dense_percent"].map(lambda v: f"{v:+.2f}%")
+    return out.set_index("arm")
+
+
+def train_curves(results_dir=None, *, preset: str = "cpu", runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Logged training loss of the runs in `runs` (default: the newest per arm and seed)."""
+    runs = runs if runs is not None else runs_table(results_dir, preset=preset)
+    wanted = set(runs["run_id"])
+    rows = []
+    for record in all_records(TRAIN_LOG_KIND, results_dir):
+        params = record["params"]
+        if params["run_id"] in wanted:
+            rows.append({"arm": params["arm"], "seed": int(params["seed"]), "step": record["step"],
+                         "tokens": record["tokens"], "seconds": record["seconds"],
+                         "train_bits_per_byte": record["train_bits_per_byte"],
+                         "balance_loss": record.get("balance_loss"),
+                         "load_fraction": record.get("load_fraction")})
+    return pd.DataFrame(rows).sort_values(["arm", "seed", "step"]).reset_index(drop=True)
+
+
+def curve_chart(curves: pd.DataFrame, x: str, arms: Sequence[str] = MAIN_ARMS) -> alt.TopLevelMixin:
+    """Training bits per byte against tokens or seconds: the mean over seeds per arm, a band for ±1 std."""
+    data = curves[curves["arm"].isin(arms)]
+    data = data.groupby(["arm", "step"], as_index=False).agg(
+        x=(x, "mean"), mean=("train_bits_per_byte", "mean"), std=("train_bits_per_byte", "std"))
+    data["std"] = data["std"].fillna(0.0)
+    data["low"], data["high"] = data["mean"] - data["std"], data["mean"] + data["std"]
+    present = [arm for arm in ARM_ORDER if arm in set(data["arm"])]
+    scale = alt.Scale(domain=present, range=[ARM_COLOURS[ARM_ORDER.index(a)] for a in present])
+    colour = alt.Color("arm:N", scale=scale, sort=present, title="arm")
+    title = {"tokens": "training bytes seen", "seconds": "training wall-clock seconds (CPU)"}.get(x, x)
+    x_encoding = alt.X("x:Q", title=title)
+    band = alt.Chart(data).mark_area(opacity=0.2).encode(
+        x=x_encoding, y="low:Q", y2="high:Q", color=alt.Color("arm:N", scale=scale, legend=None))
+    line = alt.Chart(data).mark_line().encode(
+        x=x_encoding, y=alt.Y("mean:Q", title="training loss (bits per byte)", scale=alt.Scale(zero=False)),
+        color=colour)
+    return alt.layer(band, line).properties(width=420, height=260,
+                                            title=f"Training loss against {x} (mean of seeds, band ±1 std)")
+
+
+def summary_chart(summary: pd.DataFrame) -> alt.TopLevelMixin:
+    """Test bits per byte per arm: mean with ±1 std error bars."""
+    data = summary.assign(low=summary["bits_per_byte_mean"] - summary["bits_per_byte_std"].fillna(0),
+                          high=summary["bits_per_byte_mean"] + summary["bits_per_byte_std"].fillna(0))
+    order = [arm for arm in ARM_ORDER if arm in set(data["arm"])]
+    y = alt.Y("arm:N", sort=order, title=None)
+    points = alt.Chart(data).mark_point(filled=True, size=60, color="#0072B2").encode(
+        x=alt.X("bits_per_byte_mean:Q", title="test bits per byte (lower is better)", scale=alt.Scale(zero=False)),
+        y=y)
+    bars = alt.Chart(data).mark_rule(color="#0072B2").encode(x="low:Q", x2="high:Q", y=y)
+    return alt.layer(bars, points).properties(width=380, height=22 * len(order) + 20,
+                                              title="Test loss per arm (mean ± std over seeds)")
+
+
+def reevaluate(runs: pd.DataFrame, *, max_bytes: Optional[int] = None) -> pd.DataFrame:
+    """`runs` with each checkpoint re-scored here: bits_per_byte, accuracy and n_bytes
+    replaced by the new numbers, the recorded ones kept as recorded_bits_per_byte, and
+    `difference` = new - recorded (zero up to float rounding when max_bytes is None,
+    the bytes each run was scored on after training, and the corpus is the same)."""
+    table = runs.copy()
+    table["recorded_bits_per_byte"] = table["bits_per_byte"]
+    results = [evaluate(path, max_bytes=max_bytes) for path in table["checkpoint"]]
+    table["bits_per_byte"] = [r["bits_per_byte"] for r in results]
+    table["accuracy"] = [r["accuracy"] for r in results]
+    table["eval_bytes"] = [r["n_bytes"] for r in results]
+    table["corpus_matches"] = [r["corpus_matches"] for r in results]
+    table["difference"] = table["bits_per_byte"] - table["recorded_bits_per_byte"]
+    return table
+
+
+#: Re-scoring a checkpoint on the bytes it was scored on after training repeats the
+#: same float32 computation; only the thread count's summation order may differ.
+REPRODUCE_TOLERANCE_BITS = 1e-5
+
+
+def assert_reproduced(scored: pd.DataFrame) -> None:
+    """Stop when a re-scored checkpoint does not reproduce its recorded test loss
+    (skipped for runs trained on another corpus, e.g. another Python version)."""
+    same_corpus = scored[scored["corpus_matches"]]
+    off = same_corpus[same_corpus["difference"].abs() > REPRODUCE_TOLERANCE_BITS]
+    if len(off):
+        raise AssertionError("re-scored checkpoints differ from their records:\n"
+                             + off[["arm", "seed", "bits_per_byte", "recorded_bits_per_byte"]].to_string())
+
+
+def cross_check_all(runs: pd.DataFrame, *, check_bytes: int, batch_size: int = 4) -> tuple:
+    """For the lowest seed of every arm: the MoE layers against kernels.moe_forward
+    (kernels_cross_check) and the test loss through the kernels (loss_through_kernels).
+    Returns (layer table, loss table), each with an `arm` column."""
+    data = corpus.load_corpus()["test"]
+    layer_tables, loss_tables = [], []
+    for arm in [a for a in ARM_ORDER if a in set(runs["arm"])]:
+        model, _ = load_checkpoint(checkpoint_for(runs, arm))
+        if model.cfg.is_moe:
+            tokens = first_window_batch(data, model.cfg.seq_len, batch_size)
+            layer_tables.append(kernels_cross_check(model, tokens).assign(arm=arm))
+        loss_tables.append(loss_through_kernels(model, data, batch_size=batch_size,
+                                                max_bytes=check_bytes).assign(arm=arm))
+    layers = pd.concat(layer_tables, ignore_index=True) if layer_tables else pd.DataFrame()
+    losses = pd.concat(loss_tables, ignore_index=True)
+    return layers[["arm"] + [c for c in layers if c != "arm"]], losses[["arm"] + [c for c in losses if c != "arm"]]
+
+
+def cross_check_summary(layer_checks: pd.DataFrame) -> pd.DataFrame:
+    """Per arm and implementation, over the MoE layers: the largest error against the
+    float64 reference, the largest error as a share of its bound, the smallest share of
+    tokens routed as PyTorch routed them, and whether every layer passed."""
+    table = layer_checks.assign(error_over_bound=layer_checks["max_error_vs_float64"] / layer_checks["bound"])
+    summary = table.groupby(["arm", "implementation"], sort=False).agg(
+        layers=("layer", "count"), max_error_vs_float64=("max_error_vs_float64", "max"),
+        max_error_over_bound=("error_over_bound", "max"),
+        min_tokens_routed_as_pytorch=("tokens_routed_as_pytorch", "min"),
+        max_diff_from_pytorch=("max_diff_from_pytorch", "max"), all_passed=("passed", "all"))
+    return summary
+
+
+def format_k_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The inference-time top-k table as the book prints it."""
+    return pd.DataFrame({
+        "arm": summary["arm"], "trained k": summary["trained_k"], "k at inference": summary["eval_k"],
+        "renormalise": summary["renormalize"], "as trained": summary["as_trained"].map({True: "yes", False: ""}),
+        "test bits/byte": [f"{m:.4f} ± {0 if pd.isna(s) else s:.4f}"
+                           for m, s in zip(summary["bits_per_byte_mean"], summary["bits_per_byte_std"])],
+        "change vs as trained": summary["change_vs_trained"].map(lambda v: f"{v:+.4f}"),
+        "seeds": summary["n_seeds"],
+    }).set_index(["arm", "k at inference", "renormalise"])
+
+
+def format_capacity_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "arm": summary["arm"], "k": summary["k"], "capacity factor": summary["capacity_factor"],
+        "dropped": summary["drop_rate_mean"].map(lambda v: f"{v:.1%}"),
+        "test bits/byte": [f"{m:.4f} ± {0 if pd.isna(s) else s:.4f}"
+                           for m, s in zip(summary["bits_per_byte_mean"], summary["bits_per_byte_std"])],
+        "seeds": summary["n_seeds"],
+    }).set_index(["arm", "capacity factor"])
+
+
+# ---------------------------------------------------------------- inference-time experiments
+
+
+def inference_k_table(runs: pd.DataFrame, *, max_bytes: Optional[int] = None,
+                      arms: Sequence[str] = ("moe-k1", "moe-k2-half", "moe-k2")) -> pd.DataFrame:
+    """Each MoE arm evaluated with k = 1 and k = 2 at inference, with and without renormalising
+    the k weights; one row per (arm, seed, eval k, renormalize)."""
+    rows = []
+    for run in runs[runs["arm"].isin(arms)].itertuples():
+        model, meta = load_checkpoint(run.checkpoint)
+        data = corpus.load_corpus()["test"]
+        for eval_k in (1, 2):
+            for renormalize in (False, True):
+                result = evaluate_model(model, data, batch_size=meta["batch_size"],
+                                        max_bytes=max_bytes or meta["eval_bytes"], top_k=eval_k,
+                                        renormalize=renormalize)
+                rows.append({"arm": run.arm, "seed": run.seed, "trained_k": model.cfg.top_k,
+                             "trained_renormalize": model.cfg.renormalize, "eval_k": eval_k,
+                             "renormalize": renormalize,
+                             "as_trained": eval_k == model.cfg.top_k and renormalize == model.cfg.renormalize,
+                             "bits_per_byte": result["bits_per_byte"], "accuracy": result["accuracy"]})
+    return pd.DataFrame(rows)
+
+
+def inference_k_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds, and the change against the model as trained."""
+    summary = mean_std(table, ["arm", "trained_k", "eval_k", "renormalize", "as_trained"], ["bits_per_byte",
+                                                                                          "accuracy"])
+    trained = summary[summary["as_trained"]].set_index("arm")["bits_per_byte_mean"]
+    summary["change_vs_trained"] = summary["bits_per_byte_mean"] - summary["arm"].map(trained)
+    return summary
+
+
+def capacity_sweep(runs: pd.DataFrame, *, factors: Iterable = CAPACITY_FACTORS, max_bytes: Optional[int] = None,
+                   arms: Sequence[str] = ("moe-k1", "moe-k2-half", "moe-k2")) -> pd.DataFrame:
+    """Test loss and drop rate with a capacity at inference, per arm, seed and capacity factor
+    (None: dropless)."""
+    rows = []
+    for run in runs[runs["arm"].isin(arms)].itertuples():
+        model, meta = load_checkpoint(run.checkpoint)
+        data = corpus.load_corpus()["test"]
+        for factor in factors:
+            result = evaluate_model(model, data, batch_size=meta["batch_size"],
+                                    max_bytes=max_bytes or meta["eval_bytes"], capacity_factor=factor)
+            rows.append({"arm": run.arm, "seed": run.seed, "k": model.cfg.top_k,
+                         "capacity_factor": "dropless" if factor is None else f"{factor:g}",
+                         "bits_per_byte": result["bits_per_byte"], "accuracy": result["accuracy"],
+                         "drop_rate": result["drop_rate"]})
+    return pd.DataFrame(rows)
+
+
+def capacity_summary(sweep: pd.DataFrame) -> pd.DataFrame:
+    return mean_std(sweep, ["arm", "k", "capacity_factor"], ["bits_per_byte", "drop_rate"])
+
+
+def capacity_chart(summary: pd.DataFrame) -> alt.TopLevelMixin:
+    """Drop rate and test loss against the inference capacity factor, per arm."""
+    order = [f"{f:g}" if f is not None else "dropless" for f in CAPACITY_FACTORS]
+    present = [arm for arm in ARM_ORDER if arm in set(summary["arm"])]
+    colour = alt.Color("arm:N", sort=present, scale=alt.Scale(
+        domain=present, range=[ARM_COLOURS[ARM_ORDER.index(a)] for a in present]))
+    x = alt.X("capacity_factor:O", sort=order, title="capacity factor at inference")
+    base = alt.Chart(summary).encode(x=x, color=colour)
+    drops = base.mark_line(point=True).encode(y=alt.Y("drop_rate_mean:Q", title="assignments dropped",
+                                                      axis=alt.Axis(format="%"))).properties(
+        width=260, height=220, title="Drop rate")
+    loss = base.mark_line(point=True).encode(y=alt.Y("bits_per_byte_mean:Q", title="test bits per byte",
+                                                     scale=alt.Scale(zero=False))).properties(
+        width=260, height=220, title="Test loss")
+    return alt.hconcat(drops, loss)
+
+
+# ---------------------------------------------------------------- kernels cross-check
+
+
+@torch.no_grad()
+def ffn_inputs(model: ByteTransformer, tokens: torch.Tensor) -> dict:
+    """Each block's FFN input h (T, D) and PyTorch's FFN output, for `tokens` (B, S)."""
+    captured = {}
+
+    def capture(index, ffn, h):
+        y = ffn(h)[0] if isinstance(ffn, MoELayer) else ffn(h)
+        captured[index] = (h.clone(), y.clone())
+        return y
+
+    model.eval()
+    model(tokens, ffn_override=capture)
+    return captured
+
+
+def kernels_cross_check(model: ByteTransformer, tokens: torch.Tensor,
+                        backends: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Every MoE layer of `model` run through kernels.moe_forward on each backend, on the
+    layer's real inputs for `tokens`, and PyTorch's own output, all against the float64
+    reference under the project's tolerance rule (kernels.testing): one row per layer and
+    implementation, with the error, the bound, whether it passed, the share of tokens
+    routed as PyTorch routed them, and the largest difference from PyTorch's output."""
+    backends = list(backends or kernels.available_backends())
+    rows = []
+    for index, (h, torch_y) in ffn_inputs(model, tokens).items():
+        layer = model.blocks[index].ffn
+        if not isinstance(layer, MoELayer):
+            continue
+        cfg, weights = to_kernels(layer)
+        x = h.numpy().astype(np.float32)
+        torch_y = torch_y.numpy()
+        torch_experts = layer.route(h, layer.top_k, layer.renormalize)[0].numpy().astype(np.int32)
+        torch_routing = kernels.Routing(experts=torch_experts, weights=None, probs=None)
+        implementations = [("pytorch", torch_y, torch_routing)]
+        for backend in backends:
+            out = kernels.moe_forward(x, weights, cfg, backend=backend)
+            implementations.append((backend, testing.to_host(out.y), out.routing))
+        for name, y, routing in implementations:
+            expected = testing.expected_moe_forward(x, weights, cfg, routing)
+            plain = testing.plain_moe_forward(x, weights, cfg, routing)
+            error = float(np.max(np.abs(y.astype(np.float64) - expected)))
+            bound = testing.error_bound(expected, plain, np.float32)
+            same_route = np.all(testing.to_host(routing.experts) == torch_experts, axis=1)
+            rows.append({"layer": index, "implementation": name, "max_error_vs_float64": error,
+                         "bound": bound, "passed": error <= bound,
+                         "tokens_routed_as_pytorch": float(same_route.mean()),
+                         "max_diff_from_pytorch": float(np.max(np.abs(y[same_route].astype(np.float64)
+                                                                      - torch_y[same_route])))
+                         if same_route.any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def kernels_ffn_override(model: ByteTransformer, backend: str):
+    """An ffn_override that runs every FFN through the kernels (NumPy in, NumPy out)."""
+    layers = {}
+    for index, block in enumerate(model.blocks):
+        if isinstance(block.ffn, MoELayer):
+            layers[index] = ("moe", *to_kernels(block.ffn))
+        else:
+            ffn = block.ffn
+            arrays = [None if p is None else p.detach().float().numpy() for p in (ffn.w1, ffn.w2, ffn.w3)]
+            layers[index] = ("dense", ffn.activation, arrays)
+
+    def override(index, ffn, h):
+        x = h.detach().numpy().astype(np.float32)
+        kind, *spec = layers[index]
+        if kind == "moe":
+            cfg, weights = spec
+            y = kernels.moe_forward(x, weights, cfg, backend=backend).y
+        else:
+            activation, (w1, w2, w3) = spec
+            y = kernels.dense_mlp(x, w1, w2, w3, activation=activation, backend=backend)
+        return torch.from_numpy(np.ascontiguousarray(testing.to_host(y), dtype=np.float32))
+
+    return override
+
+
+@torch.no_grad()
+def loss_through_kernels(model: ByteTransformer, data: np.ndarray, *, batch_size: int, max_bytes: int,
+                         backends: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Test bits per byte with PyTorch's FFNs, then with every FFN replaced by the kernels
+    on each backend; `difference` is kernels minus PyTorch, `passed` |difference| <= tolerance."""
+    backends = list(backends or kernels.available_backends())
+    model.eval()
+    windows = eval_windows(data, model.cfg.seq_len, batch_size, max_bytes)
+
+    def bits(override):
+        nats, count = 0.0, 0
+        for batch in windows:
+            tensor = torch.from_numpy(batch)
+            out = model(tensor[:, :-1], ffn_override=override)
+            nats += float(F_nn.cross_entropy(out.logits.reshape(-1, model.cfg.vocab_size).float(),
+                                             tensor[:, 1:].reshape(-1), reduction="sum"))
+            count += tensor[:, 1:].numel()
+        return nats / count / math.log(2), count
+
+    reference_bits, count = bits(None)
+    rows = [{"implementation": "pytorch", "bits_per_byte": reference_bits, "n_bytes": count,
+             "difference": 0.0, "tolerance": LOSS_TOLERANCE_BITS, "passed": True}]
+    for backend in backends:
+        value, _ = bits(kernels_ffn_override(model, backend))
+        rows.append({"implementation": f"kernels ({backend})", "bits_per_byte": value, "n_bytes": count,
+                     "difference": value - reference_bits, "tolerance": LOSS_TOLERANCE_BITS,
+                     "passed": abs(value - reference_bits) <= LOSS_TOLERANCE_BITS})
+    return pd.DataFrame(rows)
+
+
+def assert_all_passed(table: pd.DataFrame, what: str) -> None:
+    """Stop the notebook (and `make book`) when a check fails."""
+    failed = table[~table["passed"].astype(bool)]
+    if len(failed):
+        raise AssertionError(f"{what} failed:\n{failed.to_string()}")
+
+
+def first_window_batch(data: np.ndarray, seq_len: int, batch_size: int) -> torch.Tensor:
+    """The first evaluation batch's inputs (B, S), for the cross-check."""
+    return torch.from_numpy(eval_windows(data, seq_len, batch_size)[0, :, :-1])
+
+
+def checkpoint_for(runs: pd.DataFrame, arm: str, seed: Optional[int] = None) -> Path:
+    """The checkpoint of `arm` (its lowest seed unless `seed` is given)."""
+    chosen = runs[runs["arm"] == arm]
+    if seed is not None:
+        chosen = chosen[chosen["seed"] == seed]
+    if chosen.empty:
+        raise KeyError(f"no run of arm {arm!r}" + (f" seed {seed}" if seed is not None else ""))
+    return Path(chosen.sort_values("seed").iloc[0]["checkpoint"])
+
+
+# ---------------------------------------------------------------- prose and published figures
+
+
+def _mean_bits(summary: pd.DataFrame, arm: str) -> Optional[float]:
+    row = summary[summary["arm"] == arm]
+    return None if row.empty else float(row["bits_per_byte_mean"].iloc[0])
+
+
+def headline_numbers(summary: pd.DataFrame) -> dict:
+    """Plain numbers for the chapter's prose (glue): each arm's mean test bits per byte and
+    the relative differences the chapter discusses (NaN where an arm is missing)."""
+    numbers = {}
+    for arm in summary["arm"]:
+        numbers[f"{arm.replace('-', '_')}_bits"] = _mean_bits(summary, arm)
+    for name, arm, baseline in (("k1_vs_dense", "moe-k1", "dense"), ("k2_half_vs_dense", "moe-k2-half", "dense"),
+                                ("k2_half_vs_k1", "moe-k2-half", "moe-k1"), ("k2_vs_k1", "moe-k2", "moe-k1"),
+                                ("wide_vs_k1", "dense-wide", "moe-k1")):
+        ours, base = _mean_bits(summary, arm), _mean_bits(summary, baseline)
+        numbers[f"{name}_percent"] = float("nan") if ours is None or base is None else 100 * (ours / base - 1)
+    return numbers
+
+
+def beside_published(summary: pd.DataFrame) -> pd.DataFrame:
+    """Our relative differences beside the published ones (labelled; far larger models, other data)."""
+    from . import published
+
+    numbers = headline_numbers(summary)
+    dense = published.value("DeepSeekMoE", "Pile validation loss, dense")
+    top1 = published.value("DeepSeekMoE", "Pile validation loss, top-1 (Switch)")
+    top2 = published.value("DeepSeekMoE", "Pile validation loss, top-2 (GShard)")
+
+    def ours(key: str) -> str:
+        value = numbers.get(key, float("nan"))
+        return "not trained" if value != value else f"{value:+.2f}% bits/byte"
+
+    rows = [
+        ("top-1 MoE vs dense, equal active FLOPs", ours("k1_vs_dense_percent"),
+         f"{100 * (top1 / dense - 1):+.1f}% loss ({top1:.3f} vs {dense:.3f})", "DeepSeekMoE, Table 1"),
+        ("top-1 MoE vs dense, equal active FLOPs", ours("k1_vs_dense_percent"),
+         "top-1 better than dense at ~0.62x the throughput", "Switch Transformer, Table 1"),
+        ("top-2 vs top-1, equal expert size (top-2 has 2x active FLOPs)", ours("k2_vs_k1_percent"),
+         f"{100 * (top2 / top1 - 1):+.1f}% loss ({top2:.3f} vs {top1:.3f})", "DeepSeekMoE, Table 1"),
+        ("top-2 vs top-1", ours("k2_vs_k1_percent"), "+0.004 to +0.006 neg. log perplexity (better)",
+         "ST-MoE, Table 8"),
+        ("top-2 vs top-1, equal active FLOPs (half-width experts)", ours("k2_half_vs_k1_percent"), "—", "—"),
+        ("dense of equal total parameters vs top-1 MoE", ours("wide_vs_k1_percent"), "—", "—"),
+    ]
+    return pd.DataFrame(rows, columns=["comparison", "ours (this study)", "published (far larger models)",
+                                       "source"]).set_index("comparison")

@@ -1,0 +1,301 @@
+"""Tables and charts for the routing-behaviour chapter (book/notebooks/routing.ipynb).
+
+The trained MoE checkpoints are run over the start of the test split; each MoE
+layer's routing decisions (accuracy.collect_routing) go through the metrics of
+analysis.routing_stats. Expert identities are arbitrary per seed (expert 3 of
+seed 0 has nothing to do with expert 3 of seed 1), so per-expert pictures
+(specialisation, co-activation) show one seed, and only expert-agnostic
+numbers (CV, max/mean, entropy, rates) are averaged over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from . import accuracy, corpus, published
+from . import routing_stats as stats
+from .moe_model import load_checkpoint
+
+MOE_ARMS = ("moe-k1", "moe-k2-half", "moe-k2", "moe-k1-nobal", "moe-k2-half-nobal")
+ABLATION_PAIRS = (("moe-k1", "moe-k1-nobal"), ("moe-k2-half", "moe-k2-half-nobal"))
+
+
+def moe_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["ffn"] == "moe"].reset_index(drop=True)
+
+
+def collect_all(runs: pd.DataFrame, *, max_bytes: int) -> dict:
+    """(arm, seed) -> the routing of every MoE layer on the first `max_bytes` test bytes,
+    plus the model's E, K and tokens per training batch."""
+    data = corpus.load_corpus()["test"]
+    collected = {}
+    for run in moe_runs(runs).itertuples():
+        model, meta = load_checkpoint(run.checkpoint)
+        routing = accuracy.collect_routing(model, data, batch_size=meta["batch_size"], max_bytes=max_bytes)
+        routing.update({"n_experts": model.cfg.n_experts, "top_k": model.cfg.top_k,
+                        "tokens_per_call": meta["batch_size"] * model.cfg.seq_len})
+        collected[(run.arm, run.seed)] = routing
+    return collected
+
+
+def metrics_table(collected: dict) -> pd.DataFrame:
+    """One row per (arm, seed, layer): load CV and max/mean, router entropy against log E,
+    same-expert rate of consecutive bytes against chance, and the K = 2 metrics."""
+    rows = []
+    for (arm, seed), routing in collected.items():
+        E, K = routing["n_experts"], routing["top_k"]
+        for layer, (experts, weights, probs) in enumerate(zip(routing["experts"], routing["weights"],
+                                                              routing["probs"])):
+            load = stats.load_fraction(experts, E)
+            row = {"arm": arm, "seed": seed, "layer": layer, "k": K,
+                   "load_cv": stats.coefficient_of_variation(load),
+                   "load_max_over_mean": stats.max_over_mean(load),
+                   "entropy": stats.mean_entropy(probs), "log_E": math.log(E),
+                   "same_expert_rate": stats.same_expert_rate(experts, routing["sequence"]),
+                   "same_expert_uniform": stats.random_same_expert_rate(E),
+                   "same_expert_by_load": stats.random_same_expert_rate(E, stats.load_fraction(experts[:, 0], E))}
+            if K == 2:
+                row["second_weight_share"] = stats.second_weight_share(weights)
+                row["shared_expert_rate"] = stats.shared_expert_rate(experts, routing["sequence"])
+                row["shared_expert_uniform"] = stats.random_shared_expert_rate(E)
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    table["entropy_over_log_E"] = table["entropy"] / table["log_E"]
+    return table
+
+
+def metrics_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per arm and layer: each metric's mean and std over seeds."""
+    columns = [c for c in ("load_cv", "load_max_over_mean", "entropy", "entropy_over_log_E", "same_expert_rate",
+                           "same_expert_by_load", "second_weight_share", "shared_expert_rate") if c in table]
+    summary = accuracy.mean_std(table, ["arm", "layer"], columns)
+    summary["arm_rank"] = summary["arm"].map(accuracy.ARM_ORDER.index)
+    return summary.sort_values(["arm_rank", "layer"]).drop(columns="arm_rank").reset_index(drop=True)
+
+
+def format_metrics(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer summary as the book prints it (mean ± std over seeds)."""
+    def pm(column, digits=3):
+        if f"{column}_mean" not in summary:
+            return [""] * len(summary)
+        return [("" if pd.isna(m) else f"{m:.{digits}f} ± {0 if pd.isna(s) else s:.{digits}f}")
+                for m, s in zip(summary[f"{column}_mean"], summary[f"{column}_std"])]
+
+    return pd.DataFrame({
+        "arm": summary["arm"], "layer": summary["layer"],
+        "load CV": pm("load_cv"), "load max/mean": pm("load_max_over_mean"),
+        "entropy / log E": pm("entropy_over_log_E"),
+        "same expert, consecutive bytes": pm("same_expert_rate"),
+        "by chance (from load)": pm("same_expert_by_load"),
+        "2nd-expert weight share": pm("second_weight_share"),
+        "seeds": summary["n_seeds"],
+    }).set_index(["arm", "layer"])
+
+
+def arm_averages(table: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: metrics averaged over layers, then mean ± std over seeds."""
+    per_seed = table.groupby(["arm", "seed"], as_index=False).mean(numeric_only=True)
+    columns = [c for c in ("load_cv", "load_max_over_mean", "entropy_over_log_E", "same_expert_rate",
+                           "second_weight_share") if c in per_seed]
+    return accuracy.mean_std(per_seed, ["arm"], columns)
+
+
+def headline_numbers(table: pd.DataFrame, E: int = 8) -> dict:
+    """Plain numbers for the chapter's prose (glue)."""
+    averages = arm_averages(table).set_index("arm")
+    numbers = {"uniform_same_expert": 1.0 / E, "log_E": math.log(E)}
+    for arm in averages.index:
+        key = arm.replace("-", "_")
+        for column in ("load_cv", "load_max_over_mean", "same_expert_rate", "entropy_over_log_E"):
+            numbers[f"{key}_{column}"] = float(averages.loc[arm, f"{column}_mean"])
+        if "second_weight_share_mean" in averages and not pd.isna(averages.loc[arm, "second_weight_share_mean"]):
+            numbers[f"{key}_second_weight_share"] = float(averages.loc[arm, "second_weight_share_mean"])
+    return numbers
+
+
+def first_run(collected: dict, arm: str):
+    """The lowest seed's routing of `arm`, or None when the arm was not trained."""
+    seeds = sorted(seed for a, seed in collected if a == arm)
+    return (seeds[0], collected[(arm, seeds[0])]) if seeds else (None, None)
+
+
+def specialisation_frame(routing: dict, layer: int) -> pd.DataFrame:
+    """Long form (byte class, expert, share of the class's assignments, tokens of the class)."""
+    classes = stats.byte_classes(routing["bytes"])
+    matrix = stats.specialisation(routing["experts"][layer], classes, routing["n_experts"])
+    class_counts = np.bincount(classes, minlength=len(stats.BYTE_CLASSES))
+    rows = []
+    for c, name in enumerate(stats.BYTE_CLASSES):
+        for e in range(routing["n_experts"]):
+            rows.append({"byte class": f"{name} ({class_counts[c]})", "expert": e, "share": matrix[c, e],
+                         "relative to 1/E": matrix[c, e] * routing["n_experts"]})
+    return pd.DataFrame(rows).dropna()
+
+
+def _heatmap(frame: pd.DataFrame, y: str, value: str, midpoint: float, title: str, y_sort=None):
+    base = alt.Chart(frame).encode(x=alt.X("expert:O", title="expert", axis=alt.Axis(labelAngle=0)),
+                                   y=alt.Y(f"{y}:N", title=None, sort=y_sort))
+    cells = base.mark_rect().encode(color=alt.Color(
+        f"{value}:Q", title=value, scale=alt.Scale(scheme="blueorange", domainMid=midpoint)))
+    text = base.mark_text(fontSize=9).encode(text=alt.Text(f"{value}:Q", format=".2f"))
+    return alt.layer(cells, text).properties(width=260, height=200, title=title)
+
+
+def specialisation_chart(frame: pd.DataFrame, title: str) -> alt.TopLevelMixin:
+    """Share of each byte class's assignments per expert, in units of 1/E (1 = no preference)."""
+    return _heatmap(frame, "byte class", "relative to 1/E", 1.0, title,
+                    y_sort=list(dict.fromkeys(frame["byte class"])))
+
+
+def coactivation_frame(routing: dict, layer: int) -> pd.DataFrame:
+    matrix = stats.coactivation(routing["experts"][layer], routing["n_experts"])
+    E = routing["n_experts"]
+    return pd.DataFrame([{"given expert a": f"a = {a}", "expert": b, "P(b | a)": matrix[a, b]}
+                         for a in range(E) for b in range(E)]).dropna()
+
+
+def coactivation_chart(frame: pd.DataFrame, n_experts: int, title: str) -> alt.TopLevelMixin:
+    """P(b | a) with its midpoint at 1/(E-1), the value if the second expert were random."""
+    return _heatmap(frame, "given expert a", "P(b | a)", 1.0 / (n_experts - 1), title,
+                    y_sort=[f"a = {a}" for a in range(n_experts)])
+
+
+def _not_trained(arm: str) -> alt.TopLevelMixin:
+    return alt.Chart(pd.DataFrame({"text": [f"{arm}: not trained"]})).mark_text().encode(text="text:N").properties(
+        width=260, height=40)
+
+
+def specialisation_charts(collected: dict, arm: str) -> alt.TopLevelMixin:
+    """Specialisation heatmaps of every layer of `arm`'s lowest seed, side by side."""
+    seed, routing = first_run(collected, arm)
+    if routing is None:
+        return _not_trained(arm)
+    return alt.hconcat(*[specialisation_chart(specialisation_frame(routing, layer),
+                                              f"{arm} seed {seed}, layer {layer}")
+                         for layer in range(len(routing["experts"]))]).resolve_scale(color="shared")
+
+
+def coactivation_charts(collected: dict, arm: str) -> alt.TopLevelMixin:
+    """Co-activation heatmaps P(b | a) of every layer of `arm`'s lowest seed (K = 2)."""
+    seed, routing = first_run(collected, arm)
+    if routing is None or routing["top_k"] != 2:
+        return _not_trained(arm)
+    return alt.hconcat(*[coactivation_chart(coactivation_frame(routing, layer), routing["n_experts"],
+                                            f"{arm} seed {seed}, layer {layer}")
+                         for layer in range(len(routing["experts"]))]).resolve_scale(color="shared")
+
+
+def load_over_training(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (arm, seed, step, layer): load CV and max/mean of the training batches since the last log."""
+    rows = []
+    for record in curves.dropna(subset=["load_fraction"]).itertuples():
+        for layer, load in enumerate(record.load_fraction):
+            rows.append({"arm": record.arm, "seed": record.seed, "step": record.step, "tokens": record.tokens,
+                         "layer": layer, "load_cv": stats.coefficient_of_variation(load),
+                         "load_max_over_mean": stats.max_over_mean(load)})
+    return pd.DataFrame(rows)
+
+
+def load_over_training_chart(load: pd.DataFrame, arms: Sequence[str] = MOE_ARMS) -> alt.TopLevelMixin:
+    """Max/mean expert load during training, per layer, mean over seeds, per arm."""
+    data = load[load["arm"].isin(arms)].groupby(["arm", "layer", "tokens"], as_index=False)["load_max_over_mean"].mean()
+    present = [a for a in accuracy.ARM_ORDER if a in set(data["arm"])]
+    colour = alt.Color("arm:N", sort=present, scale=alt.Scale(
+        domain=present, range=[accuracy.ARM_COLOURS[accuracy.ARM_ORDER.index(a)] for a in present]))
+    lines = alt.Chart(data).mark_line().encode(
+        x=alt.X("tokens:Q", title="training bytes seen"),
+        y=alt.Y("load_max_over_mean:Q", title="max/mean expert load", scale=alt.Scale(zero=False)),
+        color=colour)
+    return lines.properties(width=220, height=180).facet(column=alt.Column("layer:O", title="layer")).properties(
+        title="Load imbalance over training (1 = balanced, E = all on one expert)")
+
+
+def drop_rate_table(collected: dict, factors: Sequence = accuracy.CAPACITY_FACTORS) -> pd.DataFrame:
+    """Per (arm, seed, layer, capacity factor): the share of the layer's assignments that
+    kernels.dispatch would drop with that capacity, calls of one training batch each."""
+    rows = []
+    for (arm, seed), routing in collected.items():
+        for layer, experts in enumerate(routing["experts"]):
+            for factor in factors:
+                if factor is None:
+                    continue
+                rows.append({"arm": arm, "seed": seed, "layer": layer, "k": routing["top_k"],
+                             "capacity_factor": factor,
+                             "drop_rate": stats.drop_rate(experts, routing["n_experts"], factor,
+                                                          routing["tokens_per_call"])})
+    return pd.DataFrame(rows)
+
+
+def drop_rate_chart(drops: pd.DataFrame) -> alt.TopLevelMixin:
+    data = drops.groupby(["arm", "layer", "capacity_factor"], as_index=False)["drop_rate"].mean()
+    present = [a for a in accuracy.ARM_ORDER if a in set(data["arm"])]
+    colour = alt.Color("arm:N", sort=present, scale=alt.Scale(
+        domain=present, range=[accuracy.ARM_COLOURS[accuracy.ARM_ORDER.index(a)] for a in present]))
+    chart = alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("capacity_factor:Q", title="capacity factor", scale=alt.Scale(type="log")),
+        y=alt.Y("drop_rate:Q", title="assignments dropped", axis=alt.Axis(format="%")),
+        color=colour)
+    return chart.properties(width=220, height=180).facet(column=alt.Column("layer:O", title="layer")).properties(
+        title="Drop rate against capacity factor (kernels.dispatch on the trained routing)")
+
+
+def ablation_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Each balanced arm beside the same arm trained without the balancing loss:
+    load CV, max/mean (averaged over layers, mean ± std over seeds) and test loss."""
+    averages = arm_averages(table).set_index("arm")
+    loss = accuracy.mean_std(runs, ["arm"], ["bits_per_byte"]).set_index("arm")
+    rows = []
+    for balanced, ablated in ABLATION_PAIRS:
+        for arm, balance in ((balanced, "yes"), (ablated, "no")):
+            if arm not in averages.index:
+                continue
+            rows.append({"arm": arm, "balancing loss": balance,
+                         "load CV": f"{averages.loc[arm, 'load_cv_mean']:.3f} ± "
+                                    f"{np.nan_to_num(averages.loc[arm, 'load_cv_std']):.3f}",
+                         "load max/mean": f"{averages.loc[arm, 'load_max_over_mean_mean']:.2f} ± "
+                                          f"{np.nan_to_num(averages.loc[arm, 'load_max_over_mean_std']):.2f}",
+                         "test bits/byte": f"{loss.loc[arm, 'bits_per_byte_mean']:.4f} ± "
+                                           f"{np.nan_to_num(loss.loc[arm, 'bits_per_byte_std']):.4f}",
+                         "seeds": int(averages.loc[arm, "n_seeds"])})
+    return pd.DataFrame(rows, columns=["arm", "balancing loss", "load CV", "load max/mean", "test bits/byte",
+                                       "seeds"]).set_index("arm")
+
+
+def beside_published(table: pd.DataFrame) -> pd.DataFrame:
+    """Our routing numbers next to the published ones (labelled; far larger models)."""
+    averages = arm_averages(table).set_index("arm")
+
+    def ours(arm: str, column: str, fmt: str) -> str:
+        if arm not in averages.index:
+            return f"{arm} not trained"
+        return f"{format(averages.loc[arm, f'{column}_mean'], fmt)} ({arm})"
+
+    rows = [
+        ("load CV, no balancing loss", ours("moe-k1-nobal", "load_cv", ".2f"),
+         f"{published.value('Shazeer et al. 2017', 'CV of expert load, no balancing loss'):.2f}", "Shazeer et al. 2017, Table 6"),
+        ("load max/mean, no balancing loss", ours("moe-k1-nobal", "load_max_over_mean", ".2f"),
+         f"{published.value('Shazeer et al. 2017', 'max/mean expert load, no balancing loss'):.2f}",
+         "Shazeer et al. 2017, Table 6"),
+        ("load CV, with balancing loss", ours("moe-k1", "load_cv", ".2f"),
+         f"{published.value('Shazeer et al. 2017', 'CV of expert load, w_importance = w_load = 0.1'):.2f}",
+         "Shazeer et al. 2017, Table 6"),
+        ("load max/mean, with balancing loss", ours("moe-k1", "load_max_over_mean", ".2f"),
+         f"{published.value('Shazeer et al. 2017', 'max/mean expert load, w_importance = w_load = 0.1'):.2f}",
+         "Shazeer et al. 2017, Table 6"),
+        ("consecutive tokens, same first-choice expert (random 12.5%)",
+         ours("moe-k2-half", "same_expert_rate", ".1%"), "23.6% to 28.4%", "Mixtral, Table 5"),
+    ]
+    return pd.DataFrame(rows, columns=["quantity", "ours (this study)", "published (far larger models)",
+                                       "source"]).set_index("quantity")
+
+
+def tokens_collected(collected: dict) -> Optional[int]:
+    """Token positions per run in `collected` (the same for every run)."""
+    for routing in collected.values():
+        return int(routing["bytes"].size)
+    return None

@@ -1,0 +1,129 @@
+"""Training CLI, evaluation, the inference-time experiments and the kernels cross-check,
+on the `tiny` preset trained into a temporary folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import accuracy, corpus, train
+from analysis.moe_model import load_checkpoint
+
+ARMS = ["dense", "moe-k1", "moe-k2-half"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("accuracy")
+    train.train_all(train.PRESETS["tiny"], ARMS, [0], results_dir=folder, progress=False,
+                    echo=lambda message: None)
+    return folder
+
+
+def test_runs_are_recorded_with_checkpoints(results):
+    runs = accuracy.runs_table(results, preset="tiny")
+    assert list(runs["arm"]) == ARMS and set(runs["seed"]) == {0}
+    for run in runs.itertuples():
+        assert (results / "checkpoints" / "tiny" / f"{run.arm}-seed0.pt").is_file()
+        assert run.tokens == train.PRESETS["tiny"].steps * train.PRESETS["tiny"].tokens_per_step
+    curves = accuracy.train_curves(results, preset="tiny")
+    assert set(curves["arm"]) == set(ARMS)
+    moe = curves[curves["arm"] == "moe-k1"].iloc[-1]
+    assert len(moe["load_fraction"]) == train.PRESETS["tiny"].n_layers
+    assert sum(moe["load_fraction"][0]) == pytest.approx(1.0)
+
+
+def test_evaluate_reproduces_the_recorded_test_metrics(results):
+    runs = accuracy.runs_table(results, preset="tiny")
+    for run in runs.itertuples():
+        result = accuracy.evaluate(run.checkpoint, split="test")
+        assert result["bits_per_byte"] == pytest.approx(run.bits_per_byte, abs=1e-6)
+        assert result["accuracy"] == pytest.approx(run.accuracy, abs=1e-9)
+        assert result["corpus_matches"]
+        assert 0 < result["accuracy"] < 1 and 0 < result["bits_per_byte"] < 8.5
+
+
+def test_training_resumes_by_skipping_finished_runs(results, capsys):
+    assert train.main(["--preset", "tiny", "--arms", ",".join(ARMS), "--seeds", "0",
+                       "--results-dir", str(results), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done already, skipped") == len(ARMS)
+    assert "trained 0 run(s)" in printed
+
+
+def test_the_cli_rejects_unknown_arms():
+    with pytest.raises(SystemExit):
+        train.main(["--preset", "tiny", "--arms", "sparse"])
+
+
+def test_every_arm_sees_the_same_data_order():
+    a = train.batch_offsets(10_000, 16, 4, 5, seed=1)
+    np.testing.assert_array_equal(a, train.batch_offsets(10_000, 16, 4, 5, seed=1))
+    assert not np.array_equal(a, train.batch_offsets(10_000, 16, 4, 5, seed=2))
+
+
+def test_arms_compare_what_they_say():
+    preset = train.PRESETS["cpu"]
+    from analysis.moe_model import parameter_counts
+    count = {name: parameter_counts(train.model_config(preset, arm)) for name, arm in train.ARMS.items()}
+    assert count["moe-k1"]["ffn_active"] == count["dense"]["ffn_active"] == count["moe-k2-half"]["ffn_active"]
+    assert count["moe-k2"]["ffn_active"] == 2 * count["dense"]["ffn_active"]
+    assert count["dense-wide"]["ffn_total"] == count["moe-k1"]["ffn_total"] == count["moe-k2"]["ffn_total"]
+    assert train.model_config(preset, train.ARMS["moe-k1-nobal"]).balance_loss_weight == 0.0
+    assert not train.model_config(preset, train.ARMS["moe-k1"]).renormalize
+    assert train.model_config(preset, train.ARMS["moe-k2"]).renormalize
+
+
+def test_inference_k_and_capacity_experiments(results):
+    runs = accuracy.runs_table(results, preset="tiny")
+    table = accuracy.inference_k_table(runs, max_bytes=1024)
+    assert set(table["arm"]) == {"moe-k1", "moe-k2-half"} and len(table) == 2 * 4
+    summary = accuracy.inference_k_summary(table)
+    assert (summary.loc[summary["as_trained"], "change_vs_trained"] == 0).all()
+    sweep = accuracy.capacity_sweep(runs, max_bytes=1024)
+    dropless = sweep[sweep["capacity_factor"] == "dropless"]
+    assert (dropless["drop_rate"] == 0).all()
+    by_factor = sweep.groupby("capacity_factor")["drop_rate"].mean()
+    assert by_factor["0.5"] > by_factor["2"] >= 0 and by_factor["0.5"] >= 0.5 - 1e-9
+    assert dropless.set_index("arm")["bits_per_byte"].to_dict() == pytest.approx(
+        runs.set_index("arm").loc[["moe-k1", "moe-k2-half"], "bits_per_byte"].to_dict(), abs=0.5)
+
+
+def test_the_trained_moe_layers_match_the_kernels(results):
+    runs = accuracy.runs_table(results, preset="tiny")
+    model, _ = load_checkpoint(accuracy.checkpoint_for(runs, "moe-k2-half"))
+    data = corpus.load_corpus()["test"]
+    check = accuracy.kernels_cross_check(model, accuracy.first_window_batch(data, model.cfg.seq_len, 4))
+    assert set(check["implementation"]) >= {"pytorch", "reference", "cpu"}
+    accuracy.assert_all_passed(check, "kernels cross-check")
+    loss = accuracy.loss_through_kernels(model, data, batch_size=4, max_bytes=512)
+    accuracy.assert_all_passed(loss, "loss through the kernels")
+    assert loss["difference"].abs().max() < accuracy.LOSS_TOLERANCE_BITS
+
+
+def test_a_failing_check_stops_the_chapter():
+    import pandas as pd
+    with pytest.raises(AssertionError, match="cross-check"):
+        accuracy.assert_all_passed(pd.DataFrame({"passed": [True, False]}), "cross-check")
+
+
+def test_eval_windows_are_whole_batches():
+    data = np.arange(1000, dtype=np.uint8)
+    windows = accuracy.eval_windows(data, seq_len=10, batch_size=4, max_bytes=95)
+    assert windows.shape == (2, 4, 11)  # 9 windows of 10 -> 2 whole batches of 4
+    np.testing.assert_array_equal(windows[0, 1], np.arange(10, 21))
+    with pytest.raises(ValueError, match="max_bytes"):
+        accuracy.eval_windows(data, seq_len=10, batch_size=4, max_bytes=20)
+
+
+def test_records_carry_provenance_and_the_corpus(results):
+    path = next(results.glob("*/accuracy-eval.jsonl"))
+    record = json.loads(path.read_text().splitlines()[0])
+    for field in ("device", "utc", "git_commit", "torch", "python"):
+        assert field in record
+    assert record["params"]["corpus_sha256"] == corpus.manifest()["sha256"]
+    assert record["kind"] == "accuracy-eval"
+    torch.load(results / record["params"]["checkpoint"], weights_only=True)

@@ -1,0 +1,97 @@
+"""Each routing metric on cases small enough to compute by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analysis import routing_stats as stats
+
+
+def test_byte_classes():
+    text = b"aZ 9\t\n\r.'\"`_\xc3\x00"
+    expected = ["letter", "letter", "space or indent", "digit", "space or indent", "newline", "newline",
+                "punctuation", "quote", "quote", "quote", "punctuation", "other", "other"]
+    assert [stats.BYTE_CLASSES[c] for c in stats.byte_classes(np.frombuffer(text, np.uint8))] == expected
+
+
+def test_load_fraction_cv_and_max_over_mean():
+    # E = 4, K = 2: assignments 0,1 | 0,2 | 0,1 | 3,0 -> counts [4, 2, 1, 1] of 8
+    experts = np.array([[0, 1], [0, 2], [0, 1], [3, 0]])
+    load = stats.load_fraction(experts, 4)
+    np.testing.assert_allclose(load, [0.5, 0.25, 0.125, 0.125])
+    # mean 0.25; deviations 0.25, 0, -0.125, -0.125; variance (0.0625 + 2 * 0.015625) / 4
+    assert stats.coefficient_of_variation(load) == pytest.approx(math.sqrt(0.09375 / 4) / 0.25)
+    assert stats.max_over_mean(load) == pytest.approx(2.0)
+    balanced = stats.load_fraction([[0], [1], [2], [3]], 4)
+    assert stats.coefficient_of_variation(balanced) == 0.0 and stats.max_over_mean(balanced) == 1.0
+    assert stats.max_over_mean(stats.load_fraction([[2], [2]], 4)) == 4.0  # all on one: E
+
+
+def test_entropy():
+    uniform = np.full((3, 8), 1 / 8)
+    assert stats.mean_entropy(uniform) == pytest.approx(math.log(8))
+    one_hot = np.eye(4)[[0, 2]]
+    assert stats.mean_entropy(one_hot) == 0.0
+    assert stats.mean_entropy([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]) == pytest.approx(math.log(2) / 2)
+
+
+def test_specialisation_rows_are_shares_of_each_class():
+    experts = np.array([[0], [0], [1], [2]])
+    classes = np.array([0, 0, 0, 1])  # class 0: experts 0, 0, 1; class 1: expert 2; class 2: none
+    matrix = stats.specialisation(experts, classes, n_experts=3, n_classes=3)
+    np.testing.assert_allclose(matrix[0], [2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(matrix[1], [0, 0, 1])
+    assert np.isnan(matrix[2]).all()
+    # with K = 2 both choices count
+    matrix = stats.specialisation(np.array([[0, 1]]), np.array([0]), n_experts=2, n_classes=1)
+    np.testing.assert_allclose(matrix, [[0.5, 0.5]])
+
+
+def test_coactivation_is_p_b_given_a():
+    experts = np.array([[0, 1], [1, 0], [0, 2], [3, 1]])
+    matrix = stats.coactivation(experts, 4)
+    # pairs {0,1} twice, {0,2} once, {3,1} once
+    np.testing.assert_allclose(matrix[0], [0, 2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(matrix[1], [2 / 3, 0, 0, 1 / 3])
+    np.testing.assert_allclose(matrix[2], [1, 0, 0, 0])
+    np.testing.assert_allclose(matrix[3], [0, 1, 0, 0])
+    with pytest.raises(ValueError, match="experts"):
+        stats.coactivation(np.array([[0], [1]]), 4)
+
+
+def test_second_weight_share():
+    assert stats.second_weight_share([[0.75, 0.25], [0.5, 0.5]]) == pytest.approx(0.375)
+    assert stats.second_weight_share([[0.6, 0.2]]) == pytest.approx(0.25)  # not renormalised: share of the sum
+
+
+def test_same_expert_rate_counts_pairs_within_a_sequence():
+    experts = np.array([[1], [1], [2], [2], [2], [0]])
+    # pairs: (1,1) yes, (1,2) no, (2,2) yes, (2,2) yes, (2,0) no
+    assert stats.same_expert_rate(experts) == pytest.approx(3 / 5)
+    sequence = np.array([0, 0, 0, 1, 1, 1])  # the (2 | 2) pair straddles sequences: not counted
+    assert stats.same_expert_rate(experts, sequence) == pytest.approx(2 / 4)
+    # K = 2: only the first choice counts
+    assert stats.same_expert_rate(np.array([[0, 1], [0, 2], [1, 0]])) == pytest.approx(1 / 2)
+
+
+def test_shared_expert_rate_and_chance_levels():
+    experts = np.array([[0, 1], [1, 2], [3, 4], [4, 3]])
+    assert stats.shared_expert_rate(experts) == pytest.approx(2 / 3)
+    assert stats.random_same_expert_rate(8) == 0.125
+    assert stats.random_same_expert_rate(4, np.array([0.5, 0.5, 0, 0])) == 0.5
+    assert stats.random_shared_expert_rate(8) == pytest.approx(13 / 28)
+
+
+def test_drop_rate_follows_the_kernels_dispatch():
+    # E = 2, K = 1, calls of 4 tokens, capacity factor 1: C = ceil(1 * 4 * 1 / 2) = 2
+    experts = np.array([[0], [0], [0], [1], [0], [1], [1], [1]])
+    # call 1: expert 0 gets 3, keeps 2 -> 1 dropped; call 2: expert 1 gets 3 -> 1 dropped
+    assert stats.drop_rate(experts, 2, 1.0, tokens_per_call=4) == pytest.approx(2 / 8)
+    assert stats.drop_rate(experts, 2, None, tokens_per_call=4) == 0.0
+    assert stats.drop_rate(experts, 2, 2.0, tokens_per_call=4) == 0.0
+    # K = 2, E = 2, 2 tokens, factor 0.5: C = ceil(0.5 * 2 * 2 / 2) = 1; j-major: first choices win
+    experts = np.array([[0, 1], [1, 0]])
+    assert stats.drop_rate(experts, 2, 0.5, tokens_per_call=2) == pytest.approx(2 / 4)
