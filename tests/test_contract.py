@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.testing import assert_close_to_reference, plain_moe_forward
+from kernels.testing import (assert_close_to_reference, expected_dense_mlp, plain_dense_mlp,
+                             plain_moe_forward)
 
 from conftest import (
     EXACT,
@@ -500,6 +501,27 @@ def test_moe_forward_cpu_close_to_reference_odd_sizes(activation, k, T, D, F, dt
     logits = x.astype(np.float64) @ weights.router.astype(np.float64)
     clear = routing_margin(logits, k) > MARGIN
     np.testing.assert_array_equal(cpu.routing.experts[clear], ref.experts[clear])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpu_row_blocks_cover_large_experts_and_dense_batches(activation):
+    """The cpu backend runs each expert (and the dense MLP) in blocks of
+    kernels.cpu.ROW_BLOCK rows; batches of several blocks plus a remainder must
+    give the same result as the formula."""
+    from kernels.cpu import ROW_BLOCK
+
+    T, D, F, E, k = 2 * ROW_BLOCK + 37, 9, 11, 2, 1
+    x, weights, cfg = make_inputs(T, D, F, E, k, activation=activation, dtype=np.float32, seed=5)
+    cpu = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    assert cpu.plan.counts.max() > ROW_BLOCK
+    expected, _ = reference_from_routing(x, weights, cfg, cpu.routing)
+    plain = plain_forward_for(cpu.y, x, weights, cfg, cpu.routing)
+    assert_close_to_reference(cpu.y, expected, plain, name="cpu moe_forward, several row blocks")
+    w3 = None if weights.w3 is None else weights.w3[0]
+    dense = kernels.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation, backend="cpu")
+    assert_close_to_reference(dense, expected_dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation),
+                              plain_dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation),
+                              name="cpu dense_mlp, several row blocks")
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
