@@ -288,6 +288,15 @@ def test_combine_matches_reference(T, k, D, dtype):
 # expert MLPs and the dense baseline
 
 
+def expert_mlp_expected_and_plain(rows, offsets, weights, activation):
+    """The reference's expert MLPs in float64 (expected) and in rows' dtype (plain)."""
+    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
+    expected = reference.expert_mlp(rows.astype(np.float64), offsets, as64(weights.w1), as64(weights.w2),
+                                    as64(weights.w3), activation)
+    plain = reference.expert_mlp(rows, offsets, weights.w1, weights.w2, weights.w3, activation)
+    return expected, plain
+
+
 @gpu_test
 @pytest.mark.parametrize("dtype", FLOATS, ids=name_of)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -300,11 +309,7 @@ def test_expert_mlp_matches_reference(T, E, load, activation, dtype):
     out = to_host(kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
                                      activation=activation, backend="cuda"))
     assert out.dtype == np.dtype(dtype) and out.shape == rows.shape
-    offsets = to_host(plan.offsets)
-    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
-    expected = reference.expert_mlp(rows.astype(np.float64), offsets, as64(weights.w1), as64(weights.w2),
-                                    as64(weights.w3), activation)
-    plain = reference.expert_mlp(rows, offsets, weights.w1, weights.w2, weights.w3, activation)
+    expected, plain = expert_mlp_expected_and_plain(rows, to_host(plan.offsets), weights, activation)
     assert_close_to_reference(out, expected, plain, name=f"expert_mlp {activation}", dtype=dtype)
 
 
@@ -332,11 +337,7 @@ def test_every_expert_mlp_version_matches_reference(T, E, D, F, activation, vers
     device = lambda a: None if a is None else cupy.asarray(a)  # noqa: E731
     out = to_host(grouped_mlp(cupy.asarray(rows), plan.offsets, device(weights.w1), device(weights.w2),
                               device(weights.w3), activation, version=version))
-    offsets = to_host(plan.offsets)
-    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
-    expected = reference.expert_mlp(rows.astype(np.float64), offsets, as64(weights.w1), as64(weights.w2),
-                                    as64(weights.w3), activation)
-    plain = reference.expert_mlp(rows, offsets, weights.w1, weights.w2, weights.w3, activation)
+    expected, plain = expert_mlp_expected_and_plain(rows, to_host(plan.offsets), weights, activation)
     assert_close_to_reference(out, expected, plain, name=f"expert_mlp {version} {activation}", dtype=dtype)
 
 
