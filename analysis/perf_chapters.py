@@ -78,7 +78,9 @@ def chapter_data(device_kind: str, *, source: str = "auto", plan: Optional[str] 
     folder = newest_folder(device_kind, results_dir)
     if folder is None:
         what = NO_GPU_RECORDS if device_kind == "gpu" else "no CPU records yet: this chapter shows no CPU numbers"
-        return ChapterData([], "none", f"Note: {what} (none under {record_io.results_root(results_dir)}).")
+        root = record_io.results_root(results_dir)
+        shown = root.relative_to(record_io.REPO_ROOT) if root.is_relative_to(record_io.REPO_ROOT) else root
+        return ChapterData([], "none", f"Note: {what} (none under {shown.as_posix()}/).")
     run = newest_run(record_io.read_records(KIND, results_dir=results_dir, device=folder))
     first = run[0]
     where = "GPU" if device_kind == "gpu" else "CPU"
