@@ -7,16 +7,21 @@ corpus is byte-level (vocabulary 256): a model reads raw UTF-8 bytes, and one
 Which files: every ``*.py`` file under the interpreter's ``stdlib`` directory
 (``sysconfig.get_paths()["stdlib"]``), except third-party packages
 (``site-packages``, ``dist-packages``) and the test suites (any directory
-named ``test``, ``tests`` or ``idle_test``). Distributions disagree about
+named ``test``, ``tests`` or ``idle_test``), and the files an installation
+generates for itself (``_sysconfigdata*.py`` and the ``config-*`` directory,
+which hold the build's own paths and flags). Distributions disagree about
 shipping the test suites (Debian, for one, splits them into another package),
-so leaving them out keeps the corpus the same for one Python version on every
-platform.
+so leaving them out, and the generated files, keeps the corpus the same for
+one Python version wherever it was installed.
 
 The split is by file, decided by a hash of the file's path relative to the
 stdlib root: the first 8 bytes of ``sha256(path)`` as an integer, modulo 100,
 below 80 train, below 90 validation, else test. A file never straddles two
 splits, the assignment of a file never depends on which other files exist, and
-the same path lands in the same split on every machine.
+the same path lands in the same split on every machine. The files of
+``encodings/`` are codec tables generated from one template, near copies of
+each other: they are hashed as one unit (by the directory's name), so they all
+land in one split and none of the test text is a near copy of training text.
 
 Within a split, files are concatenated in path order, each followed by one
 ``\\0`` byte (which never occurs inside a source file) as a document boundary.
@@ -45,6 +50,11 @@ SPLITS = ("train", "validation", "test")
 #: Upper bounds (exclusive) of each split's hash bucket, out of 100.
 SPLIT_BUCKETS = {"train": 80, "validation": 90, "test": 100}
 EXCLUDED_DIRECTORIES = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+#: Prefixes of names an installation generates for itself (build paths, flags).
+EXCLUDED_DIRECTORY_PREFIXES = ("config-",)
+EXCLUDED_FILE_PREFIXES = ("_sysconfigdata",)
+#: Directories whose files are near copies of each other: split as one unit.
+SPLIT_AS_ONE_UNIT = frozenset({"encodings"})
 DOCUMENT_SEPARATOR = 0  # the byte written after each file
 VOCAB_SIZE = 256
 
@@ -56,7 +66,9 @@ def stdlib_root() -> Path:
 
 def split_of(relative_path: str) -> str:
     """The split of a file, from its path relative to the corpus root (POSIX separators)."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    top = relative_path.split("/", 1)[0]
+    key = top if top in SPLIT_AS_ONE_UNIT and "/" in relative_path else relative_path
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
     bucket = int.from_bytes(digest[:8], "big") % 100
     for name in SPLITS:
         if bucket < SPLIT_BUCKETS[name]:
@@ -68,9 +80,10 @@ def source_files(root: Path) -> list[str]:
     """Every ``*.py`` under ``root`` outside the excluded directories, as sorted POSIX relative paths."""
     found = []
     for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = [name for name in subdirectories if name not in EXCLUDED_DIRECTORIES]
+        subdirectories[:] = [name for name in subdirectories if name not in EXCLUDED_DIRECTORIES
+                             and not name.startswith(EXCLUDED_DIRECTORY_PREFIXES)]
         for name in files:
-            if name.endswith(".py"):
+            if name.endswith(".py") and not name.startswith(EXCLUDED_FILE_PREFIXES):
                 found.append(Path(directory, name).relative_to(root).as_posix())
     return sorted(found)
 

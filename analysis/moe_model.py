@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F_nn
 from torch import nn
 
+import kernels
+
 FFN_KINDS = ("dense", "moe")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -88,10 +90,12 @@ def default_renormalize(top_k: int) -> bool:
 
 
 def expert_capacity(capacity_factor: Optional[float], n_tokens: int, top_k: int, n_experts: int) -> Optional[int]:
-    """C = ceil(capacity_factor * T * K / E), written left to right as kernels.capacity writes it."""
+    """C, by kernels.capacity itself, so the PyTorch layer drops exactly what the kernels drop."""
     if capacity_factor is None:
         return None
-    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+    # d_model and d_ff don't enter the capacity; 1 satisfies MoEConfig's checks.
+    cfg = kernels.MoEConfig(1, 1, n_experts, top_k, capacity_factor=capacity_factor)
+    return kernels.capacity(cfg, n_tokens)
 
 
 def _activate(hidden: torch.Tensor, gate: Optional[torch.Tensor], activation: str) -> torch.Tensor:

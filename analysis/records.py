@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +96,18 @@ def provenance(device_kind: str = "cpu", *, repo_root: str | os.PathLike | None 
     already installed; otherwise they are ``None``. ``repo_root`` (default: this
     repository) is where ``git`` is asked for the commit and dirty flag; where
     that fails (no ``.git``, no ``git``, no commit yet), the commit comes from
-    ``$MOE_GIT_COMMIT`` and the dirty flag is ``None``.
+    ``$MOE_GIT_COMMIT`` and the dirty flag is ``None``. For this repository the
+    state is the one taken when this module was first imported (see
+    ``_CODE_STATE``), not the one at the time of the call.
     """
     _check_device_kind(device_kind)
     gpu = _gpu_details() if device_kind == "gpu" else _NO_GPU
-    git_commit, git_dirty = _git_state(Path(repo_root) if repo_root is not None else REPO_ROOT)
+    if repo_root is None:
+        git_commit, git_dirty = _CODE_STATE
+        if git_commit is None:  # no git here: $MOE_GIT_COMMIT may have been set since
+            git_commit = os.environ.get("MOE_GIT_COMMIT") or None
+    else:
+        git_commit, git_dirty = _git_state(Path(repo_root))
     return {
         "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "host": platform.node(),
@@ -160,9 +168,11 @@ _NO_GPU = {"name": None, "compute_capability": None, "driver": None,
 
 def _gpu_details() -> dict:
     """Device 0 as CuPy sees it. CuPy is imported here, never at module import,
-    and only when it is installed; without it every field is ``None``."""
+    and only when it is installed. Without CuPy, a process that already runs
+    PyTorch on CUDA (the training CLI) names the device through torch, which
+    this module never imports itself; otherwise every field is ``None``."""
     if importlib.util.find_spec("cupy") is None:
-        return dict(_NO_GPU)
+        return _gpu_details_from_torch()
     import cupy  # noqa: PLC0415 - deliberately lazy, see the module docstring
 
     runtime = cupy.cuda.runtime
@@ -176,6 +186,20 @@ def _gpu_details() -> dict:
         "cuda_runtime": _cuda_version_string(runtime.runtimeGetVersion()),
     }
     return details
+
+
+def _gpu_details_from_torch() -> dict:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return dict(_NO_GPU)
+    major, minor = torch.cuda.get_device_capability(0)
+    return {
+        "name": torch.cuda.get_device_name(0),
+        "compute_capability": f"{major}.{minor}",
+        "driver": _nvidia_driver_version(),
+        "cuda_driver": None,
+        "cuda_runtime": torch.version.cuda,
+    }
 
 
 def _cuda_version_string(encoded: int) -> str:
@@ -224,6 +248,13 @@ def _run_git(repo_root: Path, *arguments: str) -> str:
         capture_output=True, text=True, timeout=30, check=True,
     )
     return completed.stdout.strip()
+
+
+#: The commit and dirty flag of the code this process runs, taken once, when
+#: the module is imported (every entry point imports it at start-up). Taken
+#: at each write instead, a run that lasts an hour would stamp its later
+#: records with whatever was committed while it ran.
+_CODE_STATE = _git_state(REPO_ROOT)
 
 
 # ---------------------------------------------------------------- JSON

@@ -286,8 +286,14 @@ def train_one(preset: Preset, arm: Arm, seed: int, *, data: corpus.Corpus, resul
                   "tokens": steps * preset.tokens_per_step, "train_seconds": seconds,
                   "seconds_per_step": seconds / steps, "checkpoint_bytes": path.stat().st_size,
                   "final_train_loss": log[-1]["train_loss"], **test}
-    records.write_records(TRAIN_LOG_KIND, log, device_kind=_device_kind(device), results_dir=results_dir)
-    records.write_records(EVAL_KIND, [eval_record], device_kind=_device_kind(device), results_dir=results_dir)
+    try:
+        records.write_records(TRAIN_LOG_KIND, log, device_kind=_device_kind(device), results_dir=results_dir)
+        records.write_records(EVAL_KIND, [eval_record], device_kind=_device_kind(device), results_dir=results_dir)
+    except Exception:
+        # A checkpoint without its records would be retrained on every retry
+        # (completed runs need both): leave neither behind.
+        path.unlink(missing_ok=True)
+        raise
     return eval_record
 
 
