@@ -52,16 +52,21 @@ def runs_table(results_dir=None, *, preset: str = "cpu") -> pd.DataFrame:
     root = records.results_root(results_dir)
     for record in eval_records(results_dir, preset=preset):
         params = record["params"]
+        counts = params["parameters"]
         rows.append({
             "arm": params["arm"], "seed": int(params["seed"]), "comparison": params["comparison"],
             "top_k": params["model"]["top_k"] if params["model"]["ffn"] == "moe" else None,
             "d_ff": params["model"]["d_ff"], "ffn": params["model"]["ffn"],
-            "params_total": params["parameters"]["total"], "params_active": params["parameters"]["active"],
+            "n_experts": params["model"]["n_experts"] if params["model"]["ffn"] == "moe" else None,
+            "params_total": counts["total"], "params_active": counts["active"],
+            "ffn_params_total": counts.get("ffn_total"), "ffn_params_active": counts.get("ffn_active"),
             "steps": params["steps"], "tokens": record["tokens"], "train_seconds": record["train_seconds"],
             "seconds_per_step": record["seconds_per_step"], "bits_per_byte": record["bits_per_byte"],
             "accuracy": record["accuracy"], "eval_bytes": record["n_bytes"], "run_id": params["run_id"],
             "checkpoint": str(root / params["checkpoint"]), "device": record["device"], "utc": record["utc"],
             "git_commit": record["git_commit"], "git_dirty": record["git_dirty"],
+            "cpu_count": record.get("cpu_count"), "threads": params.get("threads"),
+            "corpus_python": params.get("corpus_python"), "corpus_sha256": params.get("corpus_sha256"),
         })
     if not rows:
         raise FileNotFoundError(f"no {EVAL_KIND!r} records of preset {preset!r} under {root}")
@@ -71,11 +76,42 @@ def runs_table(results_dir=None, *, preset: str = "cpu") -> pd.DataFrame:
 
 
 def provenance_note(runs: pd.DataFrame) -> dict:
-    """Where the chapter's numbers come from: device, dates and commits of the runs."""
+    """Where the chapter's numbers come from: device, its core count, torch threads,
+    dates and commits of the runs."""
     commits = sorted({f"{c[:10]}{' (dirty)' if d else ''}" for c, d in zip(runs["git_commit"].fillna("unknown"),
                                                                             runs["git_dirty"].fillna(False))})
-    return {"device": ", ".join(sorted(runs["device"].unique())), "first_utc": runs["utc"].min()[:19],
+
+    def distinct(column: str) -> str:
+        values = sorted({str(int(v)) for v in runs[column].dropna()}, key=int) if column in runs else []
+        return ", ".join(values) or "unknown"
+
+    return {"device": ", ".join(sorted(runs["device"].unique())), "cpu_count": distinct("cpu_count"),
+            "threads": distinct("threads"), "first_utc": runs["utc"].min()[:19],
             "last_utc": runs["utc"].max()[:19], "commits": ", ".join(commits), "n_runs": len(runs)}
+
+
+def _corpus_label(python, sha256) -> str:
+    python = "unknown" if python is None or pd.isna(python) else python
+    sha256 = "unknown" if sha256 is None or pd.isna(sha256) else f"{sha256[:16]}…"
+    return f"Python {python} (corpus sha256 {sha256})"
+
+
+def corpus_note(runs: pd.DataFrame, manifest: dict) -> str:
+    """One sentence for the chapter: which corpus the checkpoints were trained on, against
+    this machine's (`manifest`, analysis.corpus), on which the chapter recomputes everything."""
+    here = _corpus_label(manifest["python"], manifest["sha256"])
+    other = runs[runs["corpus_sha256"] != manifest["sha256"]]
+    if other.empty:
+        return f"All {len(runs)} checkpoints were trained on this machine's corpus, the standard library of {here}."
+    groups = other.groupby([other["corpus_python"].fillna("unknown"), other["corpus_sha256"].fillna("unknown")],
+                           sort=True)
+    trained = "; ".join(f"{_corpus_label(python, sha)}: {len(group)} run(s) "
+                        f"({', '.join(f'{a} seed {s}' for a, s in zip(group['arm'], group['seed']))})"
+                        for (python, sha), group in groups)
+    return (f"Warning: {len(other)} of {len(runs)} checkpoints were trained on another corpus than this machine's: "
+            f"{trained}. This machine's corpus is the standard library of {here}, and every number this "
+            f"chapter computes from the checkpoints uses it, so for those runs they are not the numbers "
+            f"recorded at training.")
 
 
 def mean_std(table: pd.DataFrame, by: Sequence[str], columns: Sequence[str]) -> pd.DataFrame:
@@ -90,8 +126,9 @@ def mean_std(table: pd.DataFrame, by: Sequence[str], columns: Sequence[str]) -> 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per arm: test bits per byte and accuracy as mean ± std over seeds, with sizes and cost."""
     summary = mean_std(runs, ["arm"], ["bits_per_byte", "accuracy", "seconds_per_step"])
-    firsts = runs.groupby("arm", sort=False)[["comparison", "top_k", "d_ff", "params_total", "params_active",
-                                              "tokens"]].first().reset_index()
+    columns = [c for c in ("comparison", "ffn", "top_k", "d_ff", "n_experts", "params_total", "params_active",
+                           "ffn_params_total", "ffn_params_active", "tokens") if c in runs]
+    firsts = runs.groupby("arm", sort=False)[columns].first().reset_index()
     summary = firsts.merge(summary, on="arm")
     dense = summary.loc[summary["arm"] == "dense", "bits_per_byte_mean"]
     if len(dense):
@@ -193,13 +230,46 @@ REPRODUCE_TOLERANCE_BITS = 1e-5
 
 
 def assert_reproduced(scored: pd.DataFrame) -> None:
-    """Stop when a re-scored checkpoint does not reproduce its recorded test loss
-    (skipped for runs trained on another corpus, e.g. another Python version)."""
+    """Stop when a re-scored checkpoint does not reproduce its recorded test loss.
+
+    Runs trained on another corpus (e.g. another Python version) can't be compared and
+    are left out here; reproduction_note says so in the chapter, naming them."""
     same_corpus = scored[scored["corpus_matches"]]
     off = same_corpus[same_corpus["difference"].abs() > REPRODUCE_TOLERANCE_BITS]
     if len(off):
         raise AssertionError("re-scored checkpoints differ from their records:\n"
                              + off[["arm", "seed", "bits_per_byte", "recorded_bits_per_byte"]].to_string())
+
+
+def reproduction_note(scored: pd.DataFrame, manifest: dict, *, rescored_bytes: Optional[int] = None) -> str:
+    """What the re-scoring (reevaluate) showed, for the chapter's prose: the checkpoints
+    trained on this machine's corpus reproduce their records (after assert_reproduced), and
+    those trained on another corpus were re-scored on this one and not compared.
+    `rescored_bytes` not None: the checkpoints were scored on other bytes than after
+    training, so nothing is compared."""
+    here = _corpus_label(manifest["python"], manifest["sha256"])
+    if rescored_bytes is not None:
+        return (f"Here each checkpoint is re-scored on the first {int(rescored_bytes):,} test bytes of this "
+                f"machine's corpus ({here}), not on the bytes it was scored on after training, so the numbers "
+                f"are not compared with the recorded ones.")
+    same, other = scored[scored["corpus_matches"]], scored[~scored["corpus_matches"]]
+    sentences = []
+    if len(same):
+        which = f"All {len(same)}" if other.empty else f"{len(same)} of {len(scored)}"
+        sentences.append(
+            f"{which} checkpoints were trained on this machine's corpus and re-scored there, each reproducing "
+            f"its recorded test loss: the largest difference is {float(same['difference'].abs().max()):.1e} "
+            f"bits per byte (tolerance {REPRODUCE_TOLERANCE_BITS:.0e}).")
+    if len(other):
+        trained = ", ".join(sorted({_corpus_label(p, s) for p, s in zip(other["corpus_python"],
+                                                                        other["corpus_sha256"])}))
+        which = f"all {len(other)}" if same.empty else f"{len(other)} of {len(scored)}"
+        sentences.append(
+            f"Warning: {which} checkpoints were trained on another corpus ({trained}); their numbers here are "
+            f"re-scored on this machine's corpus ({here}), so they are not the recorded ones (they differ by up "
+            f"to {float(other['difference'].abs().max()):.2f} bits per byte) and are not a check of "
+            f"reproduction.")
+    return " ".join(sentences)
 
 
 def cross_check_all(runs: pd.DataFrame, *, check_bytes: int, batch_size: int = 4) -> tuple:
@@ -478,7 +548,29 @@ def headline_numbers(summary: pd.DataFrame) -> dict:
                                 ("wide_vs_k1", "dense-wide", "moe-k1")):
         ours, base = _mean_bits(summary, arm), _mean_bits(summary, baseline)
         numbers[f"{name}_percent"] = float("nan") if ours is None or base is None else 100 * (ours / base - 1)
+    # Cost ratios from the runs' recorded parameter counts: active parameters per token of
+    # the whole model (embeddings, attention and router included), and of the FFNs alone.
+    for name, arm, baseline in (("k2_vs_k1", "moe-k2", "moe-k1"), ("wide_vs_k1", "dense-wide", "moe-k1")):
+        for suffix, column in (("active_ratio", "params_active"), ("ffn_active_ratio", "ffn_params_active")):
+            ours, base = _first(summary, arm, column), _first(summary, baseline, column)
+            numbers[f"{name}_{suffix}"] = float("nan") if ours is None or base is None else ours / base
+    numbers["n_experts"] = n_experts(summary)
     return numbers
+
+
+def _first(summary: pd.DataFrame, arm: str, column: str) -> Optional[float]:
+    row = summary[summary["arm"] == arm]
+    if row.empty or column not in row or pd.isna(row[column].iloc[0]):
+        return None
+    return float(row[column].iloc[0])
+
+
+def n_experts(table: pd.DataFrame):
+    """E of the MoE runs in `table` (runs_table or summary_table): one value, or NaN without MoE runs."""
+    values = sorted({int(e) for e in table["n_experts"].dropna()}) if "n_experts" in table else []
+    if len(values) > 1:
+        raise ValueError(f"n_experts: the runs differ ({values}); the chapter compares one E")
+    return values[0] if values else float("nan")
 
 
 def beside_published(summary: pd.DataFrame) -> pd.DataFrame:
@@ -486,23 +578,30 @@ def beside_published(summary: pd.DataFrame) -> pd.DataFrame:
     from . import published
 
     numbers = headline_numbers(summary)
+    dense_loss = published.entry("DeepSeekMoE", "Pile validation loss, dense")
     dense = published.value("DeepSeekMoE", "Pile validation loss, dense")
     top1 = published.value("DeepSeekMoE", "Pile validation loss, top-1 (Switch)")
     top2 = published.value("DeepSeekMoE", "Pile validation loss, top-2 (GShard)")
+    switch_quality = published.entry("Switch Transformer", "top-1 MoE vs dense at matched compute per token")
+    switch_speed = published.text("Switch Transformer", "throughput of the top-1 MoE relative to dense")
+    st_moe = published.entry("ST-MoE", "top-2 over top-1 routing, gain in negative log perplexity")
 
     def ours(key: str) -> str:
         value = numbers.get(key, float("nan"))
         return "not trained" if value != value else f"{value:+.2f}% bits/byte"
 
+    def cited(entry: dict) -> str:
+        return f"{entry['source']}, {entry['where']}"
+
     rows = [
         ("top-1 MoE vs dense, equal active FLOPs", ours("k1_vs_dense_percent"),
-         f"{100 * (top1 / dense - 1):+.1f}% loss ({top1:.3f} vs {dense:.3f})", "DeepSeekMoE, Table 1"),
+         f"{100 * (top1 / dense - 1):+.1f}% loss ({top1:.3f} vs {dense:.3f})", cited(dense_loss)),
         ("top-1 MoE vs dense, equal active FLOPs", ours("k1_vs_dense_percent"),
-         "top-1 better than dense at ~0.62x the throughput", "Switch Transformer, Table 1"),
-        ("top-2 vs top-1, equal expert size (top-2 has 2x active FLOPs)", ours("k2_vs_k1_percent"),
-         f"{100 * (top2 / top1 - 1):+.1f}% loss ({top2:.3f} vs {top1:.3f})", "DeepSeekMoE, Table 1"),
-        ("top-2 vs top-1", ours("k2_vs_k1_percent"), "+0.004 to +0.006 neg. log perplexity (better)",
-         "ST-MoE, Table 8"),
+         f"{switch_quality['value_text']}, at {switch_speed} the throughput", cited(switch_quality)),
+        ("top-2 vs top-1, equal expert size (top-2: twice the FFN FLOPs)", ours("k2_vs_k1_percent"),
+         f"{100 * (top2 / top1 - 1):+.1f}% loss ({top2:.3f} vs {top1:.3f})", cited(dense_loss)),
+        ("top-2 vs top-1", ours("k2_vs_k1_percent"), f"{st_moe['value_text']} neg. log perplexity (better)",
+         cited(st_moe)),
         ("top-2 vs top-1, equal active FLOPs (half-width experts)", ours("k2_half_vs_k1_percent"), "—", "—"),
         ("dense of equal total parameters vs top-1 MoE", ours("wide_vs_k1_percent"), "—", "—"),
     ]

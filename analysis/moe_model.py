@@ -201,12 +201,21 @@ class MoELayer(nn.Module):
 
 
 def balance_loss(experts: torch.Tensor, probs: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss, E * sum_e f_e * P_e.
+    """Switch Transformer's auxiliary loss for one layer, E * sum_e f_e * P_e.
 
-    f_e: the fraction of the T*K assignments that went to expert e (no gradient);
-    P_e: the mean router probability of e over the T tokens. Equals 1 when both
-    are uniform; its gradient pushes probability away from overloaded experts.
-    With K = 2 both choices count in f (as in Mixtral's implementation).
+    f_e: the fraction of all T*K assignments (both choices pooled when K = 2) that
+    went to expert e, so sum_e f_e = 1 (no gradient); P_e: the mean router
+    probability of e over the T tokens. Equals 1 when both are uniform, for K = 1
+    and K = 2 alike; its gradient pushes probability away from overloaded experts.
+    For K = 1 it is Switch's loss (Fedus et al., eq. 4-6).
+
+    For K = 2 it is half of Hugging Face's Mixtral loss (transformers'
+    ``load_balancing_loss_func``), which takes f per choice, a (K, E) table whose
+    row j is the fraction of the T tokens whose j-th choice is e, and sums all K
+    rows: E * sum_j sum_e f_je * P_e, which equals K (2 here) when uniform. The same
+    weight therefore pushes half as hard here. (That function also pools every
+    layer's tokens into one loss; ByteTransformer averages this per-layer loss
+    over its MoE layers.)
     """
     counts = torch.bincount(experts.reshape(-1), minlength=n_experts).to(probs.dtype)
     fraction = counts / experts.numel()

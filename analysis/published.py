@@ -69,7 +69,7 @@ ANCHORS = [
          quantity="consecutive tokens with the same first-choice expert",
          setting="Mixtral 8x7B (E = 8, k = 2) on The Pile, by layer and domain",
          value=None, value_text="23.6% to 28.4%", baseline=0.125,
-         compare_with="same-expert rate of consecutive bytes (random: 1/E = 12.5%)"),
+         compare_with="same-expert rate of consecutive bytes (random: 1/E)"),
 ]
 
 
@@ -82,9 +82,22 @@ def anchors(chapter: str | None = None) -> pd.DataFrame:
     return table[["source", "where", "quantity", "published", "setting", "compare_with", "citation"]].reset_index(drop=True)
 
 
+def entry(source: str, quantity: str) -> dict:
+    """One published figure's whole entry (a copy), by source and quantity."""
+    for anchor in ANCHORS:
+        if anchor["source"] == source and anchor["quantity"] == quantity:
+            return dict(anchor)
+    raise KeyError(f"no published figure for {source!r}: {quantity!r}")
+
+
 def value(source: str, quantity: str) -> float:
     """One published number, by source and quantity (for computing ratios beside ours)."""
-    for entry in ANCHORS:
-        if entry["source"] == source and entry["quantity"] == quantity and entry["value"] is not None:
-            return float(entry["value"])
-    raise KeyError(f"no published number for {source!r}: {quantity!r}")
+    number = entry(source, quantity)["value"]
+    if number is None:
+        raise KeyError(f"no published number for {source!r}: {quantity!r} (a range or a statement: use text())")
+    return float(number)
+
+
+def text(source: str, quantity: str) -> str:
+    """One published figure as the paper states it (a range or a qualitative result included)."""
+    return entry(source, quantity)["value_text"]

@@ -52,7 +52,7 @@ def metrics_table(collected: dict) -> pd.DataFrame:
         for layer, (experts, weights, probs) in enumerate(zip(routing["experts"], routing["weights"],
                                                               routing["probs"])):
             load = stats.load_fraction(experts, E)
-            row = {"arm": arm, "seed": seed, "layer": layer, "k": K,
+            row = {"arm": arm, "seed": seed, "layer": layer, "k": K, "n_experts": E,
                    "load_cv": stats.coefficient_of_variation(load),
                    "load_max_over_mean": stats.max_over_mean(load),
                    "entropy": stats.mean_entropy(probs), "log_E": math.log(E),
@@ -105,10 +105,19 @@ def arm_averages(table: pd.DataFrame) -> pd.DataFrame:
     return accuracy.mean_std(per_seed, ["arm"], columns)
 
 
-def headline_numbers(table: pd.DataFrame, E: int = 8) -> dict:
-    """Plain numbers for the chapter's prose (glue)."""
+def n_experts(table: pd.DataFrame) -> int:
+    """E of the routing in `table` (metrics_table): the one value every run shares."""
+    values = sorted({int(e) for e in table["n_experts"]})
+    if len(values) != 1:
+        raise ValueError(f"n_experts: expected one E over the runs, got {values}")
+    return values[0]
+
+
+def headline_numbers(table: pd.DataFrame) -> dict:
+    """Plain numbers for the chapter's prose (glue), E taken from the runs in `table`."""
     averages = arm_averages(table).set_index("arm")
-    numbers = {"uniform_same_expert": 1.0 / E, "log_E": math.log(E)}
+    E = n_experts(table)
+    numbers = {"n_experts": E, "uniform_same_expert": 1.0 / E, "log_E": math.log(E)}
     for arm in averages.index:
         key = arm.replace("-", "_")
         for column in ("load_cv", "load_max_over_mean", "same_expert_rate", "entropy_over_log_E"):
@@ -266,29 +275,44 @@ def ablation_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                                        "seeds"]).set_index("arm")
 
 
+#: The published figures this chapter sits beside (keys of analysis.published.ANCHORS).
+SHAZEER_NO_BALANCE_CV = ("Shazeer et al. 2017", "CV of expert load, no balancing loss")
+SHAZEER_NO_BALANCE_MAX = ("Shazeer et al. 2017", "max/mean expert load, no balancing loss")
+SHAZEER_BALANCED_CV = ("Shazeer et al. 2017", "CV of expert load, w_importance = w_load = 0.1")
+SHAZEER_BALANCED_MAX = ("Shazeer et al. 2017", "max/mean expert load, w_importance = w_load = 0.1")
+MIXTRAL_SAME_EXPERT = ("Mixtral", "consecutive tokens with the same first-choice expert")
+
+
+def published_settings() -> dict:
+    """The published models' settings, for the chapter's prose (glue), from the one table."""
+    return {"shazeer_setting": published.entry(*SHAZEER_NO_BALANCE_CV)["setting"],
+            "mixtral_setting": published.entry(*MIXTRAL_SAME_EXPERT)["setting"]}
+
+
 def beside_published(table: pd.DataFrame) -> pd.DataFrame:
     """Our routing numbers next to the published ones (labelled; far larger models)."""
     averages = arm_averages(table).set_index("arm")
+    mixtral = published.entry(*MIXTRAL_SAME_EXPERT)
 
     def ours(arm: str, column: str, fmt: str) -> str:
         if arm not in averages.index:
             return f"{arm} not trained"
         return f"{format(averages.loc[arm, f'{column}_mean'], fmt)} ({arm})"
 
+    def theirs(key: tuple) -> tuple:
+        entry = published.entry(*key)
+        return entry["value_text"], f"{entry['source']}, {entry['where']}"
+
     rows = [
-        ("load CV, no balancing loss", ours("moe-k1-nobal", "load_cv", ".2f"),
-         f"{published.value('Shazeer et al. 2017', 'CV of expert load, no balancing loss'):.2f}", "Shazeer et al. 2017, Table 6"),
+        ("load CV, no balancing loss", ours("moe-k1-nobal", "load_cv", ".2f"), *theirs(SHAZEER_NO_BALANCE_CV)),
         ("load max/mean, no balancing loss", ours("moe-k1-nobal", "load_max_over_mean", ".2f"),
-         f"{published.value('Shazeer et al. 2017', 'max/mean expert load, no balancing loss'):.2f}",
-         "Shazeer et al. 2017, Table 6"),
-        ("load CV, with balancing loss", ours("moe-k1", "load_cv", ".2f"),
-         f"{published.value('Shazeer et al. 2017', 'CV of expert load, w_importance = w_load = 0.1'):.2f}",
-         "Shazeer et al. 2017, Table 6"),
+         *theirs(SHAZEER_NO_BALANCE_MAX)),
+        ("load CV, with balancing loss", ours("moe-k1", "load_cv", ".2f"), *theirs(SHAZEER_BALANCED_CV)),
         ("load max/mean, with balancing loss", ours("moe-k1", "load_max_over_mean", ".2f"),
-         f"{published.value('Shazeer et al. 2017', 'max/mean expert load, w_importance = w_load = 0.1'):.2f}",
-         "Shazeer et al. 2017, Table 6"),
-        ("consecutive tokens, same first-choice expert (random 12.5%)",
-         ours("moe-k2-half", "same_expert_rate", ".1%"), "23.6% to 28.4%", "Mixtral, Table 5"),
+         *theirs(SHAZEER_BALANCED_MAX)),
+        (f"consecutive tokens, same first-choice expert (random: {mixtral['baseline']:.1%} for Mixtral, "
+         f"{1 / n_experts(table):.1%} for ours)",
+         ours("moe-k2-half", "same_expert_rate", ".1%"), *theirs(MIXTRAL_SAME_EXPERT)),
     ]
     return pd.DataFrame(rows, columns=["quantity", "ours (this study)", "published (far larger models)",
                                        "source"]).set_index("quantity")

@@ -23,8 +23,8 @@ The arms (F_d = the preset's d_ff, E = 8 experts):
 - ``dense``: dense SwiGLU FFN of width F_d, the baseline;
 - ``moe-k1``: k = 1, experts of width F_d (equal active FLOPs to ``dense``);
 - ``moe-k2-half``: k = 2, experts of width F_d / 2 (equal active FLOPs);
-- ``moe-k2``: k = 2, experts of width F_d (equal expert size; twice the active FLOPs);
-- ``dense-wide``: dense of width E * F_d (equal total parameters to ``moe-k1`` and ``moe-k2``);
+- ``moe-k2``: k = 2, experts of width F_d (equal expert size; twice the FFN FLOPs);
+- ``dense-wide``: dense of width E * F_d (as many FFN parameters as ``moe-k1`` and ``moe-k2``);
 - ``moe-k1-nobal``, ``moe-k2-half-nobal``: as ``moe-k1``/``moe-k2-half`` without
   the balancing loss (the ablation that shows what it does to the load).
 """

@@ -29,6 +29,9 @@ def test_runs_are_recorded_with_checkpoints(results):
     for run in runs.itertuples():
         assert (results / "checkpoints" / "tiny" / f"{run.arm}-seed0.pt").is_file()
         assert run.tokens == train.PRESETS["tiny"].steps * train.PRESETS["tiny"].tokens_per_step
+    manifest = corpus.manifest()
+    assert (runs["corpus_sha256"] == manifest["sha256"]).all() and (runs["corpus_python"] == manifest["python"]).all()
+    assert accuracy.corpus_note(runs, manifest).startswith(f"All {len(ARMS)} checkpoints were trained on this")
     curves = accuracy.train_curves(results, preset="tiny")
     assert set(curves["arm"]) == set(ARMS)
     moe = curves[curves["arm"] == "moe-k1"].iloc[-1]
@@ -127,3 +130,74 @@ def test_records_carry_provenance_and_the_corpus(results):
     assert record["params"]["corpus_sha256"] == corpus.manifest()["sha256"]
     assert record["kind"] == "accuracy-eval"
     torch.load(results / record["params"]["checkpoint"], weights_only=True)
+
+
+def _scored(corpus_sha256, corpus_matches, difference):
+    import pandas as pd
+    n = len(corpus_matches)
+    return pd.DataFrame({"arm": ["moe-k1"] * n, "seed": list(range(n)), "corpus_python": ["3.99.0"] * n,
+                         "corpus_sha256": corpus_sha256, "corpus_matches": corpus_matches,
+                         "difference": difference, "bits_per_byte": [2.0] * n,
+                         "recorded_bits_per_byte": [2.0 - d for d in difference]})
+
+
+def test_the_chapter_names_checkpoints_trained_on_another_corpus():
+    here = {"python": "3.12.1", "sha256": "a" * 64}
+    same = _scored(["a" * 64] * 2, [True, True], [1e-7, -3e-7])
+    assert accuracy.corpus_note(same, here).startswith("All 2 checkpoints were trained on this machine's corpus")
+    note = accuracy.reproduction_note(same, here)
+    assert note.startswith("All 2 checkpoints") and "reproducing" in note and "3.0e-07" in note
+    assert "Warning" not in note
+
+    mixed = _scored(["a" * 64, "b" * 64], [True, False], [1e-7, 0.25])
+    accuracy.assert_reproduced(mixed)  # the foreign run is not compared...
+    corpus_note = accuracy.corpus_note(mixed, here)
+    note = accuracy.reproduction_note(mixed, here)
+    for text in (corpus_note, note):  # ...and the chapter says so, naming both corpora
+        assert "Warning" in text and "Python 3.99.0" in text and "b" * 16 in text
+        assert "Python 3.12.1" in text and "a" * 16 in text
+    assert "moe-k1 seed 1" in corpus_note and "moe-k1 seed 0" not in corpus_note
+    assert note.startswith("1 of 2 checkpoints were trained on this machine's corpus")
+    assert "Warning: 1 of 2 checkpoints were trained on another corpus" in note
+    assert "not a check of reproduction" in note and "0.25" in note
+
+    with pytest.raises(AssertionError, match="differ from their records"):
+        accuracy.assert_reproduced(_scored(["a" * 64], [True], [1e-3]))
+    assert "not compared" in accuracy.reproduction_note(mixed, here, rescored_bytes=4096)
+
+
+def test_cost_ratios_come_from_the_recorded_parameter_counts():
+    import pandas as pd
+    from analysis.moe_model import parameter_counts
+    preset = train.PRESETS["cpu"]
+    rows = []
+    for arm in ("dense", "moe-k1", "moe-k2", "dense-wide"):
+        cfg = train.model_config(preset, train.ARMS[arm])
+        counts = parameter_counts(cfg)
+        rows.append({"arm": arm, "bits_per_byte_mean": 2.0, "n_experts": cfg.n_experts if cfg.is_moe else None,
+                     "params_active": counts["active"], "ffn_params_active": counts["ffn_active"]})
+    numbers = accuracy.headline_numbers(pd.DataFrame(rows))
+    assert numbers["wide_vs_k1_ffn_active_ratio"] == preset.n_experts  # FFN only: E by construction
+    assert numbers["k2_vs_k1_ffn_active_ratio"] == 2
+    assert numbers["wide_vs_k1_active_ratio"] == pytest.approx(516_992 / 131_456)  # whole model: far less
+    assert numbers["k2_vs_k1_active_ratio"] == pytest.approx(186_752 / 131_456)
+    assert numbers["n_experts"] == preset.n_experts
+    missing = accuracy.headline_numbers(pd.DataFrame(rows[:2]))
+    assert np.isnan(missing["wide_vs_k1_active_ratio"]) and np.isnan(missing["k2_vs_k1_percent"])
+
+
+def test_published_figures_are_read_from_the_one_table(monkeypatch):
+    import pandas as pd
+    from analysis import published
+    changed = [dict(entry) for entry in published.ANCHORS]
+    for entry in changed:
+        if entry["source"] == "ST-MoE":
+            entry["value_text"] = "about +0.123 to +0.456"
+        if entry["quantity"] == "throughput of the top-1 MoE relative to dense":
+            entry["value_text"] = "~0.77x"
+    monkeypatch.setattr(published, "ANCHORS", changed)
+    summary = pd.DataFrame({"arm": ["dense", "moe-k1", "moe-k2"], "bits_per_byte_mean": [2.0, 1.9, 1.8]})
+    table = accuracy.beside_published(summary)
+    column = table["published (far larger models)"]
+    assert column.str.contains(r"\+0\.123 to \+0\.456").any() and column.str.contains("~0.77x").any()
+    assert not column.str.contains("0.62|0.004").any()

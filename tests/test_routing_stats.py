@@ -95,3 +95,39 @@ def test_drop_rate_follows_the_kernels_dispatch():
     # K = 2, E = 2, 2 tokens, factor 0.5: C = ceil(0.5 * 2 * 2 / 2) = 1; j-major: first choices win
     experts = np.array([[0, 1], [1, 0]])
     assert stats.drop_rate(experts, 2, 0.5, tokens_per_call=2) == pytest.approx(2 / 4)
+
+
+def _collected(n_experts: int) -> dict:
+    rng = np.random.default_rng(0)
+    experts = rng.integers(0, n_experts, size=(64, 1))
+    probs = rng.dirichlet(np.ones(n_experts), size=64)
+    return {("moe-k1", 0): {"n_experts": n_experts, "top_k": 1, "experts": [experts],
+                            "weights": [np.take_along_axis(probs, experts, axis=1)], "probs": [probs],
+                            "sequence": np.repeat(np.arange(4), 16), "bytes": np.zeros(64, np.uint8)}}
+
+
+@pytest.mark.parametrize("n_experts", [4, 16])
+def test_routing_headline_takes_e_from_the_runs(n_experts):
+    from analysis import routing
+    table = routing.metrics_table(_collected(n_experts))
+    numbers = routing.headline_numbers(table)
+    assert numbers["n_experts"] == n_experts
+    assert numbers["uniform_same_expert"] == pytest.approx(1 / n_experts)
+    assert numbers["log_E"] == pytest.approx(math.log(n_experts))
+    mixed = routing.metrics_table({**_collected(4), ("moe-k1", 1): _collected(8)[("moe-k1", 0)]})
+    with pytest.raises(ValueError, match="n_experts"):
+        routing.headline_numbers(mixed)
+
+
+def test_routing_published_figures_are_read_from_the_one_table(monkeypatch):
+    from analysis import published, routing
+    changed = [dict(entry) for entry in published.ANCHORS]
+    for entry in changed:
+        if entry["source"] == "Mixtral":
+            entry.update(value_text="31.0% to 33.0%", baseline=0.25, setting="a model of E = 4")
+    monkeypatch.setattr(published, "ANCHORS", changed)
+    table = routing.beside_published(routing.metrics_table(_collected(16)))
+    row = table.iloc[-1]
+    assert row["published (far larger models)"] == "31.0% to 33.0%"
+    assert "25.0% for Mixtral" in row.name and "6.2% for ours" in row.name
+    assert routing.published_settings()["mixtral_setting"] == "a model of E = 4"
