@@ -5,14 +5,18 @@ For each token count T and each k, it times
 - the MoE layer, ``kernels.moe_forward(backend="cpu")``;
 - a dense MLP of width K·F, the same active FLOPs as the MoE's experts;
 - a dense MLP of width E·F, the same total parameters;
-- the float64 ``reference`` backend, only for T <= 256 (it loops in Python),
-  which also checks the cpu backend's output before its time is believed;
+- the float64 ``reference`` backend, only for T <= 256 (it loops in Python);
 
 and, in the same run, this machine's SGEMM rate, the ceiling the MoE's achieved
 FLOP/s is divided by. It prints a table of ratios, writes ``bench-cpu`` records
 (``analysis.records``), and says whether the two CPU-baseline goals are met:
 MoE within 1.15x of dense at equal active FLOPs for T >= 4096, and at least
 70% of the measured SGEMM rate at those T.
+
+Nothing wrong is timed: each cpu MoE output must first pass the project's one
+tolerance rule against the float64 reference (``sweep_cells.check_moe_output``);
+a failure stops the run. ``rows_from_records`` rebuilds the table from a
+run's records (the CPU chapter shows the newest run that way).
 
 Inputs rotate (``analysis.timing``): each timed call gets its own tokens and
 its own copy of the weights, with enough copies that together they are twice
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from collections.abc import Callable
 
@@ -35,8 +38,7 @@ import numpy
 from tqdm import tqdm
 
 import kernels
-import kernels.testing
-from analysis import records, roofline, timing
+from analysis import records, roofline, sweep_cells, timing
 
 RECORD_KIND = "bench-cpu"
 
@@ -144,17 +146,11 @@ def nbytes(*arrays) -> int:
 # ---------------------------------------------------------------- timing
 
 
-def time_with_budget(fn: Callable, args_sets: list[tuple], config: BenchConfig,
-                     min_repeats: int | None = None) -> timing.Timing:
-    """``timing.time_function`` with repeats chosen so a measurement takes about
-    ``config.seconds_per_measurement``: one probe call (which also warms up)
-    tells how long a call takes."""
-    probe_seconds = timing.time_function(fn, args_sets=args_sets[:1], warmup=0, repeats=1).median_s
-    floor = config.min_repeats if min_repeats is None else min_repeats
-    repeats = max(floor, min(config.repeats, math.ceil(config.seconds_per_measurement / max(probe_seconds, 1e-9))))
-    # A call slower than 50 ms has warmed itself up in the probe.
-    warmup = 1 if probe_seconds > 0.05 else 3
-    return timing.time_function(fn, args_sets=args_sets, warmup=warmup, repeats=repeats)
+def budget(config: BenchConfig, min_repeats: int | None = None) -> timing.Budget:
+    """The config's time budget per measurement, for ``timing.time_within_budget``."""
+    return timing.Budget(seconds_per_measurement=config.seconds_per_measurement,
+                         min_repeats=config.min_repeats if min_repeats is None else min_repeats,
+                         max_repeats=config.repeats)
 
 
 def measure_moe(T: int, K: int, config: BenchConfig) -> list[Measurement]:
@@ -177,26 +173,19 @@ def measure_moe(T: int, K: int, config: BenchConfig) -> list[Measurement]:
               "activation": config.activation, "dtype": config.dtype,
               "capacity_factor": cfg.capacity_factor, "seed": config.seed}
 
-    results = [Measurement("moe", "cpu", time_with_budget(moe_on("cpu"), args_sets, config), flops,
-                           count, params, {"kept_assignments": kept_assignments})]
+    # Nothing wrong is timed: the cpu output must first pass the project's one
+    # tolerance rule against the float64 reference, routed the same way
+    # (sweep_cells.check_moe_output: a spread of up to 64 rows, exact for this
+    # dropless layer; it raises, and the run stops, when the rule is broken).
+    checked = sweep_cells.check_moe_output(*args_sets[0], cfg, first_output,
+                                           name=f"cpu moe_forward at T={T}, k={K}")
+    results = [Measurement("moe", "cpu", timing.time_within_budget(moe_on("cpu"), args_sets, budget(config)),
+                           flops, count, params, {"kept_assignments": kept_assignments, **checked})]
     if T <= config.reference_max_tokens:
-        # Nothing wrong is timed: the cpu output must pass the project's one
-        # tolerance rule against the float64 reference, routed the same way
-        # (float32 near-ties may route differently and that is not an error).
-        x, layer_weights = args_sets[0]
-        expected = kernels.testing.expected_moe_forward(x, layer_weights, cfg, first_output.routing)
-        kernels.testing.assert_close_to_reference(
-            first_output.y, expected,
-            kernels.testing.plain_moe_forward(x, layer_weights, cfg, first_output.routing),
-            name=f"cpu moe_forward at T={T}, k={K}",
-            scale=kernels.testing.moe_term_scale(x, layer_weights, cfg, first_output.routing.experts),
-        )
-        error = relative_error(first_output.y, expected)
         # The reference is slow and its time is only a ratio; three calls suffice.
-        reference_timing = time_with_budget(moe_on("reference"), args_sets, config, min_repeats=3)
+        reference_timing = timing.time_within_budget(moe_on("reference"), args_sets, budget(config, min_repeats=3))
         results.append(Measurement("moe", "reference", reference_timing, flops, count, params,
-                                   {"kept_assignments": kept_assignments,
-                                    "cpu_relative_error_vs_reference": error}))
+                                   {"kept_assignments": kept_assignments}))
     return results
 
 
@@ -215,17 +204,9 @@ def measure_dense(T: int, width: int, config: BenchConfig, compared_as: list[str
 
     params = {"tokens": T, "d_model": D, "d_ff": width, "activation": config.activation,
               "dtype": config.dtype, "seed": config.seed}
-    return Measurement("dense", "cpu", time_with_budget(dense, args_sets, config),
+    return Measurement("dense", "cpu", timing.time_within_budget(dense, args_sets, budget(config)),
                        roofline.dense_flops(T, D, width, config.activation), count, params,
                        {"compared_as": compared_as})
-
-
-def relative_error(actual: numpy.ndarray, expected: numpy.ndarray) -> float:
-    """Largest absolute difference over the largest magnitude of the expected output."""
-    if expected.size == 0:
-        return 0.0
-    scale = float(numpy.max(numpy.abs(expected))) or 1.0
-    return float(numpy.max(numpy.abs(numpy.asarray(actual, dtype=numpy.float64) - expected))) / scale
 
 
 # ---------------------------------------------------------------- the run
@@ -332,7 +313,38 @@ def to_records(result: BenchResult) -> list[dict]:
 # ---------------------------------------------------------------- reporting
 
 
-def format_table(result: BenchResult) -> str:
+def rows_from_records(found: list[dict]) -> tuple[list[dict], float]:
+    """(table rows, SGEMM FLOP/s) of one run's ``bench-cpu`` records, rebuilt with
+    ``table_row`` exactly as ``run_bench`` built them: how a chapter shows a
+    committed run. Rows are ordered by (T, k); a (T, k) missing a baseline is left out."""
+    sgemm = [record["flop_per_s"] for record in found if record.get("measurement") == "sgemm-rate"]
+    if not sgemm:
+        raise ValueError("records: expected the run's sgemm-rate record, found none")
+    timed = [record for record in found if record.get("measurement") == "forward-time"]
+
+    def measurement(record: dict) -> Measurement:
+        call_time = timing.Timing(**{field: record[field] for field in ("median_s", "p20_s", "p80_s", "repeats")})
+        return Measurement(record["implementation"], record["backend"], call_time, record["flops"],
+                           record.get("rotation_sets", 0), record["params"])
+
+    dense = {(record["params"]["tokens"], record["params"]["d_ff"]): measurement(record)
+             for record in timed if record["implementation"] == "dense"}
+    moe: dict = {}
+    for record in timed:
+        if record["implementation"] == "moe":
+            key = (record["params"]["tokens"], record["params"]["top_k"])
+            moe.setdefault(key, []).append(measurement(record))
+    rows = []
+    for (T, K), measured in sorted(moe.items()):
+        params = measured[0].params
+        active, total = dense.get((T, K * params["d_ff"])), dense.get((T, params["n_experts"] * params["d_ff"]))
+        if active is not None and total is not None and any(m.backend == "cpu" for m in measured):
+            rows.append(table_row(T, K, measured, active, total, sgemm[0]))
+    return rows, sgemm[0]
+
+
+def format_table(rows: list[dict]) -> str:
+    """The ratio table ``main`` prints, one line per row of ``table_row``."""
     def milliseconds(seconds):
         return "-" if seconds is None else f"{seconds * 1e3:.3g}"
 
@@ -342,7 +354,7 @@ def format_table(result: BenchResult) -> str:
     header = ("T", "k", "moe ms", "dense K*F ms", "dense E*F ms", "ref ms",
               "moe/dense_active", "moe/dense_params", "ref/cpu", "moe % SGEMM")
     lines = [header]
-    for row in result.rows:
+    for row in rows:
         lines.append((
             str(row["tokens"]), str(row["top_k"]),
             milliseconds(row["moe_s"]), milliseconds(row["dense_active_s"]),
@@ -356,9 +368,9 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(text)
 
 
-def goal_report(result: BenchResult) -> list[str]:
+def goal_report(rows: list[dict]) -> list[str]:
     """The two CPU-baseline goals, judged on every row with T >= LARGE_TOKENS."""
-    large = [row for row in result.rows if row["tokens"] >= LARGE_TOKENS]
+    large = [row for row in rows if row["tokens"] >= LARGE_TOKENS]
     if not large:
         return [f"Goals: not judged, no T >= {LARGE_TOKENS} in this run."]
     worst_ratio = max(row["moe_over_dense_active"] for row in large)
@@ -432,9 +444,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.sgemm_flop_per_s / 1e9:.1f} GFLOP/s")
     print("Medians; ratios below 1 mean the MoE is faster. "
           f"ref: the float64 reference backend, timed only for T <= {config.reference_max_tokens} ('-' above).")
-    print(format_table(result))
+    print(format_table(result.rows))
     print()
-    for line in goal_report(result):
+    for line in goal_report(result.rows):
         print(line)
 
     if not arguments.no_write:

@@ -5,7 +5,11 @@ from is decided in one place, ``chapter_data``: measured live while the chapter
 runs, or the newest committed records of the device kind, or nothing (a GPU
 chapter on a machine without a GPU before any GPU run was committed). Every
 chapter shows ``ChapterData.note``, which names the source, device, date and
-commit.
+commit. The CPU chapter also shows the newest committed ``bench-cpu`` run
+(``analysis.bench_cpu``, ``make bench-cpu``) through ``bench_cpu_view``, read
+by the same functions (``newest_folder``, ``newest_run``) and with the same
+kind of note. Timing records marked ``valid: false`` (a peer whose output
+differed from the layer's) are in no table or chart (``sweep.valid_timing``).
 
 The functions below turn records into pandas frames and Altair charts (drawn
 offline by ``analysis.charts.show``); each returns an empty frame or a chart
@@ -24,8 +28,8 @@ import altair as alt
 import numpy
 import pandas as pd
 
+from analysis import bench_cpu, sweep
 from analysis import records as record_io
-from analysis import sweep
 
 KIND = sweep.RECORD_KIND
 STAGE_ORDER = ["router", "dispatch", "permute", "expert_mlp", "combine"]
@@ -85,8 +89,7 @@ def chapter_data(device_kind: str, *, source: str = "auto", plan: Optional[str] 
     first = run[0]
     where = "GPU" if device_kind == "gpu" else "CPU"
     note = (f"Note: these are the newest committed {where} records, not measured while this chapter ran: "
-            f"{first.get('device')}, measured {_date(first)}, {_commit(first)} "
-            f"(run {first.get('run_id')}, results/{folder}/{KIND}.jsonl).")
+            f"{_provenance(first, folder, KIND)}.")
     if device_kind == "gpu":
         note = "No GPU here. " + note
     return ChapterData(run, "records", note, first.get("device"), first.get("run_id"))
@@ -111,6 +114,13 @@ def _live(device_kind: str, plan_name: Optional[str], overrides: dict) -> Chapte
     return ChapterData(result.records, "live", note, first.get("device"), result.run_id)
 
 
+def _provenance(record: dict, folder: str, kind: str) -> str:
+    """Device, date, commit and file of a committed run, for a note."""
+    run = f"run {record['run_id']}, " if record.get("run_id") else ""
+    return (f"{record.get('device')}, measured {_date(record)}, {_commit(record)} "
+            f"({run}results/{folder}/{kind}.jsonl)")
+
+
 def _date(record: dict) -> str:
     utc = str(record.get("utc", ""))
     return utc[:10] + " " + utc[11:16] + " UTC" if len(utc) >= 16 else (utc or "an unknown date")
@@ -124,30 +134,83 @@ def _commit(record: dict) -> str:
     return f"commit {commit[:10]}{dirty}"
 
 
-def newest_folder(device_kind: str, results_dir=None) -> Optional[str]:
+def newest_folder(device_kind: str, results_dir=None, kind: str = KIND) -> Optional[str]:
     """The device folder (``cpu-*`` for CPUs, else GPUs) holding the newest
-    ``sweep`` record of that kind, or None."""
+    record of ``kind`` (default ``sweep``) of that device kind, or None."""
     root = record_io.results_root(results_dir)
     newest, newest_utc = None, ""
-    for path in sorted(root.glob(f"*/{KIND}.jsonl")):
+    for path in sorted(root.glob(f"*/{kind}.jsonl")):
         folder = path.parent.name
         if folder.startswith("cpu-") != (device_kind == "cpu"):
             continue
-        found = record_io.read_records(KIND, results_dir=root, device=folder)
+        found = record_io.read_records(kind, results_dir=root, device=folder)
         utc = max((record.get("utc", "") for record in found), default="")
         if found and utc > newest_utc:
             newest, newest_utc = folder, utc
     return newest
 
 
+def _run_key(record: dict):
+    """What makes a run: its ``run_id`` (the sweep writes a run in several
+    batches), else its ``utc`` (one ``write_records`` call, as ``bench_cpu`` makes)."""
+    return record.get("run_id") or record.get("utc")
+
+
 def newest_run(found: list) -> list:
-    """The records of the run (``run_id``) whose records are newest."""
+    """The records of the run whose records are newest (``_run_key``)."""
     latest: dict = {}
     for record in found:
-        run_id = record.get("run_id")
-        latest[run_id] = max(latest.get(run_id, ""), record.get("utc", ""))
-    newest = max(latest, key=lambda run_id: latest[run_id])
-    return [record for record in found if record.get("run_id") == newest]
+        key = _run_key(record)
+        latest[key] = max(latest.get(key, ""), record.get("utc", ""))
+    newest = max(latest, key=lambda key: latest[key])
+    return [record for record in found if _run_key(record) == newest]
+
+
+# ---------------------------------------------------------------- the bench-cpu run
+
+
+NO_BENCH_CPU_RECORDS = "no bench-cpu records yet: run `make bench-cpu` to measure the ratio table and its goals"
+
+
+@dataclasses.dataclass
+class BenchCpuView:
+    """The newest committed ``bench-cpu`` run as the CPU chapter shows it."""
+
+    note: str
+    #: ``bench_cpu.format_table`` and ``goal_report`` of the run, as ``make bench-cpu`` printed them;
+    #: "" without records.
+    text: str
+    rows: list
+
+
+def bench_cpu_view(results_dir=None) -> BenchCpuView:
+    """The newest ``bench-cpu`` run on a CPU (``newest_folder``, ``newest_run``): its
+    ratio table and the two goals, rebuilt from its records
+    (``bench_cpu.rows_from_records``), with a note naming where they come from,
+    or only a note saying there are none."""
+    folder = newest_folder("cpu", results_dir, kind=bench_cpu.RECORD_KIND)
+    if folder is None:
+        root = record_io.results_root(results_dir)
+        shown = root.relative_to(record_io.REPO_ROOT) if root.is_relative_to(record_io.REPO_ROOT) else root
+        return BenchCpuView(f"Note: {NO_BENCH_CPU_RECORDS} (none under {shown.as_posix()}/).", "", [])
+    run = newest_run(record_io.read_records(bench_cpu.RECORD_KIND, results_dir=results_dir, device=folder))
+    rows, sgemm_flop_per_s = bench_cpu.rows_from_records(run)
+    shape = next((r["params"] for r in run if r.get("measurement") == "forward-time"
+                  and r.get("implementation") == "moe"), {})
+    layer = [f"{letter} = {shape[key]}" for letter, key in (("D", "d_model"), ("F", "d_ff"), ("E", "n_experts"))
+             if key in shape] + [str(shape[key]) for key in ("activation", "dtype") if key in shape]
+    note = (f"Note: the newest committed bench-cpu run, not measured while this chapter ran: "
+            f"{_provenance(run[0], folder, bench_cpu.RECORD_KIND)}; {', '.join(layer)}; "
+            f"SGEMM {sgemm_flop_per_s / 1e9:.1f} GFLOP/s.")
+    text = bench_cpu.format_table(rows) + "\n\n" + "\n".join(bench_cpu.goal_report(rows))
+    return BenchCpuView(note, text, rows)
+
+
+def bench_cpu_goals() -> dict:
+    """The two CPU-baseline goals' thresholds (``analysis.bench_cpu``), by glue name, for the prose."""
+    return {"bench_large_tokens": bench_cpu.LARGE_TOKENS,
+            "bench_goal_ratio": f"{bench_cpu.GOAL_MAX_RATIO_TO_DENSE_ACTIVE:.2f}x",
+            "bench_goal_fraction": f"{100 * bench_cpu.GOAL_MIN_FRACTION_OF_SGEMM:.0f}%"}
 
 
 # ---------------------------------------------------------------- frames
@@ -157,7 +220,7 @@ def timing_frame(data: ChapterData) -> pd.DataFrame:
     """One line per timing record, flattened, with a series ``label``."""
     lines = []
     for record in data.records:
-        if record.get("measurement") != "time":
+        if not sweep.valid_timing(record):
             continue
         params = record["params"]
         lines.append({
@@ -291,19 +354,43 @@ def ceilings_table(data: ChapterData) -> pd.DataFrame:
             continue
         if record["implementation"] == "copy":
             rows.append({"ceiling": "copy bandwidth (read + written)", "value": record["bytes_per_s"] / 1e9,
-                         "unit": "GB/s"})
+                         "unit": "GB/s", "size": bytes_text(record["params"].get("nbytes"))})
         else:
             rows.append({"ceiling": f"GEMM rate, {record['params']['dtype']} ({record['params'].get('library')})",
-                         "value": record["flop_per_s"] / 1e12, "unit": "TFLOP/s"})
-    return pd.DataFrame(rows, columns=["ceiling", "value", "unit"])
+                         "value": record["flop_per_s"] / 1e12, "unit": "TFLOP/s",
+                         "size": gemm_shape_text(record["params"].get("n"))})
+    return pd.DataFrame(rows, columns=["ceiling", "value", "unit", "size"])
+
+
+#: What the prose says where a ceiling's record does not give its size (records from before it did).
+SIZE_NOT_RECORDED = "a size its record does not give"
+
+
+def bytes_text(nbytes: Optional[int]) -> str:
+    """A byte count as the prose writes it: "1 GiB", "256 MiB", "1000 bytes"."""
+    if nbytes is None:
+        return SIZE_NOT_RECORDED
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size and nbytes % size == 0:
+            return f"{nbytes // size} {unit}"
+    return f"{nbytes} bytes"
+
+
+def gemm_shape_text(n: Optional[int]) -> str:
+    """An n x n x n matrix product's shape as the prose writes it."""
+    return SIZE_NOT_RECORDED if n is None else f"{n} × {n} × {n}"
 
 
 def ceiling_numbers(data: ChapterData) -> dict:
-    """Copy GB/s and the largest GEMM TFLOP/s, for the prose (None when absent)."""
-    copy = [r["bytes_per_s"] for r in data.records if r.get("measurement") == "ceiling" and r["implementation"] == "copy"]
-    gemm = [r["flop_per_s"] for r in data.records if r.get("measurement") == "ceiling" and r["implementation"] == "gemm"]
-    return {"copy_gb_per_s": round(copy[0] / 1e9, 1) if copy else None,
-            "gemm_tflop_per_s": round(max(gemm) / 1e12, 3) if gemm else None}
+    """Copy GB/s and the largest GEMM TFLOP/s (None when absent), and the sizes
+    they were measured at as text ("not measured" when absent), for the prose."""
+    copy = [r for r in data.records if r.get("measurement") == "ceiling" and r["implementation"] == "copy"]
+    gemm = [r for r in data.records if r.get("measurement") == "ceiling" and r["implementation"] == "gemm"]
+    shapes = list(dict.fromkeys(gemm_shape_text(r["params"].get("n")) for r in gemm))
+    return {"copy_gb_per_s": round(copy[0]["bytes_per_s"] / 1e9, 1) if copy else None,
+            "gemm_tflop_per_s": round(max(r["flop_per_s"] for r in gemm) / 1e12, 3) if gemm else None,
+            "copy_size": bytes_text(copy[0]["params"].get("nbytes")) if copy else "not measured",
+            "gemm_shape": " and ".join(shapes) if shapes else "not measured"}
 
 
 def summary_frame(data: ChapterData) -> pd.DataFrame:

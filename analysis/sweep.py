@@ -5,7 +5,9 @@ baselines over layer shapes, token counts T, k, dtypes and routing skews,
 beside a roofline built from ceilings measured in the same run; profiles
 GPU utilisation (``analysis.utilisation``); writes one tidy ``sweep`` record
 per measurement (``analysis.records``) and prints two short tables: times per
-T, and, on a GPU, the study's goals as measured ratios.
+T, and, on a GPU, the study's goals as measured ratios. Each cell's MoE output
+is validated against the float64 reference before it is timed; a cell that
+fails is reported and not timed (``analysis.sweep_cells``).
 
 Plans (``PLANS``; ``--plan``, default ``gpu-default`` where CuPy finds a GPU,
 else ``cpu-default``):
@@ -50,7 +52,7 @@ import numpy
 from tqdm import tqdm
 
 from analysis import records as record_io
-from analysis import skew, sweep_cells, utilisation
+from analysis import skew, sweep_cells, timing, utilisation
 
 RECORD_KIND = "sweep"
 
@@ -104,10 +106,12 @@ class Plan:
     name: str
     device: str
     blocks: tuple
-    budget: sweep_cells.Budget = sweep_cells.Budget()
+    budget: timing.Budget = timing.Budget()
     #: Nsight Compute and NVML on (preset, T, dtype), both k; None: not measured.
     utilisation: Optional[tuple] = None
     budget_s: Optional[float] = None
+    #: The ceilings' sizes; None: ``sweep_cells.CEILING_COPY_BYTES`` / ``CEILING_GEMM_N``
+    #: (the ceiling records say which sizes were used either way).
     ceiling_copy_bytes: Optional[int] = None
     ceiling_gemm_n: Optional[int] = None
     #: The cells the goal table judges (preset, dtype).
@@ -122,7 +126,7 @@ PLANS = {
             Block(("mixtral",), (4096,), skews=skew.SKEWS[1:], what=LAYER_ONLY),
             Block(("small", "fine"), (1, 16, 256, 4096), dtypes=("float16", "float32")),
         ),
-        budget=sweep_cells.Budget(seconds_per_measurement=0.25, min_repeats=5, max_repeats=30),
+        budget=timing.Budget(seconds_per_measurement=0.25, min_repeats=5, max_repeats=30),
         utilisation=("mixtral", 8192, "float16"), budget_s=330.0,
     ),
     "gpu-full": Plan(
@@ -137,7 +141,7 @@ PLANS = {
             Block(("cpu",), CPU_TOKENS, dtypes=("float32",)),
             Block(("cpu",), (1024,), dtypes=("float32",), skews=skew.SKEWS[1:], what=LAYER_ONLY),
         ),
-        budget=sweep_cells.Budget(seconds_per_measurement=0.4, min_repeats=3, max_repeats=20),
+        budget=timing.Budget(seconds_per_measurement=0.4, min_repeats=3, max_repeats=20),
         budget_s=900.0, judged=("cpu", "float32"),
     ),
     "cpu-tiny": Plan(
@@ -146,7 +150,7 @@ PLANS = {
             Block(("tiny",), (1, 16, 128), dtypes=("float32",)),
             Block(("tiny",), (16,), dtypes=("float32",), skews=skew.SKEWS[1:], what=LAYER_ONLY),
         ),
-        budget=sweep_cells.Budget(seconds_per_measurement=0.005, min_repeats=2, max_repeats=3),
+        budget=timing.Budget(seconds_per_measurement=0.005, min_repeats=2, max_repeats=3),
         ceiling_copy_bytes=8 * 2**20, ceiling_gemm_n=256, judged=("tiny", "float32"),
     ),
 }
@@ -303,7 +307,10 @@ def run_sweep(plan: Plan, *, progress: bool = True, write: bool = True, results_
                 if block.what & {"dense", "gemm"} and dense_key not in dense_done:
                     dense_done.add(dense_key)
                     run.add(sweep_cells.measure_dense(layer, T, block.top_ks, block.what, ceilings, run.report))
-            except Exception as error:  # a whole cell failed (inputs, the validated call)
+            except sweep_cells.ValidationError as error:  # wrong output: the cell is not timed at all
+                run.report(f"cell {preset} {dtype} T={T} k={k} {skew_name} not timed, its output failed validation",
+                           error)
+            except Exception as error:  # a whole cell failed (its inputs, or the call validated first)
                 run.report(f"cell {preset} {dtype} T={T} k={k} {skew_name}", error)
                 traceback.print_exc(file=sys.stderr)
             if T >= 8192:  # large intermediates: give the pools' cached blocks back
@@ -393,12 +400,19 @@ def copy_to_out(run: _Run) -> None:
 # ---------------------------------------------------------------- tables
 
 
+def valid_timing(record: dict) -> bool:
+    """A timing record the tables and charts may show: not one marked
+    ``valid: false`` (a peer whose output differed from the layer's,
+    ``sweep_cells.PEER_ERROR_LIMIT``). Records from before the flag count as valid."""
+    return record.get("measurement") == "time" and record.get("valid", True) is not False
+
+
 def time_rows(records: list) -> dict:
-    """{(preset, dtype, skew, T, k, implementation, stage, launch, width): median_s}
-    of the timing records, for the tables."""
+    """{(preset, dtype, skew, T, k, implementation, stage, launch, width): record}
+    of the valid timing records, for the tables."""
     found = {}
     for record in records:
-        if record.get("measurement") != "time":
+        if not valid_timing(record):
             continue
         p = record["params"]
         key = (p["preset"], p["dtype"], p.get("skew", "uniform"), p["tokens"], p.get("top_k"),

@@ -18,6 +18,16 @@ and equal total parameters (width E·F), and the GEMMs alone at width K·F
 ("gemm-same-flops": the same FLOPs as the experts' GEMMs, through cuBLAS or
 NumPy's BLAS), the rate the expert GEMMs are held to.
 
+Nothing wrong is timed: before any timing, the cell's ``moe_forward`` output
+must pass the project's one tolerance rule against the float64 reference
+(``check_moe_output``, on a spread of token rows). A cell that fails raises
+``ValidationError``; the sweep reports it as a problem (the run's summary
+record, the chapters' "could not measure" table) and times nothing of it.
+A peer whose output differs from the layer's by more than
+``PEER_ERROR_LIMIT`` is still timed, but its record says ``valid: false``
+and the tables and charts leave it out (``sweep.time_rows``,
+``perf_chapters.timing_frame``); the sweep reports it as a problem too.
+
 Inputs rotate: each timed call takes the next of several argument sets (tokens
 and, on the CPU, weight copies) that together exceed twice the last-level
 cache; on the GPU, L2 is also overwritten before every call (untimed), since
@@ -37,6 +47,7 @@ from typing import Any, Callable, Optional
 import numpy
 
 import kernels
+import kernels.testing
 from analysis import peers, roofline, skew, timing
 from kernels.backends import resolve
 
@@ -45,23 +56,25 @@ GRAPH_MAX_TOKENS = 64
 #: Rotation never uses more argument sets than this (small T: the flush does the rest).
 MAX_ROTATION_SETS = 8
 #: A peer whose output differs from the layer's by more than this (relative to
-#: the output's largest magnitude) is reported; bfloat16 alone gives ~1e-2.
-PEER_ERROR_WARNING = 5e-2
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """How long one measurement may take: repeats are chosen from one probe call."""
-
-    seconds_per_measurement: float = 0.3
-    min_repeats: int = 5
-    max_repeats: int = 30
+#: the output's largest magnitude) is reported, and its record is marked
+#: invalid; bfloat16 alone gives ~1e-2. (The tolerance rule can't judge a peer:
+#: on the GPU torch._grouped_mm computes in bfloat16, which NumPy can't run as
+#: the rule's plain implementation.)
+PEER_ERROR_LIMIT = 5e-2
+#: The MoE output of a cell is checked on at most this many token rows ...
+VALIDATION_MAX_ROWS = 64
+#: ... and on fewer where the plain implementation the tolerance rule needs
+#: (the reference's code in the layer's dtype, in NumPy on the host) would cost
+#: more FLOPs than this. NumPy has no float16 BLAS (well under 1 GFLOP/s), and
+#: a Mixtral row costs 0.35 GFLOP per expert it chose: a float16 Mixtral cell
+#: checks 2 rows at k = 1 and 1 at k = 2, a CPU-sized layer all 64.
+VALIDATION_MAX_PLAIN_FLOPS = 1e9
 
 
 class Device:
     """Where the cell runs: the backend module, the array module, the timer's options."""
 
-    def __init__(self, name: str, budget: Budget):
+    def __init__(self, name: str, budget: timing.Budget):
         if name not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {name!r}")
         self.name = name
@@ -105,19 +118,9 @@ class Device:
                                                                   cache_bytes=self.cache_bytes))
 
     def time(self, fn: Callable, args_sets: list, *, graph: bool = False) -> timing.Timing:
-        """Median and p20/p80 with repeats fitted to the budget from one probe call."""
-        import time as clock  # noqa: PLC0415
-
-        start = clock.perf_counter()
-        fn(*args_sets[0])
-        self.synchronize()
-        probe = clock.perf_counter() - start
-        budget = self.budget
-        repeats = max(budget.min_repeats,
-                      min(budget.max_repeats, math.ceil(budget.seconds_per_measurement / max(probe, 1e-9))))
-        warmup = 1 if probe > 0.05 else 3
-        return timing.time_function(fn, args_sets=args_sets, warmup=warmup, repeats=repeats, device=self.name,
-                                    flush_bytes=self.flush_bytes, cuda_graph=graph)
+        """Median and p20/p80 with repeats fitted to the budget (``timing.time_within_budget``)."""
+        return timing.time_within_budget(fn, args_sets, self.budget, device=self.name,
+                                         flush_bytes=self.flush_bytes, cuda_graph=graph)
 
 
 # ---------------------------------------------------------------- inputs
@@ -175,6 +178,87 @@ def weight_copies(weights, count: int, device: Device) -> list:
 
 def nbytes(*arrays) -> int:
     return sum(int(a.nbytes) for a in arrays if a is not None)
+
+
+# ---------------------------------------------------------------- validation
+
+
+class ValidationError(AssertionError):
+    """A backend's ``moe_forward`` output broke the tolerance rule: nothing of its cell is timed."""
+
+
+def validation_rows(T: int, flops_per_row: float, *, max_rows: int = VALIDATION_MAX_ROWS,
+                    max_plain_flops: float = VALIDATION_MAX_PLAIN_FLOPS) -> numpy.ndarray:
+    """The token rows to check: as many as ``max_rows`` and ``max_plain_flops``
+    allow (at least one), spread evenly over the batch with the first row
+    first and, from two rows on, the last row last (a partial last tile is
+    where an indexing bug shows)."""
+    if T <= 0:
+        return numpy.zeros(0, dtype=numpy.int64)
+    count = max(1, min(T, max_rows, int(max_plain_flops // max(flops_per_row, 1.0))))
+    return numpy.unique(numpy.linspace(0, T - 1, count).round().astype(numpy.int64))
+
+
+def _host_rows(a, rows) -> numpy.ndarray:
+    """``a[rows]`` on the host; a CuPy array is gathered on the device first, so
+    only those rows cross to the host."""
+    if hasattr(a, "get"):
+        import cupy  # noqa: PLC0415 - only for CuPy input
+
+        return a[cupy.asarray(rows)].get()
+    return numpy.asarray(a)[rows]
+
+
+def check_moe_output(x, weights: kernels.MoEWeights, cfg: kernels.MoEConfig, output: kernels.MoEOutput, *,
+                     name: str, max_rows: int = VALIDATION_MAX_ROWS,
+                     max_plain_flops: float = VALIDATION_MAX_PLAIN_FLOPS) -> dict:
+    """Check ``output = kernels.moe_forward(x, weights, cfg, backend=...)`` (NumPy or
+    CuPy) by the project's one tolerance rule (``kernels.testing``): at most
+    twice the error of a plain implementation in the same dtype, both against
+    the float64 reference, routed as the tested backend routed (near-ties may
+    route differently in low precision, and that is not an error).
+
+    On a subset of token rows (``validation_rows``) where the layer is
+    dropless (``cfg.capacity_factor`` None): then y[t] depends only on x[t]
+    and its own routing, so the reference run on those rows alone gives
+    exactly those rows of the whole batch's reference. A capacity couples the
+    tokens (whether an assignment is kept depends on every token before it,
+    and the capacity on T), so then every row is checked. Only the experts the
+    checked rows chose reach the host: they are renumbered 0..U-1 and the
+    router's columns reordered to match, which changes no probability.
+
+    Returns ``{"validated_rows", "relative_error_vs_reference"}`` for the
+    records; raises ``ValidationError`` with the rule's numbers.
+    """
+    experts_all = kernels.testing.to_host(output.routing.experts)
+    T, K = experts_all.shape
+    D, F, E = cfg.d_model, cfg.d_ff, cfg.n_experts
+    if cfg.capacity_factor is None:
+        rows = validation_rows(T, roofline.moe_flops(1, D, F, E, K, cfg.activation), max_rows=max_rows,
+                               max_plain_flops=max_plain_flops)
+    else:
+        rows = numpy.arange(T)
+    experts = experts_all[rows]
+    used = numpy.unique(experts)
+    order = numpy.concatenate([used, numpy.setdiff1d(numpy.arange(E), used)])
+    renumbered = numpy.empty(E, dtype=numpy.int64)
+    renumbered[order] = numpy.arange(E)
+    experts = renumbered[experts].astype(numpy.int32)
+    compact = kernels.MoEWeights(
+        router=kernels.testing.to_host(weights.router)[:, order],
+        w1=_host_rows(weights.w1, used), w2=_host_rows(weights.w2, used),
+        w3=None if weights.w3 is None else _host_rows(weights.w3, used))
+    routing = kernels.Routing(experts=experts, weights=None, probs=None)  # only the choices are used
+    x_rows, y_rows = _host_rows(x, rows), _host_rows(output.y, rows)
+    expected = kernels.testing.expected_moe_forward(x_rows, compact, cfg, routing)
+    try:
+        kernels.testing.assert_close_to_reference(
+            y_rows, expected, kernels.testing.plain_moe_forward(x_rows, compact, cfg, routing),
+            name=f"{name} ({len(rows)} of {T} rows)",
+            scale=kernels.testing.moe_term_scale(x_rows, compact, cfg, experts))
+    except AssertionError as failure:
+        raise ValidationError(str(failure)) from None
+    return {"validated_rows": int(len(rows)), "relative_error_vs_reference": peers.relative_error(y_rows, expected)}
 
 
 # ---------------------------------------------------------------- records
@@ -287,7 +371,8 @@ def cpu_threads() -> dict:
 
 def measure_moe(layer: Layer, T: int, k: int, skew_name: str, what: frozenset, ceilings: Ceilings,
                 report: Callable[[str, Exception], None]) -> list:
-    """Records of one MoE cell: stages, the whole layer (eager, graph), the peers."""
+    """Records of one MoE cell: stages, the whole layer (eager, graph), the peers;
+    none before ``check_moe_output`` has passed (``ValidationError`` otherwise)."""
     device, impl = layer.device, layer.device.impl
     cfg = layer.config(k)
     x_bytes = T * layer.D * layer.itemsize
@@ -299,6 +384,9 @@ def measure_moe(layer: Layer, T: int, k: int, skew_name: str, what: frozenset, c
                           seed=layer.seed * 1000 + index) for index in range(count)]
 
     forward = kernels.moe_forward(x_sets[0], weight_sets[0], cfg, backend=device.name, **device.check)
+    # Before anything is timed; a ValidationError ends the cell (the sweep reports it).
+    checked = check_moe_output(x_sets[0], weight_sets[0], cfg, forward,
+                               name=f"{device.name} moe_forward, {layer.name} {layer.dtype} T={T} k={k} {skew_name}")
     load = skew.load_summary(forward.plan.counts)
     kept = forward.plan.n_kept
     costs = roofline.stage_costs(T, layer.D, layer.F, layer.E, k, layer.activation, layer.itemsize,
@@ -309,6 +397,7 @@ def measure_moe(layer: Layer, T: int, k: int, skew_name: str, what: frozenset, c
                    "expert_mlp": [costs["expert_gemm1"], costs["expert_gemm2"]], "combine": [costs["combine"]]}
     whole_layer = [costs[stage] for stage in roofline.STAGES]
     records = []
+    validated = dict(checked, valid=True)
 
     def timed(implementation, stage, fn, args_sets, cost_list, *, graph=False):
         try:
@@ -318,7 +407,7 @@ def measure_moe(layer: Layer, T: int, k: int, skew_name: str, what: frozenset, c
                    f"{' (graph)' if graph else ''}", error)
             return
         records.append(time_record(implementation, stage, measured, cost_list, ceilings, layer.dtype, params,
-                                   launch="graph" if graph else "eager", **extra))
+                                   launch="graph" if graph else "eager", **validated, **extra))
 
     if "stages" in what:
         route_kw = device.check
@@ -371,20 +460,23 @@ def measure_peers(layer: Layer, T: int, k: int, cfg, x_sets: list, expected_y, c
         candidates.append(("torch-grouped-mm", grouped_dtype, peers.grouped_mm_moe,
                            dataclasses.replace(layer.torch_layers["grouped"], top_k=k)))
     for name, compute_dtype, function, torch_weights in candidates:
+        where = f"{name} at {layer.name} {layer.dtype} T={T} k={k}"
         try:
             x_torch = [peers.as_torch(x, compute_dtype) for x in x_sets]
             error = peers.relative_error(function(x_torch[0], torch_weights), expected_y)
-            if not error <= PEER_ERROR_WARNING:
-                print(f"WARNING: {name} differs from kernels.moe_forward at T={T} k={k}: relative error {error:.2e}",
-                      file=sys.stderr)
+            valid = error <= PEER_ERROR_LIMIT  # False for NaN too
+            if not valid:
+                report(where, ValidationError(
+                    f"relative error {error:.2e} against kernels.moe_forward exceeds {PEER_ERROR_LIMIT:g}: "
+                    f"timed, but its record is marked invalid and left out of the tables and charts"))
             measured = device.time(lambda x: function(x, torch_weights), [(x,) for x in x_torch])
         except Exception as failure:
-            report(f"{name} at {layer.name} {layer.dtype} T={T} k={k}", failure)
+            report(where, failure)
             continue
         # Its roofline at the rate of the dtype it computes in (bfloat16: the float16 rate).
         records.append(time_record(name, "end_to_end", measured, costs, ceilings, compute_dtype,
                                    dict(params, compute_dtype=compute_dtype), launch="eager",
-                                   relative_error_vs_moe=error, **extra))
+                                   relative_error_vs_moe=error, valid=valid, **extra))
     return records
 
 
@@ -443,10 +535,19 @@ def load_layer(name: str, D: int, F: int, E: int, activation: str, dtype: str, d
                  weights=weights, seed=seed)
 
 
+#: The ceilings' sizes where a plan names none: a copy of this many bytes ...
+CEILING_COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
+#: ... and an n x n x n GEMM; both large enough to leave the caches behind.
+CEILING_GEMM_N = {"cpu": 2048, "cuda": 8192}
+
+
 def measure_ceilings(device: Device, dtypes: tuple, *, copy_bytes: Optional[int] = None,
                      gemm_n: Optional[int] = None) -> tuple:
-    """(Ceilings, records): copy bandwidth and the GEMM rate of each dtype, measured now
-    (sizes: ``roofline``'s defaults unless given)."""
+    """(Ceilings, records): copy bandwidth and the GEMM rate of each dtype, measured now.
+    Sizes: ``copy_bytes`` and ``gemm_n``, or ``CEILING_COPY_BYTES`` and
+    ``CEILING_GEMM_N`` of the device; the records say which were used."""
+    copy_bytes = CEILING_COPY_BYTES[device.name] if copy_bytes is None else int(copy_bytes)
+    gemm_n = CEILING_GEMM_N[device.name] if gemm_n is None else int(gemm_n)
     copy = roofline.copy_bandwidth(device.name, copy_bytes)
     rates = {dtype: roofline.gemm_rate(device.name, dtype, gemm_n) for dtype in dtypes}
     records = [{"measurement": "ceiling", "implementation": "copy", "bytes_per_s": copy,
@@ -456,4 +557,3 @@ def measure_ceilings(device: Device, dtypes: tuple, *, copy_bytes: Optional[int]
                             "library": "cuBLAS (cupy.matmul)" if device.name == "cuda" else "NumPy BLAS"}}
                 for dtype, rate in rates.items()]
     return Ceilings(copy, rates), records
-

@@ -24,6 +24,12 @@ the other layers of a model had run.
 times the graphs' replays: a layer of many small kernels (decode) is then
 timed without the host's launch gaps. Replays are for timing only: the
 captured calls' outputs live in memory the allocator may hand out again.
+
+``time_within_budget`` is ``time_function`` for callers that time many
+functions of very different cost (the sweep, ``bench_cpu``): one untimed probe
+call says how long a call takes, and the repeats are chosen so that the
+measurement takes about ``Budget.seconds_per_measurement``, within
+``Budget.min_repeats`` and ``Budget.max_repeats``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ import numpy
 #: What ``last_level_cache_bytes`` returns where the machine won't say:
 #: a generous server L3, so that rotation errs on the side of more sets.
 FALLBACK_LAST_LEVEL_CACHE_BYTES = 64 * 1024 * 1024
+
+
+#: A probe call slower than this has warmed itself up: one warm-up call follows, not three.
+SELF_WARMING_CALL_S = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +125,49 @@ def time_function(
         replay_sets = [(graph,) for graph in graphs]
         return _timed_calls(lambda graph: graph.launch(stream), replay_sets, warmup, repeats,
                             min_time_s, setup, _cuda_call_timer())
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long one measurement may take: the repeats are fitted to
+    ``seconds_per_measurement`` from one probe call, within [min_repeats, max_repeats]
+    (``min_repeats`` wins where the two disagree)."""
+
+    seconds_per_measurement: float = 0.3
+    min_repeats: int = 5
+    max_repeats: int = 30
+
+
+def repeats_for_budget(probe_s: float, budget: Budget) -> int:
+    """Timed calls that fill ``budget.seconds_per_measurement`` at ``probe_s`` per call."""
+    fitted = math.ceil(budget.seconds_per_measurement / max(probe_s, 1e-9))
+    return max(budget.min_repeats, min(budget.max_repeats, fitted))
+
+
+def time_within_budget(fn: Callable, args_sets: Sequence[tuple], budget: Budget, *, device: str = "cpu",
+                       flush_bytes: int = 0, cuda_graph: bool = False) -> Timing:
+    """``time_function`` with its repeats fitted to ``budget``.
+
+    One probe call of ``fn(*args_sets[0])`` (eager, untimed by the result; on
+    the GPU the device is synchronised before and after it, so it measures
+    the work, not the launch) gives the seconds per call; the repeats are
+    ``repeats_for_budget`` of that, and a call slower than
+    ``SELF_WARMING_CALL_S`` gets one warm-up call instead of three (the probe
+    has warmed it up). The other options are ``time_function``'s.
+    """
+    if not args_sets:
+        raise ValueError("args_sets: expected at least one argument tuple, got an empty sequence")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    synchronize = _import_cupy().cuda.Device().synchronize if device == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    fn(*args_sets[0])
+    synchronize()
+    probe_s = time.perf_counter() - start
+    warmup = 1 if probe_s > SELF_WARMING_CALL_S else 3
+    return time_function(fn, args_sets=args_sets, warmup=warmup, repeats=repeats_for_budget(probe_s, budget),
+                         device=device, flush_bytes=flush_bytes, cuda_graph=cuda_graph)
 
 
 class GraphCaptureError(RuntimeError):

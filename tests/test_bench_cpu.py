@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from analysis import bench_cpu, records, timing
+import pytest
+
+import kernels.cpu
+from analysis import bench_cpu, records, sweep_cells, timing
 
 
 def test_quick_run_prints_the_table(capsys):
@@ -19,7 +22,8 @@ def test_quick_run_prints_the_table(capsys):
 def test_quick_run_writes_records(tmp_path, capsys):
     argv = ["--quick", "--tokens", "2", "300", "--k", "2", "--results-dir", str(tmp_path)]
     assert bench_cpu.main(argv) == 0
-    assert "Records appended" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Records appended" in printed
 
     written = records.read_records(bench_cpu.RECORD_KIND, results_dir=tmp_path)
     sgemm = [r for r in written if r["measurement"] == "sgemm-rate"]
@@ -37,10 +41,29 @@ def test_quick_run_writes_records(tmp_path, capsys):
         assert record["git_dirty"] in (True, False, None)
     moe = next(r for r in timed if r["implementation"] == "moe" and r["params"]["tokens"] == 300)
     assert moe["kept_assignments"] == 600  # dropless: T*K
-    reference = next(r for r in timed if r["backend"] == "reference")
-    assert reference["cpu_relative_error_vs_reference"] < 1e-3
+    # Every cpu MoE was validated before it was timed: all rows at T=2, 64 spread rows at T=300.
+    validated = {r["params"]["tokens"]: r["validated_rows"] for r in timed if r["backend"] == "cpu"
+                 and r["implementation"] == "moe"}
+    assert validated == {2: 2, 300: sweep_cells.VALIDATION_MAX_ROWS}
+    assert all(r["relative_error_vs_reference"] < 1e-5 for r in timed if r["implementation"] == "moe"
+               and r["backend"] == "cpu")
     for line in (next(tmp_path.glob("*/bench-cpu.jsonl"))).read_text().splitlines():
         json.loads(line)
+    # The records rebuild the table the run printed, digit for digit.
+    rows, sgemm = bench_cpu.rows_from_records(written)
+    assert sgemm == next(r["flop_per_s"] for r in written if r["measurement"] == "sgemm-rate")
+    assert [(row["tokens"], row["top_k"]) for row in rows] == [(2, 2), (300, 2)]
+    assert bench_cpu.format_table(rows) in printed
+
+
+def test_a_wrong_moe_output_is_never_timed(monkeypatch):
+    combine = kernels.cpu.combine
+    monkeypatch.setattr(kernels.cpu, "combine", lambda *arguments: combine(*arguments) * 1.01)
+    timed = []
+    monkeypatch.setattr(timing, "time_within_budget", lambda *arguments, **options: timed.append(arguments))
+    with pytest.raises(sweep_cells.ValidationError, match="T=300, k=2"):
+        bench_cpu.measure_moe(300, 2, bench_cpu.PRESETS["quick"])
+    assert timed == []
 
 
 def test_quick_preset_yields_to_explicit_options():
@@ -66,10 +89,7 @@ def _row(tokens, ratio, fraction):
 
 
 def test_goal_report_judges_only_large_token_counts():
-    config = bench_cpu.PRESETS["quick"]
-    def report(rows):
-        return bench_cpu.goal_report(bench_cpu.BenchResult(config, 1.0, [], rows))
-
+    report = bench_cpu.goal_report
     met = report([_row(16, 5.0, 0.01), _row(4096, 1.10, 0.75), _row(16384, 1.05, 0.80)])
     assert "1.10x -> MET" in met[0] and "75.0% -> MET" in met[1]
     missed = report([_row(4096, 1.20, 0.60)])

@@ -4,6 +4,7 @@ which this machine cannot make)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 pytest.importorskip("altair", reason="the book extra is not installed")
 pytest.importorskip("torch", reason="the peers need the torch extra")
 
-from analysis import charts, perf_chapters, sweep  # noqa: E402
+from analysis import bench_cpu, charts, perf_chapters, sweep  # noqa: E402
 
 TINY = sweep.with_overrides(sweep.PLANS["cpu-tiny"], tokens=(1, 16), top_ks=(1, 2))
 
@@ -86,6 +87,9 @@ def test_tables_and_charts_from_records(results):
     assert set(perf_chapters.ceilings_table(data)["unit"]) == {"GB/s", "TFLOP/s"}
     numbers = perf_chapters.ceiling_numbers(data)
     assert numbers["copy_gb_per_s"] > 0
+    # The sizes the prose gives are the ones the run's ceiling records used (cpu-tiny's).
+    assert numbers["copy_size"] == "8 MiB" and numbers["gemm_shape"] == "256 × 256 × 256"
+    assert list(perf_chapters.ceilings_table(data)["size"]) == ["8 MiB", "256 × 256 × 256"]
     assert len(perf_chapters.goals_frame(data, "tiny", "float32")) == 6
     for chart in (perf_chapters.time_vs_tokens_chart(curves, crossings, "t"),
                   perf_chapters.stage_share_chart(stages, "t"), perf_chapters.roofline_chart(stages, "t"),
@@ -129,3 +133,40 @@ def test_newest_run_is_picked():
     found = [{"run_id": "a", "utc": "2026-01-01"}, {"run_id": "b", "utc": "2026-02-01"},
              {"run_id": "a", "utc": "2026-01-02"}]
     assert perf_chapters.newest_run(found) == [{"run_id": "b", "utc": "2026-02-01"}]
+
+
+def test_size_texts():
+    assert perf_chapters.bytes_text(2**30) == "1 GiB" and perf_chapters.bytes_text(256 * 2**20) == "256 MiB"
+    assert perf_chapters.bytes_text(1000) == "1000 bytes"
+    assert perf_chapters.bytes_text(None) == perf_chapters.gemm_shape_text(None) == perf_chapters.SIZE_NOT_RECORDED
+    assert perf_chapters.gemm_shape_text(8192) == "8192 × 8192 × 8192"
+    empty = perf_chapters.ceiling_numbers(perf_chapters.ChapterData([], "none", "note"))
+    assert empty["copy_size"] == empty["gemm_shape"] == "not measured"
+
+
+def test_records_marked_invalid_are_in_no_table_or_chart(results):
+    data = perf_chapters.chapter_data("cpu", source="records", results_dir=results)
+    assert "HF eager loop" in set(perf_chapters.timing_frame(data)["label"])
+    marked = [dict(r, valid=False) if r.get("implementation") == "hf-eager" else r for r in data.records]
+    data = dataclasses.replace(data, records=marked)
+    assert "HF eager loop" not in set(perf_chapters.timing_frame(data)["label"])
+    assert perf_chapters.summary_frame(data)["hf_eager ms"].isna().all()
+
+
+def test_bench_cpu_section_without_records_says_so(tmp_path):
+    view = perf_chapters.bench_cpu_view(tmp_path)
+    assert perf_chapters.NO_BENCH_CPU_RECORDS in view.note and view.text == "" and view.rows == []
+
+
+def test_bench_cpu_section_shows_the_newest_run(tmp_path, capsys):
+    for tokens in ("2", "4"):
+        assert bench_cpu.main(["--quick", "--tokens", tokens, "--k", "1", "--results-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split("Records appended")[-2]  # the second run's output
+    view = perf_chapters.bench_cpu_view(tmp_path)
+    assert [(row["tokens"], row["top_k"]) for row in view.rows] == [(4, 1)]  # the newest run only
+    assert "newest committed bench-cpu run" in view.note and "bench-cpu.jsonl" in view.note
+    assert "commit" in view.note and "D = 64, F = 128, E = 4, swiglu, float32" in view.note
+    table, goals = view.text.split("\n\n")
+    assert table in printed and goals == "\n".join(bench_cpu.goal_report(view.rows))
+    assert "Goals: not judged" in goals
+

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import kernels
-from analysis import records, skew, sweep
+import kernels.cpu
+import kernels.testing
+from analysis import peers, records, roofline, skew, sweep, sweep_cells
 
 pytest.importorskip("torch", reason="the peers need the torch extra")
 
@@ -53,7 +55,14 @@ def test_tiny_sweep_writes_tidy_records(tiny_run):
     # Peers are checked against the layer before they are timed.
     for record in timed:
         if record["implementation"] in ("hf-eager", "torch-grouped-mm"):
-            assert record["relative_error_vs_moe"] < 1e-4
+            assert record["relative_error_vs_moe"] < 1e-4 and record["valid"] is True
+    # Every MoE timing was validated first, on all rows of these small T.
+    moe = [r for r in timed if r["implementation"] == "moe"]
+    assert moe and all(r["valid"] is True and r["validated_rows"] == r["params"]["tokens"]
+                       and r["relative_error_vs_reference"] < 1e-5 for r in moe)
+    # The ceilings say the sizes they were measured at (the plan's).
+    ceilings = {r["implementation"]: r["params"] for r in written if r["measurement"] == "ceiling"}
+    assert ceilings["copy"]["nbytes"] == TINY.ceiling_copy_bytes and ceilings["gemm"]["n"] == TINY.ceiling_gemm_n
     # Every skew was measured at its T, and the load it produced is recorded.
     skews = {r["params"]["skew"] for r in timed if r["params"].get("skew")}
     assert skews == set(skew.SKEWS)
@@ -106,6 +115,87 @@ def test_records_are_copied_to_out(tmp_path, monkeypatch):
     result = sweep.run_sweep(plan, progress=False, results_dir=tmp_path / "results", echo=lambda message: None)
     copied = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert copied == result.records
+
+
+ONE_CELL = sweep.with_overrides(TINY, tokens=(16,), top_ks=(2,), skews=("uniform",))
+ONE_CELL = dataclasses.replace(ONE_CELL, blocks=ONE_CELL.blocks[:1])
+
+
+def test_a_cell_whose_output_fails_validation_is_reported_and_not_timed(tmp_path, monkeypatch):
+    combine = kernels.cpu.combine
+    monkeypatch.setattr(kernels.cpu, "combine", lambda *arguments: combine(*arguments) * 1.01)
+    result = sweep.run_sweep(ONE_CELL, progress=False, results_dir=tmp_path, echo=lambda message: None)
+    assert not [r for r in result.records if r["measurement"] == "time"]
+    (problem,) = result.problems
+    assert "not timed" in problem["what"] and "ValidationError" in problem["error"]
+    summary = [r for r in result.records if r["measurement"] == "run"]
+    assert summary[0]["problems"] == result.problems
+
+
+def test_a_peer_off_the_layer_is_marked_invalid_and_left_out_of_the_tables(tmp_path, monkeypatch):
+    eager = peers.hf_eager_moe
+    monkeypatch.setattr(peers, "hf_eager_moe", lambda x, weights: eager(x, weights) * 2)
+    result = sweep.run_sweep(ONE_CELL, progress=False, results_dir=tmp_path, echo=lambda message: None)
+    (hf,) = [r for r in result.records if r.get("implementation") == "hf-eager"]
+    assert hf["valid"] is False and hf["relative_error_vs_moe"] > sweep_cells.PEER_ERROR_LIMIT
+    assert [p["what"] for p in result.problems] == ["hf-eager at tiny float32 T=16 k=2"]
+    assert not sweep.valid_timing(hf)
+    (row,) = sweep.summary_table(result.records)
+    assert row["hf_eager_s"] is None and row["grouped_mm_s"] > 0 and row["moe_s"] > 0
+
+
+def test_ceiling_records_give_the_sizes_measured(monkeypatch):
+    measured = []
+    monkeypatch.setattr(roofline, "copy_bandwidth", lambda device, nbytes: measured.append(nbytes) or 1e9)
+    monkeypatch.setattr(roofline, "gemm_rate", lambda device, dtype, n: measured.append(n) or 1e9)
+    device = sweep_cells.Device("cpu", sweep.PLANS["cpu-tiny"].budget)
+    _, found = sweep_cells.measure_ceilings(device, ("float32",))
+    assert measured == [sweep_cells.CEILING_COPY_BYTES["cpu"], sweep_cells.CEILING_GEMM_N["cpu"]]
+    assert [r["params"].get("nbytes", r["params"].get("n")) for r in found] == measured
+    _, found = sweep_cells.measure_ceilings(device, ("float32",), copy_bytes=1024, gemm_n=64)
+    assert [r["params"].get("nbytes", r["params"].get("n")) for r in found] == [1024, 64]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_validation_rows_spread_over_the_batch_within_the_budget():
+    assert list(sweep_cells.validation_rows(5, 1.0)) == [0, 1, 2, 3, 4]
+    rows = sweep_cells.validation_rows(1000, 1.0, max_rows=10)
+    assert len(rows) == 10 and rows[0] == 0 and rows[-1] == 999 and np.all(np.diff(rows) > 0)
+    assert list(sweep_cells.validation_rows(1000, 4e8, max_plain_flops=1e9)) == [0, 999]
+    assert list(sweep_cells.validation_rows(1000, 1e10, max_plain_flops=1e9)) == [0]  # at least one
+    assert sweep_cells.validation_rows(0, 1.0).size == 0
+
+
+@pytest.mark.parametrize("max_rows", [3, 64])
+def test_a_row_subset_is_checked_exactly_as_the_whole_batch(max_rows):
+    """The check's renumbered experts and reordered router give the whole
+    batch's reference on those rows (a few rows use a few of the 8 experts)."""
+    cfg = kernels.MoEConfig(24, 40, 8, 2)
+    weights = kernels.init_weights(cfg, seed=2)
+    x = np.random.default_rng(3).standard_normal((500, 24)).astype(np.float32)
+    output = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    checked = sweep_cells.check_moe_output(x, weights, cfg, output, name="cpu", max_rows=max_rows)
+    rows = sweep_cells.validation_rows(500, roofline.moe_flops(1, 24, 40, 8, 2, "swiglu"), max_rows=max_rows)
+    whole = kernels.testing.expected_moe_forward(x, weights, cfg, output.routing)[rows]
+    assert checked["validated_rows"] == len(rows) == min(max_rows, 500)
+    assert checked["relative_error_vs_reference"] == pytest.approx(peers.relative_error(output.y[rows], whole),
+                                                                   rel=1e-9)
+
+
+def test_the_check_catches_a_wrong_last_row_and_checks_every_row_under_a_capacity():
+    cfg = kernels.MoEConfig(16, 24, 4, 1)
+    weights = kernels.init_weights(cfg, seed=4)
+    x = np.random.default_rng(5).standard_normal((300, 16)).astype(np.float32)
+    output = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    wrong = output.y.copy()
+    wrong[-1] *= 1.01
+    with pytest.raises(sweep_cells.ValidationError, match="of 300 rows"):
+        sweep_cells.check_moe_output(x, weights, cfg, dataclasses.replace(output, y=wrong), name="cpu")
+    limited = dataclasses.replace(cfg, capacity_factor=0.5)  # drops: the rows are coupled
+    output = kernels.moe_forward(x, weights, limited, backend="cpu")
+    assert sweep_cells.check_moe_output(x, weights, limited, output, name="cpu")["validated_rows"] == 300
 
 
 def test_plans():

@@ -56,6 +56,37 @@ def test_sets_to_exceed_cache():
         timing.sets_to_exceed_cache(0)
 
 
+def test_repeats_fill_the_budget_within_its_bounds():
+    budget = timing.Budget(seconds_per_measurement=0.1, min_repeats=3, max_repeats=50)
+    assert timing.repeats_for_budget(0.01, budget) == 10
+    assert timing.repeats_for_budget(1.0, budget) == 3  # a slow call: the floor
+    assert timing.repeats_for_budget(0.0, budget) == 50  # a fast call: the ceiling
+    assert timing.repeats_for_budget(0.01, timing.Budget(0.1, min_repeats=20, max_repeats=5)) == 20
+
+
+def test_time_within_budget_probes_once_then_warms_up_and_times():
+    calls = []
+    result = timing.time_within_budget(calls.append, [(0,), (1,)], timing.Budget(1.0, min_repeats=2, max_repeats=7))
+    # A fast call: the probe (set 0), three warm-ups, then max_repeats timed calls, rotating.
+    assert result.repeats == 7
+    assert calls == [0] + [0, 1, 0] + [1, 0, 1, 0, 1, 0, 1]
+
+
+def test_a_slow_call_gets_the_floor_and_one_warmup():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(timing.SELF_WARMING_CALL_S + 0.01)
+
+    result = timing.time_within_budget(slow, [()], timing.Budget(0.01, min_repeats=2, max_repeats=9))
+    assert result.repeats == 2 and len(calls) == 1 + 1 + 2  # probe, one warm-up, two timed
+    with pytest.raises(ValueError, match="args_sets"):
+        timing.time_within_budget(slow, [], timing.Budget())
+    with pytest.raises(ValueError, match="device"):
+        timing.time_within_budget(slow, [()], timing.Budget(), device="tpu")
+
+
 def test_gpu_options_are_refused_on_the_cpu():
     with pytest.raises(ValueError, match="flush_bytes"):
         timing.time_function(lambda: None, flush_bytes=1024)
@@ -205,3 +236,13 @@ def test_a_call_that_cannot_be_captured_raises_graph_capture_error(fake_cupy):
     with pytest.raises(timing.GraphCaptureError, match="not permitted"):
         timing.time_function(synchronising, args_sets=[(0,)], device="cuda", cuda_graph=True)
     assert "end capture" in fake_cupy.log  # the capture was ended, the stream usable again
+
+
+def test_time_within_budget_on_the_gpu_probes_unflushed_then_flushes_every_call(fake_cupy):
+    def call(index):
+        fake_cupy.log.append(f"call {index}")
+
+    result = timing.time_within_budget(call, [(0,)], timing.Budget(1.0, min_repeats=2, max_repeats=2),
+                                       device="cuda", flush_bytes=64)
+    assert result.repeats == 2
+    assert fake_cupy.log == ["call 0"] + ["flush", "call 0"] * 5  # the probe, three warm-ups, two timed
