@@ -46,11 +46,14 @@ _PACKAGE_DISTRIBUTIONS = {
 #: The fields ``provenance`` returns; a record may not use these names for
 #: its own measurements.
 PROVENANCE_FIELDS = (
-    "utc", "host", "device", "device_kind", "cpu_count", "blas",
+    "utc", "host", "device", "device_kind", "cpu_count", "blas", "thread_settings",
     "compute_capability", "driver", "cuda_driver", "cuda_runtime",
     "python", "numpy", "scipy", "torch", "cupy",
     "git_commit", "git_dirty",
 )
+
+#: Environment variables that set the BLAS and OpenMP thread counts.
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _KIND_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
@@ -115,6 +118,9 @@ def provenance(device_kind: str = "cpu", *, repo_root: str | os.PathLike | None 
         "device_kind": device_kind,
         "cpu_count": os.cpu_count(),
         "blas": _numpy_blas(),
+        # On a shared CPU these decide the timings (a BLAS thread waiting for a
+        # busy core stalls every call): unset means the library's default.
+        "thread_settings": {name: os.environ.get(name) for name in THREAD_VARIABLES},
         "compute_capability": gpu["compute_capability"],
         "driver": gpu["driver"],
         "cuda_driver": gpu["cuda_driver"],

@@ -48,7 +48,7 @@ import numpy
 
 import kernels
 import kernels.testing
-from analysis import peers, roofline, skew, timing
+from analysis import peers, records, roofline, skew, timing
 from kernels.backends import resolve
 
 #: On the GPU, the whole layer is also timed as CUDA-graph replays up to this T.
@@ -354,7 +354,7 @@ class Layer:
 
 #: Environment variables that set the CPU libraries' thread counts; they act
 #: only when set before NumPy and PyTorch start (``make sweep-cpu SWEEP_THREADS=1``).
-THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARIABLES = records.THREAD_VARIABLES
 
 
 def cpu_threads() -> dict:
