@@ -55,6 +55,15 @@ TINY_PARAMETERS = {
     "cpu_baseline": [
         pytest.param({"source": "live", "plan": "cpu-tiny"}, id="live-tiny"),
     ],
+    # Live on the CPU backends at tiny sizes (odd T so that no size is a power of two).
+    "correctness": [
+        pytest.param({"T": 33, "D": 8, "F": 12, "E": 4, "seeds": [0], "routing_T": 257, "repeats": 2,
+                      "batch_sizes": [2, 33], "probes": 2}, id="tiny-live"),
+    ],
+    # The committed results/ (whatever is there, or the note that there is none).
+    "provenance": [
+        pytest.param({}, id="default-results"),
+    ],
 }
 
 GLUE_ROLE = re.compile(r"\{glue(?::[a-z]+)?\}`([^`]+)`")

@@ -1,0 +1,98 @@
+"""The correctness chapter's helpers (analysis/correctness.py), on tiny hand-checkable cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("altair")
+
+from analysis import correctness  # noqa: E402
+
+
+def test_top_k_margins_by_hand():
+    logits = np.array([[3.0, 1.0, 2.5, 0.0],   # sorted 3, 2.5, 1: k=1 gap 0.5; k=2 min(0.5, 1.5)
+                       [1.0, 1.0, 0.0, -1.0]])  # an exact tie at the top: margin 0
+    np.testing.assert_allclose(correctness.top_k_margins(logits, 1), [0.5, 0.0])
+    np.testing.assert_allclose(correctness.top_k_margins(logits, 2), [0.5, 0.0])
+    # k=2 where the second gap is the smaller one
+    np.testing.assert_allclose(correctness.top_k_margins(np.array([[4.0, 1.0, 0.9]]), 2), [0.1])
+
+
+def test_agreement_summary_and_text():
+    frame = pd.DataFrame({"token": range(4), "agree": [True, True, True, False],
+                          "margin": [1.0, 2.0, 3.0, 1e-7]})
+    summary = correctness.agreement_summary(frame)
+    assert summary["n_tokens"] == 4 and summary["n_disagree"] == 1
+    assert summary["agree_fraction"] == 0.75
+    assert summary["max_disagree_margin"] == 1e-7
+    assert summary["disagree_margin_quantile"] == 0.25
+    assert "at most 1.00e-07" in correctness.agreement_text(summary)
+    none = correctness.agreement_summary(frame.assign(agree=True))
+    assert none["n_disagree"] == 0 and none["max_disagree_margin"] is None
+    assert correctness.agreement_text(none).startswith("No token disagreed")
+
+
+def test_differing_bits_by_hand():
+    a = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    b = a.copy()
+    assert correctness._differing_bits(a, b) == (0, 0)
+    b[1] = np.nextafter(b[1], np.float32(10))  # one ulp: the last mantissa bit flips
+    assert correctness._differing_bits(a, b) == (1, 1)
+    b[2] = -b[2]  # the sign bit
+    assert correctness._differing_bits(a, b) == (2, 2)
+
+
+def test_error_table_is_within_the_rule():
+    table = correctness.error_table(T=9, D=4, F=6, E=3, seeds=[0], ks=[1, 2], activations=["swiglu"])
+    assert len(table) == 4 and table["passed"].all()
+    assert (table["cpu error"] <= table["bound"]).all()
+    # float64 on the cpu backend: the plain implementation is the reference itself
+    assert (table.xs("float64", level="dtype")["plain error"] == 0).all()
+    numbers = correctness.error_numbers(table)
+    assert numbers["n_cases"] == numbers["n_passed"] == 4
+    correctness.assert_errors_within_bound(table)
+    with pytest.raises(AssertionError, match="outside"):
+        correctness.assert_errors_within_bound(table.assign(passed=False))
+
+
+def test_routing_agreement_shape_and_margins():
+    frame = correctness.agreement_frame(T=20, D=4, E=3, seeds=[0, 1], ks=[1, 2])
+    assert len(frame) == 80 and set(frame["k"]) == {1, 2}
+    assert (frame["margin"] >= 0).all()
+    table = correctness.agreement_table(frame)
+    assert list(table.index) == [1, 2] and (table["tokens"] == 40).all()
+
+
+def test_determinism_and_batch_invariance_tables():
+    determinism = correctness.determinism_table(T=7, D=4, F=6, E=3, seed=0, repeats=2)
+    assert list(determinism.index) == ["float32", "float64"]
+    assert (determinism["differing bits"] >= determinism["differing elements"]).all()
+    batch = correctness.batch_invariance_table(T=7, D=4, F=6, E=3, seed=0, batch_sizes=[1, 3, 50], probes=2)
+    # n = 1 is the alone run itself, and n is capped at T
+    assert batch.loc[("float32", 1), "differing elements"] == 0
+    assert ("float32", 7) in batch.index
+    numbers = correctness.batch_invariance_numbers(batch)
+    assert numbers["n_settings"] == 6
+    unchanged = correctness.batch_invariance_numbers(batch.assign(**{"differing elements": 0}))
+    assert unchanged["verdict"].startswith("bitwise batch-invariant")
+
+
+def test_gpu_tests_view(tmp_path):
+    table, note = correctness.gpu_tests_view(tmp_path)
+    assert table is None and "No gpu-tests record" in repr(note)
+    assert correctness.gpu_tests_text(None).startswith("No gpu-tests record")
+    folder = tmp_path / "nvidia-h100"
+    folder.mkdir()
+    lines = [{"utc": "2026-01-01T00:00:00Z", "device": "NVIDIA H100", "passed": 1, "failed": 9, "source_hash": "a"},
+             {"utc": "2026-02-03T00:00:00Z", "device": "NVIDIA H100", "passed": 500, "failed": 0,
+              "source_hash": "b" * 64}]
+    (folder / "gpu-tests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    table, note = correctness.gpu_tests_view(tmp_path)
+    assert table.loc[0, "passed"] == 500
+    text = correctness.gpu_tests_text(table)
+    assert "500 passed and 0 failed" in text and "bbbbbbbbbbbb" in text
+    assert "other kernel sources" in repr(note)
