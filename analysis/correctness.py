@@ -23,7 +23,6 @@ import pandas as pd
 
 import kernels
 import kernels.testing
-from analysis import records
 from analysis.kernels_chapter import Note
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
@@ -302,18 +301,16 @@ def batch_invariance_numbers(table: pd.DataFrame) -> dict:
 def gpu_tests_view(results_dir=None):
     """The newest committed gpu-tests record (make device-check) as a one-row table and a note,
     or (None, a note saying there is none)."""
-    try:
-        found = records.read_records("gpu-tests", results_dir=results_dir)
-    except FileNotFoundError:
+    from analysis.device_check import newest_gpu_check  # noqa: PLC0415
+
+    record, same = newest_gpu_check(results_dir)
+    if record is None:
         return None, Note("No GPU record", "No gpu-tests record is committed under results/ yet, so this "
                           "chapter can show no GPU result: test_batch_invariance has not been run on a GPU "
                           "for this code.")
-    record = max(found, key=lambda item: item.get("utc", ""))
     table = pd.DataFrame([{field: record.get(field) for field in
                            ("device", "utc", "passed", "failed", "errors", "skipped", "source_hash",
                             "git_commit", "git_dirty")}])
-    from kernels.cuda import build_report  # noqa: PLC0415  (reads files only; no CuPy)
-    same = record.get("source_hash") == build_report.source_hash()
     note = Note("Newest committed GPU record",
                 f"gpu-tests from {record.get('device')} on {str(record.get('utc', '?'))[:10]}: "
                 f"{record.get('passed')} passed, {record.get('failed')} failed; "

@@ -36,7 +36,6 @@ import importlib.util
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from kernels.cuda.build_report import REPO_ROOT, source_hash
+from kernels.cuda.build_report import REPO_ROOT, cuda_tool_path, source_hash
 
 KIND = "gpu-tests"
 SANITIZER_TOOLS = ("memcheck", "racecheck")
@@ -61,14 +60,18 @@ class Step:
     outcome: dict = field(default_factory=dict)
 
 
-def _sanitizer() -> Optional[str]:
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "bin" / "compute-sanitizer").is_file():
-            return str(Path(root) / "bin" / "compute-sanitizer")
-    return None
+def newest_gpu_check(results_dir=None) -> tuple:
+    """(the newest committed ``gpu-tests`` record, whether it was made with the
+    kernels sources here), or (None, False) where there is none. The chapters
+    that report on GPU verification read it through this one function."""
+    from analysis import records  # noqa: PLC0415
+
+    try:
+        found = records.read_records(KIND, results_dir=results_dir)
+    except FileNotFoundError:
+        return None, False
+    record = max(found, key=lambda item: item.get("utc", ""))
+    return record, record.get("source_hash") == source_hash()
 
 
 def gpu_test_files() -> list:
@@ -95,7 +98,7 @@ def plan_steps(args, log_dir: Path) -> list:
             "pytest-gpu.log", args.tests_timeout,
         ))
     if not args.skip_sanitizer:
-        sanitizer = _sanitizer() or "compute-sanitizer"
+        sanitizer = cuda_tool_path("compute-sanitizer") or "compute-sanitizer"
         for tool in SANITIZER_TOOLS:
             steps.append(Step(
                 tool,

@@ -424,15 +424,12 @@ def registers_figure(report: CompilerReport):
 def gpu_check_note(results_dir=None) -> str:
     """One sentence on the newest committed ``gpu-tests`` record (make device-check):
     device, date, counts, and whether it was made with the kernels sources here."""
-    from analysis import records  # noqa: PLC0415
+    from analysis.device_check import newest_gpu_check  # noqa: PLC0415
 
-    try:
-        found = records.read_records("gpu-tests", results_dir=results_dir)
-    except FileNotFoundError:
+    record, same_code = newest_gpu_check(results_dir)
+    if record is None:
         return ("No gpu-tests record is committed (results/<device>/gpu-tests.jsonl): the checks listed in "
                 "this chapter have not yet been run on a GPU for this code.")
-    record = max(found, key=lambda item: item.get("utc", ""))
-    same_code = record.get("source_hash") == build_report.source_hash()
     return (f"The newest gpu-tests record is from {record.get('device') or 'an unnamed device'} on "
             f"{str(record.get('utc', '?'))[:10]}: {record.get('passed')} passed, {record.get('failed')} failed, "
             f"{record.get('errors')} errors, {record.get('skipped')} skipped. It was made with "

@@ -103,15 +103,21 @@ def source_kernels() -> set:
 # nvcc
 
 
-def nvcc_path() -> Optional[str]:
-    """nvcc on PATH, else under $CUDA_HOME or /usr/local/cuda; None when absent."""
-    found = shutil.which("nvcc")
+def cuda_tool_path(name: str) -> Optional[str]:
+    """A CUDA toolkit program (nvcc, compute-sanitizer, ...) on PATH, else under
+    $CUDA_HOME, $CUDA_PATH or /usr/local/cuda; None when absent."""
+    found = shutil.which(name)
     if found:
         return found
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "bin" / "nvcc").is_file():
-            return str(Path(root) / "bin" / "nvcc")
+        if root and (Path(root) / "bin" / name).is_file():
+            return str(Path(root) / "bin" / name)
     return None
+
+
+def nvcc_path() -> Optional[str]:
+    """nvcc, found as cuda_tool_path finds it; None when absent."""
+    return cuda_tool_path("nvcc")
 
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
