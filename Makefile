@@ -40,12 +40,12 @@ book: notebooks
 	$(VENV)/bin/jupyter-book build book --warningiserror --keep-going
 
 bench-cpu: $(STAMP)
-	$(PY) -m analysis.bench_cpu $(BENCH_ARGS)
+	$(PY) -m analysis.measure.bench_cpu $(BENCH_ARGS)
 
-# The sweep (analysis/sweep.py) at CPU-sized shapes. SWEEP_THREADS sets the
+# The sweep (analysis/measure/sweep.py) at CPU-sized shapes. SWEEP_THREADS sets the
 # BLAS and OpenMP thread counts (they must be set before NumPy starts).
 sweep-cpu: $(STAMP)
-	$(if $(SWEEP_THREADS),OPENBLAS_NUM_THREADS=$(SWEEP_THREADS) OMP_NUM_THREADS=$(SWEEP_THREADS) MKL_NUM_THREADS=$(SWEEP_THREADS)) $(PY) -m analysis.sweep --plan cpu-default $(SWEEP_ARGS)
+	$(if $(SWEEP_THREADS),OPENBLAS_NUM_THREADS=$(SWEEP_THREADS) OMP_NUM_THREADS=$(SWEEP_THREADS) MKL_NUM_THREADS=$(SWEEP_THREADS)) $(PY) -m analysis.measure.sweep --plan cpu-default $(SWEEP_ARGS)
 
 # Pure-Python (and one manylinux) wheels the GPU machine lacks: nsight-python
 # 0.9 (1.x needs ncu >= 2026.2.1; the machines have 2025.3) and its needs.
@@ -58,15 +58,15 @@ gpu-wheels:
 
 # No $(STAMP) prerequisite: GPU machines have their own Python (no .venv), so
 # run it there as `make device-check PY=python3`. Pass options in DEVICE_CHECK_ARGS
-# (--deadline-s, --skip-tests, ...: python -m analysis.device_check --help).
+# (--deadline-s, --skip-tests, ...: python -m analysis.measure.device_check --help).
 device-check:
-	$(PY) -m analysis.device_check $(DEVICE_CHECK_ARGS)
+	$(PY) -m analysis.measure.device_check $(DEVICE_CHECK_ARGS)
 
 train-cpu: $(STAMP)
-	$(PY) -m analysis.train --preset cpu $(TRAIN_ARGS)
+	$(PY) -m analysis.study.train --preset cpu $(TRAIN_ARGS)
 
 train-gpu: $(STAMP)
-	$(PY) -m analysis.train --preset gpu $(TRAIN_ARGS)
+	$(PY) -m analysis.study.train --preset gpu $(TRAIN_ARGS)
 
 clean:
 	rm -rf book/_build book/generated .pytest_cache .hypothesis

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import accuracy, corpus, train
-from analysis.moe_model import load_checkpoint
+from analysis.chapters import accuracy
+from analysis.study import corpus, train
+from analysis.study.moe_model import load_checkpoint
 
 ARMS = ["dense", "moe-k1", "moe-k2-half"]
 
@@ -70,7 +71,7 @@ def test_every_arm_sees_the_same_data_order():
 
 def test_arms_compare_what_they_say():
     preset = train.PRESETS["cpu"]
-    from analysis.moe_model import parameter_counts
+    from analysis.study.moe_model import parameter_counts
     count = {name: parameter_counts(train.model_config(preset, arm)) for name, arm in train.ARMS.items()}
     assert count["moe-k1"]["ffn_active"] == count["dense"]["ffn_active"] == count["moe-k2-half"]["ffn_active"]
     assert count["moe-k2"]["ffn_active"] == 2 * count["dense"]["ffn_active"]
@@ -168,7 +169,7 @@ def test_the_chapter_names_checkpoints_trained_on_another_corpus():
 
 def test_cost_ratios_come_from_the_recorded_parameter_counts():
     import pandas as pd
-    from analysis.moe_model import parameter_counts
+    from analysis.study.moe_model import parameter_counts
     preset = train.PRESETS["cpu"]
     rows = []
     for arm in ("dense", "moe-k1", "moe-k2", "dense-wide"):
@@ -188,7 +189,7 @@ def test_cost_ratios_come_from_the_recorded_parameter_counts():
 
 def test_published_figures_are_read_from_the_one_table(monkeypatch):
     import pandas as pd
-    from analysis import published
+    from analysis.chapters import published
     changed = [dict(entry) for entry in published.ANCHORS]
     for entry in changed:
         if entry["source"] == "ST-MoE":

@@ -8,7 +8,8 @@ import json
 import pytest
 
 import kernels.cpu
-from analysis import bench_cpu, records, sweep_cells, timing
+from analysis.measure import bench_cpu, sweep_cells, timing
+from analysis import records
 
 
 def test_quick_run_prints_the_table(capsys):

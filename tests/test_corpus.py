@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import corpus
+from analysis.study import corpus
 
 
 def _write(root, relative, text):

@@ -1,4 +1,4 @@
-"""The correctness chapter's helpers (analysis/correctness.py), on tiny hand-checkable cases."""
+"""The correctness chapter's helpers (analysis/chapters/correctness.py), on tiny hand-checkable cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("altair")
 
-from analysis import correctness  # noqa: E402
+from analysis.chapters import correctness  # noqa: E402
 
 
 def test_top_k_margins_by_hand():

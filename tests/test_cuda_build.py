@@ -237,7 +237,7 @@ def test_source_hash_of_this_repository_is_stable():
 
 
 def test_device_check_dry_run_prints_the_plan_and_the_hash(tmp_path, monkeypatch):
-    from analysis import device_check
+    from analysis.measure import device_check
 
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     output = io.StringIO()
@@ -254,7 +254,7 @@ def test_device_check_dry_run_prints_the_plan_and_the_hash(tmp_path, monkeypatch
 
 
 def test_device_check_dry_run_as_a_module():
-    done = subprocess.run([sys.executable, "-m", "analysis.device_check", "--dry-run"],
+    done = subprocess.run([sys.executable, "-m", "analysis.measure.device_check", "--dry-run"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "source_hash" in done.stdout and "'cupy'" not in done.stderr
@@ -267,7 +267,7 @@ def test_device_check_records_a_run(tmp_path, monkeypatch):
     import json
 
     import kernels.backends
-    from analysis import device_check
+    from analysis.measure import device_check
 
     junit = ('<testsuites><testsuite name="pytest" tests="10" failures="1" errors="0" skipped="2">'
              '</testsuite></testsuites>')
@@ -314,7 +314,7 @@ def test_device_check_records_a_run(tmp_path, monkeypatch):
 
 def test_device_check_without_a_gpu_says_so(monkeypatch, tmp_path):
     import kernels.backends
-    from analysis import device_check
+    from analysis.measure import device_check
 
     monkeypatch.setattr(kernels.backends, "cuda_unavailable_reason", lambda: "no device in this test")
     output = io.StringIO()
@@ -325,7 +325,7 @@ def test_device_check_without_a_gpu_says_so(monkeypatch, tmp_path):
 
 
 def test_read_test_counts_falls_back_to_the_summary_line(tmp_path):
-    from analysis import device_check
+    from analysis.measure import device_check
 
     log = tmp_path / "pytest.log"
     log.write_text("...\n== 3 failed, 120 passed, 5 skipped, 1 error in 80.0s ==\n")

@@ -1,4 +1,4 @@
-"""The Kernels chapter's helpers (analysis/kernels_chapter.py) on fake nvcc
+"""The Kernels chapter's helpers (analysis/chapters/kernels.py) on fake nvcc
 reports, the no-nvcc branch, and the launch-rule tables against the launchers'
 own functions. Nothing here compiles (tests/test_cuda_build.py does) or needs a GPU."""
 
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("altair", reason="the book extra is not installed (altair missing)")
 
-from analysis import kernels_chapter as chapter  # noqa: E402  (after the skip above)
+from analysis.chapters import kernels as chapter  # noqa: E402  (after the skip above)
 from kernels.cuda import build_report, expert_mlp, launch_config  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import torch
 
 import kernels
 from kernels import testing
-from analysis import corpus
-from analysis.moe_model import (ByteTransformer, MoELayer, ModelConfig, balance_loss, load_checkpoint,
+from analysis.study import corpus
+from analysis.study.moe_model import (ByteTransformer, MoELayer, ModelConfig, balance_loss, load_checkpoint,
                                 parameter_counts, round_to_checkpoint, save_checkpoint, to_kernels)
 
 TINY = dict(seq_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=16, n_experts=4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kernels
-from analysis import peers
+from analysis.measure import peers
 
 pytest.importorskip("torch", reason="the peers need the torch extra")
 

@@ -13,9 +13,12 @@ import pytest
 pytest.importorskip("altair", reason="the book extra is not installed")
 pytest.importorskip("torch", reason="the peers need the torch extra")
 
-from analysis import bench_cpu, charts, perf_chapters, sweep  # noqa: E402
+from analysis import charts  # noqa: E402
+from analysis.chapters import cpu_baseline, gpu_performance  # noqa: E402
+from analysis.chapters import performance as perf_chapters  # noqa: E402
+from analysis.measure import bench_cpu, sweep, sweep_plan  # noqa: E402
 
-TINY = sweep.with_overrides(sweep.PLANS["cpu-tiny"], tokens=(1, 16), top_ks=(1, 2))
+TINY = sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], tokens=(1, 16), top_ks=(1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +40,11 @@ def test_gpu_chapter_without_records_shows_the_note(tmp_path):
     curves = perf_chapters.layer_curves(data, None, None)
     assert "no timings" in charts.to_svg(perf_chapters.time_vs_tokens_chart(curves, perf_chapters.crossovers(curves),
                                                                             "t"))
-    assert perf_chapters.goals_frame(data)["met"].eq("not measured").all()
-    assert perf_chapters.ncu_frame(data).empty and perf_chapters.run_problems(data).empty
+    assert gpu_performance.goals_frame(data)["met"].eq("not measured").all()
+    assert gpu_performance.ncu_frame(data).empty and perf_chapters.run_problems(data).empty
     for chart in (perf_chapters.stage_share_chart(perf_chapters.stage_frame(data, None, None), "t"),
                   perf_chapters.skew_chart(perf_chapters.skew_frame(data, None, None), "t"),
-                  perf_chapters.utilisation_chart(perf_chapters.ncu_frame(data))):
+                  gpu_performance.utilisation_chart(gpu_performance.ncu_frame(data))):
         assert "<svg" in charts.to_svg(chart)
 
 
@@ -55,8 +58,8 @@ def test_gpu_chapter_reads_the_newest_gpu_records(results):
 
 
 def test_cpu_chapter_runs_live_without_records(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "PLANS", dict(sweep.PLANS, **{"cpu-tiny": sweep.with_overrides(
-        sweep.PLANS["cpu-tiny"], tokens=(2,), top_ks=(1,), skews=("uniform",))}))
+    monkeypatch.setattr(sweep_plan, "PLANS", dict(sweep_plan.PLANS, **{"cpu-tiny": sweep_plan.with_overrides(
+        sweep_plan.PLANS["cpu-tiny"], tokens=(2,), top_ks=(1,), skews=("uniform",))}))
     data = perf_chapters.chapter_data("cpu", source="auto", results_dir=tmp_path)
     assert data.source == "live" and not data.empty and "measured live" in data.note
     with pytest.raises(ValueError, match="plan"):
@@ -90,7 +93,7 @@ def test_tables_and_charts_from_records(results):
     # The sizes the prose gives are the ones the run's ceiling records used (cpu-tiny's).
     assert numbers["copy_size"] == "8 MiB" and numbers["gemm_shape"] == "256 × 256 × 256"
     assert list(perf_chapters.ceilings_table(data)["size"]) == ["8 MiB", "256 × 256 × 256"]
-    assert len(perf_chapters.goals_frame(data, "tiny", "float32")) == 6
+    assert len(gpu_performance.goals_frame(data, "tiny", "float32")) == 6
     for chart in (perf_chapters.time_vs_tokens_chart(curves, crossings, "t"),
                   perf_chapters.stage_share_chart(stages, "t"), perf_chapters.roofline_chart(stages, "t"),
                   perf_chapters.skew_chart(skews, "t")):
@@ -119,14 +122,14 @@ def test_utilisation_frames_and_chart():
     ] + [{"measurement": "nvml", "gpu_utilisation_pct": 99.0, "gpu_utilisation_max_pct": 100.0, "sm_clock_mhz": 1980.0,
           "power_w": 500.0, "memory_used_bytes": 1, "samples": 10, "message": None, "params": params(1)}],
         "records", "note")
-    ncu = perf_chapters.ncu_frame(data)
+    ncu = gpu_performance.ncu_frame(data)
     assert list(ncu["top_k"]) == [1, 2]
-    assert "<svg" in charts.to_svg(perf_chapters.utilisation_chart(ncu))
-    assert perf_chapters.nvml_frame(data).loc[1, "power_w"] == 500.0
-    missing = perf_chapters.ncu_frame(perf_chapters.ChapterData(
+    assert "<svg" in charts.to_svg(gpu_performance.utilisation_chart(ncu))
+    assert gpu_performance.nvml_frame(data).loc[1, "power_w"] == 500.0
+    missing = gpu_performance.ncu_frame(perf_chapters.ChapterData(
         [{"measurement": "ncu", "kernel": None, "sm_throughput_pct": None, "message": "ncu is not installed",
           "params": params(1)}], "records", "note"))
-    assert "ncu is not installed" in charts.to_svg(perf_chapters.utilisation_chart(missing))
+    assert "ncu is not installed" in charts.to_svg(gpu_performance.utilisation_chart(missing))
 
 
 def test_newest_run_is_picked():
@@ -154,15 +157,15 @@ def test_records_marked_invalid_are_in_no_table_or_chart(results):
 
 
 def test_bench_cpu_section_without_records_says_so(tmp_path):
-    view = perf_chapters.bench_cpu_view(tmp_path)
-    assert perf_chapters.NO_BENCH_CPU_RECORDS in view.note and view.text == "" and view.rows == []
+    view = cpu_baseline.bench_cpu_view(tmp_path)
+    assert cpu_baseline.NO_BENCH_CPU_RECORDS in view.note and view.text == "" and view.rows == []
 
 
 def test_bench_cpu_section_shows_the_newest_run(tmp_path, capsys):
     for tokens in ("2", "4"):
         assert bench_cpu.main(["--quick", "--tokens", tokens, "--k", "1", "--results-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.split("Records appended")[-2]  # the second run's output
-    view = perf_chapters.bench_cpu_view(tmp_path)
+    view = cpu_baseline.bench_cpu_view(tmp_path)
     assert [(row["tokens"], row["top_k"]) for row in view.rows] == [(4, 1)]  # the newest run only
     assert "newest committed bench-cpu run" in view.note and "bench-cpu.jsonl" in view.note
     assert "commit" in view.note and "D = 64, F = 128, E = 4, swiglu, float32" in view.note

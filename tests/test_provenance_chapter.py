@@ -1,4 +1,4 @@
-"""The provenance chapter's helpers (analysis/provenance.py) on a temporary results folder."""
+"""The provenance chapter's helpers (analysis/chapters/provenance.py) on a temporary results folder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("pandas")
 
-from analysis import provenance, records  # noqa: E402
+from analysis import records  # noqa: E402
+from analysis.chapters import provenance  # noqa: E402
 
 
 def _results(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import roofline
+from analysis.measure import roofline
 
 
 def test_moe_flops_by_hand():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis import routing_stats as stats
+from analysis.study import routing_stats as stats
 
 
 def test_byte_classes():
@@ -108,7 +108,7 @@ def _collected(n_experts: int) -> dict:
 
 @pytest.mark.parametrize("n_experts", [4, 16])
 def test_routing_headline_takes_e_from_the_runs(n_experts):
-    from analysis import routing
+    from analysis.chapters import routing
     table = routing.metrics_table(_collected(n_experts))
     numbers = routing.headline_numbers(table)
     assert numbers["n_experts"] == n_experts
@@ -120,7 +120,7 @@ def test_routing_headline_takes_e_from_the_runs(n_experts):
 
 
 def test_routing_published_figures_are_read_from_the_one_table(monkeypatch):
-    from analysis import published, routing
+    from analysis.chapters import published, routing
     changed = [dict(entry) for entry in published.ANCHORS]
     for entry in changed:
         if entry["source"] == "Mixtral":

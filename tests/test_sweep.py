@@ -12,11 +12,12 @@ import pytest
 import kernels
 import kernels.cpu
 import kernels.testing
-from analysis import peers, records, roofline, skew, sweep, sweep_cells
+from analysis.measure import peers, roofline, skew, sweep, sweep_cells, sweep_plan
+from analysis import records
 
 pytest.importorskip("torch", reason="the peers need the torch extra")
 
-TINY = sweep.with_overrides(sweep.PLANS["cpu-tiny"], tokens=(1, 16))
+TINY = sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], tokens=(1, 16))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_tiny_sweep_writes_tidy_records(tiny_run):
     # Dense per T at widths F (k=1), 2F (k=2) and E*F: three, shared by both k.
     dense_16 = sorted(r["params"]["width"] for r in timed if r["implementation"] == "dense"
                       and r["params"]["tokens"] == 16)
-    shape = sweep.PRESETS["tiny"]
+    shape = sweep_plan.PRESETS["tiny"]
     assert dense_16 == sorted([shape.d_ff, 2 * shape.d_ff, shape.n_experts * shape.d_ff])
     # Peers are checked against the layer before they are timed.
     for record in timed:
@@ -93,7 +94,7 @@ def test_cli_prints_tables_and_can_skip_writing(capsys, tmp_path):
 def test_gpu_plan_refuses_without_a_gpu(capsys):
     if "cuda" in kernels.available_backends():
         pytest.skip("a GPU is present")
-    assert sweep.default_plan_name() == "cpu-default"
+    assert sweep_plan.default_plan_name() == "cpu-default"
     assert sweep.main(["--plan", "gpu-default", "--no-write"]) == 2
     assert "needs a GPU" in capsys.readouterr().out
 
@@ -101,7 +102,7 @@ def test_gpu_plan_refuses_without_a_gpu(capsys):
 def test_budget_stops_new_cells_and_says_so(tmp_path):
     plan = dataclasses.replace(TINY, budget_s=0.0)
     result = sweep.run_sweep(plan, progress=False, results_dir=tmp_path, echo=lambda message: None)
-    assert len(result.skipped) == len(sweep.cells(plan))
+    assert len(result.skipped) == len(sweep_plan.cells(plan))
     summary = [r for r in result.records if r["measurement"] == "run"]
     assert len(summary) == 1 and len(summary[0]["skipped"]) == len(result.skipped)
 
@@ -110,14 +111,14 @@ def test_records_are_copied_to_out(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setenv("OUT", str(out))
-    plan = sweep.with_overrides(TINY, tokens=(2,), top_ks=(1,), skews=("uniform",))
+    plan = sweep_plan.with_overrides(TINY, tokens=(2,), top_ks=(1,), skews=("uniform",))
     plan = dataclasses.replace(plan, blocks=plan.blocks[:1])
     result = sweep.run_sweep(plan, progress=False, results_dir=tmp_path / "results", echo=lambda message: None)
     copied = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert copied == result.records
 
 
-ONE_CELL = sweep.with_overrides(TINY, tokens=(16,), top_ks=(2,), skews=("uniform",))
+ONE_CELL = sweep_plan.with_overrides(TINY, tokens=(16,), top_ks=(2,), skews=("uniform",))
 ONE_CELL = dataclasses.replace(ONE_CELL, blocks=ONE_CELL.blocks[:1])
 
 
@@ -148,7 +149,7 @@ def test_ceiling_records_give_the_sizes_measured(monkeypatch):
     measured = []
     monkeypatch.setattr(roofline, "copy_bandwidth", lambda device, nbytes: measured.append(nbytes) or 1e9)
     monkeypatch.setattr(roofline, "gemm_rate", lambda device, dtype, n: measured.append(n) or 1e9)
-    device = sweep_cells.Device("cpu", sweep.PLANS["cpu-tiny"].budget)
+    device = sweep_cells.Device("cpu", sweep_plan.PLANS["cpu-tiny"].budget)
     _, found = sweep_cells.measure_ceilings(device, ("float32",))
     assert measured == [sweep_cells.CEILING_COPY_BYTES["cpu"], sweep_cells.CEILING_GEMM_N["cpu"]]
     assert [r["params"].get("nbytes", r["params"].get("n")) for r in found] == measured
@@ -199,23 +200,23 @@ def test_the_check_catches_a_wrong_last_row_and_checks_every_row_under_a_capacit
 
 
 def test_plans():
-    gpu = sweep.PLANS["gpu-default"]
+    gpu = sweep_plan.PLANS["gpu-default"]
     main_block = gpu.blocks[0]
     assert main_block.presets == ("mixtral",) and main_block.dtypes == ("float16",)
     assert set(main_block.tokens) >= {1, 4, 16, 64, 256, 1024, 4096, 8192, 16384, 32768}
-    assert main_block.top_ks == (1, 2) and main_block.what == sweep.EVERYTHING
+    assert main_block.top_ks == (1, 2) and main_block.what == sweep_plan.EVERYTHING
     assert any(set(block.skews) == set(skew.SKEWS[1:]) for block in gpu.blocks)
     assert {d for block in gpu.blocks for d in block.dtypes} == {"float16", "float32"}
     assert {p for block in gpu.blocks for p in block.presets} == {"small", "mixtral", "fine"}
     assert gpu.utilisation == ("mixtral", 8192, "float16") and gpu.budget_s <= 360
-    assert sweep.PRESETS["mixtral"] == sweep.Shape(4096, 14336, 8, "swiglu")
-    assert sweep.PRESETS["small"] == sweep.Shape(1024, 4096, 8) and sweep.PRESETS["fine"] == sweep.Shape(2048, 1408, 64)
+    assert sweep_plan.PRESETS["mixtral"] == sweep_plan.Shape(4096, 14336, 8, "swiglu")
+    assert sweep_plan.PRESETS["small"] == sweep_plan.Shape(1024, 4096, 8) and sweep_plan.PRESETS["fine"] == sweep_plan.Shape(2048, 1408, 64)
     with pytest.raises(ValueError, match="float16"):
-        sweep.check_plan(sweep.with_overrides(sweep.PLANS["cpu-tiny"], dtypes=("float16",)))
+        sweep_plan.check_plan(sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], dtypes=("float16",)))
     with pytest.raises(ValueError, match="presets"):
-        sweep.check_plan(sweep.with_overrides(sweep.PLANS["cpu-tiny"], presets=("huge",)))
+        sweep_plan.check_plan(sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], presets=("huge",)))
     with pytest.raises(ValueError, match="skew"):
-        sweep.check_plan(sweep.with_overrides(sweep.PLANS["cpu-tiny"], skews=("lopsided",)))
+        sweep_plan.check_plan(sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], skews=("lopsided",)))
     plan, _ = sweep.parse_plan(["--plan", "cpu-default", "--tokens", "8", "--k", "2"])
     assert all(block.tokens == (8,) and block.top_ks == (2,) for block in plan.blocks)
 
@@ -225,7 +226,7 @@ def test_plans():
 
 def _time(preset, T, k, implementation, stage, median_s, *, flops=0, nbytes=0, launch="eager", width=None,
           experts_used=8):
-    shape = sweep.PRESETS[preset]
+    shape = sweep_plan.PRESETS[preset]
     params = {"preset": preset, "dtype": "float16", "tokens": T, "d_ff": shape.d_ff, "n_experts": shape.n_experts}
     if k is not None:
         params.update(top_k=k, skew="uniform")
@@ -251,7 +252,7 @@ def test_goal_table_by_hand():
             # expert GEMMs 800 FLOP/s against 1000 for cuBLAS on the same FLOPs: 80%
             _time("mixtral", 8192, k, "moe", "expert_mlp", 1.0, flops=800),
             _time("mixtral", 8192, None, "gemm-same-flops", "end_to_end", 1.0, flops=1000,
-                  width=k * sweep.PRESETS["mixtral"].d_ff),
+                  width=k * sweep_plan.PRESETS["mixtral"].d_ff),
             # the whole layer, and the peers 2x and 1.5x slower
             _time("mixtral", 8192, k, "moe", "end_to_end", 2.0),
             _time("mixtral", 8192, k, "hf-eager", "end_to_end", 4.0),

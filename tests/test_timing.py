@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from analysis import timing
+from analysis.measure import timing
 
 
 def test_sleep_is_timed_with_ordered_percentiles():
@@ -118,7 +118,7 @@ def test_graph_capture_error_is_a_runtime_error():
 
 
 class _FakeCupy:
-    """Just enough of CuPy's interface for analysis.timing: events read the
+    """Just enough of CuPy's interface for analysis.measure.timing: events read the
     wall clock, a 'stream' records what ran on it, a 'graph' replays a call."""
 
     def __init__(self):

@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from analysis import utilisation
+from analysis.measure import utilisation
 
 
 def _missing(monkeypatch, *names):

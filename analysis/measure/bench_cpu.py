@@ -1,4 +1,4 @@
-"""MoE against a dense MLP on this CPU: ``python -m analysis.bench_cpu``.
+"""MoE against a dense MLP on this CPU: ``python -m analysis.measure.bench_cpu``.
 
 For each token count T and each k, it times
 
@@ -18,7 +18,7 @@ tolerance rule against the float64 reference (``sweep_cells.check_moe_output``);
 a failure stops the run. ``rows_from_records`` rebuilds the table from a
 run's records (the CPU chapter shows the newest run that way).
 
-Inputs rotate (``analysis.timing``): each timed call gets its own tokens and
+Inputs rotate (``analysis.measure.timing``): each timed call gets its own tokens and
 its own copy of the weights, with enough copies that together they are twice
 the last-level cache. Without that, a small dense MLP would be timed from
 cache while the MoE, whose weights don't fit, would not.
@@ -38,7 +38,8 @@ import numpy
 from tqdm import tqdm
 
 import kernels
-from analysis import records, roofline, sweep_cells, timing
+from analysis import records
+from analysis.measure import roofline, sweep_cells, timing
 
 RECORD_KIND = "bench-cpu"
 
@@ -391,7 +392,7 @@ def goal_report(rows: list[dict]) -> list[str]:
 
 def parse_config(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(
-        prog="python -m analysis.bench_cpu",
+        prog="python -m analysis.measure.bench_cpu",
         description="Time MoE (kernels cpu backend) against dense MLPs on this CPU; "
                     "print ratios and write bench-cpu records.")
     parser.add_argument("--quick", action="store_true",

@@ -23,7 +23,7 @@ import pandas as pd
 
 import kernels
 import kernels.testing
-from analysis.kernels_chapter import Note
+from analysis.display import Note
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 DTYPES = ("float32", "float64")
@@ -301,7 +301,7 @@ def batch_invariance_numbers(table: pd.DataFrame) -> dict:
 def gpu_tests_view(results_dir=None):
     """The newest committed gpu-tests record (make device-check) as a one-row table and a note,
     or (None, a note saying there is none)."""
-    from analysis.device_check import newest_gpu_check  # noqa: PLC0415
+    from analysis.measure.device_check import newest_gpu_check  # noqa: PLC0415
 
     record, same = newest_gpu_check(results_dir)
     if record is None:

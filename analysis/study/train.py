@@ -1,8 +1,8 @@
 """Train the accuracy study's models: dense vs MoE k = 1 vs MoE k = 2, several seeds.
 
-    python -m analysis.train --preset cpu                      # every arm, the preset's seeds
-    python -m analysis.train --preset cpu --arms moe-k1,dense --seeds 0
-    python -m analysis.train --preset cpu --estimate           # time a few steps per arm, print the plan
+    python -m analysis.study.train --preset cpu                      # every arm, the preset's seeds
+    python -m analysis.study.train --preset cpu --arms moe-k1,dense --seeds 0
+    python -m analysis.study.train --preset cpu --estimate           # time a few steps per arm, print the plan
 
 Each (arm, seed) run writes a checkpoint, weights only in float16, to
 ``<results>/checkpoints/<preset>/<arm>-seed<N>.pt`` and appends tidy records
@@ -44,8 +44,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import corpus, evaluation, records
-from .moe_model import ByteTransformer, ModelConfig, default_renormalize, parameter_counts, round_to_checkpoint, save_checkpoint
+from analysis.study import corpus, evaluation
+from analysis import records
+from analysis.study.moe_model import ByteTransformer, ModelConfig, default_renormalize, parameter_counts, round_to_checkpoint, save_checkpoint
 
 TRAIN_LOG_KIND = evaluation.TRAIN_LOG_KIND
 EVAL_KIND = evaluation.EVAL_KIND
@@ -396,7 +397,7 @@ def estimate(preset: Preset, arm_names: Sequence[str], *, measure_steps: int = 8
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.study.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--arms", default="all", help=f"comma-separated, or 'all' ({', '.join(ARMS)})")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")

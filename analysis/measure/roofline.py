@@ -42,7 +42,7 @@ import importlib.util
 
 import numpy
 
-from analysis.timing import time_function
+from analysis.measure.timing import time_function
 
 #: Stages of one MoE layer, in execution order.
 STAGES = ("router", "dispatch", "permute", "expert_gemm1", "expert_gemm2", "combine")

@@ -13,7 +13,6 @@ whether a record of it is committed, and whether it is of the code here.
 
 from __future__ import annotations
 
-import html
 import inspect
 import re
 import subprocess
@@ -24,6 +23,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from analysis.display import Note
 from kernels.cuda import build_report, expert_mlp, launch_config
 
 #: (kernel name prefix, family), the first match wins; the chapter's sections
@@ -219,23 +219,6 @@ def access_width_table(widths: Sequence[int] = ROW_WIDTHS) -> pd.DataFrame:
 # nvcc's resource report
 
 
-class Note:
-    """A visible note in the executed notebook and the built page (an admonition
-    in HTML, plain text elsewhere)."""
-
-    def __init__(self, title: str, text: str):
-        self.title = title
-        self.text = text
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        markup = (f'<div class="admonition note"><p class="admonition-title">{html.escape(self.title)}</p>'
-                  f"<p>{html.escape(self.text)}</p></div>")
-        return {"text/html": markup, "text/plain": f"{self.title}: {self.text}"}
-
-    def __repr__(self) -> str:
-        return f"{self.title}: {self.text}"
-
-
 @dataclass(frozen=True)
 class CompilerReport:
     """nvcc's report for one arch: the table and its raw rows, or a note saying why
@@ -424,7 +407,7 @@ def registers_figure(report: CompilerReport):
 def gpu_check_note(results_dir=None) -> str:
     """One sentence on the newest committed ``gpu-tests`` record (make device-check):
     device, date, counts, and whether it was made with the kernels sources here."""
-    from analysis.device_check import newest_gpu_check  # noqa: PLC0415
+    from analysis.measure.device_check import newest_gpu_check  # noqa: PLC0415
 
     record, same_code = newest_gpu_check(results_dir)
     if record is None:

@@ -1,7 +1,7 @@
 """The checks that need a GPU, in one command, with one record of the outcome.
 
-    python -m analysis.device_check            (make device-check PY=python3)
-    python -m analysis.device_check --dry-run  (prints the plan and the source hash)
+    python -m analysis.measure.device_check            (make device-check PY=python3)
+    python -m analysis.measure.device_check --dry-run  (prints the plan and the source hash)
 
 On a machine with a CUDA device it runs, in order:
 
@@ -9,7 +9,7 @@ On a machine with a CUDA device it runs, in order:
    backend against the reference), read from its JUnit XML: passed, failed,
    errors, skipped;
 2. compute-sanitizer's memcheck and racecheck on ``python -m kernels.cuda.smoke``;
-3. the benchmark sweep, ``python -m analysis.sweep``, only where that module exists;
+3. the benchmark sweep, ``python -m analysis.measure.sweep``, only where that module exists;
 
 Each step gets at most the time left of ``--deadline-s`` (default 540 s, so
 one call fits the device tool's 10-minute limit with room to copy results
@@ -105,8 +105,8 @@ def plan_steps(args, log_dir: Path) -> list:
                 [sanitizer, "--tool", tool, "--error-exitcode", "1", python, "-m", "kernels.cuda.smoke"],
                 f"{tool}.log", args.sanitizer_timeout,
             ))
-    if not args.skip_bench and importlib.util.find_spec("analysis.sweep") is not None:
-        steps.append(Step("sweep", [python, "-m", "analysis.sweep", *shlex.split(args.sweep_args)],
+    if not args.skip_bench and importlib.util.find_spec("analysis.measure.sweep") is not None:
+        steps.append(Step("sweep", [python, "-m", "analysis.measure.sweep", *shlex.split(args.sweep_args)],
                           "sweep.log", args.sweep_timeout))
     return steps
 
@@ -166,13 +166,13 @@ def _print_table(rows: list) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.device_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.measure.device_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="print what would run and the source hash; run nothing")
     parser.add_argument("--out", default=None, help="folder for logs (default: $OUT, else a temporary folder)")
     parser.add_argument("--results-dir", default=None, help="results root (default: $MOE_RESULTS_DIR or results/)")
     parser.add_argument("--commit", default=None, help="the commit to record where there is no git ($MOE_GIT_COMMIT)")
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, one string")
-    parser.add_argument("--sweep-args", default="", help="arguments for python -m analysis.sweep, one string")
+    parser.add_argument("--sweep-args", default="", help="arguments for python -m analysis.measure.sweep, one string")
     parser.add_argument("--skip-sanitizer", action="store_true")
     parser.add_argument("--skip-tests", action="store_true", help="no pytest and no gpu-tests record")
     parser.add_argument("--skip-bench", action="store_true")
@@ -193,8 +193,8 @@ def main(argv: Optional[list] = None) -> int:
               f"{args.results_dir or os.environ.get('MOE_RESULTS_DIR') or REPO_ROOT / 'results'}/<device>/{KIND}.jsonl")
         for step in steps:
             print(f"would run [{step.name}, {step.timeout_s} s, log {step.log}]: {shlex.join(step.command)}")
-        if importlib.util.find_spec("analysis.sweep") is None:
-            print("no analysis/sweep.py here: the benchmark step is left out")
+        if importlib.util.find_spec("analysis.measure.sweep") is None:
+            print("no analysis/measure/sweep.py here: the benchmark step is left out")
         return 0
 
     from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present

@@ -1,15 +1,15 @@
-"""The benchmark sweep: ``python -m analysis.sweep [--plan NAME] [overrides]``.
+"""The benchmark sweep: ``python -m analysis.measure.sweep [--plan NAME] [overrides]``.
 
 Times the MoE layer per stage and end to end, its peers and its dense
 baselines over layer shapes, token counts T, k, dtypes and routing skews,
 beside a roofline built from ceilings measured in the same run; profiles
-GPU utilisation (``analysis.utilisation``); writes one tidy ``sweep`` record
+GPU utilisation (``analysis.measure.utilisation``); writes one tidy ``sweep`` record
 per measurement (``analysis.records``) and prints two short tables: times per
 T, and, on a GPU, the study's goals as measured ratios. Each cell's MoE output
 is validated against the float64 reference before it is timed; a cell that
-fails is reported and not timed (``analysis.sweep_cells``).
+fails is reported and not timed (``analysis.measure.sweep_cells``).
 
-Plans (``PLANS``; ``--plan``, default ``gpu-default`` where CuPy finds a GPU,
+Plans (``PLANS`` in ``analysis.measure.sweep_plan``; ``--plan``, default ``gpu-default`` where CuPy finds a GPU,
 else ``cpu-default``):
 
   gpu-default  about 3-5 minutes on an H100, run by ``make device-check``:
@@ -52,144 +52,9 @@ import numpy
 from tqdm import tqdm
 
 from analysis import records as record_io
-from analysis import skew, sweep_cells, timing, utilisation
+from analysis.measure import sweep_cells, sweep_plan, utilisation
 
 RECORD_KIND = "sweep"
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """One MoE layer shape (a named preset)."""
-
-    d_model: int
-    d_ff: int
-    n_experts: int
-    activation: str = "swiglu"
-
-    def config(self, k: int):
-        import kernels  # noqa: PLC0415
-
-        return kernels.MoEConfig(self.d_model, self.d_ff, self.n_experts, k, activation=self.activation)
-
-
-PRESETS = {
-    "small": Shape(1024, 4096, 8),
-    "mixtral": Shape(4096, 14336, 8),
-    "fine": Shape(2048, 1408, 64),
-    "cpu": Shape(512, 1024, 8),
-    "tiny": Shape(64, 128, 4),
-}
-
-#: The issue's token counts, plus 8192, where the expert-GEMM goal is judged.
-GPU_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 8192, 16384, 32768)
-CPU_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
-#: What a block measures: the five stages, the whole layer, the whole layer as
-#: CUDA-graph replays (GPU, small T), the peers, the dense baselines, the GEMMs alone.
-EVERYTHING = frozenset({"stages", "end_to_end", "graph", "peers", "dense", "gemm"})
-LAYER_ONLY = frozenset({"stages", "end_to_end"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Block:
-    """Cells: every preset x dtype x k x skew x T, each measuring ``what``."""
-
-    presets: tuple
-    tokens: tuple
-    top_ks: tuple = (1, 2)
-    dtypes: tuple = ("float16",)
-    skews: tuple = ("uniform",)
-    what: frozenset = EVERYTHING
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    name: str
-    device: str
-    blocks: tuple
-    budget: timing.Budget = timing.Budget()
-    #: Nsight Compute and NVML on (preset, T, dtype), both k; None: not measured.
-    utilisation: Optional[tuple] = None
-    budget_s: Optional[float] = None
-    #: The ceilings' sizes; None: ``sweep_cells.CEILING_COPY_BYTES`` / ``CEILING_GEMM_N``
-    #: (the ceiling records say which sizes were used either way).
-    ceiling_copy_bytes: Optional[int] = None
-    ceiling_gemm_n: Optional[int] = None
-    #: The cells the goal table judges (preset, dtype).
-    judged: tuple = ("mixtral", "float16")
-
-
-PLANS = {
-    "gpu-default": Plan(
-        "gpu-default", "cuda",
-        blocks=(
-            Block(("mixtral",), GPU_TOKENS),
-            Block(("mixtral",), (4096,), skews=skew.SKEWS[1:], what=LAYER_ONLY),
-            Block(("small", "fine"), (1, 16, 256, 4096), dtypes=("float16", "float32")),
-        ),
-        budget=timing.Budget(seconds_per_measurement=0.25, min_repeats=5, max_repeats=30),
-        utilisation=("mixtral", 8192, "float16"), budget_s=330.0,
-    ),
-    "gpu-full": Plan(
-        "gpu-full", "cuda",
-        blocks=(Block(("small", "mixtral", "fine"), GPU_TOKENS, dtypes=("float16", "float32"),
-                      skews=skew.SKEWS),),
-        utilisation=("mixtral", 8192, "float16"),
-    ),
-    "cpu-default": Plan(
-        "cpu-default", "cpu",
-        blocks=(
-            Block(("cpu",), CPU_TOKENS, dtypes=("float32",)),
-            Block(("cpu",), (1024,), dtypes=("float32",), skews=skew.SKEWS[1:], what=LAYER_ONLY),
-        ),
-        budget=timing.Budget(seconds_per_measurement=0.4, min_repeats=3, max_repeats=20),
-        budget_s=900.0, judged=("cpu", "float32"),
-    ),
-    "cpu-tiny": Plan(
-        "cpu-tiny", "cpu",
-        blocks=(
-            Block(("tiny",), (1, 16, 128), dtypes=("float32",)),
-            Block(("tiny",), (16,), dtypes=("float32",), skews=skew.SKEWS[1:], what=LAYER_ONLY),
-        ),
-        budget=timing.Budget(seconds_per_measurement=0.005, min_repeats=2, max_repeats=3),
-        ceiling_copy_bytes=8 * 2**20, ceiling_gemm_n=256, judged=("tiny", "float32"),
-    ),
-}
-
-
-def default_plan_name() -> str:
-    from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
-
-    return "gpu-default" if cuda_unavailable_reason() is None else "cpu-default"
-
-
-def with_overrides(plan: Plan, **overrides) -> Plan:
-    """``plan`` with each given block field (presets, tokens, top_ks, dtypes,
-    skews) replaced in every block; duplicate blocks are dropped."""
-    given = {field: tuple(value) for field, value in overrides.items() if value is not None}
-    if not given:
-        return plan
-    blocks = []
-    for block in plan.blocks:
-        changed = dataclasses.replace(block, **given)
-        if changed not in blocks:
-            blocks.append(changed)
-    return dataclasses.replace(plan, blocks=tuple(blocks))
-
-
-def check_plan(plan: Plan) -> None:
-    """Refuse what cannot run, before anything is measured."""
-    for block in plan.blocks:
-        unknown = [name for name in block.presets if name not in PRESETS]
-        if unknown:
-            raise ValueError(f"presets: expected names from {sorted(PRESETS)}, got {unknown}")
-        if plan.device == "cpu" and "float16" in block.dtypes:
-            raise ValueError("dtypes: the cpu backend computes in float32 or float64, got float16")
-        for name in block.skews:
-            skew.skew_probabilities(name, 4)
-        if any(T < 1 for T in block.tokens):
-            raise ValueError(f"tokens: expected positive counts, got {list(block.tokens)}")
-        if any(k not in (1, 2) for k in block.top_ks):
-            raise ValueError(f"k: expected 1 or 2, got {list(block.top_ks)}")
 
 
 # ---------------------------------------------------------------- the run
@@ -197,7 +62,7 @@ def check_plan(plan: Plan) -> None:
 
 @dataclasses.dataclass
 class SweepResult:
-    plan: Plan
+    plan: sweep_plan.Plan
     run_id: str
     records: list
     problems: list
@@ -208,7 +73,7 @@ class SweepResult:
 class _Run:
     """The state of one sweep: its records, what failed and what was skipped."""
 
-    def __init__(self, plan: Plan, write: bool, results_dir, echo):
+    def __init__(self, plan: sweep_plan.Plan, write: bool, results_dir, echo):
         self.plan = plan
         self.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.write = write
@@ -252,25 +117,11 @@ class _Run:
         return self.plan.budget_s is not None and time.perf_counter() - self.started > self.plan.budget_s
 
 
-def cells(plan: Plan) -> list:
-    """(block, preset, dtype, T, k, skew) in run order: one layer shape and
-    dtype at a time, so its weights are made once."""
-    order = []
-    for block in plan.blocks:
-        for preset in block.presets:
-            for dtype in block.dtypes:
-                for T in block.tokens:
-                    for k in block.top_ks:
-                        for skew_name in block.skews:
-                            order.append((block, preset, dtype, T, k, skew_name))
-    return order
-
-
-def run_sweep(plan: Plan, *, progress: bool = True, write: bool = True, results_dir=None,
+def run_sweep(plan: sweep_plan.Plan, *, progress: bool = True, write: bool = True, results_dir=None,
               echo=print) -> SweepResult:
     """Measure everything ``plan`` asks for; records are written after each layer
     shape (unless ``write`` is False) and returned with the provenance merged in."""
-    check_plan(plan)
+    sweep_plan.check_plan(plan)
     run = _Run(plan, write, results_dir, echo)
     device = sweep_cells.Device(plan.device, plan.budget)
     dtypes = tuple(sorted({dtype for block in plan.blocks for dtype in block.dtypes}))
@@ -285,7 +136,7 @@ def run_sweep(plan: Plan, *, progress: bool = True, write: bool = True, results_
         run.add(measure_utilisation(plan, device, run))
         run.flush()
 
-    todo = cells(plan)
+    todo = sweep_plan.cells(plan)
     layer = None
     dense_done: set = set()
     with tqdm(total=len(todo), desc=f"sweep {plan.name}", unit="cell", disable=not progress,
@@ -330,7 +181,7 @@ def _next_layer(run: _Run, device, previous, preset: str, dtype: str):
     run.flush()
     del previous
     device.free()
-    shape = PRESETS[preset]
+    shape = sweep_plan.PRESETS[preset]
     try:
         return sweep_cells.load_layer(preset, shape.d_model, shape.d_ff, shape.n_experts, shape.activation,
                                       dtype, device)
@@ -339,12 +190,12 @@ def _next_layer(run: _Run, device, previous, preset: str, dtype: str):
         return None
 
 
-def measure_utilisation(plan: Plan, device, run: _Run) -> list:
+def measure_utilisation(plan: sweep_plan.Plan, device, run: _Run) -> list:
     """Nsight Compute per kernel and NVML over a loop, at (preset, T, dtype), k = 1 and 2."""
     preset, T, dtype = plan.utilisation
     top_ks = (1, 2)
     params = lambda k: {"preset": preset, "tokens": T, "top_k": k, "dtype": dtype, "skew": "uniform",  # noqa: E731
-                        **dataclasses.asdict(PRESETS[preset])}
+                        **dataclasses.asdict(sweep_plan.PRESETS[preset])}
     rows = utilisation.profile_kernels(preset, T, top_ks, dtype, timeout_s=150.0)
     found = []
     for row in rows:
@@ -364,7 +215,7 @@ def nvml_row(device, preset: str, T: int, k: int, dtype: str) -> dict:
         return utilisation.empty_nvml_row(reason or "no GPU: NVML has nothing to sample")
     import kernels  # noqa: PLC0415
 
-    shape = PRESETS[preset]
+    shape = sweep_plan.PRESETS[preset]
     cfg = shape.config(k)
     try:
         weights = sweep_cells.device_weights(cfg, dtype, seed=0)
@@ -467,7 +318,7 @@ def goal_table(records: list, preset: str = "mixtral", dtype: str = "float16") -
     ks = sorted({key[4] for key in mine if key[4] is not None})
     get = lambda T, k, impl, stage="end_to_end", launch="eager", width=None: mine.get(  # noqa: E731
         (preset, dtype, "uniform", T, k, impl, stage, launch, width))
-    shape = PRESETS.get(preset)
+    shape = sweep_plan.PRESETS.get(preset)
 
     def worst(values):
         values = [(value, where) for value, where in values if value is not None]
@@ -515,7 +366,7 @@ def goal_table(records: list, preset: str = "mixtral", dtype: str = "float16") -
 
 
 def _gemms(activation: str) -> int:
-    from analysis.roofline import gemms_per_mlp  # noqa: PLC0415
+    from analysis.measure.roofline import gemms_per_mlp  # noqa: PLC0415
 
     return gemms_per_mlp(activation)
 
@@ -562,9 +413,9 @@ def format_goals(goals: list) -> str:
 
 
 def parse_plan(argv) -> tuple:
-    parser = argparse.ArgumentParser(prog="python -m analysis.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=sorted(PLANS), help="default: gpu-default with a GPU, else cpu-default")
-    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS))
+    parser = argparse.ArgumentParser(prog="python -m analysis.measure.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", choices=sorted(sweep_plan.PLANS), help="default: gpu-default with a GPU, else cpu-default")
+    parser.add_argument("--presets", nargs="+", choices=sorted(sweep_plan.PRESETS))
     parser.add_argument("--tokens", nargs="+", type=int)
     parser.add_argument("--k", nargs="+", type=int, dest="top_ks")
     parser.add_argument("--dtypes", nargs="+", choices=("float16", "float32"))
@@ -575,8 +426,8 @@ def parse_plan(argv) -> tuple:
     parser.add_argument("--results-dir", help="results folder (default: $MOE_RESULTS_DIR or <repo>/results)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    plan = PLANS[args.plan or default_plan_name()]
-    plan = with_overrides(plan, presets=args.presets, tokens=args.tokens, top_ks=args.top_ks, dtypes=args.dtypes,
+    plan = sweep_plan.PLANS[args.plan or sweep_plan.default_plan_name()]
+    plan = sweep_plan.with_overrides(plan, presets=args.presets, tokens=args.tokens, top_ks=args.top_ks, dtypes=args.dtypes,
                           skews=args.skews)
     if args.budget_s is not None:
         plan = dataclasses.replace(plan, budget_s=args.budget_s)
@@ -585,7 +436,7 @@ def parse_plan(argv) -> tuple:
     if args.presets and plan.judged[0] not in args.presets:
         plan = dataclasses.replace(plan, judged=(args.presets[0], plan.judged[1]))
     try:
-        check_plan(plan)
+        sweep_plan.check_plan(plan)
     except ValueError as error:
         parser.error(str(error))
     return plan, args
@@ -600,7 +451,7 @@ def main(argv=None) -> int:
         if reason is not None:
             print(f"sweep: plan {plan.name!r} needs a GPU: {reason}")
             return 2
-    print(f"[sweep] plan {plan.name} on {plan.device}: {len(cells(plan))} cells"
+    print(f"[sweep] plan {plan.name} on {plan.device}: {len(sweep_plan.cells(plan))} cells"
           + (f", budget {plan.budget_s:.0f} s" if plan.budget_s else ""), flush=True)
     result = run_sweep(plan, progress=not args.quiet, write=not args.no_write, results_dir=args.results_dir)
     print()

@@ -2,7 +2,7 @@
 
 ``evaluate(checkpoint_path, split="test")`` re-scores any committed checkpoint:
 held-out bits per byte and next-byte accuracy (the scoring rule is in
-analysis/evaluation.py, which this module re-exports).
+analysis/study/evaluation.py, which this module re-exports).
 
 Also here: the inference-time experiments (top-k and capacity at inference),
 the cross-check of the trained MoE layers against ``kernels.moe_forward``, and
@@ -24,10 +24,11 @@ import torch.nn.functional as F_nn
 import kernels
 from kernels import testing
 
-from . import corpus, records
-from .evaluation import (EVAL_KIND, TRAIN_LOG_KIND, all_records, collect_routing, eval_records,  # noqa: F401
+from analysis.study import corpus
+from analysis import records
+from analysis.study.evaluation import (EVAL_KIND, TRAIN_LOG_KIND, all_records, collect_routing, eval_records,  # noqa: F401
                          eval_windows, evaluate, evaluate_model)
-from .moe_model import ByteTransformer, MoELayer, load_checkpoint, to_kernels
+from analysis.study.moe_model import ByteTransformer, MoELayer, load_checkpoint, to_kernels
 CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0, None)
 #: The test loss through the kernels must equal PyTorch's within this many bits
 #: per byte. Both run the same float32 model; they differ only in summation
@@ -98,7 +99,7 @@ def _corpus_label(python, sha256) -> str:
 
 def corpus_note(runs: pd.DataFrame, manifest: dict) -> str:
     """One sentence for the chapter: which corpus the checkpoints were trained on, against
-    this machine's (`manifest`, analysis.corpus), on which the chapter recomputes everything."""
+    this machine's (`manifest`, analysis.study.corpus), on which the chapter recomputes everything."""
     here = _corpus_label(manifest["python"], manifest["sha256"])
     other = runs[runs["corpus_sha256"] != manifest["sha256"]]
     if other.empty:
@@ -575,7 +576,7 @@ def n_experts(table: pd.DataFrame):
 
 def beside_published(summary: pd.DataFrame) -> pd.DataFrame:
     """Our relative differences beside the published ones (labelled; far larger models, other data)."""
-    from . import published
+    from analysis.chapters import published
 
     numbers = headline_numbers(summary)
     dense_loss = published.entry("DeepSeekMoE", "Pile validation loss, dense")

@@ -5,7 +5,7 @@ Two instruments, each optional; where one is missing (no GPU, no ``ncu``, no
 set to ``None`` with a ``message`` saying why, and never raise.
 
 **Per kernel, Nsight Compute through nsight-python.** ``profile_kernels``
-runs ``python -m analysis.utilisation`` in a fresh process (nsight-python must
+runs ``python -m analysis.measure.utilisation`` in a fresh process (nsight-python must
 load before CUDA starts, and its 0.9 releases re-run the calling script under
 ``ncu``, so the profiled code has a script of its own). That process
 annotates every kernel launch of one ``moe_forward`` (each CUDA-backend kernel
@@ -263,7 +263,7 @@ def profile_kernels(preset: str, tokens: int, top_ks: tuple, dtype: str, *, time
     environment["PATH"] = os.pathsep.join([str(Path(ncu).parent), environment.get("PATH", "")])
     python_path = [str(REPO_ROOT)] + ([ncu_report_folder(ncu)] if ncu_report_folder(ncu) else [])
     environment["PYTHONPATH"] = os.pathsep.join(python_path + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p])
-    command = [sys.executable, "-m", "analysis.utilisation", "--preset", preset, "--tokens", str(tokens),
+    command = [sys.executable, "-m", "analysis.measure.utilisation", "--preset", preset, "--tokens", str(tokens),
                "--dtype", dtype, "--out", str(output), "--work-dir", str(work), "--k", *map(str, top_ks)]
     log = work / "profile.log"
     try:
@@ -359,9 +359,10 @@ def _layer(preset: str, tokens: int, top_k: int, dtype: str):
         import cupy  # noqa: PLC0415
 
         import kernels  # noqa: PLC0415
-        from analysis import sweep, sweep_cells  # noqa: PLC0415
+        from analysis.measure import sweep_cells  # noqa: PLC0415
+        from analysis.measure.sweep_plan import PRESETS  # noqa: PLC0415
 
-        shape = sweep.PRESETS[preset]
+        shape = PRESETS[preset]
         cfg = shape.config(top_k)
         weights = sweep_cells.device_weights(cfg, dtype, seed=0)
         x = sweep_cells.make_tokens("uniform", tokens, weights.router, top_k, dtype=dtype, device="cuda", seed=0)
@@ -474,9 +475,9 @@ def rows_from_frame(frame, metrics: dict) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m analysis.utilisation",
+        prog="python -m analysis.measure.utilisation",
         description="Profile one MoE layer's kernels with Nsight Compute (through nsight-python); "
-                    "run by analysis.sweep in a process of its own.")
+                    "run by analysis.measure.sweep in a process of its own.")
     parser.add_argument("--preset", required=True)
     parser.add_argument("--tokens", type=int, required=True)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2])

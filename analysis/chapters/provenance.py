@@ -16,7 +16,7 @@ from typing import Optional
 import pandas as pd
 
 from analysis import records
-from analysis.kernels_chapter import Note
+from analysis.display import Note
 
 #: Columns of the index whose values come straight from record fields, in order.
 VERSION_FIELDS = ("python", "numpy", "torch", "cupy", "driver", "cuda_driver", "cuda_runtime")

@@ -1,6 +1,6 @@
 """One cell of the sweep: inputs on the device, every timing at one shape, one record each.
 
-``analysis.sweep`` decides which cells to run; this module makes each cell's
+``analysis.measure.sweep`` decides which cells to run; this module makes each cell's
 inputs and measures it. A cell is (layer shape, dtype, T, k, skew); per cell:
 
 - the five stages as the backend runs them (route, dispatch, permute,
@@ -11,7 +11,7 @@ inputs and measures it. A cell is (layer shape, dtype, T, k, skew); per cell:
 - the whole layer, ``kernels.moe_forward`` (``check_finite=False`` on the
   GPU, so it never waits for the host), eagerly and, for small T on the GPU,
   as CUDA-graph replays;
-- the peers (``analysis.peers``), checked against the layer's output first;
+- the peers (``analysis.measure.peers``), checked against the layer's output first;
 
 and per T (shared by both k) the dense MLP at equal active FLOPs (width K·F)
 and equal total parameters (width E·F), and the GEMMs alone at width K·F
@@ -48,7 +48,8 @@ import numpy
 
 import kernels
 import kernels.testing
-from analysis import peers, records, roofline, skew, timing
+from analysis.measure import peers, roofline, skew, timing
+from analysis import records
 from kernels.backends import resolve
 
 #: On the GPU, the whole layer is also timed as CUDA-graph replays up to this T.
@@ -157,7 +158,7 @@ def device_dense_weights(D: int, width: int, activation: str, dtype: str, *, see
 
 
 def make_tokens(skew_name: str, T: int, router, k: int, *, dtype: str, device: str, seed: int):
-    """(T, D) tokens routed by ``router`` as ``skew_name`` says (``analysis.skew``)."""
+    """(T, D) tokens routed by ``router`` as ``skew_name`` says (``analysis.measure.skew``)."""
     xp = numpy
     if device == "cuda":
         import cupy as xp  # noqa: PLC0415

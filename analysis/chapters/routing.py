@@ -2,7 +2,7 @@
 
 The trained MoE checkpoints are run over the start of the test split; each MoE
 layer's routing decisions (accuracy.collect_routing) go through the metrics of
-analysis.routing_stats. Expert identities are arbitrary per seed (expert 3 of
+analysis.study.routing_stats. Expert identities are arbitrary per seed (expert 3 of
 seed 0 has nothing to do with expert 3 of seed 1), so per-expert pictures
 (specialisation, co-activation) show one seed, and only expert-agnostic
 numbers (CV, max/mean, entropy, rates) are averaged over seeds.
@@ -17,9 +17,10 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from . import accuracy, corpus, published
-from . import routing_stats as stats
-from .moe_model import load_checkpoint
+from analysis.chapters import accuracy, published
+from analysis.study import corpus
+from analysis.study import routing_stats as stats
+from analysis.study.moe_model import load_checkpoint
 
 MOE_ARMS = ("moe-k1", "moe-k2-half", "moe-k2", "moe-k1-nobal", "moe-k2-half-nobal")
 ABLATION_PAIRS = (("moe-k1", "moe-k1-nobal"), ("moe-k2-half", "moe-k2-half-nobal"))
@@ -275,7 +276,7 @@ def ablation_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                                        "seeds"]).set_index("arm")
 
 
-#: The published figures this chapter sits beside (keys of analysis.published.ANCHORS).
+#: The published figures this chapter sits beside (keys of analysis.chapters.published.ANCHORS).
 SHAZEER_NO_BALANCE_CV = ("Shazeer et al. 2017", "CV of expert load, no balancing loss")
 SHAZEER_NO_BALANCE_MAX = ("Shazeer et al. 2017", "max/mean expert load, no balancing loss")
 SHAZEER_BALANCED_CV = ("Shazeer et al. 2017", "CV of expert load, w_importance = w_load = 0.1")

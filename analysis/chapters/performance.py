@@ -1,12 +1,12 @@
 """Data, tables and charts of the chapters "Performance on the GPU" and "The CPU baseline".
 
-Both chapters show ``sweep`` records (``analysis.sweep``). Where they come
+Both chapters show ``sweep`` records (``analysis.measure.sweep``). Where they come
 from is decided in one place, ``chapter_data``: measured live while the chapter
 runs, or the newest committed records of the device kind, or nothing (a GPU
 chapter on a machine without a GPU before any GPU run was committed). Every
 chapter shows ``ChapterData.note``, which names the source, device, date and
 commit. The CPU chapter also shows the newest committed ``bench-cpu`` run
-(``analysis.bench_cpu``, ``make bench-cpu``) through ``bench_cpu_view``, read
+(``analysis.measure.bench_cpu``, ``make bench-cpu``) through ``bench_cpu_view``, read
 by the same functions (``newest_folder``, ``newest_run``) and with the same
 kind of note. Timing records marked ``valid: false`` (a peer whose output
 differed from the layer's) are in no table or chart (``sweep.valid_timing``).
@@ -28,7 +28,7 @@ import altair as alt
 import numpy
 import pandas as pd
 
-from analysis import bench_cpu, sweep
+from analysis.measure import sweep, sweep_plan
 from analysis import records as record_io
 
 KIND = sweep.RECORD_KIND
@@ -89,7 +89,7 @@ def chapter_data(device_kind: str, *, source: str = "auto", plan: Optional[str] 
     first = run[0]
     where = "GPU" if device_kind == "gpu" else "CPU"
     note = (f"Note: these are the newest committed {where} records, not measured while this chapter ran: "
-            f"{_provenance(first, folder, KIND)}.")
+            f"{provenance_text(first, folder, KIND)}.")
     if device_kind == "gpu":
         note = "No GPU here. " + note
     return ChapterData(run, "records", note, first.get("device"), first.get("run_id"))
@@ -103,7 +103,7 @@ def _gpu_present() -> bool:
 
 def _live(device_kind: str, plan_name: Optional[str], overrides: dict) -> ChapterData:
     plan_name = plan_name or ("gpu-default" if device_kind == "gpu" else "cpu-tiny")
-    plan = sweep.with_overrides(sweep.PLANS[plan_name], **overrides)
+    plan = sweep_plan.with_overrides(sweep_plan.PLANS[plan_name], **overrides)
     if (plan.device == "cuda") != (device_kind == "gpu"):
         raise ValueError(f"plan: {plan_name!r} runs on {plan.device}, not on a {device_kind}")
     folder = tempfile.mkdtemp(prefix="moe-live-")
@@ -114,7 +114,7 @@ def _live(device_kind: str, plan_name: Optional[str], overrides: dict) -> Chapte
     return ChapterData(result.records, "live", note, first.get("device"), result.run_id)
 
 
-def _provenance(record: dict, folder: str, kind: str) -> str:
+def provenance_text(record: dict, folder: str, kind: str) -> str:
     """Device, date, commit and file of a committed run, for a note."""
     run = f"run {record['run_id']}, " if record.get("run_id") else ""
     return (f"{record.get('device')}, measured {_date(record)}, {_commit(record)} "
@@ -167,50 +167,6 @@ def newest_run(found: list) -> list:
 
 
 # ---------------------------------------------------------------- the bench-cpu run
-
-
-NO_BENCH_CPU_RECORDS = "no bench-cpu records yet: run `make bench-cpu` to measure the ratio table and its goals"
-
-
-@dataclasses.dataclass
-class BenchCpuView:
-    """The newest committed ``bench-cpu`` run as the CPU chapter shows it."""
-
-    note: str
-    #: ``bench_cpu.format_table`` and ``goal_report`` of the run, as ``make bench-cpu`` printed them;
-    #: "" without records.
-    text: str
-    rows: list
-
-
-def bench_cpu_view(results_dir=None) -> BenchCpuView:
-    """The newest ``bench-cpu`` run on a CPU (``newest_folder``, ``newest_run``): its
-    ratio table and the two goals, rebuilt from its records
-    (``bench_cpu.rows_from_records``), with a note naming where they come from,
-    or only a note saying there are none."""
-    folder = newest_folder("cpu", results_dir, kind=bench_cpu.RECORD_KIND)
-    if folder is None:
-        root = record_io.results_root(results_dir)
-        shown = root.relative_to(record_io.REPO_ROOT) if root.is_relative_to(record_io.REPO_ROOT) else root
-        return BenchCpuView(f"Note: {NO_BENCH_CPU_RECORDS} (none under {shown.as_posix()}/).", "", [])
-    run = newest_run(record_io.read_records(bench_cpu.RECORD_KIND, results_dir=results_dir, device=folder))
-    rows, sgemm_flop_per_s = bench_cpu.rows_from_records(run)
-    shape = next((r["params"] for r in run if r.get("measurement") == "forward-time"
-                  and r.get("implementation") == "moe"), {})
-    layer = [f"{letter} = {shape[key]}" for letter, key in (("D", "d_model"), ("F", "d_ff"), ("E", "n_experts"))
-             if key in shape] + [str(shape[key]) for key in ("activation", "dtype") if key in shape]
-    note = (f"Note: the newest committed bench-cpu run, not measured while this chapter ran: "
-            f"{_provenance(run[0], folder, bench_cpu.RECORD_KIND)}; {', '.join(layer)}; "
-            f"SGEMM {sgemm_flop_per_s / 1e9:.1f} GFLOP/s.")
-    text = bench_cpu.format_table(rows) + "\n\n" + "\n".join(bench_cpu.goal_report(rows))
-    return BenchCpuView(note, text, rows)
-
-
-def bench_cpu_goals() -> dict:
-    """The two CPU-baseline goals' thresholds (``analysis.bench_cpu``), by glue name, for the prose."""
-    return {"bench_large_tokens": bench_cpu.LARGE_TOKENS,
-            "bench_goal_ratio": f"{bench_cpu.GOAL_MAX_RATIO_TO_DENSE_ACTIVE:.2f}x",
-            "bench_goal_fraction": f"{100 * bench_cpu.GOAL_MIN_FRACTION_OF_SGEMM:.0f}%"}
 
 
 # ---------------------------------------------------------------- frames
@@ -404,22 +360,6 @@ def summary_frame(data: ChapterData) -> pd.DataFrame:
     return table.set_index(["preset", "dtype", "tokens", "top_k"])
 
 
-def goals_frame(data: ChapterData, preset: Optional[str] = None, dtype: Optional[str] = None) -> pd.DataFrame:
-    """``sweep.goal_table`` as a frame (percentages for fractions)."""
-    if preset is None:
-        preset, dtype = "mixtral", "float16"
-    rows = sweep.goal_table(data.records, preset, dtype)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    frame["measured"] = [None if m is None else (100 * m if u == "fraction" else m)
-                         for m, u in zip(frame["measured"], frame["unit"])]
-    frame["target"] = [100 * t if u == "fraction" else t for t, u in zip(frame["target"], frame["unit"])]
-    frame["unit"] = frame["unit"].map({"fraction": "%", "ratio": "x"})
-    frame["met"] = frame["met"].map({True: "met", False: "not met", None: "not measured"})
-    return frame.set_index("goal")[["measured", "target", "unit", "met", "worst_at"]]
-
-
 def skew_frame(data: ChapterData, preset: str, dtype: str) -> pd.DataFrame:
     """Whole-layer (eager) time per skew at the T where skews were measured,
     relative to uniform routing at the same T and k."""
@@ -438,20 +378,6 @@ def skew_frame(data: ChapterData, preset: str, dtype: str) -> pd.DataFrame:
     frame["top_k"] = frame["top_k"].astype(int)
     return frame[["skew", "tokens", "top_k", "median_s", "time_vs_uniform", "load_max_over_mean",
                   "experts_used"]].reset_index(drop=True)
-
-
-def ncu_frame(data: ChapterData) -> pd.DataFrame:
-    rows = [dict(r, top_k=r["params"].get("top_k")) for r in data.records if r.get("measurement") == "ncu"]
-    columns = ["top_k", "kernel", "stage", "sm_throughput_pct", "dram_throughput_pct", "achieved_occupancy_pct",
-               "tensor_pipe_pct", "duration_s", "message"]
-    return pd.DataFrame(rows).reindex(columns=columns) if rows else pd.DataFrame(columns=columns)
-
-
-def nvml_frame(data: ChapterData) -> pd.DataFrame:
-    rows = [dict(r, top_k=r["params"].get("top_k")) for r in data.records if r.get("measurement") == "nvml"]
-    columns = ["top_k", "gpu_utilisation_pct", "gpu_utilisation_max_pct", "sm_clock_mhz", "power_w",
-               "memory_used_bytes", "samples", "message"]
-    return pd.DataFrame(rows).reindex(columns=columns).set_index("top_k") if rows else pd.DataFrame(columns=columns)
 
 
 def run_problems(data: ChapterData) -> pd.DataFrame:
@@ -527,27 +453,6 @@ def roofline_chart(stages: pd.DataFrame, title: str) -> alt.TopLevelMixin:
         color=alt.Color("stage:N", scale=alt.Scale(domain=order, range=STAGE_COLOURS + ["#000000"]), title="stage"),
         column=alt.Column("top_k:O", title="k"),
     ).properties(width=280, height=220, title=title)
-
-
-def utilisation_chart(ncu: pd.DataFrame) -> alt.TopLevelMixin:
-    """Nsight Compute's four utilisation figures per kernel, k = 1 beside k = 2."""
-    measured = ncu.dropna(subset=["sm_throughput_pct"]) if not ncu.empty else ncu
-    if measured.empty:
-        messages = sorted({m for m in ncu.get("message", pd.Series(dtype=str)).dropna()}) if not ncu.empty else []
-        return message_chart("no Nsight Compute data" + (f": {messages[0][:140]}" if messages else ""))
-    metrics = {"sm_throughput_pct": "SM throughput", "dram_throughput_pct": "DRAM throughput",
-               "achieved_occupancy_pct": "achieved occupancy", "tensor_pipe_pct": "tensor pipe"}
-    long = measured.melt(id_vars=["top_k", "kernel", "stage"], value_vars=list(metrics),
-                         var_name="metric", value_name="percent")
-    long["metric"] = long["metric"].map(metrics)
-    long["k"] = "k = " + long["top_k"].astype(int).astype(str)
-    return alt.Chart(long).mark_bar().encode(
-        y=alt.Y("kernel:N", title=None, sort=None),
-        x=alt.X("percent:Q", title="% of peak", scale=alt.Scale(domain=[0, 100])),
-        yOffset="k:N",
-        color=alt.Color("k:N", title=None, scale=alt.Scale(range=["#56B4E9", "#D55E00"])),
-        column=alt.Column("metric:N", title=None),
-    ).properties(width=150, height=alt.Step(9), title="Nsight Compute per kernel")
 
 
 def skew_chart(skews: pd.DataFrame, title: str) -> alt.TopLevelMixin:

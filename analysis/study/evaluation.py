@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F_nn
 
-from . import corpus, records
-from .moe_model import ByteTransformer, load_checkpoint
+from analysis import records
+from analysis.study import corpus
+from analysis.study.moe_model import ByteTransformer, load_checkpoint
 
 EVAL_KIND = "accuracy-eval"
 TRAIN_LOG_KIND = "accuracy-train-log"

@@ -1,0 +1,87 @@
+"""How a chapter shows things on the page: notes and tables.
+
+Every chapter shows its text notes and its tables through this module, so the
+book has one look: a note is an admonition box; a table has no index column,
+3-4 significant digits, units in its headers and scrolls sideways inside the
+page column instead of being cut off when it is wide.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import numbers
+
+
+class Note:
+    """A visible note in the executed notebook and the built page (an admonition
+    in HTML, plain text elsewhere)."""
+
+    def __init__(self, title: str, text: str):
+        self.title = title
+        self.text = text
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        markup = (f'<div class="admonition note"><p class="admonition-title">{html.escape(self.title)}</p>'
+                  f"<p>{html.escape(self.text)}</p></div>")
+        return {"text/html": markup, "text/plain": f"{self.title}: {self.text}"}
+
+    def __repr__(self) -> str:
+        return f"{self.title}: {self.text}"
+
+
+def significant(value, digits: int = 3) -> str:
+    """``value`` as text with ``digits`` significant digits (integers whole,
+    thousands separated; None and NaN as an en dash)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "\u2013"
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    if value == 0 or not math.isfinite(value):
+        return str(float(value))
+    magnitude = math.floor(math.log10(abs(value)))
+    if magnitude >= digits + 3 or magnitude < -4:
+        return f"{value:.{digits - 1}e}"
+    decimals = max(digits - 1 - magnitude, 0)
+    text = f"{value:,.{decimals}f}"
+    return text
+
+
+class Table:
+    """A pandas DataFrame shown as a formatted HTML table (no index column,
+    ``digits`` significant digits, sideways scrolling when wide)."""
+
+    def __init__(self, frame, digits: int = 3, caption: str | None = None):
+        self.frame = frame
+        self.digits = digits
+        self.caption = caption
+
+    def _cells(self):
+        header = [html.escape(str(column)) for column in self.frame.columns]
+        rows = [[html.escape(significant(value, self.digits)) for value in row]
+                for row in self.frame.itertuples(index=False, name=None)]
+        return header, rows
+
+    def _repr_html_(self) -> str:
+        header, rows = self._cells()
+        numeric = [self.frame[column].dtype.kind in "iuf" for column in self.frame.columns]
+        align = ['style="text-align:right"' if is_number else 'style="text-align:left"' for is_number in numeric]
+        head = "".join(f"<th {a}>{h}</th>" for a, h in zip(align, header))
+        body = "".join("<tr>" + "".join(f"<td {a}>{c}</td>" for a, c in zip(align, row)) + "</tr>" for row in rows)
+        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        return (f'<div class="moe-table" style="overflow-x:auto;max-width:100%">'
+                f'<table class="table">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+
+    def __repr__(self) -> str:
+        header, rows = self._cells()
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        return "\n".join(lines)
+
+
+def table(frame, digits: int = 3, caption: str | None = None) -> Table:
+    """Show ``frame`` in a chapter: ``display.table(df)`` as a cell's last line."""
+    return Table(frame, digits=digits, caption=caption)
