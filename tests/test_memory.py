@@ -1,0 +1,109 @@
+"""The memory formula (analysis.measure.memory): exact for every array the layer
+returns, and the CPU backend's measured peak (tracemalloc) matches the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels
+from analysis.measure import memory
+
+#: Small allocations beyond the model that do not grow with T (index temporaries, views, Python
+#: objects; 20-60 KiB measured at the test's shapes).
+SLACK_BYTES = 96 * 1024
+
+
+def _arrays_of_the_layer(shape: memory.LayerShape) -> dict:
+    """Every intermediate the CPU backend makes at ``shape``, run stage by stage."""
+    cfg = kernels.MoEConfig(shape.D, shape.F, shape.E, shape.k, activation=shape.activation)
+    weights = kernels.init_weights(cfg, seed=0, dtype=np.dtype(shape.dtype))
+    x = np.random.default_rng(1).standard_normal((shape.T, shape.D)).astype(shape.dtype)
+    routing = kernels.route(x, weights.router, shape.k, backend="cpu")
+    plan = kernels.dispatch(routing.experts, shape.E, backend="cpu")
+    rows = kernels.permute(x, plan, backend="cpu")
+    expert_out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
+                                    activation=shape.activation, backend="cpu")
+    y = kernels.combine(expert_out, routing, plan, backend="cpu")
+    return {"probs": routing.probs, "experts": routing.experts, "weights": routing.weights,
+            "counts": plan.counts, "offsets": plan.offsets, "token": plan.token, "row": plan.row,
+            "rows": rows, "expert_out": expert_out, "y": y}
+
+
+@pytest.mark.parametrize("T, k, dtype, activation", [
+    (13, 1, "float32", "swiglu"), (13, 2, "float64", "relu"), (0, 2, "float32", "gelu"), (40, 2, "float32", "gelu"),
+])
+def test_formula_gives_the_bytes_of_every_array_the_layer_returns(T, k, dtype, activation):
+    shape = memory.LayerShape(T, 16, 24, 4, k, dtype, activation)
+    arrays = _arrays_of_the_layer(shape)
+    formula = {row["array"]: row["bytes"] for row in memory.intermediates(shape)}
+    assert {name: array.nbytes for name, array in arrays.items()} == {name: formula[name] for name in arrays}
+    # The hidden activations are not returned; their formula is N F s (twice for swiglu).
+    hidden = [row for row in memory.intermediates(shape) if row["lives"] == "expert stage"]
+    assert len(hidden) == (2 if activation == "swiglu" else 1)
+    assert all(row["bytes"] == T * k * 24 * np.dtype(dtype).itemsize for row in hidden)
+
+
+def test_k2_doubles_the_token_sized_intermediates():
+    one, two = (memory.LayerShape(100, 64, 128, 8, k) for k in (1, 2))
+    by_array = [{row["array"]: row["bytes"] for row in memory.intermediates(shape)} for shape in (one, two)]
+    for name in ("rows", "hidden", "gate", "expert_out", "token", "row", "weights", "experts"):
+        assert by_array[1][name] == 2 * by_array[0][name], name
+    for name in ("probs", "counts", "offsets", "y"):
+        assert by_array[1][name] == by_array[0][name], name
+
+
+def test_capacity_drops_shrink_the_rows():
+    full, capped = memory.LayerShape(10, 8, 8, 4, 2), memory.LayerShape(10, 8, 8, 4, 2, n_kept=12)
+    rows = [next(r["bytes"] for r in memory.intermediates(s) if r["array"] == "rows") for s in (full, capped)]
+    assert rows == [20 * 8 * 4, 12 * 8 * 4]
+
+
+# T = 600 is above the CPU backend's largest row block (512), so the hidden is made in blocks.
+@pytest.mark.parametrize("T", [64, 600])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_cpu_peak_lies_between_the_held_arrays_and_the_whole_layer(T, k, activation):
+    """The floor: every array the layer returns exists at once. The ceiling: the whole
+    hidden at once plus the CPU backend's temporaries; blocking keeps it below that."""
+    shape = memory.LayerShape(T, 256, 512, 8, k, "float32", activation)
+    measured = memory.measure_peak(shape, "moe", "cpu").peak_bytes
+    assert memory.held_bytes(shape) <= measured
+    assert measured <= 1.02 * memory.peak_bytes(shape, memory.cpu_temporaries(activation)) + SLACK_BYTES
+    dense = memory.measure_peak(shape, "dense", "cpu", dense_width=k * 512).peak_bytes
+    assert T * 256 * 4 <= dense
+    assert dense <= 1.02 * memory.dense_peak_bytes(T, 256, k * 512, "float32", activation,
+                                                   memory.cpu_temporaries(activation)) + SLACK_BYTES
+
+
+def test_k2_costs_more_than_k1_in_measured_peak():
+    one, two = (memory.measure_peak(memory.LayerShape(1024, 256, 512, 8, k), "moe", "cpu").peak_bytes
+                for k in (1, 2))
+    assert two > 1.3 * one
+
+
+def test_whole_hidden_dominates_at_large_T():
+    shape = memory.LayerShape(4096, 512, 1024, 8, 2)
+    hidden = sum(r["bytes"] for r in memory.intermediates(shape) if r["lives"] == "expert stage")
+    assert memory.peak_bytes(shape) == memory.held_bytes(shape) - 4096 * 512 * 4 + hidden
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("k", 3, "k: expected 1 or 2, got 3"), ("T", -1, "T: expected an integer >= 0, got -1"),
+    ("dtype", "int8", "dtype: expected one of"), ("E", 0, "E: expected an integer >= 1, got 0"),
+])
+def test_bad_shapes_say_what_is_wrong(field, value, message):
+    fields = dict(T=4, D=8, F=8, E=4, k=2)
+    fields[field] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        memory.LayerShape(**fields)
+
+
+def test_run_writes_records_with_formula_beside_measurement(tmp_path):
+    found = memory.run("tiny", tokens=[8], top_ks=[1], results_dir=tmp_path, echo=lambda message: None)
+    assert [r["arm"] for r in found] == [arm for arm, _ in memory.arms(memory.LayerShape(8, 64, 128, 4, 1))]
+    (path,) = tmp_path.glob("cpu-*/memory.jsonl")
+    assert path.read_text().count("\n") == 3
+    for record in found:
+        assert record["held_bytes"] <= record["peak_bytes"]
+        assert record["peak_bytes"] <= 2 * record["model_peak_bytes"] + SLACK_BYTES
