@@ -25,8 +25,19 @@ Capacity applies only when asked (inference experiments); training is
 dropless. With a capacity factor, a call with T tokens keeps at most
 C = ceil(capacity_factor * T * K / E) assignments per expert, taken in the
 contract's j-major order (all first choices in token order, then all second
-choices), exactly as ``kernels.dispatch`` does. The T tokens of a call are the
-whole batch, flattened (batch, position).
+choices), exactly as ``kernels.dispatch`` does. Which tokens form one call is
+the capacity scope (``CAPACITY_SCOPES``):
+
+- ``"position"`` (the default for the whole model): each position of the batch
+  is one call of B tokens, one from each sequence, as in batched decoding. The
+  drops at position s depend only on the tokens at position s, which depend
+  only on bytes up to s, so the model stays causal: no later byte can change an
+  earlier prediction. This is the rule for scoring a language model.
+- ``"batch"``: the whole batch, flattened (batch, position), is one call, the
+  kernels' contract (GShard's batch-wide rule, what a prefill kernel sees).
+  It is not causal: whether a token's second choice is kept depends on the
+  first choices of every later position, since all first choices outrank all
+  second choices. Use it to study the kernels, not to score next-byte loss.
 
 Dimension letters as in the contract: T tokens, D model width, F expert hidden
 width, E experts, K experts per token.
@@ -48,6 +59,8 @@ from torch import nn
 import kernels
 
 FFN_KINDS = ("dense", "moe")
+#: Which tokens share one capacity (see the module docstring).
+CAPACITY_SCOPES = ("position", "batch")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
 
@@ -165,29 +178,27 @@ class MoELayer(nn.Module):
             weights = weights / weights.sum(dim=1, keepdim=True)
         return experts, weights.to(h.dtype), probs, logits
 
-    def kept_mask(self, experts: torch.Tensor, capacity: Optional[int]) -> torch.Tensor:
-        """(T, K) bool: assignment (t, j) is among the first `capacity` arrivals at its
-        expert, arrivals ordered j-major (kernels.dispatch's rule)."""
-        if capacity is None:
-            return torch.ones_like(experts, dtype=torch.bool)
-        T, K = experts.shape
-        arrival_expert = experts.T.reshape(-1)  # a = j * T + t
-        one_hot = F_nn.one_hot(arrival_expert, self.n_experts)
-        arrival_rank = (one_hot.cumsum(dim=0) - 1).gather(1, arrival_expert[:, None])[:, 0]
-        return (arrival_rank < capacity).reshape(K, T).T
+    def kept_mask(self, experts: torch.Tensor, capacity: Optional[int], *, calls: int = 1) -> torch.Tensor:
+        """(T, K) bool: see ``kept_mask``."""
+        return kept_mask(experts, self.n_experts, capacity, calls=calls)
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
         gate = h @ self.w3[e] if self.w3 is not None else None
         return _activate(h @ self.w1[e], gate, self.activation) @ self.w2[e]
 
     def forward(self, h: torch.Tensor, *, top_k: Optional[int] = None, renormalize: Optional[bool] = None,
-                capacity_factor: Optional[float] = None):
-        """h (T, D) -> (y (T, D), LayerRouting, experts, probs, logits with grad for the losses)."""
+                capacity_factor: Optional[float] = None, calls: int = 1):
+        """h (T, D) -> (y (T, D), LayerRouting, experts, probs, logits with grad for the losses).
+
+        ``calls``: the T tokens are cut into this many capacity calls, token t in call
+        t % calls (see ``kept_mask``); 1, the default, is the kernels' one call of T tokens."""
         top_k = self.top_k if top_k is None else top_k
         renormalize = self.renormalize if renormalize is None else renormalize
         experts, weights, probs, logits = self.route(h, top_k, renormalize)
-        capacity = expert_capacity(capacity_factor, h.shape[0], top_k, self.n_experts)
-        kept = self.kept_mask(experts, capacity)
+        if h.shape[0] % calls:
+            raise ValueError(f"calls: expected a divisor of the {h.shape[0]} tokens, got {calls}")
+        capacity = expert_capacity(capacity_factor, h.shape[0] // calls, top_k, self.n_experts)
+        kept = self.kept_mask(experts, capacity, calls=calls)
         y = torch.zeros_like(h)
         for e in range(self.n_experts):
             token, choice = torch.nonzero((experts == e) & kept, as_tuple=True)
@@ -198,6 +209,28 @@ class MoELayer(nn.Module):
         routing = LayerRouting(experts=experts.detach(), weights=weights.detach(), probs=probs.detach(),
                                logits=logits.detach(), kept=kept)
         return y, routing, experts, probs, logits
+
+
+def kept_mask(experts: torch.Tensor, n_experts: int, capacity: Optional[int], *, calls: int = 1) -> torch.Tensor:
+    """(T, K) bool: assignment (t, j) is among the first `capacity` arrivals at its expert
+    within its call, arrivals ordered j-major (kernels.dispatch's rule).
+
+    The T tokens form ``calls`` calls of T / calls tokens each, token t in call
+    t % calls, in increasing t within the call. With (batch, position) flattened
+    and calls = S, call s holds position s of every sequence (the causal scope);
+    calls = 1 is one call of all T tokens, exactly kernels.dispatch on them.
+    """
+    if capacity is None:
+        return torch.ones_like(experts, dtype=torch.bool)
+    T, K = experts.shape
+    if T % calls:
+        raise ValueError(f"calls: expected a divisor of T = {T}, got {calls}")
+    per_call = T // calls
+    # (per_call, calls, K) -> (calls, K, per_call): each call's arrivals j-major, then in token order.
+    arrivals = experts.reshape(per_call, calls, K).permute(1, 2, 0).reshape(calls, K * per_call)
+    one_hot = F_nn.one_hot(arrivals, n_experts)
+    rank = (one_hot.cumsum(dim=1) - 1).gather(2, arrivals[..., None])[..., 0]
+    return (rank < capacity).reshape(calls, K, per_call).permute(2, 0, 1).reshape(T, K)
 
 
 def balance_loss(experts: torch.Tensor, probs: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -296,12 +329,17 @@ class ByteTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 top_k: Optional[int] = None, renormalize: Optional[bool] = None,
-                capacity_factor: Optional[float] = None,
+                capacity_factor: Optional[float] = None, capacity_scope: str = "position",
                 ffn_override: Optional[FFNOverride] = None) -> ModelOutput:
         """tokens (B, S) int64 -> ModelOutput. ``top_k``, ``renormalize`` and
-        ``capacity_factor`` override the MoE layers' settings (inference experiments)."""
+        ``capacity_factor`` override the MoE layers' settings (inference experiments);
+        ``capacity_scope`` says which tokens share a capacity (module docstring)."""
         cfg = self.cfg
         B, S = tokens.shape
+        if capacity_scope not in CAPACITY_SCOPES:
+            raise ValueError(f"capacity_scope: expected one of {CAPACITY_SCOPES}, got {capacity_scope!r}")
+        # Flattened (batch, position): token b * S + s is in call (b * S + s) % S = s.
+        calls = S if capacity_scope == "position" else 1
         x = self.embedding(tokens) + self.position[:S]
         zero = x.new_zeros(())
         balance_terms, z_terms, routing = [], [], []
@@ -312,7 +350,7 @@ class ByteTransformer(nn.Module):
                 y = ffn_override(index, block.ffn, h)
             elif isinstance(block.ffn, MoELayer):
                 y, layer_routing, experts, probs, logits = block.ffn(
-                    h, top_k=top_k, renormalize=renormalize, capacity_factor=capacity_factor)
+                    h, top_k=top_k, renormalize=renormalize, capacity_factor=capacity_factor, calls=calls)
                 routing.append(layer_routing)
                 balance_terms.append(balance_loss(experts, probs, cfg.n_experts))
                 z_terms.append(router_z_loss(logits))
