@@ -1,8 +1,13 @@
-"""Which backend runs a call: "reference", "cpu" or "cuda".
+"""Which backend runs a call: "reference", "cpu", "cuda" or "cuda-emulated".
 
 `backend=None` means the MOE_BACKEND environment variable if set, else "cpu".
 The CUDA backend is imported only when asked for, so importing `kernels`
 never imports CuPy and never touches a GPU.
+
+"cuda-emulated" is the CUDA kernels on the CPU, for testing: slow. The same
+`.cu` files and launchers as "cuda", built by the host C++ compiler and run by
+kernels/cuda/emulator (cuBLAS, used by the dense baseline's GEMMs, is NumPy
+there). It is available wherever a C++ compiler is; its results are CPU results.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import os
 from types import ModuleType
 from typing import Optional
 
-KNOWN_BACKENDS = ("reference", "cpu", "cuda")
+KNOWN_BACKENDS = ("reference", "cpu", "cuda", "cuda-emulated")
 DEFAULT_BACKEND = "cpu"
 ENV_VARIABLE = "MOE_BACKEND"
 #: The module of each backend. The CUDA backend lives in a sub-package whose
 #: __init__ imports nothing, so its CuPy-free tools (nvcc's build report)
 #: import without CuPy; its backend module imports CuPy at the top.
-BACKEND_MODULES = {"reference": "kernels.reference", "cpu": "kernels.cpu", "cuda": "kernels.cuda.backend"}
+BACKEND_MODULES = {"reference": "kernels.reference", "cpu": "kernels.cpu", "cuda": "kernels.cuda.backend",
+                   "cuda-emulated": "kernels.cuda.emulator.backend"}
 
 
 def cuda_unavailable_reason() -> Optional[str]:
@@ -43,11 +49,30 @@ def cuda_unavailable_reason() -> Optional[str]:
     return None
 
 
+def emulator_unavailable_reason() -> Optional[str]:
+    """None when the "cuda-emulated" backend can run here, else why it cannot."""
+    try:
+        found = importlib.util.find_spec(BACKEND_MODULES["cuda-emulated"]) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        return "the CUDA emulator (kernels/cuda/emulator) is not part of this build"
+    from .cuda.emulator.build import compiler  # noqa: PLC0415 - imports nothing heavy
+
+    if compiler() is None:
+        return "no C++ compiler found (set $CXX or install g++)"
+    return None
+
+
 def available_backends() -> tuple:
-    """The backends that can run on this machine; "cuda" only where CuPy finds a device."""
+    """The backends that can run on this machine: "cuda" only where CuPy finds a
+    device, "cuda-emulated" (the CUDA kernels on the CPU, for testing: slow)
+    where a C++ compiler is."""
     names = ("reference", "cpu")
     if cuda_unavailable_reason() is None:
         names += ("cuda",)
+    if emulator_unavailable_reason() is None:
+        names += ("cuda-emulated",)
     return names
 
 
@@ -63,4 +88,8 @@ def resolve(backend: Optional[str]) -> ModuleType:
         reason = cuda_unavailable_reason()
         if reason is not None:
             raise ValueError(f"{source}: 'cuda' is not available here: {reason}")
+    if backend == "cuda-emulated":
+        reason = emulator_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"{source}: 'cuda-emulated' is not available here: {reason}")
     return importlib.import_module(BACKEND_MODULES[backend])

@@ -21,15 +21,19 @@ once, after the float32 activation (as a plain float16 implementation stores it)
 and that rounded hidden is GEMM2's tensor-core input. `out` is rounded once.
 float32 runs FFMA throughout, so its error stays that of a plain float32 GEMM.
 
-CuPy is imported on the first call, not at import (as in `loader`), so that
-nvcc-only tools can read COMPILE_DEFINES without it.
+Where the arrays live and who compiles the kernels is the `device` argument
+(kernels.cuda.device): CuPy and NVRTC by default, or the CPU emulator. CuPy is
+imported on the first call, not at import (as in `loader`), so that nvcc-only
+tools can read COMPILE_DEFINES without it.
+
+Architecture: v3 needs sm_80 or newer (cp.async, mma.sync m16n8k16). On older
+GPUs expert_mlp.cu still builds (its PTX helpers compile to a trap there), the
+default rule never picks v3, and asking for it raises ValueError.
 """
 
 from __future__ import annotations
 
 import numpy
-
-from .loader import get_kernel
 
 SOURCE = "expert_mlp.cu"
 
@@ -67,26 +71,44 @@ MAX_GRID_Y = 65535
 INT32_LIMIT = 2**31
 
 
-def choose_version(n_rows: int, n_experts: int, dtype) -> str:
-    """The default version: the whole rule, from host-side shapes only (no sync).
+#: The oldest architecture (compute capability x 10) with cp.async and mma.m16n8k16.
+V3_MIN_ARCH = 80
 
-    decode when the experts average at most DECODE_ROWS rows (one pass over each
-    selected expert's weights, e.g. T <= 16 tokens with E = 8, K = 2), else the
-    grouped GEMM for the dtype: v3 (tensor cores) for float16, v2 for float32.
+
+def choose_version(largest_expert_rows: int, n_experts: int, dtype, arch: int = V3_MIN_ARCH) -> str:
+    """The default version: the whole rule.
+
+    decode when the busiest expert has at most DECODE_ROWS rows: decode streams an
+    expert's weights once per DECODE_ROWS of its rows, so it is chosen by the
+    largest per-expert row count, not the average (a hot expert under skewed
+    routing would be read many times). Else the grouped GEMM for the dtype: v3
+    (tensor cores, sm_80+) for float16, v1 for float16 on older GPUs, v2 for float32.
     """
-    if n_rows <= COMPILE_DEFINES["DECODE_ROWS"] * n_experts and n_experts <= MAX_GRID_Y:
+    if largest_expert_rows <= COMPILE_DEFINES["DECODE_ROWS"] and n_experts <= MAX_GRID_Y:
         return "decode"
-    return "v3" if numpy.dtype(dtype) == numpy.float16 else "v2"
+    if numpy.dtype(dtype) == numpy.float16:
+        return "v3" if arch >= V3_MIN_ARCH else "v1"
+    return "v2"
 
 
-def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None):
+def largest_expert_rows(offsets, n_rows: int, device) -> int:
+    """max over e of offsets[e+1] - offsets[e]: read from the device (one wait),
+    except under CUDA graph capture, where no wait is allowed and N bounds it."""
+    if device.capturing() or n_rows == 0:
+        return n_rows
+    counts = device.to_host(offsets)
+    return int(numpy.diff(counts).max()) if counts.size > 1 else 0
+
+
+def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, device=None):
     """out (N, D): expert e's MLP on rows offsets[e]:offsets[e+1], all experts at once.
 
     rows (N, D); offsets (E+1,) int64 with offsets[0] = 0, non-decreasing,
     offsets[E] = N (read on the device only); w1, w3 (E, D, F); w2 (E, F, D);
     activation "relu" | "gelu" | "swiglu" (w3 required exactly for swiglu).
     float32 or float16, all the same dtype; out has that dtype. version: None (see
-    `choose_version`) or one of VERSIONS.
+    `choose_version`) or one of VERSIONS. device: kernels.cuda.device.Device
+    (default: CuPy's).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {activation!r}")
@@ -119,41 +141,53 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None):
     if max(n_rows, d_model, d_ff) >= INT32_LIMIT:
         raise ValueError(f"rows, w1: N, D and F must each be below 2**31, got {n_rows}, {d_model}, {d_ff}")
 
+    if device is None:
+        from .device import cupy_device  # noqa: PLC0415 - see the module docstring
+
+        device = cupy_device()
+    arch = device.arch()
     if version is None:
-        version = choose_version(n_rows, n_experts, dtype)
+        version = choose_version(largest_expert_rows(offsets, n_rows, device), n_experts, dtype, arch)
     if version not in VERSIONS:
         raise ValueError(f"version: expected None or one of {VERSIONS}, got {version!r}")
     if dtype not in VERSION_DTYPES[version]:
         raise TypeError(f"rows: version {version!r} takes {[str(d) for d in VERSION_DTYPES[version]]}, got {dtype}")
     if version == "decode" and n_experts > MAX_GRID_Y:
         raise ValueError(f"version: 'decode' takes at most {MAX_GRID_Y} experts, got {n_experts}")
+    if version == "v3" and arch < V3_MIN_ARCH:
+        raise ValueError(f"version: 'v3' needs a GPU of compute capability 8.0 or newer (cp.async, "
+                         f"mma.sync), this one is {arch // 10}.{arch % 10}")
 
-    import cupy  # noqa: PLC0415 - see the module docstring
-
-    out = cupy.empty((n_rows, d_model), dtype=dtype)
+    xp = device.xp
+    out = xp.empty((n_rows, d_model), dtype=dtype)
     if n_rows == 0 or d_model == 0:
         return out
     if d_ff == 0:  # act(0) = 0 for all three activations: out = 0 @ w2
         out.fill(0)
         return out
 
-    rows, w1, w2 = (cupy.ascontiguousarray(cupy.asarray(a)) for a in (rows, w1, w2))
-    offsets = cupy.ascontiguousarray(cupy.asarray(offsets, dtype=cupy.int64))
-    w3 = w1 if w3 is None else cupy.ascontiguousarray(cupy.asarray(w3))  # w1 stands in: relu, gelu never read it
-    hidden = cupy.empty((n_rows, d_ff), dtype=dtype)
-    defines = launch_defines(activation, vector_loads_allowed(dtype, d_model, d_ff, (rows, w1, w2, w3, hidden, out)))
+    rows, w1, w2 = (xp.ascontiguousarray(xp.asarray(a)) for a in (rows, w1, w2))
+    offsets = xp.ascontiguousarray(xp.asarray(offsets, dtype=numpy.int64))
+    w3 = w1 if w3 is None else xp.ascontiguousarray(xp.asarray(w3))  # w1 stands in: relu, gelu never read it
+    hidden = xp.empty((n_rows, d_ff), dtype=dtype)
+    addresses = [device.address(a) for a in (rows, w1, w2, w3, hidden, out)]
+    defines = launch_defines(activation, vector_loads_allowed(dtype, d_model, d_ff, addresses))
 
     launch = {"v1": _launch_v1, "v2": _launch_v2, "v3": _launch_v3, "decode": _launch_decode}[version]
-    launch(rows, offsets, w1, w2, w3, hidden, out, defines)
+    tile_starts = launch(device, rows, offsets, w1, w2, w3, hidden, out, defines)
+    if device.capturing():  # a replay writes them again: keep them alive (see kernels.cuda.stages)
+        from .stages import GRAPH_KEEPALIVE  # noqa: PLC0415
+
+        GRAPH_KEEPALIVE.extend(a for a in (hidden, tile_starts, offsets, w3) if a is not None)
     return out
 
 
-def vector_loads_allowed(dtype, d_model: int, d_ff: int, arrays) -> bool:
+def vector_loads_allowed(dtype, d_model: int, d_ff: int, addresses) -> bool:
     """16-byte accesses are safe when every row starts on a 16-byte boundary:
-    D and F multiples of 16 bytes and every base pointer 16-byte aligned."""
+    D and F multiples of 16 bytes and every base address 16-byte aligned."""
     per_16_bytes = 16 // numpy.dtype(dtype).itemsize
     return (d_model % per_16_bytes == 0 and d_ff % per_16_bytes == 0
-            and all(a.data.ptr % 16 == 0 for a in arrays))
+            and all(address % 16 == 0 for address in addresses))
 
 
 def launch_defines(activation: str, vector_loads: bool) -> dict:
@@ -170,45 +204,43 @@ def row_tile_bound(n_rows: int, n_experts: int, block_rows: int) -> int:
     return min(n_rows, (n_rows + n_experts * (block_rows - 1)) // block_rows)
 
 
-def _tile_starts(offsets, n_experts: int, block_rows: int, defines: dict):
+def _tile_starts(device, offsets, n_experts: int, block_rows: int, defines: dict):
     """tile_starts (E+1,) int32 on the device: the first row tile of each expert."""
-    import cupy  # noqa: PLC0415 - see the module docstring
-
-    tile_starts = cupy.empty(n_experts + 1, dtype=cupy.int32)
-    kernel = get_kernel("expert_mlp.cu", "expert_mlp_tile_starts", **defines)
+    tile_starts = device.xp.empty(n_experts + 1, dtype=numpy.int32)
+    kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_tile_starts", **defines)
     kernel((1,), (THREADS,), (offsets, numpy.int32(n_experts), numpy.int32(block_rows), tile_starts))
     return tile_starts
 
 
-def _launch_v1(rows, offsets, w1, w2, w3, hidden, out, defines):
+def _launch_v1(device, rows, offsets, w1, w2, w3, hidden, out, defines):
     n_rows, d_model = rows.shape
     n_experts, _, d_ff = w1.shape
     block_cols = COMPILE_DEFINES["V1_BLOCK_COLS"]
     _check_grid_y(_ceil_div(max(d_ff, d_model), block_cols))
     if rows.dtype == numpy.float32:
-        hidden_kernel = get_kernel("expert_mlp.cu", "expert_mlp_v1_hidden_f32", **defines)
-        out_kernel = get_kernel("expert_mlp.cu", "expert_mlp_v1_out_f32", **defines)
+        hidden_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_v1_hidden_f32", **defines)
+        out_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_v1_out_f32", **defines)
     else:
-        hidden_kernel = get_kernel("expert_mlp.cu", "expert_mlp_v1_hidden_f16", **defines)
-        out_kernel = get_kernel("expert_mlp.cu", "expert_mlp_v1_out_f16", **defines)
+        hidden_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_v1_hidden_f16", **defines)
+        out_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_v1_out_f16", **defines)
     e, d, f = numpy.int32(n_experts), numpy.int32(d_model), numpy.int32(d_ff)
     hidden_kernel((n_rows, _ceil_div(d_ff, block_cols)), (block_cols,), (rows, offsets, e, w1, w3, hidden, d, f))
     out_kernel((n_rows, _ceil_div(d_model, block_cols)), (block_cols,), (hidden, offsets, e, w2, out, f, d))
 
 
-def _launch_v2(rows, offsets, w1, w2, w3, hidden, out, defines):
-    hidden_kernel = get_kernel("expert_mlp.cu", "expert_mlp_v2_hidden_f32", **defines)
-    out_kernel = get_kernel("expert_mlp.cu", "expert_mlp_v2_out_f32", **defines)
-    _launch_grouped(hidden_kernel, out_kernel, "V2", rows, offsets, w1, w2, w3, hidden, out, defines)
+def _launch_v2(device, rows, offsets, w1, w2, w3, hidden, out, defines):
+    hidden_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_v2_hidden_f32", **defines)
+    out_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_v2_out_f32", **defines)
+    return _launch_grouped(device, hidden_kernel, out_kernel, "V2", rows, offsets, w1, w2, w3, hidden, out, defines)
 
 
-def _launch_v3(rows, offsets, w1, w2, w3, hidden, out, defines):
-    hidden_kernel = get_kernel("expert_mlp.cu", "expert_mlp_v3_hidden_f16", **defines)
-    out_kernel = get_kernel("expert_mlp.cu", "expert_mlp_v3_out_f16", **defines)
-    _launch_grouped(hidden_kernel, out_kernel, "V3", rows, offsets, w1, w2, w3, hidden, out, defines)
+def _launch_v3(device, rows, offsets, w1, w2, w3, hidden, out, defines):
+    hidden_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_v3_hidden_f16", **defines)
+    out_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_v3_out_f16", **defines)
+    return _launch_grouped(device, hidden_kernel, out_kernel, "V3", rows, offsets, w1, w2, w3, hidden, out, defines)
 
 
-def _launch_grouped(hidden_kernel, out_kernel, prefix, rows, offsets, w1, w2, w3, hidden, out, defines):
+def _launch_grouped(device, hidden_kernel, out_kernel, prefix, rows, offsets, w1, w2, w3, hidden, out, defines):
     """Grid (row tiles, column tiles): an upper bound of row tiles on x; each block
     finds its expert from tile_starts on the device, blocks past the end exit."""
     n_rows, d_model = rows.shape
@@ -222,13 +254,14 @@ def _launch_grouped(hidden_kernel, out_kernel, prefix, rows, offsets, w1, w2, w3
     out_grid = (row_tiles, _ceil_div(d_model, out_cols))
     _check_grid_y(max(hidden_grid[1], out_grid[1]))
 
-    tile_starts = _tile_starts(offsets, n_experts, block_rows, defines)
+    tile_starts = _tile_starts(device, offsets, n_experts, block_rows, defines)
     e, d, f = numpy.int32(n_experts), numpy.int32(d_model), numpy.int32(d_ff)
     hidden_kernel(hidden_grid, (THREADS,), (rows, offsets, tile_starts, e, w1, w3, hidden, d, f))
     out_kernel(out_grid, (THREADS,), (hidden, offsets, tile_starts, e, w2, out, f, d))
+    return tile_starts
 
 
-def _launch_decode(rows, offsets, w1, w2, w3, hidden, out, defines):
+def _launch_decode(device, rows, offsets, w1, w2, w3, hidden, out, defines):
     """Grid (column slices, E): block (x, e) streams slice x of expert e's weights;
     blocks of experts without rows exit before reading anything."""
     n_experts, _, d_ff = w1.shape
@@ -237,11 +270,11 @@ def _launch_decode(rows, offsets, w1, w2, w3, hidden, out, defines):
     hidden_slice = COMPILE_DEFINES["DECODE_HIDDEN_LANES"] * per_16_bytes
     out_slice = COMPILE_DEFINES["DECODE_OUT_LANES"] * per_16_bytes
     if rows.dtype == numpy.float32:
-        hidden_kernel = get_kernel("expert_mlp.cu", "expert_mlp_decode_hidden_f32", **defines)
-        out_kernel = get_kernel("expert_mlp.cu", "expert_mlp_decode_out_f32", **defines)
+        hidden_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_decode_hidden_f32", **defines)
+        out_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_decode_out_f32", **defines)
     else:
-        hidden_kernel = get_kernel("expert_mlp.cu", "expert_mlp_decode_hidden_f16", **defines)
-        out_kernel = get_kernel("expert_mlp.cu", "expert_mlp_decode_out_f16", **defines)
+        hidden_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_decode_hidden_f16", **defines)
+        out_kernel = device.get_kernel("expert_mlp.cu", "expert_mlp_decode_out_f16", **defines)
     d, f = numpy.int32(d_model), numpy.int32(d_ff)
     hidden_kernel((_ceil_div(d_ff, hidden_slice), n_experts), (THREADS,), (rows, offsets, w1, w3, hidden, d, f))
     out_kernel((_ceil_div(d_model, out_slice), n_experts), (THREADS,), (hidden, offsets, w2, out, f, d))

@@ -1,0 +1,83 @@
+"""The two seams of the CUDA backend: where arrays live and who compiles kernels.
+
+A ``Device`` bundles them for the launchers (``stages.Stages``, ``expert_mlp``):
+
+- ``xp``: the array module, CuPy on a GPU, ``emulator.arrays`` (guarded NumPy
+  buffers) on the emulator; the launchers call only ``empty``, ``zeros``,
+  ``asarray``, ``ascontiguousarray``, ``isfinite``, ``matmul`` and dtypes on it;
+- ``get_kernel``: ``kernels.cuda.loader.get_kernel`` (CuPy's NVRTC) or
+  ``emulator.loader.get_kernel`` (the host C++ compiler), same signature, and
+  kernels called the same way.
+
+plus what differs in reading arrays: a device pointer, a copy to the host, the
+number of multiprocessors (the grid-stride kernels' grid), and whether a CUDA
+graph is being captured. Nothing here imports CuPy until ``cupy_device()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import numpy
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    xp: Any
+    get_kernel: Callable
+    address: Callable[[Any], int]
+    to_host: Callable[[Any], numpy.ndarray]
+    multiprocessors: Callable[[], int]
+    capturing: Callable[[], bool]
+    arch: Callable[[], int]  # compute capability x 10 (80 for sm_80)
+    emulated: bool
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_device() -> Device:
+    import cupy  # noqa: PLC0415 - only where the real backend is asked for
+
+    from .loader import get_kernel
+
+    def multiprocessors() -> int:
+        return _multiprocessors(cupy.cuda.Device().id)
+
+    def capturing() -> bool:
+        return bool(cupy.cuda.get_current_stream().is_capturing())
+
+    def arch() -> int:
+        return int(cupy.cuda.Device().compute_capability)
+
+    return Device(name="cuda", xp=cupy, get_kernel=get_kernel, address=lambda a: a.data.ptr,
+                  to_host=cupy.asnumpy, multiprocessors=multiprocessors, capturing=capturing, arch=arch,
+                  emulated=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_id: int) -> int:
+    import cupy  # noqa: PLC0415
+
+    return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+#: The grid-stride kernels size their grids by multiprocessors; the emulator
+#: reports a small count so its grids stay CI-sized while still having several
+#: blocks (each block runs in turn, so this is no speed setting).
+EMULATED_MULTIPROCESSORS = 2
+
+
+#: The emulator implements the sm_80 instructions expert_mlp.cu's v3 uses.
+EMULATED_ARCH = 80
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_device() -> Device:
+    from .emulator import arrays, loader  # noqa: PLC0415
+
+    return Device(name="cuda-emulated", xp=arrays, get_kernel=loader.get_kernel,
+                  address=lambda a: a.ctypes.data, to_host=lambda a: numpy.array(a, copy=True),
+                  multiprocessors=lambda: EMULATED_MULTIPROCESSORS, capturing=lambda: False,
+                  arch=lambda: EMULATED_ARCH, emulated=True)

@@ -1,0 +1,144 @@
+"""The kernel loader of the emulated device: the twin of kernels/cuda/loader.py.
+
+    kernel = get_kernel("router.cu", "router_top2_f32", N_EXPERTS=64, ROUTER_TOKENS=8)
+    kernel((blocks,), (threads,), (x, router, numpy.int64(T), ...), shared_mem=0)
+
+takes the arguments CuPy's RawKernel takes and checks more than CuPy can: every
+array must be an emulator array (``arrays``), of the element size the kernel's
+pointer parameter has; every scalar a NumPy scalar of the parameter's exact C
+type (a ``numpy.int32`` for a ``long long`` is an error here, garbage on a GPU).
+After the launch the fences of every array argument are checked. A fault raises
+``KernelFault`` naming the kernel, block, thread and source line.
+
+``schedule(...)`` picks the order the fibers of a block run in and when
+cp.async copies land; results must be bitwise equal under every schedule.
+``LAUNCHES`` counts the launches per (file, kernel).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import functools
+
+import numpy
+
+from ..loader import define_options
+from . import arrays, build, rewrite
+
+SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 2, "warp-by-warp": 3}
+_settings = {"order": "ascending", "seed": 0, "copy_async": "late"}
+
+#: (file, kernel) -> number of launches in this process.
+LAUNCHES: collections.Counter = collections.Counter()
+
+_SCALAR_TYPES = {"i32": numpy.int32, "u32": numpy.uint32, "i64": numpy.int64, "u64": numpy.uint64,
+                 "f32": numpy.float32}
+_CTYPES = {"i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
+           "f32": ctypes.c_float}
+
+
+class KernelFault(RuntimeError):
+    """A kernel did something a GPU would punish with garbage, a hang or a crash."""
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("dynamic_shared_bytes", ctypes.c_ulonglong), ("schedule", ctypes.c_int),
+                ("seed", ctypes.c_ulonglong), ("copy_async_eager", ctypes.c_int),
+                ("check_launch_bounds", ctypes.c_int)]
+
+
+@contextlib.contextmanager
+def schedule(order: str = "ascending", *, seed: int = 0, copy_async: str = "late"):
+    """Run the launches inside under another schedule: ``order`` of the fibers
+    (ascending, descending, shuffled, warp-by-warp) and cp.async landing
+    ("late": at the wait that needs it; "eager": at issue)."""
+    if order not in SCHEDULES or copy_async not in ("late", "eager"):
+        raise ValueError(f"schedule: order in {tuple(SCHEDULES)}, copy_async 'late' or 'eager'")
+    saved = dict(_settings)
+    _settings.update(order=order, seed=seed, copy_async=copy_async)
+    try:
+        yield
+    finally:
+        _settings.update(saved)
+
+
+def _dims(value) -> tuple:
+    value = (value,) if isinstance(value, (int, numpy.integer)) else tuple(value)
+    return tuple(int(v) for v in value) + (1,) * (3 - len(value))
+
+
+class EmulatedKernel:
+    """One kernel of a built library, called like a CuPy RawKernel."""
+
+    def __init__(self, library: ctypes.CDLL, file: str, name: str):
+        self.file, self.name = file, name
+        self._launch = getattr(library, f"emu_launch_{name}")
+        self._launch.restype = ctypes.c_int
+        self._launch.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        signature = getattr(library, f"emu_signature_{name}")
+        signature.restype = ctypes.c_char_p
+        self.parameters = tuple(signature().decode().rstrip(",").split(","))
+
+    def __call__(self, grid, block, args, *, shared_mem: int = 0):
+        if len(args) != len(self.parameters):
+            raise TypeError(f"kernel {self.name}: takes {len(self.parameters)} arguments, got {len(args)}")
+        holders, fenced = [], []
+        for position, (code, value) in enumerate(zip(self.parameters, args)):
+            holders.append(self._argument(position, code, value, fenced))
+        pointers = (ctypes.c_void_p * max(1, len(holders)))(*[ctypes.addressof(h) for h in holders])
+        config = _LaunchConfig((ctypes.c_uint * 3)(*_dims(grid)), (ctypes.c_uint * 3)(*_dims(block)),
+                               int(shared_mem), SCHEDULES[_settings["order"]], _settings["seed"],
+                               int(_settings["copy_async"] == "eager"), 1)
+        error = ctypes.create_string_buffer(4096)
+        LAUNCHES[(self.file, self.name)] += 1
+        status = self._launch(ctypes.byref(config), pointers, error, len(error))
+        if status != 0:
+            raise KernelFault(error.value.decode(errors="replace"))
+        for position, info in fenced:
+            damage = arrays.guard_damage(info)
+            if damage:
+                raise KernelFault(f"kernel {self.name}: wrote outside argument {position} "
+                                  f"({damage} of its buffer)")
+
+    def _argument(self, position: int, code: str, value, fenced: list):
+        where = f"kernel {self.name}, argument {position}"
+        if code[0] in "fiuv" and code not in _SCALAR_TYPES:
+            info = arrays.guarded_buffer(value)
+            if info is None:
+                raise TypeError(f"{where}: expected an emulator device array (kernels.cuda.emulator.arrays), "
+                                f"got {type(value).__name__}")
+            kinds = {"f": "f", "i": "iu"}.get(code[0])  # unsigned and vector pointees are raw bytes
+            if kinds and (value.dtype.kind not in kinds or value.dtype.itemsize != int(code[1:])):
+                raise TypeError(f"{where}: the kernel takes {code[1:]}-byte "
+                                f"{'floats' if code[0] == 'f' else 'integers'}, got {value.dtype}")
+            fenced.append((position, info))
+            return ctypes.c_void_p(value.ctypes.data)
+        if code not in _SCALAR_TYPES:
+            raise TypeError(f"{where}: parameter type the emulator cannot pass ({code})")
+        if type(value) is not _SCALAR_TYPES[code]:
+            raise TypeError(f"{where}: expected numpy.{numpy.dtype(_SCALAR_TYPES[code]).name} for the kernel's "
+                            f"C type, got {type(value).__name__} (CuPy would pass its bytes unchecked)")
+        return _CTYPES[code](value.item())
+
+
+@functools.lru_cache(maxsize=None)
+def _library(file: str, options: tuple) -> ctypes.CDLL:
+    return ctypes.CDLL(str(build.build(file, options)))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(file: str, name: str, options: tuple) -> EmulatedKernel:
+    return EmulatedKernel(_library(file, options), file, name)
+
+
+def get_kernel(file: str, name: str, **defines) -> EmulatedKernel:
+    """The emulated kernel ``name`` of ``file`` built with ``-D`` ``defines``."""
+    return _kernel(file, name, define_options(**defines))
+
+
+def kernels_of(file: str) -> list:
+    """The extern "C" __global__ kernels of a kernels/cuda file."""
+    return rewrite.kernel_names((build.KERNEL_DIR / file).read_text(encoding="utf-8"))
