@@ -21,6 +21,7 @@ import collections
 import contextlib
 import ctypes
 import functools
+from pathlib import Path
 
 import numpy
 
@@ -125,18 +126,24 @@ class EmulatedKernel:
 
 
 @functools.lru_cache(maxsize=None)
-def _library(file: str, options: tuple) -> ctypes.CDLL:
-    return ctypes.CDLL(str(build.build(file, options)))
+def _library(file: str, options: tuple, kernel_dir: str) -> ctypes.CDLL:
+    return ctypes.CDLL(str(build.build(file, options, Path(kernel_dir))))
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(file: str, name: str, options: tuple) -> EmulatedKernel:
-    return EmulatedKernel(_library(file, options), file, name)
+def _kernel(file: str, name: str, options: tuple, kernel_dir: str = str(build.KERNEL_DIR)) -> EmulatedKernel:
+    return EmulatedKernel(_library(file, options, kernel_dir), file, name)
 
 
 def get_kernel(file: str, name: str, **defines) -> EmulatedKernel:
-    """The emulated kernel ``name`` of ``file`` built with ``-D`` ``defines``."""
+    """The emulated kernel ``name`` of ``file`` (in kernels/cuda) built with ``-D`` ``defines``."""
     return _kernel(file, name, define_options(**defines))
+
+
+def load_kernel(path, name: str, **defines) -> EmulatedKernel:
+    """The emulated kernel ``name`` of the .cu file at ``path`` (any folder; for tests)."""
+    path = Path(path).resolve()
+    return _kernel(path.name, name, define_options(**defines), str(path.parent))
 
 
 def kernels_of(file: str) -> list:
