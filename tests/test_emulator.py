@@ -356,6 +356,6 @@ def test_rewrites_keep_every_line_where_it_was():
         assert "launch entries" in "".join(new_lines[len(lines):len(lines) + 2]), path.name  # after the last line
         for number, (old, new) in enumerate(zip(lines, new_lines)):
             if old != new:
-                statement = " ".join(lines[max(0, number - 3):number + 1])
+                statement = " ".join(lines[max(0, number - 5):number + 1])
                 assert any(word in statement for word in ("asm", "__shared__", "#include <")), \
                     f"{path.name}:{number + 1} changed: {old!r} -> {new!r}"
