@@ -3,9 +3,12 @@
 It stands where CuPy stands for the real device (``xp`` in kernels.cuda.device):
 ``empty`` gives an array whose bytes are 0xff (NaN for floats, -1 for integers)
 until a kernel writes them, as uninitialised device memory would be garbage, and
-every buffer is fenced by GUARD_BYTES of the same pattern on each side. The
-launcher checks the fences of every array a kernel was given after the launch:
-a changed byte is an out-of-bounds write, reported with the kernel's name.
+every buffer is fenced by GUARD_BYTES on each side. Before each launch the
+launcher fills the fences of every array it passes with fresh pseudo-random
+bytes (garbage, as a neighbouring allocation would hold: a read out of bounds
+gets arbitrary values, and a read-modify-write such as relu rarely writes them
+back unchanged) and checks them after the launch: a changed byte is an
+out-of-bounds write, reported with the kernel's name.
 Data starts on a 256-byte boundary, as cudaMalloc's do.
 
 ``asarray`` copies anything that is not already such an array (as CuPy copies
@@ -62,11 +65,22 @@ def guarded_buffer(a):
     return None
 
 
-def guard_damage(buffer_info) -> str:
-    """'' when both fences of a guarded buffer are intact, else where they were written."""
+def arm_guards(buffer_info, rng: numpy.random.Generator) -> tuple:
+    """Fill both fences of a guarded buffer with random bytes; returns them."""
     buffer, start, nbytes = buffer_info
-    before = numpy.flatnonzero(buffer[:start] != POISON)
-    after = numpy.flatnonzero(buffer[start + nbytes:] != POISON)
+    before = rng.integers(0, 256, size=start, dtype=numpy.uint8)
+    after = rng.integers(0, 256, size=buffer.size - start - nbytes, dtype=numpy.uint8)
+    buffer[:start] = before
+    buffer[start + nbytes:] = after
+    return before, after
+
+
+def guard_damage(buffer_info, armed: tuple) -> str:
+    """'' when both fences of a guarded buffer still hold what ``arm_guards`` put
+    there, else where they were written."""
+    buffer, start, nbytes = buffer_info
+    before = numpy.flatnonzero(buffer[:start] != armed[0])
+    after = numpy.flatnonzero(buffer[start + nbytes:] != armed[1])
     parts = []
     if before.size:
         parts.append(f"{start - int(before[0])} bytes before the start")

@@ -29,7 +29,7 @@ from ..loader import define_options
 from . import arrays, build, rewrite
 
 SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 2, "warp-by-warp": 3}
-_settings = {"order": "ascending", "seed": 0, "copy_async": "late"}
+_settings = {"order": "ascending", "seed": 0, "copy_async": "late", "kernel_dir": str(build.KERNEL_DIR)}
 
 #: (file, kernel) -> number of launches in this process.
 LAUNCHES: collections.Counter = collections.Counter()
@@ -95,11 +95,17 @@ class EmulatedKernel:
                                int(_settings["copy_async"] == "eager"), 1)
         error = ctypes.create_string_buffer(4096)
         LAUNCHES[(self.file, self.name)] += 1
+        rng = numpy.random.default_rng(sum(LAUNCHES.values()))
+        armed, seen = [], set()
+        for position, info in fenced:
+            if id(info[0]) not in seen:  # two views of one buffer share its fences
+                seen.add(id(info[0]))
+                armed.append((position, info, arrays.arm_guards(info, rng)))
         status = self._launch(ctypes.byref(config), pointers, error, len(error))
         if status != 0:
             raise KernelFault(error.value.decode(errors="replace"))
-        for position, info in fenced:
-            damage = arrays.guard_damage(info)
+        for position, info, fences in armed:
+            damage = arrays.guard_damage(info, fences)
             if damage:
                 raise KernelFault(f"kernel {self.name}: wrote outside argument {position} "
                                   f"({damage} of its buffer)")
@@ -136,8 +142,34 @@ def _kernel(file: str, name: str, options: tuple, kernel_dir: str = str(build.KE
 
 
 def get_kernel(file: str, name: str, **defines) -> EmulatedKernel:
-    """The emulated kernel ``name`` of ``file`` (in kernels/cuda) built with ``-D`` ``defines``."""
-    return _kernel(file, name, define_options(**defines))
+    """The emulated kernel ``name`` of ``file`` (in kernels/cuda, or the folder of
+    ``kernel_sources``) built with ``-D`` ``defines``."""
+    return _kernel(file, name, define_options(**defines), _settings["kernel_dir"])
+
+
+@contextlib.contextmanager
+def kernel_sources(folder):
+    """Build the kernels launched inside from the .cu files of ``folder`` instead
+    of kernels/cuda (the mutation check runs the backend on mutated copies)."""
+    saved = _settings["kernel_dir"]
+    _settings["kernel_dir"] = str(Path(folder).resolve())
+    try:
+        yield
+    finally:
+        _settings["kernel_dir"] = saved
+
+
+def prebuild(builds, folder=None, workers: int = 0) -> None:
+    """Build (file, defines) pairs in parallel threads (the compiler runs as a
+    process), so a cold cache costs wall time / cores."""
+    import concurrent.futures
+    import os
+
+    folder = Path(folder or _settings["kernel_dir"])
+    workers = workers or max(1, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(build.build, file, define_options(**defines), folder) for file, defines in builds]:
+            future.result()
 
 
 def load_kernel(path, name: str, **defines) -> EmulatedKernel:
