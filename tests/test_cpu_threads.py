@@ -1,0 +1,112 @@
+"""The cpu backend on several threads: the same input gives bitwise the same
+output whatever the number of threads, the workers really run at once, and the
+caller's BLAS setting is left as it was."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import kernels
+import kernels.cpu as cpu
+
+THREAD_COUNTS = (1, 2, 3)  # 3: more workers than this machine's two cores still gives the same bits
+
+#: Shapes that exercise every way the backend cuts work: decode (column chunks,
+#: two phases), experts of several row blocks with a remainder, and route and
+#: combine over several token blocks (T > TOKEN_BLOCK).
+CASES = [
+    pytest.param(1, 1, id="T=1 k=1 (column chunks)"),
+    pytest.param(5, 2, id="T=5 k=2 (column chunks)"),
+    pytest.param(300, 2, id="T=300 k=2 (small row blocks)"),
+    pytest.param(cpu.TOKEN_BLOCK * 2 + 77, 2, id="T>2 token blocks k=2 (several 512-row blocks)"),
+]
+
+
+def blas_threads() -> list[int]:
+    return [library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"]
+
+
+def layer(T: int, k: int, activation: str, seed: int = 3):
+    # F above HIDDEN_CHUNK and D above OUTPUT_CHUNK, so decode really is cut in several chunks.
+    D, F, E = 2 * cpu.OUTPUT_CHUNK + 8, cpu.HIDDEN_CHUNK + 40, 4
+    cfg = kernels.MoEConfig(D, F, E, k, activation=activation)
+    weights = kernels.init_weights(cfg, seed=seed)
+    x = np.random.default_rng(seed).standard_normal((T, D)).astype(np.float32)
+    return x, weights, cfg
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("T, k", CASES)
+def test_moe_forward_is_bitwise_the_same_on_any_number_of_threads(T, k, activation):
+    x, weights, cfg = layer(T, k, activation)
+    outputs = {}
+    for threads in THREAD_COUNTS:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            assert cpu.threads() == threads
+            outputs[threads] = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    first = outputs[THREAD_COUNTS[0]]
+    for threads, output in outputs.items():
+        assert output.y.tobytes() == first.y.tobytes(), f"y differs between 1 and {threads} threads"
+        assert output.routing.weights.tobytes() == first.routing.weights.tobytes()
+        assert output.routing.probs.tobytes() == first.routing.probs.tobytes()
+        np.testing.assert_array_equal(output.routing.experts, first.routing.experts)
+        np.testing.assert_array_equal(output.plan.token, first.plan.token)
+
+
+@pytest.mark.parametrize("T", [1, 40, 3 * cpu.ROW_BLOCK + 9])
+def test_dense_mlp_and_stages_are_bitwise_the_same_on_any_number_of_threads(T):
+    x, weights, cfg = layer(T, 2, "swiglu")
+    results = {}
+    for threads in THREAD_COUNTS:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            routing = kernels.route(x, weights.router, 2, backend="cpu")
+            plan = kernels.dispatch(routing.experts, cfg.n_experts, backend="cpu")
+            rows = kernels.permute(x, plan, backend="cpu")
+            out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3, activation="swiglu",
+                                     backend="cpu")
+            y = kernels.combine(out, routing, plan, backend="cpu")
+            dense = kernels.dense_mlp(x, weights.w1[0], weights.w2[0], weights.w3[0], activation="swiglu",
+                                      backend="cpu")
+            results[threads] = [a.tobytes() for a in (rows, out, y, dense)]
+    for threads in THREAD_COUNTS:
+        assert results[threads] == results[1], f"a stage differs between 1 and {threads} threads"
+
+
+def test_workers_run_at_once():
+    """Two tasks that each wait for the other can finish only if two workers run them together."""
+    meeting = threading.Barrier(2, timeout=20)
+    seen = set()
+
+    def meet():
+        seen.add(threading.get_ident())
+        meeting.wait()
+
+    cpu._run([meet, meet], workers=2)
+    assert len(seen) == 2
+
+
+def test_a_failing_task_raises_and_the_blas_setting_is_restored():
+    before = blas_threads()
+
+    def fail():
+        raise RuntimeError("task failed on purpose")
+
+    with pytest.raises(RuntimeError, match="on purpose"):
+        with cpu._pinned_blas() as workers:
+            assert blas_threads() == [1] * len(before)  # pinned inside the call
+            cpu._run([lambda: None, fail, lambda: None], workers=max(workers, 2))
+    assert blas_threads() == before
+
+
+def test_the_worker_count_follows_blas():
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert cpu.threads() == 1
+        x, weights, cfg = layer(64, 2, "relu")
+        kernels.moe_forward(x, weights, cfg, backend="cpu")
+        assert blas_threads() == [1] * len(blas_threads())  # the call left the caller's limit alone
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert cpu.threads() == 2
