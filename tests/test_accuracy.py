@@ -204,3 +204,59 @@ def test_published_figures_are_read_from_the_one_table(monkeypatch):
     column = table["published (far larger models)"]
     assert column.str.contains(r"\+0\.123 to \+0\.456").any() and column.str.contains("~0.77x").any()
     assert not column.str.contains("0.62|0.004").any()
+
+
+def test_whole_split_rescore_records_feed_the_chapter(results, capsys):
+    from analysis.study import evaluation
+    assert evaluation.main(["--preset", "tiny", "--results-dir", str(results), "--batch-size", "1024",
+                            "--no-progress"]) == 0
+    assert f"wrote {len(ARMS)} accuracy-rescore record(s)" in capsys.readouterr().out
+    assert evaluation.rescore_all("tiny", results, progress=False, echo=lambda m: None) == []  # resumable
+    runs = accuracy.runs_table(results, preset="tiny")
+    scores = accuracy.held_out_scores(runs, source="records", results_dir=results)
+    split = corpus.load_corpus()["test"]
+    seq_len = train.PRESETS["tiny"].seq_len
+    assert (scores["eval_bytes"] == (split.size - 1) // seq_len * seq_len).all()
+    assert (scores["files_scored"] == scores["split_files"]).all()
+    assert (scores["prefix_bits_per_byte"] == runs["bits_per_byte"]).all()
+    assert "re-scored dense seed 0 here" in accuracy.verify_scores_live(scores, "records")["verification"]
+    # A run without a record is named, with the command that writes one.
+    with pytest.raises(FileNotFoundError, match="python -m analysis.study.evaluation --preset tiny"):
+        accuracy.held_out_scores(runs.assign(run_id="unknown"), source="records", results_dir=results)
+
+
+def test_paired_comparisons_pair_by_seed():
+    import pandas as pd
+    scores = pd.DataFrame({"arm": ["dense"] * 3 + ["moe-k1"] * 4, "seed": [0, 1, 2, 0, 1, 2, 3],
+                           "bits_per_byte": [2.0, 2.1, 2.2, 1.9, 2.05, 2.05, 1.0]})
+    table = accuracy.paired_comparisons(scores)
+    assert list(table["comparison"]) == ["top-1 MoE vs dense"]  # the other arms were not trained
+    row = table.iloc[0]
+    assert row["seeds"] == [0, 1, 2]  # seed 3 has no dense partner
+    np.testing.assert_allclose(row["differences"], [-0.1, -0.05, -0.15])
+    assert row["mean"] == pytest.approx(-0.1) and row["low"] < row["mean"] < row["high"]
+    numbers = accuracy.paired_numbers(table)
+    assert numbers["moe_k1_vs_dense_differences"] == "-0.100, -0.050, -0.150"
+    assert numbers["moe_k1_vs_dense_verdict"] == ("a supported difference" if row["supported"] else "within noise")
+    printed = accuracy.format_paired(table)
+    assert "comparison" in printed.columns and printed["seeds"].iloc[0] == 3
+
+
+@pytest.mark.parametrize("parameters, message", [
+    (dict(preset="big"), "preset: expected one of"),
+    (dict(scratch="yes"), "scratch: expected True or False"),
+    (dict(scores="cache"), "scores: expected None or one of"),
+    (dict(scratch=True, scores="records"), "scratch run has no accuracy-rescore records"),
+    (dict(experiment_bytes=10), "experiment_bytes: expected a whole number of bytes, at least 256, got 10"),
+])
+def test_bad_parameters_stop_the_chapter_with_one_sentence(parameters, message):
+    good = dict(preset="cpu", scratch=False, scores=None, experiment_bytes=65536, check_bytes=4096)
+    with pytest.raises(ValueError, match=message):
+        accuracy.check_parameters(**{**good, **parameters})
+    accuracy.check_parameters(**good)
+
+
+def test_smoke_tests_say_so():
+    assert "Smoke test" in repr(accuracy.smoke_test_note("tiny", False))
+    assert "Smoke test" in repr(accuracy.smoke_test_note("cpu", True))
+    assert accuracy.smoke_test_note("cpu", False) is None

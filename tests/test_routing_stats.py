@@ -103,7 +103,8 @@ def _collected(n_experts: int) -> dict:
     probs = rng.dirichlet(np.ones(n_experts), size=64)
     return {("moe-k1", 0): {"n_experts": n_experts, "top_k": 1, "experts": [experts],
                             "weights": [np.take_along_axis(probs, experts, axis=1)], "probs": [probs],
-                            "sequence": np.repeat(np.arange(4), 16), "bytes": np.zeros(64, np.uint8)}}
+                            "sequence": np.repeat(np.arange(4), 16), "batch": np.repeat(np.arange(2), 32),
+                            "bytes": rng.integers(0, 3, size=64).astype(np.uint8)}}
 
 
 @pytest.mark.parametrize("n_experts", [4, 16])
@@ -127,7 +128,39 @@ def test_routing_published_figures_are_read_from_the_one_table(monkeypatch):
             entry.update(value_text="31.0% to 33.0%", baseline=0.25, setting="a model of E = 4")
     monkeypatch.setattr(published, "ANCHORS", changed)
     table = routing.beside_published(routing.metrics_table(_collected(16)))
-    row = table.iloc[-1]
-    assert row["published (far larger models)"] == "31.0% to 33.0%"
-    assert "25.0% for Mixtral" in row.name and "6.2% for ours" in row.name
+    mixtral = table[table["source"].str.startswith("Mixtral")]
+    assert len(mixtral) == 2 and (mixtral["published (far larger models)"] == "31.0% to 33.0%").all()
+    assert "25.0% for Mixtral" in mixtral["quantity"].iloc[0] and "6.2% for ours" in mixtral["quantity"].iloc[0]
+    assert "different bytes" in mixtral["quantity"].iloc[1]
+    # The CV row gives both bounds: sqrt(E - 1) for our E = 16 and for Shazeer's E = 256.
+    assert "3.87 for our E = 16" in table["quantity"].iloc[0] and "16.0 for their E = 256" in table["quantity"].iloc[0]
     assert routing.published_settings()["mixtral_setting"] == "a model of E = 4"
+
+
+def test_same_expert_rate_by_byte_pair():
+    # bytes a a b c c, experts 0 0 1 1 2: pairs (a,a) same expert, (a,b) differ,
+    # (b,c) same expert, (c,c) differ. Same-byte pairs: 2 of 4, one of them same expert.
+    result = stats.same_expert_by_byte_pair([[0], [0], [1], [1], [2]], np.frombuffer(b"aabcc", np.uint8))
+    assert result == {"same_byte_share": 0.5, "rate_same_bytes": 0.5, "rate_different_bytes": 0.5}
+    # A sequence boundary between positions 1 and 2 drops the pair (a, b).
+    split = stats.same_expert_by_byte_pair([[0], [0], [1], [1], [2]], np.frombuffer(b"aabcc", np.uint8),
+                                           sequence=[0, 0, 1, 1, 1])
+    assert split["same_byte_share"] == pytest.approx(2 / 3) and split["rate_different_bytes"] == 1.0
+
+
+def test_max_cv_and_sum_of_squares():
+    E = 8
+    collapsed = stats.load_fraction([[3]] * 5, E)
+    assert stats.coefficient_of_variation(collapsed) == pytest.approx(stats.max_cv(E)) == pytest.approx(math.sqrt(7))
+    two = stats.load_fraction([[1, 2]] * 5, E)
+    assert stats.coefficient_of_variation(two) == pytest.approx(stats.max_cv(E, top_k=2))
+    load = stats.load_fraction([[0], [0], [1], [2]], 4)
+    assert stats.sum_squared_load(load) == pytest.approx(0.25 + 0.0625 * 2)
+    # CV ** 2 = E * sum load ** 2 - 1
+    assert stats.coefficient_of_variation(load) ** 2 == pytest.approx(4 * stats.sum_squared_load(load) - 1)
+
+
+def test_per_batch_cv():
+    experts = np.array([[0], [1], [0], [0]])
+    cvs = stats.per_batch_cv(experts, [0, 0, 1, 1], 2)
+    np.testing.assert_allclose(cvs, [0.0, 1.0])

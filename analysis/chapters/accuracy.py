@@ -1,10 +1,14 @@
 """The accuracy chapter's tables and charts, and the checks around the trained models.
 
-``evaluate(checkpoint_path, split="test")`` re-scores any committed checkpoint:
-held-out bits per byte and next-byte accuracy (the scoring rule is in
-analysis/study/evaluation.py, which this module re-exports).
+What the chapter scores: every committed checkpoint on the whole test split
+(``accuracy-rescore`` records written by ``python -m analysis.study.evaluation``,
+one of them re-checked live), compared arm against arm paired by seed
+(analysis/study/paired.py); beside them, classic compressors on the same bytes
+and the share of test text found verbatim in the train split. The scoring rule
+is in analysis/study/evaluation.py, which this module re-exports.
 
-Also here: the inference-time experiments (top-k and capacity at inference),
+Also here: the inference-time experiments (top-k and capacity at inference, on
+a sample spread over every test file, with the causal per-position capacity),
 the cross-check of the trained MoE layers against ``kernels.moe_forward``, and
 the test loss computed with every FFN replaced by the kernels.
 """
@@ -24,12 +28,14 @@ import torch.nn.functional as F_nn
 import kernels
 from kernels import testing
 
-from analysis.study import corpus
 from analysis import records
-from analysis.study.evaluation import (EVAL_KIND, TRAIN_LOG_KIND, all_records, collect_routing, eval_records,  # noqa: F401
-                         eval_windows, evaluate, evaluate_model)
+from analysis.display import Note
+from analysis.study import compressors, contamination, corpus, paired
+from analysis.study.evaluation import (CAPACITY_FACTORS, EVAL_KIND, RESCORE_KIND, TRAIN_LOG_KIND,  # noqa: F401
+                                       all_records, collect_routing, eval_records, eval_windows, evaluate,
+                                       evaluate_model, rescore_records)
 from analysis.study.moe_model import ByteTransformer, MoELayer, load_checkpoint, to_kernels
-CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0, None)
+
 #: The test loss through the kernels must equal PyTorch's within this many bits
 #: per byte. Both run the same float32 model; they differ only in summation
 #: order (BLAS against PyTorch's kernels, expert-order index_add against the
@@ -39,8 +45,73 @@ CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0, None)
 LOSS_TOLERANCE_BITS = 1e-4
 #: Order and colours (Okabe-Ito) of the arms in every chart and table.
 ARM_ORDER = ("dense", "moe-k1", "moe-k2-half", "moe-k2", "dense-wide", "moe-k1-nobal", "moe-k2-half-nobal")
-ARM_COLOURS = ("#000000", "#0072B2", "#D55E00", "#E69F00", "#999999", "#56B4E9", "#CC79A7")
+ARM_COLOURS = ("#000000", "#0072B2", "#D55E00", "#E69F00", "#009E73", "#56B4E9", "#CC79A7")
 MAIN_ARMS = ARM_ORDER[:5]
+PRESETS = ("cpu", "gpu", "tiny")
+SCORE_SOURCES = ("records", "live")
+#: Presets whose numbers only show that the code runs.
+SMOKE_TEST_PRESETS = ("tiny",)
+
+#: The comparisons the chapter makes, each paired by seed: (name, arm, baseline, what differs).
+COMPARISONS = (
+    ("top-1 MoE vs dense", "moe-k1", "dense",
+     "equal active FLOPs; the MoE has E times the FFN parameters"),
+    ("top-2 half-width MoE vs dense", "moe-k2-half", "dense",
+     "equal active FLOPs; the MoE has E/2 times the FFN parameters"),
+    ("top-2 half-width vs top-1", "moe-k2-half", "moe-k1",
+     "two changes at once: k = 2 instead of 1 at equal active FLOPs, and half the total FFN parameters"),
+    ("top-2 vs top-1, equal expert size", "moe-k2", "moe-k1",
+     "k = 2 at equal expert size: twice the FFN FLOPs per token, the same parameters"),
+    ("dense of equal FFN parameters vs top-1", "dense-wide", "moe-k1",
+     "the same FFN parameters, E times the FFN FLOPs per token"),
+    ("top-1 without vs with the balancing loss", "moe-k1-nobal", "moe-k1", "only the balancing loss"),
+    ("top-2 half-width without vs with the balancing loss", "moe-k2-half-nobal", "moe-k2-half",
+     "only the balancing loss"),
+)
+
+
+def check_parameters(*, preset: str, scratch: bool, scores: Optional[str], experiment_bytes: int,
+                     check_bytes: int) -> None:
+    """Stop the chapter at once on a bad papermill parameter, with one sentence saying which."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {PRESETS}, got {preset!r}")
+    if not isinstance(scratch, bool):
+        raise ValueError(f"scratch: expected True or False, got {scratch!r}")
+    if scores is not None and scores not in SCORE_SOURCES:
+        raise ValueError(f"scores: expected None or one of {SCORE_SOURCES}, got {scores!r}")
+    if scratch and scores == "records":
+        raise ValueError("scores: a scratch run has no accuracy-rescore records; expected None or 'live', "
+                         "got 'records'")
+    for name, value, least in (("experiment_bytes", experiment_bytes, 256), ("check_bytes", check_bytes, 256)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: expected a whole number of bytes, at least {least}, got {value!r}")
+
+
+def score_source(scores: Optional[str], scratch: bool) -> str:
+    """Where the held-out scores come from: as asked, or live for a scratch run, else the records."""
+    return scores if scores is not None else ("live" if scratch else "records")
+
+
+#: Bytes a smoke-test preset scores live (spread over every test file): the whole
+#: split would take minutes for a run whose numbers mean nothing.
+SMOKE_TEST_SCORE_BYTES = 1 << 16
+
+
+def live_bytes(preset: str) -> Optional[int]:
+    """None (the whole split) for a real preset; SMOKE_TEST_SCORE_BYTES for a smoke test."""
+    return SMOKE_TEST_SCORE_BYTES if preset in SMOKE_TEST_PRESETS else None
+
+
+def smoke_test_note(preset: str, scratch: bool) -> Optional[Note]:
+    """A visible warning for a run whose numbers are a smoke test (None otherwise)."""
+    if preset in SMOKE_TEST_PRESETS or scratch:
+        return Note("Smoke test, not results",
+                    f"This page was built from the '{preset}' preset"
+                    + (" trained from scratch for this build" if scratch else "")
+                    + ": models of a few thousand parameters trained for a few steps. Its numbers only show "
+                      "that the chapter's code runs end to end; they say nothing about MoE against dense. The "
+                      "book's results come from the 'cpu' preset.")
+    return None
 
 
 def _arm_rank(arm: str) -> int:
@@ -146,16 +217,16 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "F": summary["d_ff"],
         "parameters (total / active)": [f"{t:,} / {a:,}" for t, a in zip(summary["params_total"],
                                                                         summary["params_active"])],
-        "test bits/byte": [f"{m:.4f} ± {s:.4f}" for m, s in zip(summary["bits_per_byte_mean"],
+        "test bits/byte (mean ± std)": [f"{m:.4f} ± {s:.4f}" for m, s in zip(summary["bits_per_byte_mean"],
                                                                  summary["bits_per_byte_std"].fillna(0))],
-        "next-byte accuracy": [f"{m:.4f} ± {s:.4f}" for m, s in zip(summary["accuracy_mean"],
+        "next-byte accuracy (mean ± std)": [f"{m:.4f} ± {s:.4f}" for m, s in zip(summary["accuracy_mean"],
                                                                      summary["accuracy_std"].fillna(0))],
         "seeds": summary["n_seeds"],
         "ms/step": (1e3 * summary["seconds_per_step_mean"]).round(1),
     })
     if "vs_dense_percent" in summary:
-        out["bits/byte vs dense"] = summary["vs_dense_percent"].map(lambda v: f"{v:+.2f}%")
-    return out.set_index("arm")
+        out["mean vs dense"] = summary["vs_dense_percent"].map(lambda v: f"{v:+.2f}%")
+    return out
 
 
 def train_curves(results_dir=None, *, preset: str = "cpu", runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
@@ -186,13 +257,14 @@ def curve_chart(curves: pd.DataFrame, x: str, arms: Sequence[str] = MAIN_ARMS) -
     colour = alt.Color("arm:N", scale=scale, sort=present, title="arm")
     title = {"tokens": "training bytes seen", "seconds": "training wall-clock seconds (CPU)"}.get(x, x)
     x_encoding = alt.X("x:Q", title=title)
-    band = alt.Chart(data).mark_area(opacity=0.2).encode(
-        x=x_encoding, y="low:Q", y2="high:Q", color=alt.Color("arm:N", scale=scale, legend=None))
+    # Both layers carry the same colour encoding (legend and all): a layer with
+    # legend=None would remove the merged legend of the whole chart.
+    band = alt.Chart(data).mark_area(opacity=0.2).encode(x=x_encoding, y="low:Q", y2="high:Q", color=colour)
     line = alt.Chart(data).mark_line().encode(
         x=x_encoding, y=alt.Y("mean:Q", title="training loss (bits per byte)", scale=alt.Scale(zero=False)),
         color=colour)
-    return alt.layer(band, line).properties(width=420, height=260,
-                                            title=f"Training loss against {x} (mean of seeds, band ±1 std)")
+    return alt.layer(band, line).properties(width=460, height=280,
+                                            title=f"Training loss against {title} (mean of seeds, band ±1 std)")
 
 
 def summary_chart(summary: pd.DataFrame) -> alt.TopLevelMixin:
@@ -273,6 +345,240 @@ def reproduction_note(scored: pd.DataFrame, manifest: dict, *, rescored_bytes: O
     return " ".join(sentences)
 
 
+# ---------------------------------------------------------------- whole-split scores
+
+
+#: Windows per batch when the chapter scores the whole split itself (source "live").
+LIVE_BATCH_SIZE = 256
+
+
+def held_out_scores(runs: pd.DataFrame, *, source: str = "records", results_dir=None,
+                    live_bytes: Optional[int] = None) -> pd.DataFrame:
+    """`runs` with bits_per_byte, accuracy and eval_bytes on the test split: the whole split
+    from the ``accuracy-rescore`` records (source "records"), or scored here (source
+    "live") on the whole split, or on `live_bytes` bytes spread over every file when given
+    (a smoke test). The training-time score on the split's prefix is kept as
+    prefix_bits_per_byte."""
+    if source not in SCORE_SOURCES:
+        raise ValueError(f"source: expected one of {SCORE_SOURCES}, got {source!r}")
+    table = runs.copy()
+    table["prefix_bits_per_byte"] = table["bits_per_byte"]
+    table["prefix_bytes"] = table["eval_bytes"]
+    if source == "records":
+        found = {r["params"]["run_id"]: r for r in rescore_records(results_dir)}
+        missing = table[~table["run_id"].isin(found)]
+        if len(missing):
+            raise FileNotFoundError(
+                f"no {RESCORE_KIND!r} record for {len(missing)} run(s) "
+                f"({', '.join(f'{a} seed {s}' for a, s in zip(missing['arm'], missing['seed']))}); "
+                f"run `python -m analysis.study.evaluation --preset {table['checkpoint'].iloc[0].split('/')[-2]}`")
+        results = [found[run_id] for run_id in table["run_id"]]
+        table["score_utc"] = [r["utc"] for r in results]
+        table["score_commit"] = [r["git_commit"] for r in results]
+    else:
+        # Dropless, a window's score doesn't depend on the other windows of its batch, so
+        # large batches (fewer, bigger calls) give the same scores up to float rounding, faster.
+        sample = "whole" if live_bytes is None else "spread"
+        results = [evaluate(path, sample=sample, max_bytes=live_bytes, batch_size=LIVE_BATCH_SIZE)
+                   for path in table["checkpoint"]]
+    table["bits_per_byte"] = [r["bits_per_byte"] for r in results]
+    table["accuracy"] = [r["accuracy"] for r in results]
+    table["eval_bytes"] = [r["n_bytes"] for r in results]
+    table["files_scored"] = [r["coverage"]["files_touched"] for r in results]
+    table["split_files"] = [r["coverage"]["n_files"] for r in results]
+    table["split_bytes"] = [r["coverage"]["split_bytes"] for r in results]
+    return table
+
+
+
+
+def verify_scores_live(scores: pd.DataFrame, source: str, arm: str = "dense") -> dict:
+    """With scores from the records: re-score the lowest seed of `arm` here, on the whole
+    split and on the training-time prefix, and stop unless both equal their records (when
+    the corpus is this machine's). Returns the sentence for the chapter's prose."""
+    if source != "records":
+        return {"verification": "This build scored every checkpoint itself, on the whole split, and read no "
+                                "accuracy-rescore records."}
+    row = scores[scores["arm"] == arm].sort_values("seed").iloc[0]
+    whole = evaluate(row["checkpoint"], sample="whole")
+    prefix = evaluate(row["checkpoint"])
+    checks = {"whole split": (whole["bits_per_byte"], row["bits_per_byte"]),
+              "training-time prefix": (prefix["bits_per_byte"], row["prefix_bits_per_byte"])}
+    worst = max(abs(a - b) for a, b in checks.values())
+    run = f"{arm} seed {int(row['seed'])}"
+    if not whole["corpus_matches"]:
+        return {"verification": f"This build re-scored {run} here, but this machine's corpus is not the one it was "
+                                f"trained on, so its scores here differ from the records by up to {worst:.2f} "
+                                f"bits per byte and are no check of them."}
+    if worst > REPRODUCE_TOLERANCE_BITS:
+        raise AssertionError(f"{run}: re-scored here, {checks} (here, recorded) differ by more than "
+                             f"{REPRODUCE_TOLERANCE_BITS} bits per byte")
+    return {"verification": f"To show that the records are what the checkpoints give, this build re-scored {run} "
+                            f"here, on the whole split and on the training-time prefix: both equal their records "
+                            f"within {worst:.1e} bits per byte."}
+
+
+def coverage_numbers(scores: pd.DataFrame, manifest: dict) -> dict:
+    """What was scored, for the prose: bytes and files of the whole split, and of the prefix."""
+    data = corpus.load_corpus()["test"]
+    prefix_bytes = int(scores["prefix_bytes"].iloc[0])
+    from analysis.study.evaluation import sample_summary, window_starts
+    seq_len = int(load_checkpoint(scores["checkpoint"].iloc[0])[0].cfg.seq_len)
+    prefix = sample_summary(data, window_starts(data, seq_len, 1, sample="prefix", max_bytes=prefix_bytes), seq_len)
+    whole = int(scores["eval_bytes"].iloc[0]) >= manifest["bytes"]["test"] - seq_len
+    scored_what = ("the **whole test split**" if whole else
+                   "**a sample spread over every test file** (a smoke test; a real preset scores the whole split)")
+    return {"scored_what": scored_what,
+            "scored_bytes": f"{int(scores['eval_bytes'].iloc[0]):,}", "split_bytes": f"{manifest['bytes']['test']:,}",
+            "scored_files": int(scores["files_scored"].min()), "split_files": int(manifest["files"]["test"]),
+            "prefix_bytes": f"{prefix_bytes:,}", "prefix_share": prefix["share_of_split"],
+            "prefix_files": prefix["files_touched"]}
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+
+def paired_comparisons(scores: pd.DataFrame, metric: str = "bits_per_byte",
+                       comparisons: Sequence = COMPARISONS) -> pd.DataFrame:
+    """One row per comparison whose two arms were both trained: `metric` of arm minus
+    baseline, paired by seed over the seeds both have (analysis.study.paired): per-seed
+    differences, mean, std, 95% interval, paired t-test p, relative change, whether the
+    data support a difference, and the seeds a test would need to resolve it."""
+    rows = []
+    for name, arm, baseline, differs in comparisons:
+        mine = scores[scores["arm"] == arm].set_index("seed")[metric]
+        base = scores[scores["arm"] == baseline].set_index("seed")[metric]
+        seeds = sorted(set(mine.index) & set(base.index))
+        if len(seeds) < 2:
+            continue
+        result = paired.paired_difference(mine.loc[seeds].to_numpy(), base.loc[seeds].to_numpy())
+        rows.append({"comparison": name, "arm": arm, "baseline": baseline, "what differs": differs,
+                     "seeds": seeds, **result})
+    return pd.DataFrame(rows)
+
+
+def format_paired(comparisons: pd.DataFrame, unit: str = "bits/byte") -> pd.DataFrame:
+    """The paired comparisons as the book prints them (per-seed differences spelled out)."""
+    def verdict(row) -> str:
+        if row["supported"]:
+            return "lower (supported)" if row["mean"] < 0 else "higher (supported)"
+        return "within noise"
+
+    return pd.DataFrame({
+        "comparison": comparisons["comparison"],
+        "what differs": comparisons["what differs"],
+        f"per-seed difference ({unit})": [", ".join(f"{d:+.3f}" for d in ds) for ds in comparisons["differences"]],
+        f"mean ({unit})": comparisons["mean"],
+        "95% interval": [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(comparisons["low"], comparisons["high"])],
+        "relative": comparisons["relative"].map(lambda v: f"{100 * v:+.1f}%"),
+        "paired t-test p": comparisons["p_value"],
+        "verdict": comparisons.apply(verdict, axis=1),
+        "seeds for 80% power": comparisons["seeds_needed"].map(
+            lambda n: "more than 1000" if not np.isfinite(n) else str(int(n))),
+        "seeds": comparisons["n"],
+    })
+
+
+def paired_numbers(comparisons: pd.DataFrame) -> dict:
+    """Glue for the prose: each comparison's mean, interval, p, verdict, seeds needed,
+    keyed by arm_vs_baseline (dashes as underscores)."""
+    numbers = {}
+    for row in comparisons.itertuples():
+        key = f"{row.arm}_vs_{row.baseline}".replace("-", "_")
+        numbers.update({f"{key}_mean": row.mean, f"{key}_low": row.low, f"{key}_high": row.high,
+                        f"{key}_p": row.p_value, f"{key}_percent": 100 * row.relative, f"{key}_n": row.n,
+                        f"{key}_verdict": ("a supported difference" if row.supported else "within noise"),
+                        f"{key}_seeds_needed": ("more than 1000" if not np.isfinite(row.seeds_needed)
+                                                else f"{int(row.seeds_needed)}"),
+                        f"{key}_differences": ", ".join(f"{d:+.3f}" for d in row.differences),
+                        f"{key}_resolution": resolution_sentence(row)})
+    return numbers
+
+
+def resolution_sentence(row) -> str:
+    """What more seeds would do for one comparison (a row of paired_comparisons), in words."""
+    if row.supported:
+        return f"the data of {row.n} seeds support this difference"
+    if not np.isfinite(row.seeds_needed):
+        return (f"no number of seeds up to {paired.MAX_SEEDS} would resolve a difference this small against "
+                f"this spread; the study does not rank the two arms")
+    return (f"a difference of this size would need about {int(row.seeds_needed)} seeds to resolve with 80% "
+            f"power; with {row.n}, the study does not rank the two arms")
+
+
+def paired_chart(comparisons: pd.DataFrame, scores: pd.DataFrame, metric: str = "bits_per_byte") -> alt.TopLevelMixin:
+    """Each comparison: its per-seed differences (points), the mean and 95% interval (bar), zero dashed."""
+    order = list(comparisons["comparison"])
+    points = pd.DataFrame([{"comparison": row.comparison, "seed": str(seed), "difference": d}
+                           for row in comparisons.itertuples() for seed, d in zip(row.seeds, row.differences)])
+    y = alt.Y("comparison:N", sort=order, title=None, axis=alt.Axis(labelLimit=360))
+    seeds = sorted(set(points["seed"]), key=int)
+    colour = alt.Color("seed:N", sort=seeds, title="seed", scale=alt.Scale(
+        domain=seeds, range=[ARM_COLOURS[1:][i % 6] for i in range(len(seeds))]))
+    dots = alt.Chart(points).mark_point(size=70, filled=True, opacity=0.85).encode(
+        x=alt.X("difference:Q", title="test bits per byte, arm minus baseline (negative: arm better)"),
+        y=y, color=colour)
+    bars = alt.Chart(comparisons).mark_rule(strokeWidth=2, color="#000000").encode(x="low:Q", x2="high:Q", y=y)
+    means = alt.Chart(comparisons).mark_tick(thickness=3, size=20, color="#000000").encode(x="mean:Q", y=y)
+    zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="#D55E00", strokeDash=[4, 3]).encode(x="zero:Q")
+    return alt.layer(bars, dots, means, zero).properties(
+        width=420, height=alt.Step(36),
+        title="Paired by seed: points are seeds, black bars the 95% interval of the mean")
+
+
+# ---------------------------------------------------------------- anchors: compressors and contamination
+
+
+def compressor_table(summary: pd.DataFrame, data: Optional[np.ndarray] = None) -> pd.DataFrame:
+    """Classic compressors on the whole test split beside the arms' mean whole-split bits per byte."""
+    data = corpus.load_corpus()["test"] if data is None else data
+    rows = [{"what": f"{r['compressor']} ({r['setting']})", "kind": "compressor, whole split as one stream",
+             "bits per byte": r["bits_per_byte"]} for r in compressors.bits_per_byte(data)]
+    for row in summary.itertuples():
+        if row.arm in MAIN_ARMS:
+            rows.append({"what": row.arm, "kind": f"model, mean of {row.n_seeds} seeds",
+                         "bits per byte": row.bits_per_byte_mean})
+    return pd.DataFrame(rows).sort_values("bits per byte").reset_index(drop=True)
+
+
+def regime_numbers(table: pd.DataFrame) -> dict:
+    """Glue: each compressor's bits per byte, the best model's, and the regime in words."""
+    numbers = {}
+    for name in compressors.COMPRESSORS:
+        numbers[f"{name}_bits"] = float(table.loc[table["what"].str.startswith(name + " "), "bits per byte"].iloc[0])
+    models = table[table["kind"].str.startswith("model")]
+    best = models.sort_values("bits per byte").iloc[0]
+    numbers["best_model"], numbers["best_model_bits"] = best["what"], float(best["bits per byte"])
+    beaten = [name for name in compressors.COMPRESSORS if numbers[f"{name}_bits"] < numbers["best_model_bits"]]
+    if beaten:
+        numbers["regime"] = (f"every model compresses the test text worse than {' and '.join(beaten)}: these are "
+                             f"small, briefly trained models, in the regime where a model has not yet learned what a "
+                             f"general-purpose compressor finds by matching repeats. Differences between arms here "
+                             f"say how the FFN choice changes an under-trained small model, not a large one")
+    else:
+        numbers["regime"] = ("the best model compresses the test text better than every classic compressor here, "
+                             "so the models have learned more than repeats")
+    return numbers
+
+
+def contamination_numbers(result: Optional[dict] = None, *, top: int = 5) -> tuple:
+    """(glue numbers, table of the `top` most contaminated test files) from
+    analysis.study.contamination.corpus_overlap (computed here when not given)."""
+    result = contamination.corpus_overlap() if result is None else result
+    chunks, found = np.array(result["file_chunks"]), np.array(result["file_found"])
+    rates = np.divide(found, chunks, out=np.zeros(len(chunks)), where=chunks > 0)
+    order = np.argsort(-rates, kind="stable")[:top]
+    worst = pd.DataFrame({"test file": [result["files"][i] for i in order],
+                          f"{result['width']}-byte chunks": chunks[order],
+                          "found verbatim in train": found[order],
+                          "share": [f"{r:.1%}" for r in rates[order]]})
+    numbers = {"contamination_rate": result["rate"], "contamination_chunks": f"{result['n_chunks']:,}",
+               "contamination_found": f"{result['n_found']:,}", "contamination_width": result["width"],
+               "contamination_worst_file": worst["test file"].iloc[0],
+               "contamination_worst_share": float(rates[order[0]])}
+    return numbers, worst
+
+
 def cross_check_all(runs: pd.DataFrame, *, check_bytes: int, batch_size: int = 4) -> tuple:
     """For the lowest seed of every arm: the MoE layers against kernels.moe_forward
     (kernels_cross_check) and the test loss through the kernels (loss_through_kernels).
@@ -304,98 +610,151 @@ def cross_check_summary(layer_checks: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def format_k_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    """The inference-time top-k table as the book prints it."""
-    return pd.DataFrame({
-        "arm": summary["arm"], "trained k": summary["trained_k"], "k at inference": summary["eval_k"],
-        "renormalise": summary["renormalize"], "as trained": summary["as_trained"].map({True: "yes", False: ""}),
-        "test bits/byte": [f"{m:.4f} ± {0 if pd.isna(s) else s:.4f}"
-                           for m, s in zip(summary["bits_per_byte_mean"], summary["bits_per_byte_std"])],
-        "change vs as trained": summary["change_vs_trained"].map(lambda v: f"{v:+.4f}"),
-        "seeds": summary["n_seeds"],
-    }).set_index(["arm", "k at inference", "renormalise"])
-
-
-def format_capacity_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "arm": summary["arm"], "k": summary["k"], "capacity factor": summary["capacity_factor"],
-        "dropped": summary["drop_rate_mean"].map(lambda v: f"{v:.1%}"),
-        "test bits/byte": [f"{m:.4f} ± {0 if pd.isna(s) else s:.4f}"
-                           for m, s in zip(summary["bits_per_byte_mean"], summary["bits_per_byte_std"])],
-        "seeds": summary["n_seeds"],
-    }).set_index(["arm", "capacity factor"])
-
-
 # ---------------------------------------------------------------- inference-time experiments
 
+EXPERIMENT_ARMS = ("moe-k1", "moe-k2-half", "moe-k2")
 
-def inference_k_table(runs: pd.DataFrame, *, max_bytes: Optional[int] = None,
-                      arms: Sequence[str] = ("moe-k1", "moe-k2-half", "moe-k2")) -> pd.DataFrame:
+
+def inference_k_table(runs: pd.DataFrame, *, max_bytes: int = 1 << 16,
+                      arms: Sequence[str] = EXPERIMENT_ARMS) -> pd.DataFrame:
     """Each MoE arm evaluated with k = 1 and k = 2 at inference, with and without renormalising
-    the k weights; one row per (arm, seed, eval k, renormalize)."""
+    the k weights, on `max_bytes` test bytes spread over every file; one row per
+    (arm, seed, eval k, renormalize)."""
     rows = []
+    data = corpus.load_corpus()["test"]
     for run in runs[runs["arm"].isin(arms)].itertuples():
         model, meta = load_checkpoint(run.checkpoint)
-        data = corpus.load_corpus()["test"]
         for eval_k in (1, 2):
             for renormalize in (False, True):
-                result = evaluate_model(model, data, batch_size=meta["batch_size"],
-                                        max_bytes=max_bytes or meta["eval_bytes"], top_k=eval_k,
-                                        renormalize=renormalize)
+                result = evaluate_model(model, data, batch_size=meta["batch_size"], max_bytes=max_bytes,
+                                        sample="spread", top_k=eval_k, renormalize=renormalize)
                 rows.append({"arm": run.arm, "seed": run.seed, "trained_k": model.cfg.top_k,
                              "trained_renormalize": model.cfg.renormalize, "eval_k": eval_k,
                              "renormalize": renormalize,
                              "as_trained": eval_k == model.cfg.top_k and renormalize == model.cfg.renormalize,
-                             "bits_per_byte": result["bits_per_byte"], "accuracy": result["accuracy"]})
+                             "bits_per_byte": result["bits_per_byte"], "accuracy": result["accuracy"],
+                             "n_bytes": result["n_bytes"], "files": result["coverage"]["files_touched"]})
+    return pd.DataFrame(rows)
+
+
+def _paired_against(table: pd.DataFrame, keys: Sequence[str], reference: pd.Series) -> pd.DataFrame:
+    """Per group of `keys` (arm first): mean ± std of bits per byte over seeds and the change
+    against the `reference` rows of the same arm, paired by seed (mean, 95% interval, p)."""
+    rows = []
+    for group, rows_of_group in table.groupby(list(keys), sort=False):
+        arm = group[0]
+        base = table[reference & (table["arm"] == arm)].set_index("seed")["bits_per_byte"]
+        mine = rows_of_group.set_index("seed")["bits_per_byte"]
+        seeds = sorted(set(mine.index) & set(base.index))
+        row = dict(zip(keys, group))
+        row.update({"bits_per_byte_mean": float(mine.mean()), "bits_per_byte_std": float(mine.std(ddof=1))
+                    if len(mine) > 1 else float("nan"), "n_seeds": len(mine)})
+        if "drop_rate" in rows_of_group:
+            row["drop_rate_mean"] = float(rows_of_group["drop_rate"].mean())
+        if len(seeds) >= 2 and not np.allclose(mine.loc[seeds].to_numpy(), base.loc[seeds].to_numpy(), rtol=0,
+                                               atol=0):
+            result = paired.paired_difference(mine.loc[seeds].to_numpy(), base.loc[seeds].to_numpy())
+            row.update({"change_mean": result["mean"], "change_low": result["low"], "change_high": result["high"],
+                        "change_p": result["p_value"], "change_supported": result["supported"]})
+        else:
+            row.update({"change_mean": float(mine.loc[seeds].mean() - base.loc[seeds].mean()) if seeds else
+                        float("nan"), "change_low": float("nan"), "change_high": float("nan"),
+                        "change_p": float("nan"), "change_supported": False})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def inference_k_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds, and the change against the model as trained."""
-    summary = mean_std(table, ["arm", "trained_k", "eval_k", "renormalize", "as_trained"], ["bits_per_byte",
-                                                                                          "accuracy"])
-    trained = summary[summary["as_trained"]].set_index("arm")["bits_per_byte_mean"]
-    summary["change_vs_trained"] = summary["bits_per_byte_mean"] - summary["arm"].map(trained)
+    """Mean ± std over seeds, and the change against the model as trained, paired by seed."""
+    summary = _paired_against(table, ["arm", "trained_k", "eval_k", "renormalize", "as_trained"],
+                              table["as_trained"])
+    summary["change_vs_trained"] = summary["change_mean"]
     return summary
 
 
-def capacity_sweep(runs: pd.DataFrame, *, factors: Iterable = CAPACITY_FACTORS, max_bytes: Optional[int] = None,
-                   arms: Sequence[str] = ("moe-k1", "moe-k2-half", "moe-k2")) -> pd.DataFrame:
+def _change_text(row) -> str:
+    if pd.isna(row.change_low):
+        return "0 (the reference)" if row.change_mean == 0 else f"{row.change_mean:+.4f}"
+    return f"{row.change_mean:+.4f} [{row.change_low:+.4f}, {row.change_high:+.4f}]"
+
+
+def format_k_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The inference-time top-k table as the book prints it."""
+    return pd.DataFrame({
+        "arm": summary["arm"], "trained k": summary["trained_k"], "k at inference": summary["eval_k"],
+        "renormalise": summary["renormalize"].map({True: "yes", False: "no"}),
+        "as trained": summary["as_trained"].map({True: "yes", False: ""}),
+        "test bits/byte (mean ± std)": [f"{m:.4f} ± {0 if pd.isna(s) else s:.4f}"
+                                        for m, s in zip(summary["bits_per_byte_mean"], summary["bits_per_byte_std"])],
+        "change vs as trained [95% interval]": [_change_text(r) for r in summary.itertuples()],
+        "seeds": summary["n_seeds"],
+    })
+
+
+def capacity_sweep(runs: pd.DataFrame, *, factors: Iterable = CAPACITY_FACTORS, max_bytes: int = 1 << 16,
+                   arms: Sequence[str] = EXPERIMENT_ARMS) -> pd.DataFrame:
     """Test loss and drop rate with a capacity at inference, per arm, seed and capacity factor
-    (None: dropless)."""
+    (None: dropless), on `max_bytes` test bytes spread over every file. The capacity is
+    causal: each position of a batch is one call (moe_model.CAPACITY_SCOPES)."""
     rows = []
+    data = corpus.load_corpus()["test"]
     for run in runs[runs["arm"].isin(arms)].itertuples():
         model, meta = load_checkpoint(run.checkpoint)
-        data = corpus.load_corpus()["test"]
         for factor in factors:
-            result = evaluate_model(model, data, batch_size=meta["batch_size"],
-                                    max_bytes=max_bytes or meta["eval_bytes"], capacity_factor=factor)
+            result = evaluate_model(model, data, batch_size=meta["batch_size"], max_bytes=max_bytes,
+                                    sample="spread", capacity_factor=factor, capacity_scope="position")
             rows.append({"arm": run.arm, "seed": run.seed, "k": model.cfg.top_k,
                          "capacity_factor": "dropless" if factor is None else f"{factor:g}",
                          "bits_per_byte": result["bits_per_byte"], "accuracy": result["accuracy"],
-                         "drop_rate": result["drop_rate"]})
+                         "drop_rate": result["drop_rate"], "tokens_per_call": meta["batch_size"]})
     return pd.DataFrame(rows)
 
 
 def capacity_summary(sweep: pd.DataFrame) -> pd.DataFrame:
-    return mean_std(sweep, ["arm", "k", "capacity_factor"], ["bits_per_byte", "drop_rate"])
+    """Per arm and factor: drop rate, bits per byte and its change against dropless, paired by seed."""
+    return _paired_against(sweep, ["arm", "k", "capacity_factor"], sweep["capacity_factor"] == "dropless")
 
 
 def capacity_chart(summary: pd.DataFrame) -> alt.TopLevelMixin:
     """Drop rate and test loss against the inference capacity factor, per arm."""
     order = [f"{f:g}" if f is not None else "dropless" for f in CAPACITY_FACTORS]
     present = [arm for arm in ARM_ORDER if arm in set(summary["arm"])]
-    colour = alt.Color("arm:N", sort=present, scale=alt.Scale(
+    colour = alt.Color("arm:N", sort=present, title="arm", scale=alt.Scale(
         domain=present, range=[ARM_COLOURS[ARM_ORDER.index(a)] for a in present]))
-    x = alt.X("capacity_factor:O", sort=order, title="capacity factor at inference")
+    x = alt.X("capacity_factor:O", sort=order, title="capacity factor at inference", axis=alt.Axis(labelAngle=0))
     base = alt.Chart(summary).encode(x=x, color=colour)
     drops = base.mark_line(point=True).encode(y=alt.Y("drop_rate_mean:Q", title="assignments dropped",
                                                       axis=alt.Axis(format="%"))).properties(
-        width=260, height=220, title="Drop rate")
+        width=250, height=220, title="Drop rate (mean of seeds)")
     loss = base.mark_line(point=True).encode(y=alt.Y("bits_per_byte_mean:Q", title="test bits per byte",
                                                      scale=alt.Scale(zero=False))).properties(
-        width=260, height=220, title="Test loss")
+        width=250, height=220, title="Test loss (mean of seeds)")
     return alt.hconcat(drops, loss)
+
+
+def format_capacity_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "arm": summary["arm"], "k": summary["k"], "capacity factor": summary["capacity_factor"],
+        "dropped": summary["drop_rate_mean"].map(lambda v: f"{v:.1%}"),
+        "test bits/byte (mean ± std)": [f"{m:.4f} ± {0 if pd.isna(s) else s:.4f}"
+                                        for m, s in zip(summary["bits_per_byte_mean"], summary["bits_per_byte_std"])],
+        "change vs dropless [95% interval]": [_change_text(r) for r in summary.itertuples()],
+        "seeds": summary["n_seeds"],
+    })
+
+
+def capacity_numbers(summary: pd.DataFrame, runs: pd.DataFrame) -> dict:
+    """Glue: tokens per capacity call, and the per-call capacity C of each k at factor 1."""
+    from analysis.study.moe_model import expert_capacity
+    batch = int(runs["tokens"].iloc[0] // runs["steps"].iloc[0] // load_checkpoint(
+        runs["checkpoint"].iloc[0])[0].cfg.seq_len)
+    E = n_experts(runs)
+    numbers = {"capacity_call_tokens": batch}
+    if isinstance(E, int):
+        numbers.update({f"capacity_c_k{k}": expert_capacity(1.0, batch, k, E) for k in (1, 2)})
+    else:
+        numbers.update({"capacity_c_k1": float("nan"), "capacity_c_k2": float("nan")})
+    return numbers
 
 
 # ---------------------------------------------------------------- kernels cross-check
@@ -607,4 +966,4 @@ def beside_published(summary: pd.DataFrame) -> pd.DataFrame:
         ("dense of equal total parameters vs top-1 MoE", ours("wide_vs_k1_percent"), "—", "—"),
     ]
     return pd.DataFrame(rows, columns=["comparison", "ours (this study)", "published (far larger models)",
-                                       "source"]).set_index("comparison")
+                                       "source"])

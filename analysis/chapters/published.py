@@ -6,6 +6,7 @@ labelled as published, never as ours, to say whether our small models point
 the same way; their magnitudes are not comparable with ours.
 
 Each entry: ``chapter`` (accuracy or routing), ``source`` (short name),
+``n_experts`` (E of the published model, where our comparison needs it),
 ``citation``, ``where`` (table), ``quantity``, ``setting``, ``value``
 (a number, or None where the paper states a range or a qualitative result,
 then ``value_text`` holds it), ``baseline`` (the value it is to be read
@@ -26,6 +27,8 @@ ST_MOE = ("Zoph et al. ST-MoE: Designing Stable and Transferable Sparse Expert M
 SHAZEER = ("Shazeer et al. Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts "
            "Layer. ICLR 2017 (arXiv:1701.06538)")
 MIXTRAL = "Jiang et al. Mixtral of Experts. 2024 (arXiv:2401.04088)"
+VLLM = "vLLM project, fused MoE Triton kernel (vllm/model_executor/layers/fused_moe), tuned configurations for H100"
+PYTORCH = "PyTorch, torch._grouped_mm (grouped GEMM for MoE experts)"
 
 ANCHORS = [
     # ---- accuracy
@@ -54,22 +57,31 @@ ANCHORS = [
          value=None, value_text="about +0.004 to +0.006", baseline=None, compare_with="moe-k2 vs moe-k1"),
     # ---- routing
     dict(chapter="routing", source="Shazeer et al. 2017", citation=SHAZEER, where="Table 6",
-         quantity="CV of expert load, no balancing loss", setting="MoE-256 LSTM language model (1B Word)",
+         quantity="CV of expert load, no balancing loss", setting="MoE-256 LSTM language model (1B Word)", n_experts=256,
          value=3.01, value_text="3.01", baseline=None, compare_with="load CV of the -nobal arms"),
     dict(chapter="routing", source="Shazeer et al. 2017", citation=SHAZEER, where="Table 6",
-         quantity="max/mean expert load, no balancing loss", setting="MoE-256 LSTM language model (1B Word)",
+         quantity="max/mean expert load, no balancing loss", setting="MoE-256 LSTM language model (1B Word)", n_experts=256,
          value=17.80, value_text="17.80", baseline=1.0, compare_with="load max/mean of the -nobal arms"),
     dict(chapter="routing", source="Shazeer et al. 2017", citation=SHAZEER, where="Table 6",
-         quantity="CV of expert load, w_importance = w_load = 0.1", setting="MoE-256 LSTM language model (1B Word)",
+         quantity="CV of expert load, w_importance = w_load = 0.1", setting="MoE-256 LSTM language model (1B Word)", n_experts=256,
          value=0.05, value_text="0.05", baseline=None, compare_with="load CV of the balanced arms"),
     dict(chapter="routing", source="Shazeer et al. 2017", citation=SHAZEER, where="Table 6",
-         quantity="max/mean expert load, w_importance = w_load = 0.1", setting="MoE-256 LSTM language model (1B Word)",
+         quantity="max/mean expert load, w_importance = w_load = 0.1", setting="MoE-256 LSTM language model (1B Word)", n_experts=256,
          value=1.14, value_text="1.14", baseline=1.0, compare_with="load max/mean of the balanced arms"),
     dict(chapter="routing", source="Mixtral", citation=MIXTRAL, where="Table 5",
          quantity="consecutive tokens with the same first-choice expert",
          setting="Mixtral 8x7B (E = 8, k = 2) on The Pile, by layer and domain",
          value=None, value_text="23.6% to 28.4%", baseline=0.125,
          compare_with="same-expert rate of consecutive bytes (random: 1/E)"),
+    # ---- GPU performance (figures as the study design quotes them; no GPU of ours has run yet)
+    dict(chapter="performance", source="vLLM", citation=VLLM, where="tuned fused MoE, as quoted in the study design",
+         quantity="fused MoE, fraction of HBM bandwidth", setting="H100, Mixtral shape, batch 1 (decode)",
+         value=0.73, value_text="about 73%", baseline=None,
+         compare_with="decode against the copy bandwidth on the expert weights"),
+    dict(chapter="performance", source="PyTorch", citation=PYTORCH, where="as quoted in the study design",
+         quantity="torch._grouped_mm rate", setting="H100, E = 128, k = 8",
+         value=242.0, value_text="about 242 TFLOP/s", baseline=None,
+         compare_with="expert GEMMs against cuBLAS on the same FLOPs"),
 ]
 
 

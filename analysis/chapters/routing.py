@@ -1,8 +1,8 @@
 """Tables and charts for the routing-behaviour chapter (book/notebooks/routing.ipynb).
 
-The trained MoE checkpoints are run over the start of the test split; each MoE
-layer's routing decisions (accuracy.collect_routing) go through the metrics of
-analysis.study.routing_stats. Expert identities are arbitrary per seed (expert 3 of
+The trained MoE checkpoints are run over a sample of the test split spread over
+every test file (evaluation.spread_starts); each MoE layer's routing decisions
+(accuracy.collect_routing) go through the metrics of analysis.study.routing_stats. Expert identities are arbitrary per seed (expert 3 of
 seed 0 has nothing to do with expert 3 of seed 1), so per-expert pictures
 (specialisation, co-activation) show one seed, and only expert-agnostic
 numbers (CV, max/mean, entropy, rates) are averaged over seeds.
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.chapters import accuracy, published
+from analysis.display import Note
 from analysis.study import corpus
 from analysis.study import routing_stats as stats
 from analysis.study.moe_model import load_checkpoint
@@ -26,18 +27,27 @@ MOE_ARMS = ("moe-k1", "moe-k2-half", "moe-k2", "moe-k1-nobal", "moe-k2-half-noba
 ABLATION_PAIRS = (("moe-k1", "moe-k1-nobal"), ("moe-k2-half", "moe-k2-half-nobal"))
 
 
+def check_parameters(*, preset: str, scratch: bool, scores, routing_bytes: int) -> None:
+    """Stop the chapter at once on a bad papermill parameter, with one sentence saying which."""
+    accuracy.check_parameters(preset=preset, scratch=scratch, scores=scores, experiment_bytes=256, check_bytes=256)
+    if isinstance(routing_bytes, bool) or not isinstance(routing_bytes, int) or routing_bytes < 256:
+        raise ValueError(f"routing_bytes: expected a whole number of bytes, at least 256, got {routing_bytes!r}")
+
+
 def moe_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["ffn"] == "moe"].reset_index(drop=True)
 
 
-def collect_all(runs: pd.DataFrame, *, max_bytes: int) -> dict:
-    """(arm, seed) -> the routing of every MoE layer on the first `max_bytes` test bytes,
-    plus the model's E, K and tokens per training batch."""
+def collect_all(runs: pd.DataFrame, *, max_bytes: int, sample: str = "spread") -> dict:
+    """(arm, seed) -> the routing of every MoE layer on `max_bytes` test bytes spread over
+    every test file (``sample``: evaluation.SAMPLES), plus the model's E, K and tokens per
+    training batch."""
     data = corpus.load_corpus()["test"]
     collected = {}
     for run in moe_runs(runs).itertuples():
         model, meta = load_checkpoint(run.checkpoint)
-        routing = accuracy.collect_routing(model, data, batch_size=meta["batch_size"], max_bytes=max_bytes)
+        routing = accuracy.collect_routing(model, data, batch_size=meta["batch_size"], max_bytes=max_bytes,
+                                           sample=sample)
         routing.update({"n_experts": model.cfg.n_experts, "top_k": model.cfg.top_k,
                         "tokens_per_call": meta["batch_size"] * model.cfg.seq_len})
         collected[(run.arm, run.seed)] = routing
@@ -45,19 +55,30 @@ def collect_all(runs: pd.DataFrame, *, max_bytes: int) -> dict:
 
 
 def metrics_table(collected: dict) -> pd.DataFrame:
-    """One row per (arm, seed, layer): load CV and max/mean, router entropy against log E,
-    same-expert rate of consecutive bytes against chance, and the K = 2 metrics."""
+    """One row per (arm, seed, layer): load CV (whole sample, and per batch: mean and std
+    over batches, with its bound sqrt(E / K - 1)), max/mean, sum of squared load, router
+    entropy against log E, same-expert rate of consecutive bytes (all pairs, pairs of
+    equal bytes, pairs of different bytes) against chance from the load, and the K = 2 metrics."""
     rows = []
     for (arm, seed), routing in collected.items():
         E, K = routing["n_experts"], routing["top_k"]
+        batches = routing.get("batch", np.zeros(len(routing["sequence"]), dtype=np.int64))
         for layer, (experts, weights, probs) in enumerate(zip(routing["experts"], routing["weights"],
                                                               routing["probs"])):
             load = stats.load_fraction(experts, E)
+            per_batch = stats.per_batch_cv(experts, batches, E)
+            by_pair = stats.same_expert_by_byte_pair(experts, routing["bytes"], routing["sequence"])
             row = {"arm": arm, "seed": seed, "layer": layer, "k": K, "n_experts": E,
                    "load_cv": stats.coefficient_of_variation(load),
+                   "batch_cv_mean": float(per_batch.mean()), "batch_cv_std": float(per_batch.std()),
+                   "n_batches": int(per_batch.size), "max_cv": stats.max_cv(E, K),
                    "load_max_over_mean": stats.max_over_mean(load),
+                   "sum_squared_load": stats.sum_squared_load(load), "top_expert_share": float(load.max() * K),
                    "entropy": stats.mean_entropy(probs), "log_E": math.log(E),
                    "same_expert_rate": stats.same_expert_rate(experts, routing["sequence"]),
+                   "same_byte_share": by_pair["same_byte_share"],
+                   "same_expert_same_bytes": by_pair["rate_same_bytes"],
+                   "same_expert_different_bytes": by_pair["rate_different_bytes"],
                    "same_expert_uniform": stats.random_same_expert_rate(E),
                    "same_expert_by_load": stats.random_same_expert_rate(E, stats.load_fraction(experts[:, 0], E))}
             if K == 2:
@@ -72,8 +93,10 @@ def metrics_table(collected: dict) -> pd.DataFrame:
 
 def metrics_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per arm and layer: each metric's mean and std over seeds."""
-    columns = [c for c in ("load_cv", "load_max_over_mean", "entropy", "entropy_over_log_E", "same_expert_rate",
-                           "same_expert_by_load", "second_weight_share", "shared_expert_rate") if c in table]
+    columns = [c for c in ("load_cv", "batch_cv_mean", "load_max_over_mean", "sum_squared_load", "entropy",
+                           "entropy_over_log_E", "same_expert_rate", "same_expert_different_bytes",
+                           "same_expert_same_bytes", "same_byte_share", "same_expert_by_load",
+                           "second_weight_share", "shared_expert_rate") if c in table]
     summary = accuracy.mean_std(table, ["arm", "layer"], columns)
     summary["arm_rank"] = summary["arm"].map(accuracy.ARM_ORDER.index)
     return summary.sort_values(["arm_rank", "layer"]).drop(columns="arm_rank").reset_index(drop=True)
@@ -89,20 +112,23 @@ def format_metrics(summary: pd.DataFrame) -> pd.DataFrame:
 
     return pd.DataFrame({
         "arm": summary["arm"], "layer": summary["layer"],
-        "load CV": pm("load_cv"), "load max/mean": pm("load_max_over_mean"),
+        "load CV per batch": pm("batch_cv_mean"), "load max/mean": pm("load_max_over_mean"),
         "entropy / log E": pm("entropy_over_log_E"),
         "same expert, consecutive bytes": pm("same_expert_rate"),
-        "by chance (from load)": pm("same_expert_by_load"),
+        "same expert, different bytes": pm("same_expert_different_bytes"),
+        "chance (from load)": pm("same_expert_by_load"),
         "2nd-expert weight share": pm("second_weight_share"),
         "seeds": summary["n_seeds"],
-    }).set_index(["arm", "layer"])
+    })
 
 
 def arm_averages(table: pd.DataFrame) -> pd.DataFrame:
     """Per arm: metrics averaged over layers, then mean ± std over seeds."""
     per_seed = table.groupby(["arm", "seed"], as_index=False).mean(numeric_only=True)
-    columns = [c for c in ("load_cv", "load_max_over_mean", "entropy_over_log_E", "same_expert_rate",
-                           "second_weight_share") if c in per_seed]
+    columns = [c for c in ("load_cv", "batch_cv_mean", "batch_cv_std", "max_cv", "load_max_over_mean",
+                           "sum_squared_load", "entropy_over_log_E", "same_expert_rate",
+                           "same_expert_different_bytes", "same_expert_same_bytes", "same_byte_share",
+                           "same_expert_by_load", "second_weight_share") if c in per_seed]
     return accuracy.mean_std(per_seed, ["arm"], columns)
 
 
@@ -118,11 +144,15 @@ def headline_numbers(table: pd.DataFrame) -> dict:
     """Plain numbers for the chapter's prose (glue), E taken from the runs in `table`."""
     averages = arm_averages(table).set_index("arm")
     E = n_experts(table)
-    numbers = {"n_experts": E, "uniform_same_expert": 1.0 / E, "log_E": math.log(E)}
+    numbers = {"n_experts": E, "uniform_same_expert": 1.0 / E, "log_E": math.log(E),
+               "max_cv_k1": stats.max_cv(E, 1), "max_cv_k2": stats.max_cv(E, 2)}
     for arm in averages.index:
         key = arm.replace("-", "_")
-        for column in ("load_cv", "load_max_over_mean", "same_expert_rate", "entropy_over_log_E"):
-            numbers[f"{key}_{column}"] = float(averages.loc[arm, f"{column}_mean"])
+        for column in ("load_cv", "batch_cv_mean", "batch_cv_std", "load_max_over_mean", "same_expert_rate",
+                       "same_expert_different_bytes", "same_expert_same_bytes", "same_byte_share",
+                       "same_expert_by_load", "entropy_over_log_E"):
+            if f"{column}_mean" in averages:
+                numbers[f"{key}_{column}"] = float(averages.loc[arm, f"{column}_mean"])
         if "second_weight_share_mean" in averages and not pd.isna(averages.loc[arm, "second_weight_share_mean"]):
             numbers[f"{key}_second_weight_share"] = float(averages.loc[arm, "second_weight_share_mean"])
     return numbers
@@ -148,12 +178,13 @@ def specialisation_frame(routing: dict, layer: int) -> pd.DataFrame:
 
 
 def _heatmap(frame: pd.DataFrame, y: str, value: str, midpoint: float, title: str, y_sort=None):
+    """Cells coloured around `midpoint` (white), each labelled with its value."""
     base = alt.Chart(frame).encode(x=alt.X("expert:O", title="expert", axis=alt.Axis(labelAngle=0)),
-                                   y=alt.Y(f"{y}:N", title=None, sort=y_sort))
+                                   y=alt.Y(f"{y}:N", title=None, sort=y_sort, axis=alt.Axis(labelLimit=220)))
     cells = base.mark_rect().encode(color=alt.Color(
         f"{value}:Q", title=value, scale=alt.Scale(scheme="blueorange", domainMid=midpoint)))
-    text = base.mark_text(fontSize=9).encode(text=alt.Text(f"{value}:Q", format=".2f"))
-    return alt.layer(cells, text).properties(width=260, height=200, title=title)
+    text = base.mark_text(fontSize=12).encode(text=alt.Text(f"{value}:Q", format=".2f"))
+    return alt.layer(cells, text).properties(width=440, height=alt.Step(30), title=title)
 
 
 def specialisation_chart(frame: pd.DataFrame, title: str) -> alt.TopLevelMixin:
@@ -185,7 +216,7 @@ def specialisation_charts(collected: dict, arm: str) -> alt.TopLevelMixin:
     seed, routing = first_run(collected, arm)
     if routing is None:
         return _not_trained(arm)
-    return alt.hconcat(*[specialisation_chart(specialisation_frame(routing, layer),
+    return alt.vconcat(*[specialisation_chart(specialisation_frame(routing, layer),
                                               f"{arm} seed {seed}, layer {layer}")
                          for layer in range(len(routing["experts"]))]).resolve_scale(color="shared")
 
@@ -195,7 +226,7 @@ def coactivation_charts(collected: dict, arm: str) -> alt.TopLevelMixin:
     seed, routing = first_run(collected, arm)
     if routing is None or routing["top_k"] != 2:
         return _not_trained(arm)
-    return alt.hconcat(*[coactivation_chart(coactivation_frame(routing, layer), routing["n_experts"],
+    return alt.vconcat(*[coactivation_chart(coactivation_frame(routing, layer), routing["n_experts"],
                                             f"{arm} seed {seed}, layer {layer}")
                          for layer in range(len(routing["experts"]))]).resolve_scale(color="shared")
 
@@ -251,29 +282,71 @@ def drop_rate_chart(drops: pd.DataFrame) -> alt.TopLevelMixin:
         y=alt.Y("drop_rate:Q", title="assignments dropped", axis=alt.Axis(format="%")),
         color=colour)
     return chart.properties(width=220, height=180).facet(column=alt.Column("layer:O", title="layer")).properties(
-        title="Drop rate against capacity factor (kernels.dispatch on the trained routing)")
+        title="Drop rate against capacity factor (kernels.dispatch, one call per training batch)")
 
 
-def ablation_table(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Each balanced arm beside the same arm trained without the balancing loss:
-    load CV, max/mean (averaged over layers, mean ± std over seeds) and test loss."""
+def ablation_table(table: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Each balanced arm beside the same arm trained without the balancing loss: per-batch
+    load CV, max/mean (averaged over layers, mean ± std over seeds), the most collapsed
+    layer's CV, and the test loss's paired difference (ablated minus balanced, by seed)."""
     averages = arm_averages(table).set_index("arm")
-    loss = accuracy.mean_std(runs, ["arm"], ["bits_per_byte"]).set_index("arm")
+    per_layer = table.groupby(["arm", "layer"])["batch_cv_mean"].mean()
+    comparisons = accuracy.paired_comparisons(scores).set_index("arm")
+    loss = accuracy.mean_std(scores, ["arm"], ["bits_per_byte"]).set_index("arm")
     rows = []
     for balanced, ablated in ABLATION_PAIRS:
         for arm, balance in ((balanced, "yes"), (ablated, "no")):
             if arm not in averages.index:
                 continue
+            difference = ""
+            if balance == "no" and arm in comparisons.index:
+                c = comparisons.loc[arm]
+                difference = (f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p = {c['p_value']:.2f}"
+                              f" ({'supported' if c['supported'] else 'within noise'}, {c['n']} seeds)")
             rows.append({"arm": arm, "balancing loss": balance,
-                         "load CV": f"{averages.loc[arm, 'load_cv_mean']:.3f} ± "
-                                    f"{np.nan_to_num(averages.loc[arm, 'load_cv_std']):.3f}",
+                         "load CV per batch": f"{averages.loc[arm, 'batch_cv_mean_mean']:.2f} ± "
+                                              f"{np.nan_to_num(averages.loc[arm, 'batch_cv_mean_std']):.2f}",
+                         "CV per batch, most uneven layer (bound)": f"{per_layer.loc[arm].max():.2f} "
+                                                           f"({averages.loc[arm, 'max_cv_mean']:.2f})",
                          "load max/mean": f"{averages.loc[arm, 'load_max_over_mean_mean']:.2f} ± "
                                           f"{np.nan_to_num(averages.loc[arm, 'load_max_over_mean_std']):.2f}",
                          "test bits/byte": f"{loss.loc[arm, 'bits_per_byte_mean']:.4f} ± "
                                            f"{np.nan_to_num(loss.loc[arm, 'bits_per_byte_std']):.4f}",
+                         "vs balanced, paired [95% interval]": difference,
                          "seeds": int(averages.loc[arm, "n_seeds"])})
-    return pd.DataFrame(rows, columns=["arm", "balancing loss", "load CV", "load max/mean", "test bits/byte",
-                                       "seeds"]).set_index("arm")
+    return pd.DataFrame(rows)
+
+
+def collapse_numbers(table: pd.DataFrame, arm: str = "moe-k1-nobal") -> dict:
+    """Glue: the most collapsed layer of `arm` (highest load CV over the whole sample,
+    mean over seeds): its CV, the bound sqrt(E / K - 1), the sum of squared load, the share
+    of the busiest expert, and the same for the most collapsed single seed."""
+    rows = table[table["arm"] == arm]
+    if rows.empty:
+        return {"collapse_arm": arm, "collapse_layer": "not trained", "collapse_cv": float("nan"),
+                "collapse_bound": float("nan"), "collapse_sum_squared": float("nan"),
+                "collapse_top_share": float("nan"), "collapse_seed_cv": float("nan"), "collapse_seed": "none"}
+    by_layer = rows.groupby("layer")[["load_cv", "sum_squared_load", "top_expert_share", "max_cv"]].mean()
+    layer = int(by_layer["load_cv"].idxmax())
+    worst = rows.loc[rows["load_cv"].idxmax()]
+    return {"collapse_arm": arm, "collapse_layer": layer, "collapse_cv": float(by_layer.loc[layer, "load_cv"]),
+            "collapse_bound": float(by_layer.loc[layer, "max_cv"]),
+            "collapse_sum_squared": float(by_layer.loc[layer, "sum_squared_load"]),
+            "collapse_top_share": float(by_layer.loc[layer, "top_expert_share"]),
+            "collapse_seed_cv": float(worst["load_cv"]), "collapse_seed": int(worst["seed"]),
+            "collapse_seed_layer": int(worst["layer"])}
+
+
+def coverage_numbers(collected: dict) -> dict:
+    """Glue: what the routing sample covers (the same windows for every run)."""
+    for routing in collected.values():
+        coverage = routing["coverage"]
+        return {"routing_positions": f"{routing['bytes'].size:,}", "routing_windows": coverage["n_windows"],
+                "routing_files": coverage["files_touched"], "routing_split_files": coverage["n_files"],
+                "routing_largest_file_share": coverage["largest_file_share_of_inputs"],
+                "routing_share_of_split": coverage["share_of_split"]}
+    return {"routing_positions": "0", "routing_windows": 0, "routing_files": 0, "routing_split_files": 0,
+            "routing_largest_file_share": float("nan"), "routing_share_of_split": float("nan")}
 
 
 #: The published figures this chapter sits beside (keys of analysis.chapters.published.ANCHORS).
@@ -294,29 +367,41 @@ def beside_published(table: pd.DataFrame) -> pd.DataFrame:
     """Our routing numbers next to the published ones (labelled; far larger models)."""
     averages = arm_averages(table).set_index("arm")
     mixtral = published.entry(*MIXTRAL_SAME_EXPERT)
+    shazeer_experts = published.entry(*SHAZEER_NO_BALANCE_CV)["n_experts"]
+    E = n_experts(table)
 
     def ours(arm: str, column: str, fmt: str) -> str:
-        if arm not in averages.index:
+        if arm not in averages.index or f"{column}_mean" not in averages:
             return f"{arm} not trained"
         return f"{format(averages.loc[arm, f'{column}_mean'], fmt)} ({arm})"
+
+    def cv(arm: str) -> str:
+        if arm not in averages.index:
+            return f"{arm} not trained"
+        return (f"{averages.loc[arm, 'batch_cv_mean_mean']:.2f} ± {averages.loc[arm, 'batch_cv_std_mean']:.2f} "
+                f"over batches ({arm})")
 
     def theirs(key: tuple) -> tuple:
         entry = published.entry(*key)
         return entry["value_text"], f"{entry['source']}, {entry['where']}"
 
+    bound = (f"largest possible with one expert per token: sqrt(E - 1) = {stats.max_cv(E):.2f} for our E = {E}, "
+             f"{stats.max_cv(shazeer_experts):.1f} for their E = {shazeer_experts}")
     rows = [
-        ("load CV, no balancing loss", ours("moe-k1-nobal", "load_cv", ".2f"), *theirs(SHAZEER_NO_BALANCE_CV)),
+        (f"load CV per batch, no balancing loss ({bound})", cv("moe-k1-nobal"), *theirs(SHAZEER_NO_BALANCE_CV)),
         ("load max/mean, no balancing loss", ours("moe-k1-nobal", "load_max_over_mean", ".2f"),
          *theirs(SHAZEER_NO_BALANCE_MAX)),
-        ("load CV, with balancing loss", ours("moe-k1", "load_cv", ".2f"), *theirs(SHAZEER_BALANCED_CV)),
+        ("load CV per batch, with balancing loss", cv("moe-k1"), *theirs(SHAZEER_BALANCED_CV)),
         ("load max/mean, with balancing loss", ours("moe-k1", "load_max_over_mean", ".2f"),
          *theirs(SHAZEER_BALANCED_MAX)),
         (f"consecutive tokens, same first-choice expert (random: {mixtral['baseline']:.1%} for Mixtral, "
-         f"{1 / n_experts(table):.1%} for ours)",
+         f"{1 / E:.1%} for ours); ours on all byte pairs",
          ours("moe-k2-half", "same_expert_rate", ".1%"), *theirs(MIXTRAL_SAME_EXPERT)),
+        ("the same, ours on pairs of different bytes only (BPE tokens rarely repeat)",
+         ours("moe-k2-half", "same_expert_different_bytes", ".1%"), *theirs(MIXTRAL_SAME_EXPERT)),
     ]
     return pd.DataFrame(rows, columns=["quantity", "ours (this study)", "published (far larger models)",
-                                       "source"]).set_index("quantity")
+                                       "source"])
 
 
 def tokens_collected(collected: dict) -> Optional[int]:

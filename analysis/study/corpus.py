@@ -160,3 +160,11 @@ def manifest_table(manifest: dict) -> "pandas.DataFrame":
             for split in SPLITS]
     rows.append({"split": "all", "files": manifest["n_files"], "bytes": manifest["n_bytes"]})
     return pandas.DataFrame(rows).set_index("split")
+
+
+def split_paths(split: str, root: Optional[os.PathLike] = None) -> list[str]:
+    """The relative paths of the files in `split`, in the order the split concatenates them."""
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    root = Path(root) if root is not None else stdlib_root()
+    return [path for path in source_files(root) if split_of(path) == split]

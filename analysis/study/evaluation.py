@@ -302,22 +302,27 @@ def rescore_records(results_dir=None, *, preset: Optional[str] = None) -> list:
     return [newest[key] for key in sorted(newest)]
 
 
-def rescore_record(eval_record: dict, results_dir=None, *, progress: bool = False) -> dict:
-    """A run's checkpoint scored on the whole test split, as an ``accuracy-rescore`` record."""
+def rescore_record(eval_record: dict, results_dir=None, *, batch_size: Optional[int] = None,
+                   progress: bool = False) -> dict:
+    """A run's checkpoint scored on the whole test split, as an ``accuracy-rescore`` record.
+    ``batch_size``: windows per batch (default: the run's); dropless, it changes nothing
+    but float rounding and speed."""
     params = eval_record["params"]
     path = records.results_root(results_dir) / params["checkpoint"]
-    result = evaluate(path, "test", sample="whole", progress=progress)
+    batch_size = batch_size or params["batch_size"]
+    result = evaluate(path, "test", sample="whole", batch_size=batch_size, progress=progress)
     manifest = corpus.manifest()
     return {"params": {"preset": params["preset"], "arm": params["arm"], "seed": int(params["seed"]),
                        "run_id": params["run_id"], "checkpoint": params["checkpoint"], "split": "test",
-                       "sample": "whole", "batch_size": params["batch_size"], "seq_len": params["seq_len"],
+                       "sample": "whole", "batch_size": batch_size, "seq_len": params["seq_len"],
                        "capacity_factor": None, "corpus_sha256": manifest["sha256"],
                        "corpus_python": manifest["python"], "trained_corpus_sha256": params.get("corpus_sha256")},
             "bits_per_byte": result["bits_per_byte"], "loss": result["loss"], "accuracy": result["accuracy"],
             "n_bytes": result["n_bytes"], "coverage": result["coverage"]}
 
 
-def rescore_all(preset: str, results_dir=None, *, force: bool = False, progress: bool = True, echo=print) -> list:
+def rescore_all(preset: str, results_dir=None, *, force: bool = False, batch_size: Optional[int] = None,
+                progress: bool = True, echo=print) -> list:
     """Score every run of `preset` whose whole-split record is missing (or all, with
     `force`) and append the records; return the records written."""
     done = set() if force else {(r["params"]["arm"], int(r["params"]["seed"]), r["params"]["run_id"])
@@ -326,7 +331,7 @@ def rescore_all(preset: str, results_dir=None, *, force: bool = False, progress:
             if (r["params"]["arm"], int(r["params"]["seed"]), r["params"]["run_id"]) not in done]
     written = []
     for index, eval_record in enumerate(todo, start=1):
-        record = rescore_record(eval_record, results_dir, progress=progress)
+        record = rescore_record(eval_record, results_dir, batch_size=batch_size, progress=progress)
         # One record at a time, so an interrupted rescore keeps what it finished.
         records.write_records(RESCORE_KIND, [record], device_kind="cpu", results_dir=results_dir)
         echo(f"[{index}/{len(todo)}] {record['params']['arm']} seed {record['params']['seed']}: "
@@ -343,10 +348,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=None, help="default: $MOE_RESULTS_DIR or results/")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     parser.add_argument("--force", action="store_true", help="re-score runs that have a record already")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per batch (default: the run's)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    written = rescore_all(args.preset, args.results_dir, force=args.force, progress=not args.no_progress)
+    written = rescore_all(args.preset, args.results_dir, force=args.force, batch_size=args.batch_size,
+                          progress=not args.no_progress)
     print(f"wrote {len(written)} {RESCORE_KIND} record(s)")
     return 0
 

@@ -21,7 +21,14 @@ Definitions (each function's docstring repeats its own):
 - second-weight share (K = 2): the mean of weights[:, 1] / (weights[:, 0] + weights[:, 1]);
 - same-expert rate: over consecutive positions of the same sequence, how
   often the first-choice expert repeats; uniform random routing gives 1 / E,
-  and independent draws from the observed load give sum_e load_e ** 2.
+  and independent draws from the observed load give sum_e load_e ** 2. Bytes
+  repeat (runs of spaces in indentation), and a repeated byte in the same
+  context tends to go where its predecessor went, so the rate is also given on
+  pairs of different bytes only (``same_expert_by_byte_pair``);
+- per-batch load CV: the CV of each batch's load, then its mean and spread over
+  batches (Shazeer et al. 2017 report the CV per batch). The largest possible
+  CV, every assignment on K experts, is sqrt(E / K - 1) (``max_cv``), since
+  CV ** 2 = E * sum_e load_e ** 2 - 1 for loads that sum to 1.
 """
 
 from __future__ import annotations
@@ -158,6 +165,50 @@ def random_same_expert_rate(n_experts: int, load: Optional[np.ndarray] = None) -
         return 1.0 / n_experts
     load = np.asarray(load, dtype=np.float64)
     return float(np.sum(load ** 2))
+
+
+def same_expert_by_byte_pair(experts, data_bytes, sequence=None) -> dict:
+    """The same-expert rate of consecutive positions split by whether the two input
+    bytes are equal: ``same_byte_share`` (share of the pairs whose bytes are equal),
+    ``rate_same_bytes`` and ``rate_different_bytes`` (NaN where there are no such pairs)."""
+    first = np.asarray(experts).reshape(len(experts), -1)[:, 0]
+    data_bytes = np.asarray(data_bytes).reshape(-1)
+    if data_bytes.size != first.size:
+        raise ValueError(f"data_bytes: expected one byte per position ({first.size}), got {data_bytes.size}")
+    in_sequence = np.ones(first.size - 1, dtype=bool) if sequence is None else \
+        np.asarray(sequence)[1:] == np.asarray(sequence)[:-1]
+    same_expert = (first[1:] == first[:-1])[in_sequence]
+    same_byte = (data_bytes[1:] == data_bytes[:-1])[in_sequence]
+    if same_expert.size == 0:
+        raise ValueError("experts: expected at least two consecutive positions in one sequence")
+
+    def rate(mask):
+        return float(same_expert[mask].mean()) if mask.any() else float("nan")
+
+    return {"same_byte_share": float(same_byte.mean()), "rate_same_bytes": rate(same_byte),
+            "rate_different_bytes": rate(~same_byte)}
+
+
+def sum_squared_load(load) -> float:
+    """sum_e load_e ** 2: 1 / E when balanced, 1 when one expert takes everything; also
+    the chance that two independent draws from the load pick the same expert."""
+    load = np.asarray(load, dtype=np.float64)
+    return float(np.sum(load ** 2))
+
+
+def max_cv(n_experts: int, top_k: int = 1) -> float:
+    """The largest load CV: every assignment on top_k experts, sqrt(E / K - 1)."""
+    return math.sqrt(n_experts / top_k - 1)
+
+
+def per_batch_cv(experts, batch, n_experts: int) -> np.ndarray:
+    """The load CV of each batch (``batch`` (N,) labels each position's batch), in batch order."""
+    experts = np.asarray(experts)
+    batch = np.asarray(batch).reshape(-1)
+    if batch.size != experts.shape[0]:
+        raise ValueError(f"batch: expected one label per position ({experts.shape[0]}), got {batch.size}")
+    return np.array([coefficient_of_variation(load_fraction(experts[batch == b], n_experts))
+                     for b in np.unique(batch)])
 
 
 def random_shared_expert_rate(n_experts: int) -> float:
