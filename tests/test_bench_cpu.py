@@ -1,59 +1,70 @@
-"""The CPU benchmark end to end on tiny shapes, and its goal judgement."""
+"""The CPU benchmark end to end on tiny shapes (its two worker processes, its
+records, its table) and its judgement of the four targets."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
 import kernels.cpu
-from analysis.measure import bench_cpu, sweep_cells, timing
 from analysis import records
+from analysis.measure import bench_cpu, peers, sweep_cells, timing
+
+HAS_TORCH = peers.torch_unavailable_reason("cpu") is None
 
 
-def test_quick_run_prints_the_table(capsys):
-    assert bench_cpu.main(["--quick", "--tokens", "1", "16", "--no-write"]) == 0
+def test_quick_run_without_torch_prints_the_table(capsys):
+    assert bench_cpu.main(["--quick", "--tokens", "1", "16", "--k", "1", "--no-torch", "--no-write"]) == 0
     out = capsys.readouterr().out
-    assert "moe/dense_active" in out and "moe % SGEMM" in out
-    assert "Goals: not judged" in out
+    assert "/dense K*F" in out and "% SGEMM" in out and "/weight read" in out
+    assert "PyTorch: left out (--no-torch)" in out
+    assert f"our kernels [{kernels.cpu.threads()}]" in out  # default: the threads BLAS has here
+    assert "MoE / our dense at equal active FLOPs <= 1.1 for T >= 4096: not judged" in out
+    assert "decode: MoE / reading the touched weights" in out and "-> " in out
     assert "Records appended" not in out
 
 
-def test_quick_run_writes_records(tmp_path, capsys):
-    argv = ["--quick", "--tokens", "2", "300", "--k", "2", "--results-dir", str(tmp_path)]
+@pytest.mark.skipif(not HAS_TORCH, reason="the PyTorch implementations need the torch extra")
+def test_quick_run_writes_records_of_every_implementation(tmp_path, capsys):
+    argv = ["--quick", "--tokens", "2", "300", "--k", "2", "--threads", "1", "--results-dir", str(tmp_path)]
     assert bench_cpu.main(argv) == 0
     printed = capsys.readouterr().out
     assert "Records appended" in printed
 
     written = records.read_records(bench_cpu.RECORD_KIND, results_dir=tmp_path)
-    sgemm = [r for r in written if r["measurement"] == "sgemm-rate"]
+    assert {r["measurement"] for r in written} == {"sgemm-rate", "copy-bandwidth", "forward-time"}
+    assert len({r["utc"] for r in written}) == 1  # one run
     timed = [r for r in written if r["measurement"] == "forward-time"]
-    assert len(sgemm) == 1 and sgemm[0]["flop_per_s"] > 0
-    # Per T: dense K*F and dense E*F, the cpu MoE; the reference only for T <= 256.
-    implementations = sorted((r["params"]["tokens"], r["implementation"], r["backend"]) for r in timed)
-    assert implementations == [
-        (2, "dense", "cpu"), (2, "dense", "cpu"), (2, "moe", "cpu"), (2, "moe", "reference"),
-        (300, "dense", "cpu"), (300, "dense", "cpu"), (300, "moe", "cpu"),
-    ]
+    grouped = [] if peers.grouped_mm_unavailable_reason("cpu") else [("moe", "torch-grouped-mm", 2)]
+    per_T = sorted([("dense", "cpu", 256), ("dense", "cpu", 512), ("dense", "torch", 256), ("moe", "cpu", 2),
+                    ("moe", "torch-eager", 2), *grouped])
+    for T in (2, 300):
+        found = sorted((r["implementation"], r["backend"], r["params"].get("top_k") or r["params"]["d_ff"])
+                       for r in timed if r["params"]["tokens"] == T)
+        assert found == per_T
     for record in timed:
         assert record["p20_s"] <= record["median_s"] <= record["p80_s"]
         assert record["rotation_sets"] >= 2
-        assert record["git_dirty"] in (True, False, None)
-    moe = next(r for r in timed if r["implementation"] == "moe" and r["params"]["tokens"] == 300)
+        assert record["threads"] == 1  # --threads 1 reached both workers
+        assert record["thread_settings"]["OPENBLAS_NUM_THREADS"] == "1"
+        assert record["validated_rows"] >= 1 and record["relative_error_vs_reference"] < 1e-5
+    moe = next(r for r in timed if r["backend"] == "cpu" and r["implementation"] == "moe"
+               and r["params"]["tokens"] == 300)
     assert moe["kept_assignments"] == 600  # dropless: T*K
-    # Every cpu MoE was validated before it was timed: all rows at T=2, 64 spread rows at T=300.
-    validated = {r["params"]["tokens"]: r["validated_rows"] for r in timed if r["backend"] == "cpu"
-                 and r["implementation"] == "moe"}
-    assert validated == {2: 2, 300: sweep_cells.VALIDATION_MAX_ROWS}
-    assert all(r["relative_error_vs_reference"] < 1e-5 for r in timed if r["implementation"] == "moe"
-               and r["backend"] == "cpu")
+    assert moe["validated_rows"] == sweep_cells.VALIDATION_MAX_ROWS
+    assert moe["touched_weight_bytes"] == 4 * bench_cpu.expert_bytes(bench_cpu.PRESETS["quick"], "swiglu")
     for line in (next(tmp_path.glob("*/bench-cpu.jsonl"))).read_text().splitlines():
         json.loads(line)
-    # The records rebuild the table the run printed, digit for digit.
-    rows, sgemm = bench_cpu.rows_from_records(written)
-    assert sgemm == next(r["flop_per_s"] for r in written if r["measurement"] == "sgemm-rate")
+    # The records rebuild the table the run printed, digit for digit, with every ratio present.
+    rows, ceilings = bench_cpu.rows_from_records(written)
+    assert ceilings["sgemm_flop_per_s"] == next(r["flop_per_s"] for r in written if r["measurement"] == "sgemm-rate")
     assert [(row["tokens"], row["top_k"]) for row in rows] == [(2, 2), (300, 2)]
+    assert rows[0]["moe_over_weight_read"] > 0 and rows[1]["moe_over_weight_read"] is None  # decode only
+    assert all(row["moe_over_torch_eager"] and row["moe_over_torch_dense"] and row["moe_over_dense_params"]
+               for row in rows)
     assert bench_cpu.format_table(rows) in printed
 
 
@@ -62,42 +73,114 @@ def test_a_wrong_moe_output_is_never_timed(monkeypatch):
     monkeypatch.setattr(kernels.cpu, "combine", lambda *arguments: combine(*arguments) * 1.01)
     timed = []
     monkeypatch.setattr(timing, "time_within_budget", lambda *arguments, **options: timed.append(arguments))
-    with pytest.raises(sweep_cells.ValidationError, match="T=300, k=2"):
-        bench_cpu.measure_moe(300, 2, bench_cpu.PRESETS["quick"])
+    config = bench_cpu.PRESETS["quick"]
+    with pytest.raises(sweep_cells.ValidationError, match="T=300 k=2"):
+        bench_cpu.measure_moe(config, "swiglu", 300, 2, bench_cpu.InputCache(config))
     assert timed == []
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="the PyTorch implementations need the torch extra")
+def test_a_wrong_peer_is_never_timed(monkeypatch):
+    eager = peers.hf_eager_moe
+    monkeypatch.setattr(peers, "hf_eager_moe", lambda *arguments: eager(*arguments) * 1.01)
+    timed = []
+    monkeypatch.setattr(timing, "time_within_budget", lambda *arguments, **options: timed.append(arguments))
+    config = bench_cpu.PRESETS["quick"]
+    with pytest.raises(sweep_cells.ValidationError, match="torch-eager relu T=40 k=1"):
+        bench_cpu.measure_torch_moe(config, "torch-eager", "relu", 40, 1, bench_cpu.InputCache(config))
+    assert timed == []
+
+
+def test_the_implementations_see_the_same_inputs():
+    config = bench_cpu.PRESETS["quick"]
+    moe = bench_cpu.InputCache(config).moe_sets("gelu", 7, 3)
+    again = bench_cpu.InputCache(config).moe_sets("gelu", 7, 5)
+    dense = bench_cpu.InputCache(config).dense_sets("gelu", 7, 256, 2)
+    assert (moe[0][0] == again[0][0]).all() and (moe[0][1].w1 == again[0][1].w1).all()
+    assert (moe[0][0] == dense[0][0]).all()
+    assert moe[1][1].w1 is not moe[0][1].w1 and (moe[1][1].w1 == moe[0][1].w1).all()  # copies, fresh memory
+
+
+def test_decode_rotates_more_weight_copies_than_large_batches():
+    config = bench_cpu.PRESETS["full"]
+    decode = bench_cpu.moe_rotation_count(config, "swiglu", 1, 1)
+    touched = bench_cpu.expert_bytes(config, "swiglu") + 512 * 4
+    assert decode * touched >= 2 * timing.last_level_cache_bytes() or decode == bench_cpu.MAX_ROTATION_SETS
+    assert decode > bench_cpu.moe_rotation_count(config, "swiglu", 4096, 2) >= 2
+
+
 def test_quick_preset_yields_to_explicit_options():
-    config, _ = bench_cpu.parse_config(["--quick", "--d-model", "32", "--k", "1", "--repeats", "2"])
-    assert config.d_model == 32 and config.top_ks == (1,) and config.repeats == 2
-    assert config.min_repeats <= 2
+    config, _ = bench_cpu.parse_config(["--quick", "--d-model", "32", "--k", "1", "--max-repeats", "2",
+                                        "--activations", "relu", "gelu", "--threads", "1", "--no-torch"])
+    assert config.d_model == 32 and config.top_ks == (1,) and config.max_repeats == 2
+    assert config.min_repeats <= 2 and config.activations == ("relu", "gelu")
+    assert config.threads == 1 and not config.torch_peers
     assert config.d_ff == bench_cpu.PRESETS["quick"].d_ff
     full, _ = bench_cpu.parse_config([])
-    assert full == bench_cpu.PRESETS["full"]
+    assert full == bench_cpu.PRESETS["full"] and full.threads is None
+    assert full.activations == ("relu", "gelu", "swiglu") and full.top_ks == (1, 2)
+    assert min(full.tokens) == 1 and max(full.tokens) == 16384
 
 
-def test_dense_widths_are_timed_once_each():
-    config = bench_cpu.PRESETS["quick"]
-    comparisons = bench_cpu.dense_comparisons(config)
-    assert sorted(comparisons) == [config.d_ff, 2 * config.d_ff, config.n_experts * config.d_ff]
-    # E = K = 2: equal active FLOPs at k=2 and equal parameters are the same width.
-    two_experts = bench_cpu.dense_comparisons(dataclasses.replace(config, n_experts=2))
-    assert len(two_experts[2 * config.d_ff]) == 2
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "0"], "tokens"), (["--k", "3"], "top_ks"), (["--threads", "0"], "threads"),
+    (["--min-repeats", "5", "--max-repeats", "2"], "repeats"),
+])
+def test_bad_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_cpu.parse_config(argv)
+    assert message in capsys.readouterr().err
 
 
-def _row(tokens, ratio, fraction):
-    return {"tokens": tokens, "moe_over_dense_active": ratio, "moe_fraction_of_sgemm": fraction}
+def test_thread_environment_sets_and_restores(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with bench_cpu.thread_environment(3):
+        assert [os.environ[v] for v in records.THREAD_VARIABLES] == ["3", "3", "3"]
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ
+    with bench_cpu.thread_environment(None):
+        assert os.environ["OMP_NUM_THREADS"] == "7"
 
 
-def test_goal_report_judges_only_large_token_counts():
-    report = bench_cpu.goal_report
-    met = report([_row(16, 5.0, 0.01), _row(4096, 1.10, 0.75), _row(16384, 1.05, 0.80)])
-    assert "1.10x -> MET" in met[0] and "75.0% -> MET" in met[1]
-    missed = report([_row(4096, 1.20, 0.60)])
-    assert "NOT MET" in missed[0] and "NOT MET" in missed[1]
-    assert "not judged" in report([_row(16, 1.0, 1.0)])[0]
+def _row(tokens, top_k=1, **ratios):
+    row = {"activation": "relu", "tokens": tokens, "top_k": top_k, "moe_over_torch_eager": None,
+           "moe_over_dense_active": None, "moe_fraction_of_sgemm": None, "moe_over_weight_read": None}
+    row.update(ratios)
+    return row
 
 
-def test_rotation_exceeds_the_cache():
-    count = bench_cpu.rotation_count(1000, 1_000_000)
-    assert count * 1_001_000 >= 2 * timing.last_level_cache_bytes()
+def test_goals_judge_only_the_rows_they_cover():
+    rows = [_row(1, moe_over_weight_read=1.2), _row(16, 2, moe_over_weight_read=1.25, moe_over_torch_eager=3.0),
+            _row(256, moe_over_torch_eager=0.85), _row(4096, 2, moe_over_torch_eager=0.5, moe_over_dense_active=1.08,
+                                                     moe_fraction_of_sgemm=0.8)]
+    eager, dense, sgemm, decode = bench_cpu.goals(rows)
+    assert eager.met and eager.worst == 0.85 and "T=256" in eager.where  # T=16's 3.0 is not covered
+    assert dense.met and sgemm.met and decode.met and decode.worst == 1.25 and "k=2" in decode.where
+    missed = bench_cpu.goals([_row(4096, moe_over_torch_eager=0.95, moe_over_dense_active=1.2,
+                                   moe_fraction_of_sgemm=0.6), _row(4, moe_over_weight_read=2.0)])
+    assert [goal.met for goal in missed] == [False, False, False, False]
+    assert "NOT MET" in missed[2].line() and "0.6" in missed[2].line()
+    unjudged = bench_cpu.goals([_row(64)])
+    assert all(goal.met is None and "not judged" in goal.line() for goal in unjudged)
+
+
+def test_table_rows_pair_each_moe_with_its_baselines():
+    config = dataclasses.replace(bench_cpu.PRESETS["quick"], tokens=(8,), top_ks=(1,))
+    ceilings = {"sgemm_flop_per_s": 1e9, "copy_bytes_per_s": 1e9}
+
+    def record(implementation, backend, seconds, **params):
+        return {"implementation": implementation, "backend": backend, "median_s": seconds, "flops": 1e6,
+                "threads": 2, "touched_weight_bytes": 2e6,
+                "params": {"activation": "relu", "tokens": 8, "d_model": config.d_model, **params}}
+
+    F, E = config.d_ff, config.n_experts
+    moe = dict(d_ff=F, n_experts=E, top_k=1)
+    measurements = [record("moe", "cpu", 0.004, **moe), record("dense", "cpu", 0.002, d_ff=F),
+                    record("dense", "cpu", 0.008, d_ff=E * F), record("moe", "torch-eager", 0.008, **moe),
+                    record("dense", "torch", 0.001, d_ff=F)]
+    (row,) = bench_cpu.table_rows(measurements, ceilings)
+    assert row["moe_over_dense_active"] == pytest.approx(2.0) and row["moe_over_dense_params"] == pytest.approx(0.5)
+    assert row["moe_over_torch_eager"] == pytest.approx(0.5) and row["moe_over_torch_dense"] == pytest.approx(4.0)
+    assert row["moe_over_torch_grouped"] is None  # not timed: no ratio, not a zero
+    assert row["moe_over_weight_read"] == pytest.approx(0.004 / 0.002)
+    assert row["moe_fraction_of_sgemm"] == pytest.approx(1e6 / 0.004 / 1e9)

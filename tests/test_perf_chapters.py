@@ -14,9 +14,9 @@ pytest.importorskip("altair", reason="the book extra is not installed")
 pytest.importorskip("torch", reason="the peers need the torch extra")
 
 from analysis import charts  # noqa: E402
-from analysis.chapters import cpu_baseline, gpu_performance  # noqa: E402
+from analysis.chapters import gpu_performance  # noqa: E402
 from analysis.chapters import performance as perf_chapters  # noqa: E402
-from analysis.measure import bench_cpu, sweep, sweep_plan  # noqa: E402
+from analysis.measure import sweep, sweep_plan  # noqa: E402
 
 TINY = sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], tokens=(1, 16), top_ks=(1, 2))
 
@@ -154,22 +154,4 @@ def test_records_marked_invalid_are_in_no_table_or_chart(results):
     data = dataclasses.replace(data, records=marked)
     assert "HF eager loop" not in set(perf_chapters.timing_frame(data)["label"])
     assert perf_chapters.summary_frame(data)["hf_eager ms"].isna().all()
-
-
-def test_bench_cpu_section_without_records_says_so(tmp_path):
-    view = cpu_baseline.bench_cpu_view(tmp_path)
-    assert cpu_baseline.NO_BENCH_CPU_RECORDS in view.note and view.text == "" and view.rows == []
-
-
-def test_bench_cpu_section_shows_the_newest_run(tmp_path, capsys):
-    for tokens in ("2", "4"):
-        assert bench_cpu.main(["--quick", "--tokens", tokens, "--k", "1", "--results-dir", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out.split("Records appended")[-2]  # the second run's output
-    view = cpu_baseline.bench_cpu_view(tmp_path)
-    assert [(row["tokens"], row["top_k"]) for row in view.rows] == [(4, 1)]  # the newest run only
-    assert "newest committed bench-cpu run" in view.note and "bench-cpu.jsonl" in view.note
-    assert "commit" in view.note and "D = 64, F = 128, E = 4, swiglu, float32" in view.note
-    table, goals = view.text.split("\n\n")
-    assert table in printed and goals == "\n".join(bench_cpu.goal_report(view.rows))
-    assert "Goals: not judged" in goals
 

@@ -2,19 +2,44 @@
 
 The chapter's sweep figures come from ``analysis.chapters.performance``, shared
 with the GPU chapter; this module adds what only the CPU chapter shows, the
-newest committed ``make bench-cpu`` run and its goals.
+newest committed ``make bench-cpu`` run: our MoE against our dense MLPs and
+PyTorch's layers, its ceilings, its four targets and a chart of the ratios.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Optional
 
+import altair as alt
+import pandas as pd
+
+from analysis import charts
 from analysis import records as record_io
-from analysis.chapters.performance import provenance_text, newest_folder, newest_run
-from analysis.measure import bench_cpu
+from analysis.chapters.performance import newest_folder, newest_run, provenance_text
+from analysis.measure import bench_cpu, sweep_plan
+
+NO_BENCH_CPU_RECORDS = "no bench-cpu records yet: run `make bench-cpu` to measure the ratio table and its targets"
+
+#: What the MoE is compared with in the ratio chart: (row field, legend label), in legend order.
+CHART_RATIOS = (
+    ("moe_over_torch_eager", "PyTorch eager loop (HF)"),
+    ("moe_over_torch_grouped", "torch._grouped_mm"),
+    ("moe_over_torch_dense", "PyTorch dense, width K·F"),
+    ("moe_over_dense_active", "our dense, width K·F"),
+)
 
 
-NO_BENCH_CPU_RECORDS = "no bench-cpu records yet: run `make bench-cpu` to measure the ratio table and its goals"
+def validate_parameters(source: str, plan, results_dir) -> None:
+    """The chapter's parameters, one clear sentence each (ValueError)."""
+    if source not in ("auto", "live", "records"):
+        raise ValueError(f"source: expected 'auto', 'live' or 'records', got {source!r}")
+    cpu_plans = sorted(name for name, p in sweep_plan.PLANS.items() if p.device == "cpu")
+    if plan is not None and plan not in cpu_plans:
+        raise ValueError(f"plan: expected None or one of the CPU plans {cpu_plans}, got {plan!r}")
+    if results_dir is not None and not Path(results_dir).is_dir():
+        raise ValueError(f"results_dir: expected None or an existing folder, got {results_dir!r}")
 
 
 @dataclasses.dataclass
@@ -22,37 +47,131 @@ class BenchCpuView:
     """The newest committed ``bench-cpu`` run as the CPU chapter shows it."""
 
     note: str
-    #: ``bench_cpu.format_table`` and ``goal_report`` of the run, as ``make bench-cpu`` printed them;
-    #: "" without records.
-    text: str
+    #: ``bench_cpu.table_rows`` of the run (empty without records).
     rows: list
+    #: ``bench_cpu.ceilings_from_records`` of the run (None without records).
+    ceilings: Optional[dict] = None
+    #: The run's records (empty without records).
+    run: list = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
 
 
 def bench_cpu_view(results_dir=None) -> BenchCpuView:
-    """The newest ``bench-cpu`` run on a CPU (``newest_folder``, ``newest_run``): its
-    ratio table and the two goals, rebuilt from its records
-    (``bench_cpu.rows_from_records``), with a note naming where they come from,
-    or only a note saying there are none."""
+    """The newest ``bench-cpu`` run on a CPU (``newest_folder``, ``newest_run``),
+    rebuilt from its records (``bench_cpu.rows_from_records``), with a note
+    naming where it comes from; or only a note saying there is none."""
     folder = newest_folder("cpu", results_dir, kind=bench_cpu.RECORD_KIND)
     if folder is None:
         root = record_io.results_root(results_dir)
         shown = root.relative_to(record_io.REPO_ROOT) if root.is_relative_to(record_io.REPO_ROOT) else root
-        return BenchCpuView(f"Note: {NO_BENCH_CPU_RECORDS} (none under {shown.as_posix()}/).", "", [])
+        return BenchCpuView(f"{NO_BENCH_CPU_RECORDS} (none under {shown.as_posix()}/).", [])
     run = newest_run(record_io.read_records(bench_cpu.RECORD_KIND, results_dir=results_dir, device=folder))
-    rows, sgemm_flop_per_s = bench_cpu.rows_from_records(run)
-    shape = next((r["params"] for r in run if r.get("measurement") == "forward-time"
-                  and r.get("implementation") == "moe"), {})
-    layer = [f"{letter} = {shape[key]}" for letter, key in (("D", "d_model"), ("F", "d_ff"), ("E", "n_experts"))
-             if key in shape] + [str(shape[key]) for key in ("activation", "dtype") if key in shape]
-    note = (f"Note: the newest committed bench-cpu run, not measured while this chapter ran: "
+    try:
+        rows, ceilings = bench_cpu.rows_from_records(run)
+    except ValueError as error:  # a run from before the copy-bandwidth record: say so, show nothing
+        return BenchCpuView(f"the newest bench-cpu run ({provenance_text(run[0], folder, bench_cpu.RECORD_KIND)}) "
+                            f"cannot be shown: {error}; run `make bench-cpu` again.", [])
+    timed = [r for r in run if r.get("measurement") == "forward-time"]
+    moe = next((r["params"] for r in timed if r.get("implementation") == "moe"), {})
+    activations = sorted({r["params"]["activation"] for r in timed})
+    layer = [f"{letter} = {moe[key]}" for letter, key in (("D", "d_model"), ("F", "d_ff"), ("E", "n_experts"))
+             if key in moe] + [", ".join(activations)] + [str(moe[key]) for key in ("dtype",) if key in moe]
+    note = (f"The newest committed bench-cpu run, not measured while this chapter ran: "
             f"{provenance_text(run[0], folder, bench_cpu.RECORD_KIND)}; {', '.join(layer)}; "
-            f"SGEMM {sgemm_flop_per_s / 1e9:.1f} GFLOP/s.")
-    text = bench_cpu.format_table(rows) + "\n\n" + "\n".join(bench_cpu.goal_report(rows))
-    return BenchCpuView(note, text, rows)
+            f"{thread_text(run)}.")
+    return BenchCpuView(note, rows, ceilings, run)
 
 
-def bench_cpu_goals() -> dict:
-    """The two CPU-baseline goals' thresholds (``analysis.measure.bench_cpu``), by glue name, for the prose."""
-    return {"bench_large_tokens": bench_cpu.LARGE_TOKENS,
-            "bench_goal_ratio": f"{bench_cpu.GOAL_MAX_RATIO_TO_DENSE_ACTIVE:.2f}x",
-            "bench_goal_fraction": f"{100 * bench_cpu.GOAL_MIN_FRACTION_OF_SGEMM:.0f}%"}
+def thread_text(run: list) -> str:
+    """The thread counts the run's implementations used, in words."""
+    ours = sorted({r["threads"] for r in run if r.get("backend") == "cpu" and "threads" in r
+                   and r.get("measurement") == "forward-time"})
+    torch = sorted({r["threads"] for r in run if str(r.get("backend", "")).startswith("torch") and "threads" in r})
+    words = f"our kernels on {_counts(ours)} threads"
+    return words + (f", PyTorch on {_counts(torch)}" if torch else ", PyTorch not timed")
+
+
+def _counts(values: list) -> str:
+    return " and ".join(str(v) for v in values) if values else "an unrecorded number of"
+
+
+def bench_numbers(view: BenchCpuView) -> dict:
+    """Numbers for the prose, by glue name: the targets' thresholds, and the
+    run's ceilings and thread counts (en dashes without a run)."""
+    numbers = {
+        "bench_peer_tokens": bench_cpu.PEER_TOKENS, "bench_goal_eager": f"{bench_cpu.GOAL_MAX_RATIO_TO_EAGER}",
+        "bench_large_tokens": bench_cpu.LARGE_TOKENS,
+        "bench_goal_ratio": f"{bench_cpu.GOAL_MAX_RATIO_TO_DENSE_ACTIVE:.2f}",
+        "bench_goal_fraction": f"{100 * bench_cpu.GOAL_MIN_FRACTION_OF_SGEMM:.0f}%",
+        "bench_decode_tokens": bench_cpu.DECODE_TOKENS,
+        "bench_goal_decode": f"{bench_cpu.GOAL_MAX_DECODE_OVER_WEIGHT_READ}",
+        "bench_sgemm": "\u2013", "bench_copy": "\u2013", "bench_threads": "\u2013",
+    }
+    if view.ceilings is not None:
+        ceilings = view.ceilings
+        numbers["bench_sgemm"] = f"{ceilings['sgemm_flop_per_s'] / 1e9:.0f} GFLOP/s"
+        numbers["bench_copy"] = f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s"
+        numbers["bench_threads"] = thread_text(view.run)
+    return numbers
+
+
+def ratio_frame(view: BenchCpuView) -> pd.DataFrame:
+    """The run's table for the page: per (activation, k, T) the MoE's time,
+    MoE time over each other time, and its share of the SGEMM rate."""
+    columns = {"activation": "activation", "top_k": "k", "tokens": "T", "moe_s": "MoE ms",
+               "moe_over_torch_eager": "÷ PyTorch loop", "moe_over_torch_grouped": "÷ grouped_mm",
+               "moe_over_torch_dense": "÷ PyTorch dense K·F", "moe_over_dense_active": "÷ our dense K·F",
+               "moe_over_dense_params": "÷ our dense E·F", "moe_over_weight_read": "÷ weight read",
+               "moe_fraction_of_sgemm": "% of SGEMM"}
+    frame = pd.DataFrame(view.rows, columns=list(columns))
+    frame["moe_s"] = frame["moe_s"] * 1e3
+    frame["moe_fraction_of_sgemm"] = frame["moe_fraction_of_sgemm"] * 100
+    return frame.rename(columns=columns)
+
+
+def goals_frame(view: BenchCpuView) -> pd.DataFrame:
+    """The four targets as judged on the run: threshold, worst value, where, verdict."""
+    verdicts = {True: "met", False: "missed", None: "not judged"}
+    return pd.DataFrame([{"target": goal.name, "worst": goal.worst, "at": goal.where, "verdict": verdicts[goal.met]}
+                         for goal in bench_cpu.goals(view.rows)])
+
+
+def ceilings_frame(view: BenchCpuView) -> pd.DataFrame:
+    """The run's ceilings: the SGEMM rate (both ways of measuring it) and the copy bandwidth."""
+    ceilings = view.ceilings or {}
+    rows = [("SGEMM, the ceiling used", ceilings.get("sgemm_flop_per_s"), "GFLOP/s"),
+            ("SGEMM, NumPy matmul on BLAS's threads", ceilings.get("sgemm_blas_threads_flop_per_s"), "GFLOP/s"),
+            ("SGEMM, one single-threaded product per worker", ceilings.get("sgemm_one_per_worker_flop_per_s"),
+             "GFLOP/s"),
+            ("copy bandwidth (read + written)", ceilings.get("copy_bytes_per_s"), "GB/s")]
+    return pd.DataFrame([{"ceiling": name, "value": None if value is None else value / 1e9, "unit": unit}
+                         for name, value, unit in rows])
+
+
+def ratio_chart(view: BenchCpuView) -> alt.TopLevelMixin:
+    """MoE time over each other layer's time against T, one panel per
+    (activation, k); below 1, the MoE is faster. The dashed rule is the
+    PyTorch-loop target."""
+    lines = []
+    for row in view.rows:
+        for field, label in CHART_RATIOS:
+            if row.get(field) is not None:
+                lines.append({"activation": row["activation"], "k": f"k = {row['top_k']}", "T": row["tokens"],
+                              "compared with": label, "MoE time / its time": row[field]})
+    frame = pd.DataFrame(lines)
+    labels = [label for _, label in CHART_RATIOS if label in set(frame.get("compared with", []))]
+    base = alt.Chart().mark_line(point=True).encode(
+        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="tokens T"),
+        y=alt.Y("MoE time / its time:Q", scale=alt.Scale(type="log"), title="MoE time / its time (log)"),
+        color=alt.Color("compared with:N", scale=charts.palette(labels), sort=labels,
+                        legend=alt.Legend(title="MoE compared with", orient="bottom", columns=2)),
+        tooltip=["activation", "k", "T", "compared with", alt.Tooltip("MoE time / its time:Q", format=".3f")],
+    ).properties(width=190, height=150)
+    target = alt.Chart().mark_rule(strokeDash=[4, 3], color="#000000").encode(
+        y=alt.datum(bench_cpu.GOAL_MAX_RATIO_TO_EAGER))
+    return alt.layer(base, target, data=frame).facet(
+        column=alt.Column("activation:N", title=None), row=alt.Row("k:N", title=None)
+    ).properties(title="MoE time over each other layer's time (below 1: the MoE is faster)")

@@ -16,8 +16,9 @@ with renormalised weights, no biases):
   peer computes in bfloat16 there whatever the layer's dtype (its records say
   so); on the CPU it takes float32.
 
-The dense baselines need no peer: ``kernels.dense_mlp(backend="cuda")`` is
-cuBLAS through CuPy.
+On the GPU the dense baselines need no peer: ``kernels.dense_mlp(backend="cuda")``
+is cuBLAS through CuPy. On the CPU, ``torch_dense_mlp`` is PyTorch's dense MLP
+(MKL or oneDNN on PyTorch's OpenMP threads), the dense layer a user would write.
 
 Arrays come in as NumPy (CPU) or CuPy (GPU) and are shared with PyTorch
 without a copy (``torch.from_numpy``, DLPack). Dimension letters as in the
@@ -132,6 +133,13 @@ def _activate(hidden, gate, activation: str):
     if activation == "relu":
         return torch.relu(hidden)
     return torch.nn.functional.gelu(hidden)  # the exact erf form, as the contract's
+
+
+def torch_dense_mlp(x, w1, w2, w3, activation: str):
+    """y (T, D): the dense MLP in PyTorch, ``act(x @ w1) @ w2`` (swiglu:
+    ``(silu(x @ w1) * (x @ w3)) @ w2``), as ``kernels.dense_mlp`` computes it."""
+    gate = x @ w3 if w3 is not None else None
+    return _activate(x @ w1, gate, activation) @ w2
 
 
 def hf_eager_moe(x, layer: TorchLayer):

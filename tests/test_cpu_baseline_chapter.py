@@ -1,0 +1,67 @@
+"""The CPU chapter's bench-cpu section: the newest run's note, tables and chart,
+rebuilt from records a tiny run wrote; and the chapter's parameter checks."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("altair", reason="the book extra is not installed")
+
+from analysis import charts  # noqa: E402
+from analysis.chapters import cpu_baseline  # noqa: E402
+from analysis.measure import bench_cpu  # noqa: E402
+
+
+def test_without_records_the_section_says_so(tmp_path):
+    view = cpu_baseline.bench_cpu_view(tmp_path)
+    assert cpu_baseline.NO_BENCH_CPU_RECORDS in view.note and view.empty and view.ceilings is None
+    assert cpu_baseline.bench_numbers(view)["bench_sgemm"] == "\u2013"
+    assert cpu_baseline.ratio_frame(view).empty
+    assert set(cpu_baseline.goals_frame(view)["verdict"]) == {"not judged"}
+
+
+def test_the_section_shows_the_newest_run(tmp_path, capsys):
+    for tokens in ("2", "4"):
+        argv = ["--quick", "--tokens", tokens, "--k", "1", "--no-torch", "--results-dir", str(tmp_path)]
+        assert bench_cpu.main(argv) == 0
+    printed = capsys.readouterr().out.split("Records appended")[-2]  # the second run's output
+    view = cpu_baseline.bench_cpu_view(tmp_path)
+    assert [(row["tokens"], row["top_k"]) for row in view.rows] == [(4, 1)]  # the newest run only
+    assert bench_cpu.format_table(view.rows) in printed
+    assert "newest committed bench-cpu run" in view.note and "bench-cpu.jsonl" in view.note
+    assert "D = 64, F = 128, E = 4, swiglu, float32" in view.note
+    assert "PyTorch not timed" in view.note and "our kernels on" in view.note
+
+    numbers = cpu_baseline.bench_numbers(view)
+    assert numbers["bench_sgemm"].endswith("GFLOP/s") and numbers["bench_copy"].endswith("GB/s")
+    frame = cpu_baseline.ratio_frame(view)
+    assert list(frame["T"]) == [4] and frame["MoE ms"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
+    assert frame["÷ PyTorch loop"].isna().all()  # not timed: empty, not zero
+    goals = cpu_baseline.goals_frame(view)
+    assert len(goals) == 4 and goals["verdict"].iloc[3] in ("met", "missed")  # decode is judged at T = 4
+    ceilings = cpu_baseline.ceilings_frame(view)
+    assert ceilings["value"].notna().all()
+    assert "<svg" in charts.to_svg(cpu_baseline.ratio_chart(view))
+
+
+def test_the_ratio_chart_has_a_legend_of_every_comparison():
+    rows = [{"activation": a, "tokens": T, "top_k": k, "moe_over_torch_eager": 0.5, "moe_over_torch_grouped": 0.7,
+             "moe_over_torch_dense": 1.2, "moe_over_dense_active": 1.05}
+            for a in ("relu", "swiglu") for T in (1, 256) for k in (1, 2)]
+    chart = cpu_baseline.ratio_chart(cpu_baseline.BenchCpuView("note", rows))
+    spec = chart.to_dict()
+    color = spec["spec"]["layer"][0]["encoding"]["color"]
+    assert color["scale"]["domain"] == [label for _, label in cpu_baseline.CHART_RATIOS]
+    assert color["legend"]["title"] == "MoE compared with"
+    assert "<svg" in charts.to_svg(chart)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (("everything", None, None), "source: expected 'auto', 'live' or 'records', got 'everything'"),
+    (("live", "gpu-default", None), "plan: expected None or one of the CPU plans"),
+    (("auto", None, "/no/such/folder"), "results_dir: expected None or an existing folder"),
+])
+def test_bad_parameters_are_one_clear_sentence(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_baseline.validate_parameters(*arguments)
+    cpu_baseline.validate_parameters("auto", None, None)
