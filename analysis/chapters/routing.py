@@ -178,12 +178,18 @@ def specialisation_frame(routing: dict, layer: int) -> pd.DataFrame:
 
 
 def _heatmap(frame: pd.DataFrame, y: str, value: str, midpoint: float, title: str, y_sort=None):
-    """Cells coloured around `midpoint` (white), each labelled with its value."""
+    """Cells coloured around `midpoint` (white), each labelled with its value (in white
+    on the darkest cells, where black would not read)."""
+    low, high = float(frame[value].min()), float(frame[value].max())
+    frame = frame.assign(dark=(frame[value] < midpoint - 0.6 * (midpoint - low))
+                         | (frame[value] > midpoint + 0.6 * (high - midpoint)))
     base = alt.Chart(frame).encode(x=alt.X("expert:O", title="expert", axis=alt.Axis(labelAngle=0)),
                                    y=alt.Y(f"{y}:N", title=None, sort=y_sort, axis=alt.Axis(labelLimit=220)))
     cells = base.mark_rect().encode(color=alt.Color(
         f"{value}:Q", title=value, scale=alt.Scale(scheme="blueorange", domainMid=midpoint)))
-    text = base.mark_text(fontSize=12).encode(text=alt.Text(f"{value}:Q", format=".2f"))
+    text = base.mark_text(fontSize=12).encode(
+        text=alt.Text(f"{value}:Q", format=".2f"),
+        color=alt.condition(alt.datum.dark, alt.value("#FFFFFF"), alt.value("#000000")))
     return alt.layer(cells, text).properties(width=440, height=alt.Step(30), title=title)
 
 
