@@ -141,7 +141,10 @@ def test_same_expert_rate_by_byte_pair():
     # bytes a a b c c, experts 0 0 1 1 2: pairs (a,a) same expert, (a,b) differ,
     # (b,c) same expert, (c,c) differ. Same-byte pairs: 2 of 4, one of them same expert.
     result = stats.same_expert_by_byte_pair([[0], [0], [1], [1], [2]], np.frombuffer(b"aabcc", np.uint8))
-    assert result == {"same_byte_share": 0.5, "rate_same_bytes": 0.5, "rate_different_bytes": 0.5}
+    assert result == {"same_byte_share": 0.5, "space_pair_share": 0.0, "rate_same_bytes": 0.5,
+                      "rate_different_bytes": 0.5}
+    spaces = stats.same_expert_by_byte_pair([[0], [0], [1]], np.frombuffer(b"  x", np.uint8))
+    assert spaces["space_pair_share"] == 0.5 and spaces["same_byte_share"] == 0.5
     # A sequence boundary between positions 1 and 2 drops the pair (a, b).
     split = stats.same_expert_by_byte_pair([[0], [0], [1], [1], [2]], np.frombuffer(b"aabcc", np.uint8),
                                            sequence=[0, 0, 1, 1, 1])

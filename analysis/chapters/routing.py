@@ -2,7 +2,8 @@
 
 The trained MoE checkpoints are run over a sample of the test split spread over
 every test file (evaluation.spread_starts); each MoE layer's routing decisions
-(accuracy.collect_routing) go through the metrics of analysis.study.routing_stats. Expert identities are arbitrary per seed (expert 3 of
+(accuracy.collect_routing) go through the metrics of
+analysis.study.routing_stats. Expert identities are arbitrary per seed (expert 3 of
 seed 0 has nothing to do with expert 3 of seed 1), so per-expert pictures
 (specialisation, co-activation) show one seed, and only expert-agnostic
 numbers (CV, max/mean, entropy, rates) are averaged over seeds.
@@ -76,7 +77,7 @@ def metrics_table(collected: dict) -> pd.DataFrame:
                    "sum_squared_load": stats.sum_squared_load(load), "top_expert_share": float(load.max() * K),
                    "entropy": stats.mean_entropy(probs), "log_E": math.log(E),
                    "same_expert_rate": stats.same_expert_rate(experts, routing["sequence"]),
-                   "same_byte_share": by_pair["same_byte_share"],
+                   "same_byte_share": by_pair["same_byte_share"], "space_pair_share": by_pair["space_pair_share"],
                    "same_expert_same_bytes": by_pair["rate_same_bytes"],
                    "same_expert_different_bytes": by_pair["rate_different_bytes"],
                    "same_expert_uniform": stats.random_same_expert_rate(E),
@@ -128,7 +129,7 @@ def arm_averages(table: pd.DataFrame) -> pd.DataFrame:
     columns = [c for c in ("load_cv", "batch_cv_mean", "batch_cv_std", "max_cv", "load_max_over_mean",
                            "sum_squared_load", "entropy_over_log_E", "same_expert_rate",
                            "same_expert_different_bytes", "same_expert_same_bytes", "same_byte_share",
-                           "same_expert_by_load", "second_weight_share") if c in per_seed]
+                           "space_pair_share", "same_expert_by_load", "second_weight_share") if c in per_seed]
     return accuracy.mean_std(per_seed, ["arm"], columns)
 
 
@@ -150,7 +151,7 @@ def headline_numbers(table: pd.DataFrame) -> dict:
         key = arm.replace("-", "_")
         for column in ("load_cv", "batch_cv_mean", "batch_cv_std", "load_max_over_mean", "same_expert_rate",
                        "same_expert_different_bytes", "same_expert_same_bytes", "same_byte_share",
-                       "same_expert_by_load", "entropy_over_log_E"):
+                       "space_pair_share", "same_expert_by_load", "entropy_over_log_E"):
             if f"{column}_mean" in averages:
                 numbers[f"{key}_{column}"] = float(averages.loc[arm, f"{column}_mean"])
         if "second_weight_share_mean" in averages and not pd.isna(averages.loc[arm, "second_weight_share_mean"]):
@@ -331,7 +332,9 @@ def collapse_numbers(table: pd.DataFrame, arm: str = "moe-k1-nobal") -> dict:
     if rows.empty:
         return {"collapse_arm": arm, "collapse_layer": "not trained", "collapse_cv": float("nan"),
                 "collapse_bound": float("nan"), "collapse_sum_squared": float("nan"),
-                "collapse_top_share": float("nan"), "collapse_seed_cv": float("nan"), "collapse_seed": "none"}
+                "collapse_top_share": float("nan"), "collapse_seed_cv": float("nan"), "collapse_seed": "none",
+                "collapse_seed_layer": "none", "collapse_seed_sum_squared": float("nan"),
+                "collapse_seed_top_share": float("nan")}
     by_layer = rows.groupby("layer")[["load_cv", "sum_squared_load", "top_expert_share", "max_cv"]].mean()
     layer = int(by_layer["load_cv"].idxmax())
     worst = rows.loc[rows["load_cv"].idxmax()]
@@ -340,7 +343,9 @@ def collapse_numbers(table: pd.DataFrame, arm: str = "moe-k1-nobal") -> dict:
             "collapse_sum_squared": float(by_layer.loc[layer, "sum_squared_load"]),
             "collapse_top_share": float(by_layer.loc[layer, "top_expert_share"]),
             "collapse_seed_cv": float(worst["load_cv"]), "collapse_seed": int(worst["seed"]),
-            "collapse_seed_layer": int(worst["layer"])}
+            "collapse_seed_layer": int(worst["layer"]),
+            "collapse_seed_sum_squared": float(worst["sum_squared_load"]),
+            "collapse_seed_top_share": float(worst["top_expert_share"])}
 
 
 def coverage_numbers(collected: dict) -> dict:

@@ -170,6 +170,7 @@ def random_same_expert_rate(n_experts: int, load: Optional[np.ndarray] = None) -
 def same_expert_by_byte_pair(experts, data_bytes, sequence=None) -> dict:
     """The same-expert rate of consecutive positions split by whether the two input
     bytes are equal: ``same_byte_share`` (share of the pairs whose bytes are equal),
+    ``space_pair_share`` (share of the pairs that are two spaces),
     ``rate_same_bytes`` and ``rate_different_bytes`` (NaN where there are no such pairs)."""
     first = np.asarray(experts).reshape(len(experts), -1)[:, 0]
     data_bytes = np.asarray(data_bytes).reshape(-1)
@@ -185,8 +186,9 @@ def same_expert_by_byte_pair(experts, data_bytes, sequence=None) -> dict:
     def rate(mask):
         return float(same_expert[mask].mean()) if mask.any() else float("nan")
 
-    return {"same_byte_share": float(same_byte.mean()), "rate_same_bytes": rate(same_byte),
-            "rate_different_bytes": rate(~same_byte)}
+    space_pair = (same_byte & (data_bytes[1:] == ord(" "))[in_sequence])
+    return {"same_byte_share": float(same_byte.mean()), "space_pair_share": float(space_pair.mean()),
+            "rate_same_bytes": rate(same_byte), "rate_different_bytes": rate(~same_byte)}
 
 
 def sum_squared_load(load) -> float:

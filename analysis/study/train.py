@@ -11,7 +11,10 @@ against tokens and seconds, per-layer expert load, every ``log_every``
 steps) and ``accuracy-eval`` (held-out bits per byte and next-byte accuracy
 on the test split, evaluated from the float16 weights that were saved).
 A run whose checkpoint and eval record both exist is skipped, so an
-interrupted training resumes where it stopped (``--force`` retrains).
+interrupted training resumes where it stopped (``--force`` retrains). That eval
+record scores the test split's first ``eval_bytes`` bytes only; the book reads
+whole-split scores, written afterwards by ``python -m analysis.study.evaluation
+--preset <preset>`` (also resumable).
 
 Every arm of a preset trains with the same data order, steps, optimiser and
 schedule: the batches of seed s are drawn by a generator seeded from s alone,
