@@ -37,6 +37,13 @@ def test_quick_run_writes_records_of_every_implementation(tmp_path, capsys):
     written = records.read_records(bench_cpu.RECORD_KIND, results_dir=tmp_path)
     assert {r["measurement"] for r in written} == {"sgemm-rate", "copy-bandwidth", "forward-time"}
     assert len({r["utc"] for r in written}) == 1  # one run
+    (sgemm,) = [r for r in written if r["measurement"] == "sgemm-rate"]
+    (copy,) = [r for r in written if r["measurement"] == "copy-bandwidth"]
+    # Measured at the start and at the end; the higher is the ceiling.
+    assert len(sgemm["flop_per_s_at_start_and_end"]) == 2 and len(copy["bytes_per_s_at_start_and_end"]) == 2
+    assert sgemm["flop_per_s"] == max(sgemm["blas_threads_flop_per_s"], sgemm["one_per_worker_flop_per_s"])
+    assert sgemm["flop_per_s"] >= max(sgemm["flop_per_s_at_start_and_end"])
+    assert copy["bytes_per_s"] == max(copy["bytes_per_s_at_start_and_end"])
     timed = [r for r in written if r["measurement"] == "forward-time"]
     grouped = [] if peers.grouped_mm_unavailable_reason("cpu") else [("moe", "torch-grouped-mm", 2)]
     per_T = sorted([("dense", "cpu", 256), ("dense", "cpu", 512), ("dense", "torch", 256), ("moe", "cpu", 2),
