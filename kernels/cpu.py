@@ -28,11 +28,11 @@ How an expert (or the dense MLP) with n rows is cut:
   activation, second GEMM) whose hidden activations stay in cache. Blocks
   have at most ROW_BLOCK rows, and are smaller when the layer has few rows in
   all, so that there are MIN_TASKS of them to share out.
-- n < MIN_BLOCK_ROWS (decode): in column chunks, in two phases. First
-  `hidden[:, chunk] = act(v @ w1[:, chunk])` per HIDDEN_CHUNK columns of F,
-  then `out[:, chunk] = hidden @ w2[:, chunk]` per OUTPUT_CHUNK columns of D.
-  Each task reads its own slice of the weights, so the workers share the
-  reading of an expert's weights, which is all decode does.
+- n < MIN_BLOCK_ROWS (decode): in chunks of HIDDEN_CHUNK columns of F. Task c
+  computes `act(v @ w1[:, c]) @ w2[c, :]`, a partial output, and once all are
+  done they are added up in chunk order. Each task reads its own slice of the
+  weights, so the workers share the reading of an expert's weights, which is
+  all decode does, and one round of tasks does it.
 """
 
 from __future__ import annotations
@@ -66,10 +66,8 @@ MIN_BLOCK_ROWS = 64
 #: Blocks shrink (down to MIN_BLOCK_ROWS) until a stage has this many tasks,
 #: enough to share out among the workers of a machine with a few cores.
 MIN_TASKS = 8
-#: Columns of F per first-phase task, and of D per second-phase task, of the
-#: column-chunked MLP (decode).
+#: Columns of F per task of the chunked MLP (decode).
 HIDDEN_CHUNK = 256
-OUTPUT_CHUNK = 128
 #: Tokens per task in route and combine, rows per task in permute.
 TOKEN_BLOCK = 1024
 
@@ -222,10 +220,9 @@ def combine(expert_out: np.ndarray, weights: np.ndarray, row: np.ndarray) -> np.
 def dense_mlp(x, w1, w2, w3, activation) -> np.ndarray:
     out = np.empty((x.shape[0], w2.shape[1]), dtype=x.dtype)
     with _pinned_blas() as workers:
-        first, second = _mlp_tasks(x, None, 0, x.shape[0], w1, w2, w3, activation, out,
-                                   _block_rows(x.shape[0]))
-        _run(first, workers)
-        _run(second, workers)
+        tasks, sums = _mlp_tasks(x, None, 0, x.shape[0], w1, w2, w3, activation, out, _block_rows(x.shape[0]))
+        _run(tasks, workers)
+        _add_partials(sums)
     return out
 
 
@@ -296,16 +293,16 @@ def _expert_mlp(source, index, offsets, w1, w2, w3, activation: str, workers: in
     n_rows = int(offsets[-1])
     out = np.empty((n_rows, w2.shape[2]), dtype=source.dtype)
     block_rows = _block_rows(n_rows)
-    first, second = [], []
+    tasks, sums = [], []
     for e in range(w1.shape[0]):
         start, stop = int(offsets[e]), int(offsets[e + 1])
         gate_weights = w3[e] if w3 is not None else None
-        now, later = _mlp_tasks(source, index, start, stop, w1[e], w2[e], gate_weights, activation, out,
-                                block_rows)
-        first += now
-        second += later
-    _run(_largest_first(first), workers)
-    _run(second, workers)
+        expert_tasks, expert_sums = _mlp_tasks(source, index, start, stop, w1[e], w2[e], gate_weights, activation,
+                                               out, block_rows)
+        tasks += expert_tasks
+        sums += expert_sums
+    _run(_largest_first(tasks), workers)
+    _add_partials(sums)
     return out
 
 
@@ -341,9 +338,10 @@ def _rows(source, index, start: int, stop: int) -> np.ndarray:
 
 def _mlp_tasks(source, index, start: int, stop: int, w1, w2, w3, activation: str, out: np.ndarray,
                block_rows: int) -> tuple[list, list]:
-    """(first, second): tasks that write out[start:stop] = expert(rows start:stop)
-    (see ``_rows``); every second-phase task needs every first-phase one done.
-    See the module docstring for the two ways of cutting."""
+    """(tasks, sums): tasks that make out[start:stop] = expert(rows start:stop)
+    (see ``_rows``), and for an expert cut into chunks, its (partial outputs,
+    out[start:stop]) for ``_add_partials`` once the tasks are done. See the
+    module docstring for the two ways of cutting."""
     n = stop - start
     if n == 0:
         return [], []
@@ -351,17 +349,23 @@ def _mlp_tasks(source, index, start: int, stop: int, w1, w2, w3, activation: str
         return [functools.partial(_mlp_block_into, source, index, start + a, start + b, w1, w2, w3,
                                   activation, out) for a, b in _balanced_blocks(n, block_rows)], []
     v = _rows(source, index, start, stop)  # fewer than MIN_BLOCK_ROWS rows: gathered here, once
-    hidden = np.empty((n, w1.shape[1]), dtype=v.dtype)
-    block_out = out[start:stop]
-    first = [functools.partial(_hidden_columns_into, v, w1, w3, activation, hidden, a, b)
-             for a, b in _blocks(w1.shape[1], HIDDEN_CHUNK)]
-    second = [functools.partial(_output_columns_into, hidden, w2, block_out, a, b)
-              for a, b in _blocks(w2.shape[1], OUTPUT_CHUNK)]
-    return first, second
+    chunks = _blocks(w1.shape[1], HIDDEN_CHUNK)
+    partials = np.empty((len(chunks), n, w2.shape[1]), dtype=v.dtype)
+    tasks = [functools.partial(_chunk_into, v, w1, w2, w3, activation, a, b, partials[c])
+             for c, (a, b) in enumerate(chunks)]
+    return tasks, [(partials, out[start:stop])]
+
+
+def _add_partials(sums: list) -> None:
+    """out = partials[0] + partials[1] + ..., in chunk order (so the same bits on any number of threads)."""
+    for partials, out in sums:
+        out[...] = partials[0]
+        for partial in partials[1:]:
+            out += partial
 
 
 def _largest_first(tasks: list) -> list:
-    """Row-block tasks by size, largest first (column tasks after them, in
+    """Row-block tasks by size, largest first (chunk tasks after them, in
     their order), so the last tasks the workers take are short ones."""
     def rows(task):
         return task.args[3] - task.args[2] if task.func is _mlp_block_into else 0
@@ -431,13 +435,9 @@ def _mlp_block_into(source, index, start: int, stop: int, w1, w2, w3, activation
     np.matmul(hidden, w2, out=out[start:stop])
 
 
-def _hidden_columns_into(v, w1, w3, activation: str, hidden: np.ndarray, start: int, stop: int) -> None:
-    """hidden[:, start:stop] = act(v @ w1[:, start:stop]) (swiglu: times v @ w3[:, start:stop])."""
-    part = v @ w1[:, start:stop]
-    _activate(part, v @ w3[:, start:stop] if activation == "swiglu" else None, activation)
-    hidden[:, start:stop] = part
-
-
-def _output_columns_into(hidden, w2, out: np.ndarray, start: int, stop: int) -> None:
-    """out[:, start:stop] = hidden @ w2[:, start:stop]."""
-    out[:, start:stop] = hidden @ w2[:, start:stop]
+def _chunk_into(v, w1, w2, w3, activation: str, start: int, stop: int, partial: np.ndarray) -> None:
+    """partial = act(v @ w1[:, start:stop]) @ w2[start:stop] (swiglu: the gate's columns too):
+    hidden columns start:stop of the MLP and what they add to its output."""
+    hidden = v @ w1[:, start:stop]
+    _activate(hidden, v @ w3[:, start:stop] if activation == "swiglu" else None, activation)
+    np.matmul(hidden, w2[start:stop], out=partial)

@@ -31,8 +31,8 @@ def blas_threads() -> list[int]:
 
 
 def layer(T: int, k: int, activation: str, seed: int = 3):
-    # F above HIDDEN_CHUNK and D above OUTPUT_CHUNK, so decode really is cut in several chunks.
-    D, F, E = 2 * cpu.OUTPUT_CHUNK + 8, cpu.HIDDEN_CHUNK + 40, 4
+    # F above twice HIDDEN_CHUNK, so decode really is cut in several chunks (the last one short).
+    D, F, E = 136, 2 * cpu.HIDDEN_CHUNK + 40, 4
     cfg = kernels.MoEConfig(D, F, E, k, activation=activation)
     weights = kernels.init_weights(cfg, seed=seed)
     x = np.random.default_rng(seed).standard_normal((T, D)).astype(np.float32)
