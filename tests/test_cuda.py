@@ -69,6 +69,21 @@ def gpu_only(why):
     return mark
 
 
+@pytest.fixture(scope="module", autouse=True)
+def emulator_builds():
+    """On the emulator, build every variant the tests launch at once, one compiler
+    per core, instead of one by one on first use (a cold cache costs ~7 s each)."""
+    if EMULATED and REASON is None:
+        from kernels.cuda import expert_mlp, launch_config
+        from kernels.cuda.emulator import loader
+
+        builds = [("router.cu", launch_config.router_defines(E)) for E in E_VALUES + (5, 33, 1024)]
+        builds += [("dispatch.cu", launch_config.dispatch_defines()), ("combine.cu", {}), ("activation.cu", {})]
+        builds += [("expert_mlp.cu", expert_mlp.launch_defines(activation, vector))
+                   for activation in ACTIVATIONS for vector in (True, False)]
+        loader.prebuild(builds)
+
+
 def name_of(dtype) -> str:
     return np.dtype(dtype).name
 

@@ -11,13 +11,13 @@ them all, so a catch is the mutant's doing. CPU emulation only.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import test_cuda as suite
+from kernels.cuda.emulator import mutants
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
 pytestmark = pytest.mark.skipif(not suite.EMULATED or suite.REASON is not None,
@@ -57,56 +57,15 @@ def expert_mlp_checks():
     suite.test_emulated_results_are_bitwise_equal_under_every_schedule("grouped", np.float16)
 
 
+#: The variant of each file its checks launch most (built up front, in parallel).
+MAIN_VARIANT = {"router.cu": {"N_EXPERTS": 8, "ROUTER_TOKENS": 8, "ROUTER_WARPS": 8},
+                "dispatch.cu": {"DISPATCH_ROUNDS": 8}, "combine.cu": {}, "activation.cu": {},
+                "expert_mlp.cu": None}
+
 CHECKS = {"router.cu": route_checks, "dispatch.cu": dispatch_checks, "combine.cu": combine_checks,
           "activation.cu": activation_checks, "expert_mlp.cu": expert_mlp_checks}
 
-# (name, file, original text, mutated text)
-MUTANTS = [
-    ("missing barrier before the cross-warp sum", "router.cu",
-     "        __syncthreads();\n        if (warp > 0) return;", "        if (warp > 0) return;"),
-    ("barrier after an early exit", "router.cu",
-     "        __syncthreads();\n        if (warp > 0) return;", "        if (warp > 0) return;\n        __syncthreads();"),
-    ("wrong shuffle mask (half a warp)", "router.cu",
-     "row_max = fmaxf(row_max, __shfl_xor_sync(FULL_WARP_MASK, row_max, offset));",
-     "row_max = fmaxf(row_max, __shfl_xor_sync(0x0000ffffu, row_max, offset));"),
-    ("ties go to the larger index", "router.cu",
-     "(logit == other_logit && expert < other_expert)", "(logit == other_logit && expert > other_expert)"),
-    # (An off-by-one in relu's loop, i <= n, can escape: it writes relu(garbage),
-    # which is the garbage itself whenever that is positive; fences catch changed bytes.)
-    ("off-by-one tail (chunk <= n_chunks)", "combine.cu",
-     "for (long long chunk = lane; chunk < n_chunks; chunk += 32) {",
-     "for (long long chunk = lane; chunk <= n_chunks; chunk += 32) {"),
-    ("wrong scalar C type (int for long long)", "activation.cu",
-     "activate_relu_f32(float* hidden, long long n)", "activate_relu_f32(float* hidden, int n)"),
-    ("uninitialised shared counter", "dispatch.cu",
-     "    int* counter = warp_counters + warp * n_experts;\n    for (int e = lane; e < n_experts; e += 32) counter[e] = 0;",
-     "    int* counter = warp_counters + warp * n_experts;"),
-    ("missing __syncwarp between read and update of a shared counter", "dispatch.cu",
-     "        const int earlier_rounds = valid ? counter[e] : 0;\n        __syncwarp();",
-     "        const int earlier_rounds = valid ? counter[e] : 0;"),
-    ("unaligned 16-byte load (one element off)", "combine.cu",
-     "+ chunk * VEC, value);", "+ chunk * VEC + 1, value);"),
-    ("missing barrier after refilling a shared buffer", "expert_mlp.cu",
-     "        if (more) store_shared(s ^ 1);  // that buffer was last read before the previous barrier\n        __syncthreads();",
-     "        if (more) store_shared(s ^ 1);  // that buffer was last read before the previous barrier"),
-    ("swapped ldmatrix.trans registers", "expert_mlp.cu",
-     "b_frag[2 * jj][0] = r[0]; b_frag[2 * jj][1] = r[1];", "b_frag[2 * jj][0] = r[1]; b_frag[2 * jj][1] = r[0];"),
-    ("wrong accumulator row", "expert_mlp.cu",
-     "const int local_row = warp_m * 64 + i * 16 + g + half_row * 8;",
-     "const int local_row = warp_m * 64 + i * 16 + g * 2 + half_row;"),
-    ("missing cp.async wait", "expert_mlp.cu",
-     "            cp_async_wait<1>();  // this thread's copies of tile kt have landed", ""),
-    ("decode reduces half the row groups", "expert_mlp.cu",
-     "for (int offset = LANES; offset < 32; offset <<= 1) {", "for (int offset = LANES; offset < 16; offset <<= 1) {"),
-]
-
-
-def mutated_copy(folder: Path, file: str, original: str, mutated: str) -> Path:
-    shutil.copytree(KERNEL_DIR, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__", "emulator"))
-    text = (folder / file).read_text()
-    assert text.count(original) == 1, f"{file}: the mutant's original text must occur once"
-    (folder / file).write_text(text.replace(original, mutated))
-    return folder
+MUTANTS = mutants.MUTANTS
 
 
 def caught(folder: Path, file: str):
@@ -130,11 +89,19 @@ def test_the_unmutated_kernels_pass_every_check():
 def test_every_mutant_is_caught(tmp_path):
     from kernels.cuda.emulator import loader
 
-    folders = [mutated_copy(tmp_path / f"mutant{i}", file, original, mutated)
-               for i, (_, file, original, mutated) in enumerate(MUTANTS)]
+    from kernels.cuda import expert_mlp, launch_config
+
+    folders = [mutants.mutated_copy(tmp_path / f"mutant{i}", mutant) for i, mutant in enumerate(MUTANTS)]
+    assert MAIN_VARIANT["router.cu"] == launch_config.router_defines(8)
+    for folder, mutant in zip(folders, MUTANTS):
+        defines = MAIN_VARIANT[mutant.file] if mutant.file != "expert_mlp.cu" else expert_mlp.launch_defines("swiglu", True)
+        try:
+            loader.prebuild([(mutant.file, defines)], folder)
+        except Exception:  # a mutant that does not build is caught by its checks below, with the message
+            pass
     failures = {}
-    for folder, (name, file, _, _) in zip(folders, MUTANTS):
-        failures[name] = caught(folder, file)
+    for folder, mutant in zip(folders, MUTANTS):
+        failures[mutant.name] = caught(folder, mutant.file)
     missed = [name for name, failure in failures.items() if failure is None]
     report = "\n".join(f"{name}: {type(f).__name__}: {str(f).splitlines()[0][:150] if str(f) else ''}"
                        for name, f in failures.items() if f is not None)

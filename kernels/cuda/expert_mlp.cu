@@ -45,6 +45,15 @@
 
 #include <cuda_fp16.h>
 
+// v3's cp.async and mma.sync need sm_80 or newer. Older architectures compile the
+// PTX helpers below as traps, so the file (v1, v2, decode) still builds there; the
+// launcher (expert_mlp.py) never picks v3 on them and refuses it when asked.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define HAS_SM80_PTX 0
+#else
+#define HAS_SM80_PTX 1
+#endif
+
 #ifndef ACTIVATION
 #define ACTIVATION 2
 #endif
@@ -466,25 +475,37 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
 }
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const __half* p) {
+#if HAS_SM80_PTX
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(shared_address(p))
                  : "memory");  // reads shared memory that plain stores may have written
+#else
+    __trap();
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const __half* p) {
+#if HAS_SM80_PTX
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(shared_address(p))
                  : "memory");  // reads shared memory that plain stores may have written
+#else
+    __trap();
+#endif
 }
 
 __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if HAS_SM80_PTX
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
 }
 
 // 8 halves from global p into shared dst; elements [valid, 8) are zero.
@@ -494,9 +515,14 @@ __device__ __forceinline__ void copy_chunk8(__half* dst, const __half* p, int va
 #if VECTOR_LOADS
     const int bytes = 2 * (valid < 0 ? 0 : (valid > 8 ? 8 : valid));
     const __half* src = bytes > 0 ? p : fallback;
+#if HAS_SM80_PTX
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
                  "r"(bytes)
                  : "memory");
+#else
+    (void)src;
+    __trap();
+#endif
 #else
     (void)fallback;
     unsigned short bits[8];
@@ -511,11 +537,21 @@ __device__ __forceinline__ void copy_chunk8(__half* dst, const __half* p, int va
 #endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if HAS_SM80_PTX
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#else
+    __trap();
+#endif
+}
 
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
+#if HAS_SM80_PTX
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+#else
+    __trap();
+#endif
 }
 
 // Two consecutive outputs (columns col, col + 1 of c_row), valid of them in bounds.

@@ -894,6 +894,7 @@ inline int atomicExch(int* p, int v) { int old = *p; *p = v; return old; }
 inline int atomicCAS(int* p, int compare, int v) { int old = *p; if (old == compare) *p = v; return old; }
 
 inline size_t __cvta_generic_to_shared(const void* p) { return emu::shared_address(p); }
+[[noreturn]] inline void __trap() { emu::fail("__trap()"); }
 
 // ---------------------------------------------------------------------------
 // cuda_fp16.h, the part the kernels use
