@@ -96,3 +96,21 @@ def test_gpu_tests_view(tmp_path):
     text = correctness.gpu_tests_text(table)
     assert "500 passed and 0 failed" in text and "bbbbbbbbbbbb" in text
     assert "other kernel sources" in repr(note)
+
+
+def test_emulated_error_table_is_labelled_and_within_the_rule():
+    table = correctness.emulated_error_table(T=9, D=8, F=12, E=4, seeds=[0])
+    if table is None:
+        pytest.skip(correctness.emulated_error_text(table))
+    assert set(table.index.get_level_values("dtype")) == {"float32", "float16"}
+    assert "error (CPU emulation)" in table.columns and "cpu error" not in table.columns
+    assert table["passed"].all()
+    correctness.assert_errors_within_bound(table, what="emulated")
+    text = correctness.emulated_error_text(table)
+    assert "CPU emulation" in text and "not GPU results" in text
+
+
+def test_a_failed_case_names_what_failed():
+    table = pd.DataFrame({"passed": [True, False]}, index=pd.Index(["a", "b"], name="case"))
+    with pytest.raises(AssertionError, match=r"the emulated kernels outside the kernels.testing bound: \['b'\]"):
+        correctness.assert_errors_within_bound(table, what="the emulated kernels")

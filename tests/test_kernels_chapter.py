@@ -201,14 +201,34 @@ def test_launch_constants_are_the_modules_own():
 
 
 def test_version_choice_table_follows_choose_version():
-    table = chapter.version_choice_table([(16, 2, 8), (17, 2, 8), (4096, 2, 64)])
+    table = chapter.version_choice_table([(2, 2, 8), (16, 2, 8), (4096, 2, 64)])
     threshold = expert_mlp.COMPILE_DEFINES["DECODE_ROWS"]
-    assert list(table["decode if N <="]) == [threshold * 8, threshold * 8, threshold * 64]
-    for (T, k, E), row in table.iterrows():
-        assert row["float32"] == expert_mlp.choose_version(T * k, E, np.float32)
-        assert row["float16"] == expert_mlp.choose_version(T * k, E, np.float16)
-    assert table.loc[(4096, 2, 64), "float16"] == "v3" and table.loc[(4096, 2, 64), "float32"] == "v2"
+    assert (table["decode if busiest <="] == threshold).all()
+    for (T, k, E, load), row in table.iterrows():
+        busiest = -(-T * k // E) if load == "balanced" else T
+        assert row["busiest expert's rows"] == busiest
+        assert row["float32"] == expert_mlp.choose_version(busiest, E, np.float32)
+        assert row["float16"] == expert_mlp.choose_version(busiest, E, np.float16)
+    # balanced 16 tokens over 8 experts: 4 rows each, decode; all 16 on one expert: a GEMM
+    assert table.loc[(16, 2, 8, "balanced"), "float32"] == "decode"
+    assert table.loc[(16, 2, 8, "one hot expert"), "float32"] == "v2"
+    assert table.loc[(4096, 2, 64, "balanced"), "float16"] == "v3"
     assert "def choose_version" in chapter.choose_version_source()
+
+
+def test_choose_version_avoids_v3_before_sm80():
+    assert expert_mlp.choose_version(1000, 8, np.float16, arch=75) == "v1"
+    assert expert_mlp.choose_version(1000, 8, np.float16, arch=80) == "v3"
+
+
+def test_emulator_mutation_table_catches_every_mutant():
+    table = chapter.emulator_mutation_table()
+    if table is None:
+        pytest.skip(chapter.emulator_note(table))
+    assert len(table) >= 10 and table["caught"].all(), table[~table["caught"]]
+    numbers = chapter.emulator_numbers(table)
+    assert numbers["emulated_mutants_caught"] == numbers["emulated_mutants"] == len(table)
+    assert numbers["emulated_kernels_launched"] >= 10
 
 
 def test_layout_tables():

@@ -62,10 +62,11 @@ def _max_abs(a, b) -> float:
 
 def error_table(*, T: int, D: int, F: int, E: int, seeds: Sequence[int],
                 ks: Sequence[int] = TOP_KS, activations: Sequence[str] = ACTIVATIONS,
-                dtypes: Sequence[str] = DTYPES) -> pd.DataFrame:
-    """One row per (dtype, k, activation): the cpu backend's largest error against the
-    float64 reference, the plain implementation's and the bound of kernels.testing,
-    each the largest over `seeds`; `passed` when every seed was within its bound.
+                dtypes: Sequence[str] = DTYPES, backend: str = "cpu") -> pd.DataFrame:
+    """One row per (dtype, k, activation): the backend's largest error (column "cpu
+    error" for the cpu backend, "<backend> error" for another) against the float64
+    reference, the plain implementation's and the bound of kernels.testing, each the
+    largest over `seeds`; `passed` when every seed was within its bound.
 
     The reference is routed like the cpu backend (kernels.testing's rule), so a
     near-tie that picks another expert in float32 does not count as error here;
@@ -78,27 +79,55 @@ def error_table(*, T: int, D: int, F: int, E: int, seeds: Sequence[int],
                 passed = True
                 for seed in seeds:
                     case = make_case(T=T, D=D, F=F, E=E, k=k, activation=activation, seed=seed, dtype=dtype)
-                    out = kernels.moe_forward(case.x, case.weights, case.cfg, backend="cpu")
+                    out = kernels.moe_forward(case.x, case.weights, case.cfg, backend=backend)
                     expected = kernels.testing.expected_moe_forward(case.x, case.weights, case.cfg, out.routing)
                     plain = kernels.testing.plain_moe_forward(case.x, case.weights, case.cfg, out.routing)
                     scale = kernels.testing.moe_term_scale(case.x, case.weights, case.cfg, out.routing.experts)
                     case_bound = kernels.testing.error_bound(expected, plain, np.dtype(dtype), scale=scale)
-                    case_error = _max_abs(out.y, expected)
+                    case_error = _max_abs(kernels.testing.to_host(out.y), expected)
                     passed = passed and case_error <= case_bound
                     error = max(error, case_error)
                     plain_error = max(plain_error, _max_abs(plain, expected))
                     bound = max(bound, case_bound)
-                rows.append({"dtype": dtype, "k": k, "activation": activation, "cpu error": error,
+                rows.append({"dtype": dtype, "k": k, "activation": activation, f"{backend} error": error,
                              "plain error": plain_error, "bound": bound,
                              "error / bound": error / bound if bound else 0.0, "passed": passed})
     return pd.DataFrame(rows).set_index(["dtype", "k", "activation"])
 
 
-def assert_errors_within_bound(table: pd.DataFrame) -> None:
+def assert_errors_within_bound(table: pd.DataFrame, what: str = "cpu backend") -> None:
     """Fail the notebook (and so `make book`) when a case broke the tolerance rule."""
     failed = table.index[~table["passed"]].tolist()
     if failed:
-        raise AssertionError(f"cpu backend outside the kernels.testing bound: {failed}")
+        raise AssertionError(f"{what} outside the kernels.testing bound: {failed}")
+
+
+# ---------------------------------------------------------------- (a') the CUDA kernels under CPU emulation
+
+EMULATED_BACKEND = "cuda-emulated"
+EMULATED_DTYPES = ("float32", "float16")
+
+
+def emulated_error_table(*, T: int, D: int, F: int, E: int, seeds: Sequence[int]) -> Optional[pd.DataFrame]:
+    """The error table of the real CUDA kernels run by the CPU emulator
+    (kernels/cuda/emulator, backend "cuda-emulated") in float32 and float16: CPU
+    emulation, not GPU results. None where the emulator cannot run (no C++ compiler)."""
+    if EMULATED_BACKEND not in kernels.available_backends():
+        return None
+    table = error_table(T=T, D=D, F=F, E=E, seeds=seeds, dtypes=EMULATED_DTYPES, backend=EMULATED_BACKEND)
+    return table.rename(columns={f"{EMULATED_BACKEND} error": "error (CPU emulation)"})
+
+
+def emulated_error_text(table: Optional[pd.DataFrame]) -> str:
+    """One sentence on the emulated cases, for the prose."""
+    if table is None:
+        from kernels.backends import emulator_unavailable_reason
+
+        return f"The CPU emulator of the CUDA kernels cannot run here: {emulator_unavailable_reason()}."
+    worst = float(table["error / bound"].max())
+    return (f"{int(table['passed'].sum())} of {len(table)} cases are within the bound under CPU emulation; "
+            f"the largest error is {worst:.3g} of its bound. These are CPU results of the CUDA source, "
+            f"not GPU results.")
 
 
 def error_numbers(table: pd.DataFrame) -> dict:

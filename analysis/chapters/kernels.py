@@ -23,6 +23,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+import kernels as kernels_package
 from analysis.display import Note
 from kernels.cuda import build_report, expert_mlp, launch_config
 
@@ -155,17 +156,21 @@ def launch_constants_table() -> pd.DataFrame:
 
 
 def version_choice_table(cases: Sequence[tuple] = VERSION_CASES) -> pd.DataFrame:
-    """expert_mlp.choose_version on dropless batches (N = T * k rows) for float32 and float16."""
+    """expert_mlp.choose_version on dropless batches (N = T * k rows) for float32 and
+    float16 on an sm_80+ GPU, for two loads: balanced (the busiest expert gets
+    ceil(N / E) rows) and one hot expert (every token picks it: T rows)."""
     threshold_rows = expert_mlp.COMPILE_DEFINES["DECODE_ROWS"]
     rows = []
     for T, k, E in cases:
         N = T * k
-        rows.append({
-            "T": T, "k": k, "E": E, "N = T k": N, "decode if N <=": threshold_rows * E,
-            "float32": expert_mlp.choose_version(N, E, np.float32),
-            "float16": expert_mlp.choose_version(N, E, np.float16),
-        })
-    return pd.DataFrame(rows).set_index(["T", "k", "E"])
+        for load, busiest in (("balanced", -(-N // E)), ("one hot expert", T)):
+            rows.append({
+                "T": T, "k": k, "E": E, "load": load, "N = T k": N, "busiest expert's rows": busiest,
+                "decode if busiest <=": threshold_rows,
+                "float32": expert_mlp.choose_version(busiest, E, np.float32),
+                "float16": expert_mlp.choose_version(busiest, E, np.float16),
+            })
+    return pd.DataFrame(rows).set_index(["T", "k", "E", "load"])
 
 
 def router_partial_logit_bytes(n_experts: int) -> int:
@@ -426,6 +431,38 @@ def source_numbers() -> dict:
     defined = build_report.source_kernels()
     return {"n_source_kernels": len(defined), "n_source_files": len({file for file, _ in defined}),
             "source_hash": build_report.source_hash()[:12]}
+
+
+def emulator_mutation_table() -> Optional[pd.DataFrame]:
+    """CPU emulation: each realistic GPU bug of kernels.cuda.emulator.mutants injected
+    into a copy of the kernels, run on the emulator, and what caught it (the tolerance
+    rule, an exact plan, bitwise equality across schedules, or a fault the emulator
+    raises). None where the emulator cannot run. These are CPU runs, not GPU runs."""
+    if "cuda-emulated" not in kernels_package.available_backends():
+        return None
+    from kernels.cuda.emulator import mutants
+
+    return pd.DataFrame(mutants.verify())
+
+
+def emulator_numbers(table: Optional[pd.DataFrame]) -> dict:
+    """For the prose: mutants injected and caught, and the kernels the emulator has
+    launched in this process (of those the sources define)."""
+    if table is None:
+        return {"emulated_mutants": 0, "emulated_mutants_caught": 0, "emulated_kernels_launched": 0}
+    from kernels.cuda.emulator import loader
+
+    defined = build_report.source_kernels()
+    return {"emulated_mutants": int(len(table)), "emulated_mutants_caught": int(table["caught"].sum()),
+            "emulated_kernels_launched": len(defined & set(loader.LAUNCHES))}
+
+
+def emulator_note(table: Optional[pd.DataFrame]) -> str:
+    if table is not None:
+        return ""
+    from kernels.backends import emulator_unavailable_reason
+
+    return f"The CPU emulator cannot run here: {emulator_unavailable_reason()}."
 
 
 def choose_version_source() -> str:
