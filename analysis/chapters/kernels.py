@@ -1,11 +1,12 @@
 """Tables, numbers and the chart of the Kernels chapter (book/notebooks/kernels.ipynb).
 
-The chapter explains the CUDA kernels of ``kernels/cuda`` without running them:
+The chapter explains the CUDA kernels of ``kernels/cuda`` without a GPU:
 everything here is read from the sources, from the launchers' constants and
-rules (``launch_config``, ``expert_mlp``; neither imports CuPy), and from
-nvcc's resource report (``build_report.resource_report``), which needs nvcc
-but no GPU. Where nvcc is absent, ``compiler_report`` returns a note instead
-of a table and the chapter still runs.
+rules (``launch_config``, ``expert_mlp``; neither imports CuPy), from nvcc's
+resource report (``build_report.resource_report``), which needs nvcc but no
+GPU, and from the CPU emulator (``emulator_mutation_table``: the kernels run
+on the CPU, labelled CPU emulation, never GPU results). Where nvcc or a C++
+compiler is absent, the chapter shows a note instead and still runs.
 
 The GPU-side verification is ``make device-check``; ``gpu_check_note`` says
 whether a record of it is committed, and whether it is of the code here.
