@@ -7,11 +7,12 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= test,book,torch
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: setup test book notebooks bench-cpu sweep-cpu gpu-wheels device-check train-cpu train-gpu clean help
+.PHONY: setup test book book-check notebooks bench-cpu sweep-cpu gpu-wheels device-check train-cpu train-gpu clean help
 
 help:
 	@echo "make book       run every chapter notebook, then build book/_build/html"
 	@echo "make test       run the test suite (pytest)"
+	@echo "make book-check open every built page in headless Chromium; screenshots in book/_build/screens"
 	@echo "make bench-cpu  MoE vs dense on this CPU, prints ratios, writes results/"
 	@echo "make sweep-cpu  the benchmark sweep on this CPU (SWEEP_THREADS=1 on a shared machine), writes results/"
 	@echo "make gpu-wheels download the wheels a GPU machine lacks (nsight-python 0.9 and its needs) into .whl/"
@@ -38,6 +39,12 @@ notebooks: $(STAMP)
 
 book: notebooks
 	$(VENV)/bin/jupyter-book build book --warningiserror --keep-going
+
+# Every page of the built book in headless Chromium (Debian's `chromium`): no
+# request off the file system, no console error, no zero-size chart, no unfilled
+# glue, no table wider than the page. Run `make book` first.
+book-check: $(STAMP)
+	$(PY) -m analysis.book_check
 
 bench-cpu: $(STAMP)
 	$(PY) -m analysis.measure.bench_cpu $(BENCH_ARGS)

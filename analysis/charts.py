@@ -35,3 +35,14 @@ def to_svg(chart: alt.TopLevelMixin) -> str:
 def show(chart: alt.TopLevelMixin) -> SVG:
     """Return ``chart`` as an IPython SVG display object (the last line of a cell)."""
     return SVG(data=to_svg(chart))
+
+
+#: The Okabe-Ito palette: eight colours that stay apart for the common kinds of colour blindness.
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+
+
+def palette(domain) -> alt.Scale:
+    """A colour scale giving each value of ``domain``, in order, the next Okabe-Ito colour
+    (charts with more than eight series repeat them; none in this book has that many)."""
+    domain = list(domain)
+    return alt.Scale(domain=domain, range=[OKABE_ITO[i % len(OKABE_ITO)] for i in range(len(domain))])

@@ -54,6 +54,10 @@ class Table:
     ``digits`` significant digits, sideways scrolling when wide)."""
 
     def __init__(self, frame, digits: int = 3, caption: str | None = None):
+        # A named index (set_index(["preset", "T"])) is data: show it as columns. An
+        # unnamed one (0, 1, 2, ...) is not, and is never shown.
+        if any(name is not None for name in frame.index.names):
+            frame = frame.reset_index()
         self.frame = frame
         self.digits = digits
         self.caption = caption

@@ -10,6 +10,12 @@ The chapters, and the order they run in, are the `generated/<name>` entries of
 book/_toc.yml: the table of contents is the one list. The first notebook that
 fails stops the run with a non-zero exit status; its partly executed copy is left
 in the output directory, with the failing cell's traceback in it.
+
+Sections that depend on data. A cell tagged ``only-if:KEY`` stays in the executed
+copy only when the notebook glued ``KEY`` (myst_nb ``glue``) as True, and one tagged
+``unless:KEY`` only when it glued it as False. So a chapter whose records do not
+exist yet (the GPU chapter on a machine that never saw a GPU) shows its note and
+what will fill it, and no empty section.
 """
 
 from __future__ import annotations
@@ -95,7 +101,48 @@ def run_notebook(name: str, output_dir: Path, parameters: Optional[dict] = None,
         progress_bar=False,
         log_output=log_output,
     )
+    drop_conditional_cells(output)
     return output
+
+
+GLUE_MIME = "application/papermill.record/text/plain"
+
+
+def glued_values(notebook) -> dict:
+    """Every value the notebook glued, as Python literals where its text is one (else the text)."""
+    values = {}
+    for cell in notebook.cells:
+        for cell_output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            name = cell_output.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name is not None and GLUE_MIME in cell_output.get("data", {}):
+                values[name] = parse_value(cell_output["data"][GLUE_MIME])
+    return values
+
+
+def keep_cell(tags, glued: dict) -> bool:
+    """Whether a cell with ``tags`` stays: ``only-if:KEY`` needs KEY glued True,
+    ``unless:KEY`` needs it glued False; a KEY never glued is an error."""
+    for tag in tags:
+        for prefix, wanted in (("only-if:", True), ("unless:", False)):
+            if tag.startswith(prefix):
+                key = tag[len(prefix):]
+                if key not in glued:
+                    raise ValueError(f"a cell is tagged {tag!r} but the notebook glued no {key!r}")
+                if bool(glued[key]) is not wanted:
+                    return False
+    return True
+
+
+def drop_conditional_cells(path: Path) -> None:
+    """Remove the cells whose ``only-if:`` / ``unless:`` tags say so (module docstring)."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    glued = glued_values(notebook)
+    kept = [cell for cell in notebook.cells if keep_cell(cell.get("metadata", {}).get("tags", []), glued)]
+    if len(kept) != len(notebook.cells):
+        notebook.cells = kept
+        nbformat.write(notebook, path)
 
 
 def _make_repo_importable() -> None:

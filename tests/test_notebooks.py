@@ -24,6 +24,10 @@ SOURCE_NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 # Tiny parameters for each chapter: every chapter in _toc.yml needs an entry, so
 # that the test suite runs it in seconds. A chapter may have several variants.
 TINY_PARAMETERS = {
+    # The committed records and checkpoints, the routing on few bytes.
+    "answers": [
+        pytest.param({"routing_bytes": 512}, id="committed-records"),
+    ],
     "semantics": [
         pytest.param({"T": 6, "D": 4, "F": 8, "E": 3, "k": 2, "capacity_factor": 1.0, "seed": 1},
                      id="k2-swiglu-capacity1"),
@@ -277,3 +281,28 @@ def test_runner_paths_point_into_the_repository():
     assert (run_notebooks.REPO_ROOT / "kernels").is_dir()
     assert (run_notebooks.REPO_ROOT / "analysis").is_dir()
     assert Path(run_notebooks.TOC_PATH).is_file()
+
+
+# ---------------------------------------------------------------------------
+# Sections that depend on data (only-if: / unless: tags)
+
+
+def test_conditional_cells_follow_their_glued_flag(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("glue", outputs=[nbformat.v4.new_output(
+            "display_data", data={run_notebooks.GLUE_MIME: "False"}, metadata={"scrapbook": {"name": "has_records"}})]),
+        nbformat.v4.new_markdown_cell("## Numbers", metadata={"tags": ["only-if:has_records"]}),
+        nbformat.v4.new_markdown_cell("Nothing measured yet.", metadata={"tags": ["unless:has_records"]}),
+        nbformat.v4.new_markdown_cell("Always."),
+    ])
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(notebook, path)
+    run_notebooks.drop_conditional_cells(path)
+    kept = [cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "markdown"]
+    assert kept == ["Nothing measured yet.", "Always."]
+
+
+def test_a_condition_on_a_key_never_glued_is_an_error():
+    with pytest.raises(ValueError, match="glued no 'missing'"):
+        run_notebooks.keep_cell(["only-if:missing"], {})
+    assert run_notebooks.keep_cell(["remove-input"], {})

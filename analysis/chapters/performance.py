@@ -29,6 +29,7 @@ import numpy
 import pandas as pd
 
 from analysis.measure import sweep, sweep_plan
+from analysis import display
 from analysis import records as record_io
 
 KIND = sweep.RECORD_KIND
@@ -477,15 +478,22 @@ def as_text(value, unit: str = "", digits: int = 3) -> str:
 
 
 def crossover_sentence(crossings: pd.DataFrame) -> str:
-    """One sentence per k on where the MoE beats each dense baseline."""
+    """One clause per k and dense baseline: where the MoE is faster, and where the time
+    ratio crosses 1 (interpolated on log T between the measured T around it)."""
     if crossings.empty:
         return "No crossover could be computed: the run has no MoE and dense timings at common T."
     parts = []
     for row in crossings.itertuples():
         baseline = row.baseline.split(",")[1].split("(")[0].strip()
-        where = (f"first crosses near T ≈ {row.crossover_tokens:.0f}" if pd.notna(row.crossover_tokens)
-                 else "does not cross")
-        parts.append(f"k = {row.top_k} against {baseline}: {where}; MoE faster at {row.moe_faster_at}")
+        if row.moe_faster_at == "every measured T":
+            where = "the MoE is faster at every measured T"
+        elif row.moe_faster_at == "no measured T":
+            where = "the MoE is slower at every measured T"
+        else:
+            where = f"the MoE is faster at {row.moe_faster_at} only"
+        if pd.notna(row.crossover_tokens):
+            where += f", first crossing near T ≈ {display.significant(float(row.crossover_tokens), 2)}"
+        parts.append(f"k = {row.top_k} against {baseline}: {where}")
     return "; ".join(parts) + "."
 
 

@@ -96,7 +96,7 @@ def checkpoints_summary(results_dir=None) -> dict:
     """The checkpoints folder (<results>/checkpoints): its files, at any depth, and their total bytes."""
     folder = records.results_root(results_dir) / "checkpoints"
     files = [path for path in folder.rglob("*") if path.is_file()] if folder.is_dir() else []
-    return {"folder": folder.as_posix(), "exists": folder.is_dir(), "n_files": len(files),
+    return {"folder": shown_path(folder), "exists": folder.is_dir(), "n_files": len(files),
             "total_bytes": int(sum(path.stat().st_size for path in files))}
 
 
@@ -132,12 +132,12 @@ def numbers(table: pd.DataFrame, checkpoints: dict) -> dict:
 
 def index_note(table: pd.DataFrame, results_dir=None) -> Note:
     """A visible note: where the index was read, and whether there was anything to read."""
-    root = records.results_root(results_dir)
+    root = shown_path(records.results_root(results_dir))
     if table.empty:
-        return Note("No results", f"No results file (*.jsonl) was found under {root}: nothing has been "
-                    "measured and committed yet, so the index below is empty.")
+        return Note("No results", f"No results file (*.jsonl) was found under {root}/: nothing has been "
+                    "measured and committed yet.")
     return Note("Read live", f"This index was built while the chapter ran, from {len(table)} files under "
-                f"{root}. A file being written at that moment is read as far as it goes.")
+                f"{root}/. A file being written at that moment is read as far as it goes.")
 
 
 def dirty_text(summary: dict) -> str:
@@ -146,3 +146,45 @@ def dirty_text(summary: dict) -> str:
         return ("Some records were made from a working tree with uncommitted changes (git dirty True): "
                 "their commit alone does not name the code that made them.")
     return "No record was made from a working tree with uncommitted changes."
+
+
+def shown_path(path: Path) -> str:
+    """A folder as the book shows it: relative to the repository, never the builder's absolute path."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(records.REPO_ROOT).as_posix()
+    except ValueError:
+        return path.name
+
+
+def validate_parameters(results_dir) -> None:
+    """The chapter's one parameter, in one clear sentence (ValueError)."""
+    if results_dir is not None and not Path(results_dir).is_dir():
+        raise ValueError(f"results_dir: expected None or an existing folder, got {results_dir!r}")
+
+
+#: The index's columns split into two tables that fit a page: what and when, then with which software.
+RECORD_COLUMNS = ["path", "kind", "records", "device", "git commit", "git dirty", "first utc", "last utc"]
+
+
+def records_view(table: pd.DataFrame) -> pd.DataFrame:
+    """Per file: kind, records, device, commits, dirty flags and dates (UTC to the minute)."""
+    view = table.reset_index()[RECORD_COLUMNS].copy()
+    for column in ("first utc", "last utc"):
+        view[column] = [text if text == MISSING else text[:16].replace("T", " ") for text in view[column]]
+    if table["unreadable lines"].sum():
+        view["unreadable lines"] = table["unreadable lines"].to_numpy()
+    return view
+
+
+def versions_view(table: pd.DataFrame) -> pd.DataFrame:
+    """Per file: the software versions its records carry (only the fields some record has)."""
+    view = table.reset_index()[["path", *VERSION_FIELDS]]
+    present = [field for field in VERSION_FIELDS if (view[field] != MISSING).any()]
+    return view[["path", *present]]
+
+
+def checkpoints_table(checkpoints: dict) -> pd.DataFrame:
+    """The checkpoints folder as one row: where, how many files, how large."""
+    return pd.DataFrame([{"folder": checkpoints["folder"], "files": checkpoints["n_files"],
+                          "size": size_text(checkpoints["total_bytes"])}])

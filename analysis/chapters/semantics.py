@@ -283,3 +283,26 @@ def assert_checks_pass(checks: pd.DataFrame) -> None:
 def largest_difference(checks: pd.DataFrame) -> float:
     """The largest difference over all checks, for the chapter's prose."""
     return float(checks["max abs difference"].max())
+
+
+def validate_parameters(*, T, D, F, E, k, activation, capacity_factor, seed) -> None:
+    """The chapter's parameters, one clear sentence each (ValueError)."""
+    for name, value, smallest in (("T", T, 0), ("D", D, 1), ("F", F, 1), ("E", E, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < smallest:
+            raise ValueError(f"{name}: expected an integer >= {smallest}, got {value!r}")
+    if k not in (1, 2) or isinstance(k, bool):
+        raise ValueError(f"k: expected 1 or 2, got {k!r}")
+    if k > E:
+        raise ValueError(f"k: expected at most E = {E}, got {k}")
+    if activation not in ("relu", "gelu", "swiglu"):
+        raise ValueError(f"activation: expected 'relu', 'gelu' or 'swiglu', got {activation!r}")
+    if capacity_factor is not None and (isinstance(capacity_factor, bool)
+                                        or not isinstance(capacity_factor, (int, float))
+                                        or not capacity_factor > 0 or capacity_factor == float("inf")):
+        raise ValueError(f"capacity_factor: expected None or a finite number > 0, got {capacity_factor!r}")
+
+
+def shape_text(array) -> str:
+    """An array's shape as the prose writes it: "(20, 8): 20 rows of width 8"."""
+    rows, width = array.shape
+    return f"({rows}, {width}): {rows} rows of width {width}"

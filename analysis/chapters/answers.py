@@ -1,0 +1,587 @@
+"""The Answers chapter (book/notebooks/answers.ipynb): the study's four key questions,
+each answered from the committed records through the chapter that owns them.
+
+Nothing here measures or re-derives a number another chapter computes: speed and
+time per stage come from ``analysis.chapters.performance`` (the sweep records),
+accuracy from ``analysis.chapters.accuracy`` (the evaluation records), routing
+from ``analysis.chapters.routing`` (the committed checkpoints), memory from
+``analysis.measure.memory`` (the formula) and its ``memory`` records, and the
+published figures from ``analysis.chapters.published``. Each answer is a small
+dataclass: the numbers the prose glues, one chart, and ``missing``, one line
+naming what is not measured and the command that measures it (empty when
+nothing is missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from analysis import charts
+from analysis import records as record_io
+from analysis.chapters import accuracy, performance, published, routing
+from analysis.measure import memory, sweep_plan
+
+#: The command that writes every GPU record the book reads.
+GPU_COMMAND = "make device-check PY=python3"
+NO_GPU = ("No GPU has run this study yet: results/ holds no GPU records, so there is no GPU answer here. "
+          f"`{GPU_COMMAND}` on a GPU machine writes them, and this chapter then shows them.")
+#: The balanced arms whose routing the chapter reads (and one without the balancing loss).
+ROUTING_ARMS = ("moe-k1", "moe-k2", "moe-k1-nobal")
+#: Two-sided 95% Student t quantiles by degrees of freedom (for paired differences over a few seeds).
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def validate_parameters(preset: str, routing_bytes: int) -> None:
+    """The chapter's parameters, one clear sentence each (ValueError)."""
+    from analysis.study import train  # noqa: PLC0415 - only for the preset names
+
+    if preset not in train.PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(train.PRESETS)}, got {preset!r}")
+    if isinstance(routing_bytes, bool) or not isinstance(routing_bytes, int) or routing_bytes < 256:
+        raise ValueError(f"routing_bytes: expected an integer of at least 256, got {routing_bytes!r}")
+
+
+def _relative(path) -> str:
+    """A results path as the book shows it: relative to the repository, never the builder's machine."""
+    root = record_io.REPO_ROOT
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return f"{path.parent.name}/{path.name}"
+
+
+def _results_file(results_dir, folder: str, kind: str) -> str:
+    return _relative(record_io.results_root(results_dir) / folder / f"{kind}.jsonl")
+
+
+def _layer_text(data: performance.ChapterData, preset: str, dtype: str) -> str:
+    shape = sweep_plan.PRESETS.get(preset)
+    tokens = sorted({r["params"]["tokens"] for r in data.records if r.get("measurement") == "time"
+                     and r["params"].get("preset") == preset})
+    layer = (f"D = {shape.d_model}, F = {shape.d_ff}, E = {shape.n_experts}, {shape.activation}"
+             if shape else f"the {preset} preset")
+    span = f"T = {tokens[0]} to {tokens[-1]}" if tokens else "no T"
+    return f"one layer ({layer}, {dtype}), {span}, on {data.device}"
+
+
+# ---------------------------------------------------------------- 1. speed
+
+
+@dataclasses.dataclass
+class SpeedAnswer:
+    """MoE against dense on one device kind: the time ratio at every T and the crossovers."""
+
+    device_kind: str
+    data: performance.ChapterData
+    ratios: pd.DataFrame  # top_k, baseline, tokens, ratio (MoE time / dense time)
+    crossings: pd.DataFrame
+    numbers: dict
+    evidence: str
+
+
+def speed(device_kind: str, results_dir=None) -> Optional[SpeedAnswer]:
+    """The speed answer from the newest committed sweep of ``device_kind``, or None without one."""
+    data = performance.chapter_data(device_kind, source="records", results_dir=results_dir)
+    if data.empty:
+        return None
+    preset, dtype = performance.main_shape(data)
+    curves = performance.layer_curves(data, preset, dtype)
+    crossings = performance.crossovers(curves)
+    rows = []
+    for k, mine in curves.groupby("top_k"):
+        moe = mine[mine["label"] == "MoE (kernels)"].set_index("tokens")["median_s"]
+        for baseline in ("dense, equal active FLOPs (K·F)", "dense, equal parameters (E·F)"):
+            dense = mine[mine["label"] == baseline].set_index("tokens")["median_s"]
+            for T in sorted(set(moe.index) & set(dense.index)):
+                rows.append({"top_k": int(k), "baseline": baseline, "tokens": int(T), "ratio": moe[T] / dense[T]})
+    ratios = pd.DataFrame(rows, columns=["top_k", "baseline", "tokens", "ratio"])
+    largest = int(ratios["tokens"].max()) if not ratios.empty else None
+    numbers = {"device": data.device, "scale": _layer_text(data, preset, dtype), "largest_T": largest}
+    for (k, baseline), group in ratios.groupby(["top_k", "baseline"]):
+        short = "active" if "active" in baseline else "params"
+        at_largest = group[group["tokens"] == largest]["ratio"]
+        numbers[f"k{k}_{short}_ratio_largest"] = float(at_largest.iloc[0]) if len(at_largest) else float("nan")
+        numbers[f"k{k}_{short}_ratio_smallest"] = float(group.sort_values("tokens")["ratio"].iloc[0])
+    numbers["crossovers"] = performance.crossover_sentence(crossings)
+    numbers["switch_throughput"] = published.text("Switch Transformer", "throughput of the top-1 MoE relative to dense")
+    folder = performance.newest_folder(device_kind, results_dir)
+    evidence = f"{_results_file(results_dir, folder, performance.KIND)} (run {data.run_id})"
+    return SpeedAnswer(device_kind, data, ratios, crossings, numbers, evidence)
+
+
+def speed_sentence(answer: SpeedAnswer) -> str:
+    """The answer in two sentences, every number from the records."""
+    n = answer.numbers
+    where = "this CPU" if answer.device_kind == "cpu" else answer.numbers["device"]
+    return (f"On {where}, at T = {n['largest_T']}, the MoE layer takes "
+            f"{n['k1_active_ratio_largest']:.2f}x the time of a dense MLP of equal active FLOPs with k = 1 and "
+            f"{n['k2_active_ratio_largest']:.2f}x with k = 2, and {n['k1_params_ratio_largest']:.2f}x "
+            f"(k = 1) and {n['k2_params_ratio_largest']:.2f}x (k = 2) the time of a dense MLP of equal "
+            f"parameters. Crossovers: {n['crossovers']}")
+
+
+def speed_chart(answer: SpeedAnswer) -> alt.TopLevelMixin:
+    """MoE time over dense time against T: below the line at 1 the MoE is faster."""
+    frame = answer.ratios.assign(series=[f"k = {k}, against {b.split(',')[1].split('(')[0].strip()}"
+                                         for k, b in zip(answer.ratios["top_k"], answer.ratios["baseline"])])
+    order = sorted(frame["series"].unique())
+    lines = alt.Chart(frame).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T"),
+        y=alt.Y("ratio:Q", scale=alt.Scale(type="log"), title="MoE time / dense time"),
+        color=alt.Color("series:N", sort=order, title=None, scale=charts.palette(order),
+                        legend=alt.Legend(orient="bottom", columns=2)),
+        strokeDash=alt.StrokeDash("series:N", sort=order, title=None, legend=None))
+    even = alt.Chart(pd.DataFrame({"one": [1.0]})).mark_rule(color="black").encode(y="one:Q")
+    where = "CPU" if answer.device_kind == "cpu" else "GPU"
+    return alt.layer(lines, even).properties(
+        width=460, height=260, title=f"MoE against dense on the {where} (below 1: the MoE is faster)")
+
+
+# ---------------------------------------------------------------- 2. k = 1 against k = 2: time per stage
+
+
+STAGE_NAMES = {"router": "router", "dispatch": "dispatch", "permute": "permute", "expert_mlp": "expert MLPs",
+               "combine": "combine", "end_to_end": "whole layer"}
+
+
+def stage_ratios(answer: SpeedAnswer) -> pd.DataFrame:
+    """Per stage and T: median time with k = 2 over the time with k = 1 (eager launches)."""
+    preset, dtype = performance.main_shape(answer.data)
+    stages = performance.stage_frame(answer.data, preset, dtype)
+    if stages.empty:
+        return pd.DataFrame(columns=["stage", "tokens", "k1_s", "k2_s", "ratio"])
+    times = stages.pivot_table(index=["stage", "tokens"], columns="top_k", values="median_s", aggfunc="first")
+    times = times.dropna().reset_index()
+    times.columns = ["stage", "tokens", "k1_s", "k2_s"]
+    times["ratio"] = times["k2_s"] / times["k1_s"]
+    times = times[times["stage"].isin(STAGE_NAMES)]
+    times["stage"] = times["stage"].map(STAGE_NAMES)
+    return times.reset_index(drop=True)
+
+
+def stage_numbers(ratios: pd.DataFrame) -> dict:
+    """The k = 2 / k = 1 time ratio of each stage at the largest T, for the prose."""
+    if ratios.empty:
+        return {}
+    largest = int(ratios["tokens"].max())
+    at = ratios[ratios["tokens"] == largest].set_index("stage")
+    numbers = {"stage_T": largest}
+    for stage, key in (("whole layer", "layer"), ("expert MLPs", "experts"), ("router", "router"),
+                       ("dispatch", "dispatch"), ("permute", "permute"), ("combine", "combine")):
+        numbers[f"stage_{key}_ratio"] = float(at.loc[stage, "ratio"]) if stage in at.index else float("nan")
+    share = at.loc["expert MLPs", "k2_s"] / at.loc["whole layer", "k2_s"] if {"expert MLPs", "whole layer"} <= set(
+        at.index) else float("nan")
+    numbers["stage_experts_share_k2"] = float(share)
+    return numbers
+
+
+def stage_chart(ratios: pd.DataFrame, device_kind: str) -> alt.TopLevelMixin:
+    """Time with k = 2 over time with k = 1, per stage, against T."""
+    order = [name for name in STAGE_NAMES.values() if name in set(ratios["stage"])]
+    lines = alt.Chart(ratios).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T"),
+        y=alt.Y("ratio:Q", title="time with k = 2 / time with k = 1"),
+        color=alt.Color("stage:N", sort=order, title="stage", scale=charts.palette(order)))
+    guides = alt.Chart(pd.DataFrame({"y": [1.0, 2.0]})).mark_rule(strokeDash=[4, 3], color="grey").encode(y="y:Q")
+    where = "CPU" if device_kind == "cpu" else "GPU"
+    return alt.layer(lines, guides).properties(width=460, height=240,
+                                                title=f"What k = 2 costs over k = 1, per stage ({where})")
+
+
+# ---------------------------------------------------------------- 2. k = 1 against k = 2: memory
+
+
+@dataclasses.dataclass
+class MemoryAnswer:
+    """The formula at the sweep's layer shape, and the newest committed measured peaks."""
+
+    formula: pd.DataFrame  # per T and arm: bytes by the formula
+    measured: pd.DataFrame  # per T and arm: the measured peak (empty without records)
+    intermediates: pd.DataFrame  # every array of the layer at one T, k = 1 and k = 2
+    numbers: dict
+    note: str
+
+
+def memory_arms(T: int, D: int, F: int, E: int, dtype: str, activation: str) -> list:
+    """(arm, k, peak bytes by the formula): the MoE at k = 1 and 2 and the dense baselines."""
+    rows = []
+    for k in (1, 2):
+        shape = memory.LayerShape(T, D, F, E, k, dtype, activation)
+        rows.append((f"MoE, k = {k}", k, memory.peak_bytes(shape)))
+        rows.append((f"dense, F' = {k}·F (equal active FLOPs, k = {k})", k,
+                     memory.dense_peak_bytes(T, D, k * F, dtype, activation)))
+    rows.append(("dense, F' = E·F (equal parameters)", None, memory.dense_peak_bytes(T, D, E * F, dtype, activation)))
+    return rows
+
+
+def memory_answer(results_dir=None, preset: str = "cpu", dtype: str = "float32",
+                  tokens=(1, 16, 256, 1024, 4096)) -> MemoryAnswer:
+    """The memory cost of k at ``preset``'s layer shape: the formula at every T, and the measured
+    peaks of the newest committed ``memory`` run of that preset on a CPU (if any)."""
+    shape = sweep_plan.PRESETS[preset]
+    D, F, E, activation = shape.d_model, shape.d_ff, shape.n_experts, shape.activation
+    formula = pd.DataFrame([{"tokens": T, "arm": arm, "bytes": peak}
+                            for T in tokens for arm, _, peak in memory_arms(T, D, F, E, dtype, activation)])
+    T_big = max(tokens)
+    parts = []
+    for k in (1, 2):
+        for row in memory.intermediates(memory.LayerShape(T_big, D, F, E, k, dtype, activation)):
+            parts.append({"stage": row["stage"], "array": row["array"], "shape": row["shape"], "k": k,
+                          "MiB": row["bytes"] / 2**20})
+    arrays = pd.DataFrame(parts).pivot_table(index=["stage", "array", "shape"], columns="k", values="MiB",
+                                             sort=False).reset_index()
+    arrays.columns = ["stage", "array", "shape", "k = 1 (MiB)", "k = 2 (MiB)"]
+    measured, note = _measured_memory(results_dir, preset, dtype)
+    one = memory.peak_bytes(memory.LayerShape(T_big, D, F, E, 1, dtype, activation))
+    two = memory.peak_bytes(memory.LayerShape(T_big, D, F, E, 2, dtype, activation))
+    numbers = {"memory_T": T_big, "memory_k1_mib": one / 2**20, "memory_k2_mib": two / 2**20,
+               "memory_ratio": two / one,
+               "memory_dense_active_mib": memory.dense_peak_bytes(T_big, D, F, dtype, activation) / 2**20,
+               "memory_dense_params_mib": memory.dense_peak_bytes(T_big, D, E * F, dtype, activation) / 2**20,
+               "memory_layer": f"D = {D}, F = {F}, E = {E}, {activation}, {dtype}"}
+    if not measured.empty:
+        at = measured[measured["tokens"] == measured["tokens"].max()].set_index("arm")["bytes"]
+        numbers["memory_measured_T"] = int(measured["tokens"].max())
+        numbers["memory_measured_k1_mib"] = float(at.get("MoE, k = 1", float("nan"))) / 2**20
+        numbers["memory_measured_k2_mib"] = float(at.get("MoE, k = 2", float("nan"))) / 2**20
+    return MemoryAnswer(formula, measured, arrays, numbers, note)
+
+
+def _measured_memory(results_dir, preset: str, dtype: str) -> tuple:
+    folder = performance.newest_folder("cpu", results_dir, kind=memory.RECORD_KIND)
+    if folder is None:
+        return (pd.DataFrame(columns=["tokens", "arm", "bytes"]),
+                "No measured peaks yet: `python -m analysis.measure.memory` writes them (seconds on a CPU).")
+    run = performance.newest_run(record_io.read_records(memory.RECORD_KIND, results_dir=results_dir, device=folder))
+    rows = []
+    for record in run:
+        params = record["params"]
+        if params.get("preset") != preset or params.get("dtype") != dtype:
+            continue
+        k, width = params["top_k"], params.get("dense_width")
+        if width is None:
+            arm = f"MoE, k = {k}"
+        elif width == params["n_experts"] * params["d_ff"]:
+            if k != 1:  # the equal-parameter dense MLP does not depend on k: show it once
+                continue
+            arm = "dense, F' = E·F (equal parameters)"
+        else:
+            arm = f"dense, F' = {k}·F (equal active FLOPs, k = {k})"
+        rows.append({"tokens": params["tokens"], "arm": arm, "bytes": record["peak_bytes"]})
+    first = run[0]
+    note = (f"Measured: the newest committed memory run on {first.get('device')} ({first['utc'][:10]}, "
+            f"{_results_file(results_dir, folder, memory.RECORD_KIND)}), peak bytes by tracemalloc on the CPU "
+            f"backend. On a GPU the same run (`python -m analysis.measure.memory --backend cuda`, not yet run) "
+            f"reads CuPy's memory pool.")
+    return pd.DataFrame(rows, columns=["tokens", "arm", "bytes"]), note
+
+
+def memory_table(answer: MemoryAnswer) -> pd.DataFrame:
+    """Per T and arm: the formula's peak and the measured CPU peak, in MiB."""
+    table = answer.formula.rename(columns={"bytes": "formula"})
+    if not answer.measured.empty:
+        table = table.merge(answer.measured.rename(columns={"bytes": "measured"}), on=["tokens", "arm"], how="left")
+    table = table[table["tokens"] == table["tokens"].max()] if len(table) else table
+    out = pd.DataFrame({"arm": table["arm"], "peak by formula, whole hidden (MiB)": table["formula"] / 2**20})
+    if "measured" in table:
+        out["measured peak, CPU backend (MiB)"] = table["measured"] / 2**20
+    return out.reset_index(drop=True)
+
+
+def memory_chart(answer: MemoryAnswer) -> alt.TopLevelMixin:
+    """Peak bytes against T per arm: the formula (lines) and the CPU measurement (points)."""
+    formula = answer.formula.assign(MiB=answer.formula["bytes"] / 2**20, source="formula (whole hidden)")
+    order = list(dict.fromkeys(formula["arm"]))
+    colour = alt.Color("arm:N", sort=order, title=None, scale=charts.palette(order),
+                       legend=alt.Legend(orient="bottom", columns=2, labelLimit=320))
+    x = alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T")
+    y = alt.Y("MiB:Q", scale=alt.Scale(type="log"), title="peak memory of the layer (MiB)")
+    layers = [alt.Chart(formula).mark_line().encode(x=x, y=y, color=colour)]
+    if not answer.measured.empty:
+        measured = answer.measured.assign(MiB=answer.measured["bytes"] / 2**20)
+        layers.append(alt.Chart(measured).mark_point(filled=True, size=45).encode(
+            x=x, y=y, color=alt.Color("arm:N", sort=order, scale=charts.palette(order), legend=None)))
+    title = ("Peak memory: formula (lines) and CPU measurement (points)" if len(layers) > 1
+             else "Peak memory by the formula")
+    return alt.layer(*layers).properties(width=460, height=260, title=title)
+
+
+# ---------------------------------------------------------------- 3. accuracy
+
+
+@dataclasses.dataclass
+class AccuracyAnswer:
+    runs: pd.DataFrame
+    differences: pd.DataFrame  # comparison, seed, difference (bits/byte)
+    summary: pd.DataFrame  # comparison, mean, half_width, n
+    numbers: dict
+    evidence: str
+
+
+COMPARISONS = (("top-1 MoE − dense (equal active FLOPs)", "moe-k1", "dense"),
+               ("top-2 MoE − top-1 MoE (equal expert size)", "moe-k2", "moe-k1"),
+               ("top-2 MoE − top-1 MoE (equal active FLOPs)", "moe-k2-half", "moe-k1"))
+
+
+def paired_differences(runs: pd.DataFrame, arm: str, baseline: str) -> pd.DataFrame:
+    """Test bits per byte of ``arm`` minus ``baseline``, seed by seed (the seeds both trained)."""
+    mine = runs[runs["arm"] == arm].set_index("seed")["bits_per_byte"]
+    base = runs[runs["arm"] == baseline].set_index("seed")["bits_per_byte"]
+    seeds = sorted(set(mine.index) & set(base.index))
+    return pd.DataFrame({"seed": seeds, "difference": [float(mine[s] - base[s]) for s in seeds]})
+
+
+def interval(values) -> tuple:
+    """Mean and the half-width of its 95% Student t interval (NaN with fewer than two values)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return (float(values.mean()) if len(values) else float("nan")), float("nan")
+    half = T_95.get(len(values) - 1, 1.96) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def accuracy_answer(results_dir=None, preset: str = "cpu") -> Optional[AccuracyAnswer]:
+    """Paired differences by seed of the recorded test bits per byte, or None without records."""
+    try:
+        runs = accuracy.runs_table(results_dir, preset=preset)
+    except FileNotFoundError:
+        return None
+    differences, summary = [], []
+    for name, arm, baseline in COMPARISONS:
+        paired = paired_differences(runs, arm, baseline)
+        if paired.empty:
+            continue
+        differences.append(paired.assign(comparison=name))
+        mean, half = interval(paired["difference"])
+        summary.append({"comparison": name, "mean": mean, "half_width": half, "n": len(paired),
+                        "within_noise": bool(not math.isnan(half) and abs(mean) <= half)})
+    differences = pd.concat(differences, ignore_index=True) if differences else pd.DataFrame(
+        columns=["seed", "difference", "comparison"])
+    summary = pd.DataFrame(summary, columns=["comparison", "mean", "half_width", "n", "within_noise"])
+    bits = runs.groupby("arm")["bits_per_byte"].mean()
+    numbers = {f"{arm.replace('-', '_')}_bits": float(bits[arm]) for arm in ("dense", "moe-k1", "moe-k2",
+                                                                              "moe-k2-half") if arm in bits}
+    for row, key in zip(summary.itertuples(), ("k1_dense", "k2_k1", "k2half_k1")):
+        numbers[f"{key}_diff"], numbers[f"{key}_half"] = row.mean, row.half_width
+        numbers[f"{key}_noise"] = "within noise" if row.within_noise else "outside noise"
+    first = runs.iloc[0]
+    numbers["accuracy_scale"] = (f"byte-level transformers of {runs['params_total'].min():,} to "
+                                 f"{runs['params_total'].max():,} parameters, {int(first['steps']):,} steps, "
+                                 f"{runs['seed'].nunique()} seeds per arm, scored on {int(first['eval_bytes']):,} "
+                                 f"held-out bytes of the Python standard library")
+    dense, top1, top2 = (published.value("DeepSeekMoE", q) for q in (
+        "Pile validation loss, dense", "Pile validation loss, top-1 (Switch)", "Pile validation loss, top-2 (GShard)"))
+    numbers["deepseek_k1_dense"] = f"{100 * (top1 / dense - 1):+.1f}%"
+    numbers["deepseek_k2_k1"] = f"{100 * (top2 / top1 - 1):+.1f}%"
+    numbers["st_moe"] = published.text("ST-MoE", "top-2 over top-1 routing, gain in negative log perplexity")
+    folder = sorted({str(d) for d in runs["device"]})
+    evidence = ", ".join(f"results/{record_io.device_folder(d, 'cpu')}/{accuracy.EVAL_KIND}.jsonl" for d in folder)
+    return AccuracyAnswer(runs, differences, summary, numbers, evidence)
+
+
+def _seeds_text(runs: pd.DataFrame) -> str:
+    counts = sorted(set(runs.groupby("arm")["seed"].nunique()))
+    return f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]} to {counts[-1]} seeds"
+
+
+def accuracy_table(answer: AccuracyAnswer) -> pd.DataFrame:
+    return pd.DataFrame({
+        "comparison": answer.summary["comparison"],
+        "mean difference (bits/byte)": answer.summary["mean"],
+        "95% interval ± (bits/byte)": answer.summary["half_width"],
+        "seeds": answer.summary["n"],
+        "verdict": ["within noise" if w else ("better" if m < 0 else "worse")
+                    for m, w in zip(answer.summary["mean"], answer.summary["within_noise"])],
+    })
+
+
+def accuracy_chart(answer: AccuracyAnswer) -> alt.TopLevelMixin:
+    """Each seed's paired difference (points), the mean and its 95% interval (bar), zero as a rule."""
+    order = list(answer.summary["comparison"])
+    summary = answer.summary.assign(low=answer.summary["mean"] - answer.summary["half_width"],
+                                    high=answer.summary["mean"] + answer.summary["half_width"])
+    y = alt.Y("comparison:N", sort=order, title=None, axis=alt.Axis(labelLimit=320))
+    colour = alt.Color("comparison:N", sort=order, scale=charts.palette(order), legend=None)
+    seeds = alt.Chart(answer.differences).mark_point(size=60, filled=True, opacity=0.7).encode(
+        x=alt.X("difference:Q", title="test bits per byte, difference (negative: better)"), y=y, color=colour)
+    bars = alt.Chart(summary).mark_rule(strokeWidth=2).encode(x="low:Q", x2="high:Q", y=y, color=colour)
+    means = alt.Chart(summary).mark_tick(thickness=3, size=18).encode(x="mean:Q", y=y, color=colour)
+    zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x="zero:Q")
+    return alt.layer(bars, seeds, means, zero).properties(
+        width=380, height=alt.Step(40), title="Paired by seed: points are seeds, bars 95% intervals of the mean")
+
+
+# ---------------------------------------------------------------- 4. routing
+
+
+@dataclasses.dataclass
+class RoutingAnswer:
+    averages: pd.DataFrame
+    numbers: dict
+    positions: int
+
+
+def routing_answer(runs: pd.DataFrame, routing_bytes: int, arms=ROUTING_ARMS) -> Optional[RoutingAnswer]:
+    """Load balance and consecutive-byte expert reuse of ``arms`` (every seed), on the first
+    ``routing_bytes`` test bytes, through the Routing chapter's functions."""
+    chosen = runs[runs["arm"].isin(arms)]
+    if chosen.empty:
+        return None
+    collected = routing.collect_all(chosen, max_bytes=routing_bytes)
+    metrics = routing.metrics_table(collected)
+    numbers = routing.headline_numbers(metrics)
+    shazeer = published.value(*routing.SHAZEER_NO_BALANCE_MAX)
+    numbers["shazeer_nobal_max"] = shazeer
+    numbers["shazeer_bal_max"] = published.value(*routing.SHAZEER_BALANCED_MAX)
+    numbers["mixtral_same"] = published.text(*routing.MIXTRAL_SAME_EXPERT)
+    return RoutingAnswer(routing.arm_averages(metrics), numbers, routing.tokens_collected(collected))
+
+
+def routing_chart(answer: RoutingAnswer) -> alt.TopLevelMixin:
+    """Per arm: max/mean expert load and the same-expert rate of consecutive bytes, against
+    their balanced or random values."""
+    balanced = "max/mean expert load (1 = balanced)"
+    reuse = "consecutive bytes, same first expert (random = 1/E)"
+    rows = []
+    for row in answer.averages.itertuples():
+        rows.append({"arm": row.arm, "metric": balanced, "value": row.load_max_over_mean_mean, "reference": 1.0})
+        rows.append({"arm": row.arm, "metric": reuse, "value": row.same_expert_rate_mean,
+                     "reference": answer.numbers["uniform_same_expert"]})
+    frame = pd.DataFrame(rows)
+    order = [a for a in accuracy.ARM_ORDER if a in set(frame["arm"])]
+    bars = alt.Chart().mark_bar().encode(
+        y=alt.Y("arm:N", sort=order, title=None), x=alt.X("value:Q", title=None),
+        color=alt.Color("arm:N", sort=order, title="arm", scale=charts.palette(order)))
+    rule = alt.Chart().mark_rule(color="black", strokeDash=[4, 3]).encode(x="reference:Q")
+    return alt.layer(bars, rule, data=frame).properties(width=250, height=alt.Step(22)).facet(
+        column=alt.Column("metric:N", title=None, header=alt.Header(labelLimit=300))
+    ).resolve_scale(x="independent").properties(title="How tokens route (dashed: balanced or random)")
+
+
+# ---------------------------------------------------------------- the prose
+
+
+def _or_missing(answer, sentence, missing: str) -> str:
+    return missing if answer is None else sentence(answer)
+
+
+def gpu_line(answer: Optional[SpeedAnswer]) -> str:
+    """The GPU half of an answer: the GPU records' sentence, or the one line saying there are none."""
+    return _or_missing(answer, speed_sentence, NO_GPU)
+
+
+def cpu_speed_line(answer: Optional[SpeedAnswer]) -> str:
+    return _or_missing(answer, speed_sentence, "No CPU sweep records yet: `make sweep-cpu` writes them.")
+
+
+def speed_figure(gpu: Optional[SpeedAnswer], cpu: Optional[SpeedAnswer]):
+    """The section's one figure: the GPU's where there are GPU records, else the CPU's, else None."""
+    chosen = gpu or cpu
+    return None if chosen is None else charts.show(speed_chart(chosen))
+
+
+def skew_sentence(answer: Optional[SpeedAnswer]) -> str:
+    """How the worst routing skew in the run changes the whole layer's time."""
+    if answer is None:
+        return ""
+    preset, dtype = performance.main_shape(answer.data)
+    skews = performance.skew_frame(answer.data, preset, dtype)
+    skewed = skews[skews["skew"] != "uniform"] if not skews.empty else skews
+    if skewed.empty:
+        return "The run measured no skewed routing."
+    worst = skewed.loc[skewed["time_vs_uniform"].idxmax()]
+    return (f"Skew matters less than k here: the worst skew measured ({worst['skew']}, k = {int(worst['top_k'])}, "
+            f"T = {int(worst['tokens'])}, busiest expert {worst['load_max_over_mean']:.1f}x the mean load) "
+            f"takes {worst['time_vs_uniform']:.2f}x the time of uniform routing.")
+
+
+def stage_sentence(answer: Optional[SpeedAnswer], numbers: dict) -> str:
+    if answer is None or not numbers:
+        return "No per-stage timings in the records."
+    where = "this CPU" if answer.device_kind == "cpu" else answer.numbers["device"]
+    return (f"On {where} at T = {numbers['stage_T']}, k = 2 takes {numbers['stage_layer_ratio']:.2f}x the time "
+            f"of k = 1 for the whole layer. The expert MLPs, which do twice the FLOPs, take "
+            f"{numbers['stage_experts_ratio']:.2f}x and are {100 * numbers['stage_experts_share_k2']:.0f}% of "
+            f"the k = 2 layer's time; permute and combine, which move twice the rows, take "
+            f"{numbers['stage_permute_ratio']:.2f}x and {numbers['stage_combine_ratio']:.2f}x; the router "
+            f"{numbers['stage_router_ratio']:.2f}x and dispatch {numbers['stage_dispatch_ratio']:.2f}x.")
+
+
+def memory_sentence(answer: MemoryAnswer) -> str:
+    n = answer.numbers
+    text = (f"By the formula, at T = {n['memory_T']} ({n['memory_layer']}), the layer's peak is "
+            f"{n['memory_k1_mib']:.1f} MiB with k = 1 and {n['memory_k2_mib']:.1f} MiB with k = 2 "
+            f"({n['memory_ratio']:.2f}x): the permuted tokens, the hidden activations and the expert outputs "
+            f"all have N = T k rows. The dense MLP of equal active FLOPs (k = 1) needs "
+            f"{n['memory_dense_active_mib']:.1f} MiB, the one of equal parameters "
+            f"{n['memory_dense_params_mib']:.1f} MiB.")
+    if "memory_measured_k1_mib" in n:
+        text += (f" Measured on the CPU backend at T = {n['memory_measured_T']}: {n['memory_measured_k1_mib']:.1f} "
+                 f"and {n['memory_measured_k2_mib']:.1f} MiB, below the formula because that backend makes the "
+                 f"hidden activations a block of rows at a time.")
+    return text
+
+
+def utilisation_line(results_dir=None) -> str:
+    """Utilisation is measured only on a GPU (Nsight Compute and NVML): what the records hold."""
+    data = performance.chapter_data("gpu", source="records", results_dir=results_dir)
+    if data.empty:
+        return (f"Not measured: GPU utilisation (tensor-pipe and DRAM throughput, occupancy) needs Nsight Compute "
+                f"on a GPU, and no GPU has run this study. `{GPU_COMMAND}` on a GPU machine measures it, and "
+                f"the GPU chapter then shows it.")
+    return f"Measured on {data.device}: see the Nsight Compute table of the GPU chapter ({data.note})."
+
+
+def gpu_anchor_text() -> str:
+    vllm = published.entry("vLLM", "fused MoE, fraction of HBM bandwidth")
+    grouped = published.entry("PyTorch", "torch._grouped_mm rate")
+    return (f"{vllm['value_text']} of HBM bandwidth for vLLM's tuned fused MoE ({vllm['setting']}; {vllm['where']}); "
+            f"{grouped['value_text']} for torch._grouped_mm ({grouped['setting']}; {grouped['where']})")
+
+
+def accuracy_sentence(answer: Optional[AccuracyAnswer]) -> str:
+    if answer is None:
+        return "No accuracy records yet: `make train-cpu` trains the arms and writes them."
+    n = answer.numbers
+
+    def diff(key: str) -> str:
+        if f"{key}_diff" not in n:
+            return "not trained"
+        return f"{n[f'{key}_diff']:+.3f} ± {n[f'{key}_half']:.3f} bits/byte ({n[f'{key}_noise']})"
+
+    return (f"Test bits per byte, mean of seeds: dense {n.get('dense_bits', float('nan')):.3f}, top-1 MoE "
+            f"{n.get('moe_k1_bits', float('nan')):.3f}, top-2 MoE {n.get('moe_k2_bits', float('nan')):.3f}. "
+            f"Paired by seed, with 95% intervals: top-1 against dense at equal active FLOPs {diff('k1_dense')}; "
+            f"top-2 against top-1 with the same experts (twice the expert FLOPs) {diff('k2_k1')}; "
+            f"top-2 against top-1 at equal active FLOPs (half-width experts) {diff('k2half_k1')}.")
+
+
+def routing_sentence(answer: Optional[RoutingAnswer]) -> str:
+    if answer is None:
+        return "No trained MoE checkpoints yet: `make train-cpu` trains them."
+    n = answer.numbers
+    parts = [f"With the balancing loss the busiest expert gets {n['moe_k1_load_max_over_mean']:.2f}x the mean "
+             f"load with k = 1"]
+    if "moe_k2_load_max_over_mean" in n:
+        parts[0] += f" and {n['moe_k2_load_max_over_mean']:.2f}x with k = 2"
+    if "moe_k1_nobal_load_max_over_mean" in n:
+        parts[0] += f"; without it, {n['moe_k1_nobal_load_max_over_mean']:.2f}x (k = 1)"
+    parts.append(f"Consecutive bytes keep the same first-choice expert {100 * n['moe_k1_same_expert_rate']:.0f}% "
+                 f"of the time (k = 1) against {100 * n['uniform_same_expert']:.1f}% at random (E = {n['n_experts']})")
+    if "moe_k2_second_weight_share" in n:
+        parts.append(f"With k = 2 the second expert carries {100 * n['moe_k2_second_weight_share']:.0f}% of a "
+                     f"token's routing weight")
+    return ". ".join(parts) + "."
+
+
+def gpu_stage_line(answer: Optional[SpeedAnswer]) -> str:
+    """The GPU half of the time-per-stage answer, or the one line saying there are no GPU records."""
+    if answer is None:
+        return NO_GPU
+    return stage_sentence(answer, stage_numbers(stage_ratios(answer)))
