@@ -49,6 +49,10 @@ def significant(value, digits: int = 3) -> str:
     return text
 
 
+#: Cells of a column whose texts are all at most this long are kept on one line.
+SHORT_TEXT = 36
+
+
 class Table:
     """A pandas DataFrame shown as a formatted HTML table (no index column,
     ``digits`` significant digits, sideways scrolling when wide)."""
@@ -71,8 +75,13 @@ class Table:
     def _repr_html_(self) -> str:
         header, rows = self._cells()
         numeric = [self.frame[column].dtype.kind in "iuf" for column in self.frame.columns]
-        align = ['style="text-align:right"' if is_number else 'style="text-align:left"' for is_number in numeric]
-        head = "".join(f"<th {a}>{h}</th>" for a, h in zip(align, header))
+        # Numbers and short texts (names, dates, paths) stay on one line; long texts wrap.
+        short = [max((len(row[i]) for row in rows), default=0) <= SHORT_TEXT for i in range(len(header))]
+        align = [f'style="text-align:{"right" if is_number else "left"}'
+                 f'{";white-space:nowrap" if is_number or is_short else ""}"'
+                 for is_number, is_short in zip(numeric, short)]
+        head = "".join(f'<th style="text-align:{"right" if is_number else "left"}">{h}</th>'
+                       for is_number, h in zip(numeric, header))
         body = "".join("<tr>" + "".join(f"<td {a}>{c}</td>" for a, c in zip(align, row)) + "</tr>" for row in rows)
         caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
         return (f'<div class="moe-table" style="overflow-x:auto;max-width:100%">'

@@ -15,11 +15,9 @@ nothing is missing).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import altair as alt
-import numpy as np
 import pandas as pd
 
 from analysis import charts
@@ -33,8 +31,6 @@ NO_GPU = ("No GPU has run this study yet: results/ holds no GPU records, so ther
           f"`{GPU_COMMAND}` on a GPU machine writes them, and this chapter then shows them.")
 #: The balanced arms whose routing the chapter reads (and one without the balancing loss).
 ROUTING_ARMS = ("moe-k1", "moe-k2", "moe-k1-nobal")
-#: Two-sided 95% Student t quantiles by degrees of freedom (for paired differences over a few seeds).
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def validate_parameters(preset: str, routing_bytes: int) -> None:
@@ -318,71 +314,47 @@ def memory_chart(answer: MemoryAnswer) -> alt.TopLevelMixin:
 @dataclasses.dataclass
 class AccuracyAnswer:
     runs: pd.DataFrame
-    differences: pd.DataFrame  # comparison, seed, difference (bits/byte)
-    summary: pd.DataFrame  # comparison, mean, half_width, n
+    scores: pd.DataFrame  # accuracy.held_out_scores: whole-test-split scores from the records
+    comparisons: pd.DataFrame  # accuracy.paired_comparisons, the three this page answers with
     numbers: dict
     evidence: str
 
 
-COMPARISONS = (("top-1 MoE − dense (equal active FLOPs)", "moe-k1", "dense"),
-               ("top-2 MoE − top-1 MoE (equal expert size)", "moe-k2", "moe-k1"),
-               ("top-2 MoE − top-1 MoE (equal active FLOPs)", "moe-k2-half", "moe-k1"))
-
-
-def paired_differences(runs: pd.DataFrame, arm: str, baseline: str) -> pd.DataFrame:
-    """Test bits per byte of ``arm`` minus ``baseline``, seed by seed (the seeds both trained)."""
-    mine = runs[runs["arm"] == arm].set_index("seed")["bits_per_byte"]
-    base = runs[runs["arm"] == baseline].set_index("seed")["bits_per_byte"]
-    seeds = sorted(set(mine.index) & set(base.index))
-    return pd.DataFrame({"seed": seeds, "difference": [float(mine[s] - base[s]) for s in seeds]})
-
-
-def interval(values) -> tuple:
-    """Mean and the half-width of its 95% Student t interval (NaN with fewer than two values)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return (float(values.mean()) if len(values) else float("nan")), float("nan")
-    half = T_95.get(len(values) - 1, 1.96) * values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean()), float(half)
+#: The Accuracy chapter's comparisons (accuracy.COMPARISONS) this page answers with, as (arm, baseline).
+ACCURACY_PAIRS = (("moe-k1", "dense"), ("moe-k2", "moe-k1"), ("moe-k2-half", "moe-k1"))
+NO_SCORES = ("No whole-split scores yet: `python -m analysis.study.evaluation --preset {preset}` writes "
+             "the accuracy-rescore records the Accuracy chapter reads.")
 
 
 def accuracy_answer(results_dir=None, preset: str = "cpu") -> Optional[AccuracyAnswer]:
-    """Paired differences by seed of the recorded test bits per byte, or None without records."""
+    """The Accuracy chapter's paired comparisons by seed, on its whole-test-split scores
+    (``accuracy.held_out_scores`` from the records), or None without trained runs or scores."""
     try:
         runs = accuracy.runs_table(results_dir, preset=preset)
+        scores = accuracy.held_out_scores(runs, source="records", results_dir=results_dir)
     except FileNotFoundError:
         return None
-    differences, summary = [], []
-    for name, arm, baseline in COMPARISONS:
-        paired = paired_differences(runs, arm, baseline)
-        if paired.empty:
-            continue
-        differences.append(paired.assign(comparison=name))
-        mean, half = interval(paired["difference"])
-        summary.append({"comparison": name, "mean": mean, "half_width": half, "n": len(paired),
-                        "within_noise": bool(not math.isnan(half) and abs(mean) <= half)})
-    differences = pd.concat(differences, ignore_index=True) if differences else pd.DataFrame(
-        columns=["seed", "difference", "comparison"])
-    summary = pd.DataFrame(summary, columns=["comparison", "mean", "half_width", "n", "within_noise"])
-    bits = runs.groupby("arm")["bits_per_byte"].mean()
-    numbers = {f"{arm.replace('-', '_')}_bits": float(bits[arm]) for arm in ("dense", "moe-k1", "moe-k2",
-                                                                              "moe-k2-half") if arm in bits}
-    for row, key in zip(summary.itertuples(), ("k1_dense", "k2_k1", "k2half_k1")):
-        numbers[f"{key}_diff"], numbers[f"{key}_half"] = row.mean, row.half_width
-        numbers[f"{key}_noise"] = "within noise" if row.within_noise else "outside noise"
-    first = runs.iloc[0]
+    comparisons = accuracy.paired_comparisons(scores)
+    wanted = [(arm, baseline) in ACCURACY_PAIRS for arm, baseline in zip(comparisons["arm"], comparisons["baseline"])]
+    comparisons = comparisons[wanted].reset_index(drop=True)
+    numbers = accuracy.paired_numbers(comparisons)
+    bits = scores.groupby("arm")["bits_per_byte"].mean()
+    for arm in ("dense", "moe-k1", "moe-k2", "moe-k2-half"):
+        if arm in bits:
+            numbers[f"{arm.replace('-', '_')}_bits"] = float(bits[arm])
     numbers["accuracy_scale"] = (f"byte-level transformers of {runs['params_total'].min():,} to "
-                                 f"{runs['params_total'].max():,} parameters, {int(first['steps']):,} steps, "
-                                 f"{runs['seed'].nunique()} seeds per arm, scored on {int(first['eval_bytes']):,} "
-                                 f"held-out bytes of the Python standard library")
+                                 f"{runs['params_total'].max():,} parameters, {int(runs['steps'].iloc[0]):,} "
+                                 f"training steps, {_seeds_text(runs)} per arm, scored on the whole test split "
+                                 f"({int(scores['eval_bytes'].iloc[0]):,} bytes of the Python standard library)")
     dense, top1, top2 = (published.value("DeepSeekMoE", q) for q in (
         "Pile validation loss, dense", "Pile validation loss, top-1 (Switch)", "Pile validation loss, top-2 (GShard)"))
     numbers["deepseek_k1_dense"] = f"{100 * (top1 / dense - 1):+.1f}%"
     numbers["deepseek_k2_k1"] = f"{100 * (top2 / top1 - 1):+.1f}%"
     numbers["st_moe"] = published.text("ST-MoE", "top-2 over top-1 routing, gain in negative log perplexity")
-    folder = sorted({str(d) for d in runs["device"]})
-    evidence = ", ".join(f"results/{record_io.device_folder(d, 'cpu')}/{accuracy.EVAL_KIND}.jsonl" for d in folder)
-    return AccuracyAnswer(runs, differences, summary, numbers, evidence)
+    folders = sorted({record_io.device_folder(str(d), "cpu") for d in runs["device"]})
+    evidence = ", ".join(f"results/{folder}/{kind}.jsonl" for folder in folders
+                         for kind in (accuracy.RESCORE_KIND, accuracy.EVAL_KIND))
+    return AccuracyAnswer(runs, scores, comparisons, numbers, evidence)
 
 
 def _seeds_text(runs: pd.DataFrame) -> str:
@@ -391,30 +363,16 @@ def _seeds_text(runs: pd.DataFrame) -> str:
 
 
 def accuracy_table(answer: AccuracyAnswer) -> pd.DataFrame:
-    return pd.DataFrame({
-        "comparison": answer.summary["comparison"],
-        "mean difference (bits/byte)": answer.summary["mean"],
-        "95% interval ± (bits/byte)": answer.summary["half_width"],
-        "seeds": answer.summary["n"],
-        "verdict": ["within noise" if w else ("better" if m < 0 else "worse")
-                    for m, w in zip(answer.summary["mean"], answer.summary["within_noise"])],
-    })
+    """The three comparisons as the Accuracy chapter prints them, fewer columns."""
+    table = accuracy.format_paired(answer.comparisons)
+    keep = [c for c in table.columns if c.startswith(("comparison", "mean", "95%", "verdict", "seeds"))
+            and c != "seeds for 80% power"]
+    return table[keep]
 
 
 def accuracy_chart(answer: AccuracyAnswer) -> alt.TopLevelMixin:
-    """Each seed's paired difference (points), the mean and its 95% interval (bar), zero as a rule."""
-    order = list(answer.summary["comparison"])
-    summary = answer.summary.assign(low=answer.summary["mean"] - answer.summary["half_width"],
-                                    high=answer.summary["mean"] + answer.summary["half_width"])
-    y = alt.Y("comparison:N", sort=order, title=None, axis=alt.Axis(labelLimit=320))
-    colour = alt.Color("comparison:N", sort=order, scale=charts.palette(order), legend=None)
-    seeds = alt.Chart(answer.differences).mark_point(size=60, filled=True, opacity=0.7).encode(
-        x=alt.X("difference:Q", title="test bits per byte, difference (negative: better)"), y=y, color=colour)
-    bars = alt.Chart(summary).mark_rule(strokeWidth=2).encode(x="low:Q", x2="high:Q", y=y, color=colour)
-    means = alt.Chart(summary).mark_tick(thickness=3, size=18).encode(x="mean:Q", y=y, color=colour)
-    zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(x="zero:Q")
-    return alt.layer(bars, seeds, means, zero).properties(
-        width=380, height=alt.Step(40), title="Paired by seed: points are seeds, bars 95% intervals of the mean")
+    """Each seed's paired difference, the mean and its 95% interval (the Accuracy chapter's chart)."""
+    return accuracy.paired_chart(answer.comparisons, answer.scores)
 
 
 # ---------------------------------------------------------------- 4. routing
@@ -545,21 +503,22 @@ def gpu_anchor_text() -> str:
             f"{grouped['value_text']} for torch._grouped_mm ({grouped['setting']}; {grouped['where']})")
 
 
-def accuracy_sentence(answer: Optional[AccuracyAnswer]) -> str:
+def accuracy_sentence(answer: Optional[AccuracyAnswer], preset: str = "cpu") -> str:
     if answer is None:
-        return "No accuracy records yet: `make train-cpu` trains the arms and writes them."
+        return NO_SCORES.format(preset=preset) + " (`make train-cpu` first, if no arm is trained.)"
     n = answer.numbers
 
     def diff(key: str) -> str:
-        if f"{key}_diff" not in n:
+        if f"{key}_mean" not in n:
             return "not trained"
-        return f"{n[f'{key}_diff']:+.3f} ± {n[f'{key}_half']:.3f} bits/byte ({n[f'{key}_noise']})"
+        return (f"{n[f'{key}_mean']:+.3f} bits/byte, 95% interval [{n[f'{key}_low']:+.3f}, "
+                f"{n[f'{key}_high']:+.3f}] over {n[f'{key}_n']} seeds: {n[f'{key}_verdict']}")
 
-    return (f"Test bits per byte, mean of seeds: dense {n.get('dense_bits', float('nan')):.3f}, top-1 MoE "
+    return (f"Held-out bits per byte, mean of seeds: dense {n.get('dense_bits', float('nan')):.3f}, top-1 MoE "
             f"{n.get('moe_k1_bits', float('nan')):.3f}, top-2 MoE {n.get('moe_k2_bits', float('nan')):.3f}. "
-            f"Paired by seed, with 95% intervals: top-1 against dense at equal active FLOPs {diff('k1_dense')}; "
-            f"top-2 against top-1 with the same experts (twice the expert FLOPs) {diff('k2_k1')}; "
-            f"top-2 against top-1 at equal active FLOPs (half-width experts) {diff('k2half_k1')}.")
+            f"Paired by seed: top-1 against dense at equal active FLOPs {diff('moe_k1_vs_dense')}; top-2 against "
+            f"top-1 with the same experts (twice the expert FLOPs) {diff('moe_k2_vs_moe_k1')}; top-2 against top-1 "
+            f"at equal active FLOPs (half-width experts) {diff('moe_k2_half_vs_moe_k1')}.")
 
 
 def routing_sentence(answer: Optional[RoutingAnswer]) -> str:
@@ -572,8 +531,11 @@ def routing_sentence(answer: Optional[RoutingAnswer]) -> str:
         parts[0] += f" and {n['moe_k2_load_max_over_mean']:.2f}x with k = 2"
     if "moe_k1_nobal_load_max_over_mean" in n:
         parts[0] += f"; without it, {n['moe_k1_nobal_load_max_over_mean']:.2f}x (k = 1)"
-    parts.append(f"Consecutive bytes keep the same first-choice expert {100 * n['moe_k1_same_expert_rate']:.0f}% "
-                 f"of the time (k = 1) against {100 * n['uniform_same_expert']:.1f}% at random (E = {n['n_experts']})")
+    reuse = (f"Consecutive bytes keep the same first-choice expert {100 * n['moe_k1_same_expert_rate']:.0f}% "
+             f"of the time (k = 1) against {100 * n['uniform_same_expert']:.1f}% at random (E = {n['n_experts']})")
+    if "moe_k1_same_expert_different_bytes" in n:
+        reuse += f", and {100 * n['moe_k1_same_expert_different_bytes']:.0f}% when the two bytes differ"
+    parts.append(reuse)
     if "moe_k2_second_weight_share" in n:
         parts.append(f"With k = 2 the second expert carries {100 * n['moe_k2_second_weight_share']:.0f}% of a "
                      f"token's routing weight")

@@ -50,6 +50,11 @@ class ChapterData:
     run_id: Optional[str] = None
 
     @property
+    def plain_note(self) -> str:
+        """The note for a box that is already titled as one: without its leading "Note: "."""
+        return self.note.replace("Note: ", "", 1)
+
+    @property
     def empty(self) -> bool:
         return not any(record.get("measurement") == "time" for record in self.records)
 

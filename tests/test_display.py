@@ -1,0 +1,48 @@
+"""How chapters show things (analysis/display.py, analysis/charts.py): tables without an
+index column, significant digits, wide tables that scroll, notes, one colour-blind-safe palette."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis import display
+
+
+@pytest.mark.parametrize("value, digits, text", [
+    (3.14159, 3, "3.14"), (0.000123456, 3, "0.000123"), (1234.5, 3, "1,234"), (12, 3, "12"),
+    (123456789.0, 3, "1.23e+08"), (None, 3, "\u2013"), (math.nan, 3, "\u2013"), ("swiglu", 3, "swiglu"),
+    (-0.0123, 2, "-0.012"),
+])
+def test_significant(value, digits, text):
+    assert display.significant(value, digits) == text
+
+
+def test_table_has_no_unnamed_index_and_shows_a_named_one():
+    frame = pd.DataFrame({"T": [1, 2], "time (ms)": [0.123456, 12.3456]}, index=[7, 8])
+    html = display.table(frame)._repr_html_()
+    assert ">7<" not in html and ">0.123<" in html and ">12.3<" in html
+    named = display.table(frame.set_index("T"))._repr_html_()
+    assert "<th" in named and ">T</th>" in named and ">1<" in named
+
+
+def test_table_scrolls_and_keeps_short_cells_on_one_line():
+    frame = pd.DataFrame({"path": ["cpu-amd-epyc/sweep.jsonl"], "note": ["word " * 30]})
+    html = display.table(frame)._repr_html_()
+    assert 'overflow-x:auto' in html
+    cells = html.split("<td ")[1:]
+    assert "nowrap" in cells[0] and "nowrap" not in cells[1]
+
+
+def test_note_is_an_admonition_with_escaped_text():
+    bundle = display.Note("Where", "a < b")._repr_mimebundle_()
+    assert 'class="admonition note"' in bundle["text/html"] and "a &lt; b" in bundle["text/html"]
+    assert bundle["text/plain"] == "Where: a < b"
+
+
+def test_palette_is_okabe_ito_in_order():
+    charts = pytest.importorskip("analysis.charts", reason="the book extra is not installed")
+    scale = charts.palette(["a", "b", "c"]).to_dict()
+    assert scale["domain"] == ["a", "b", "c"] and scale["range"] == list(charts.OKABE_ITO[:3])
