@@ -188,3 +188,8 @@ def checkpoints_table(checkpoints: dict) -> pd.DataFrame:
     """The checkpoints folder as one row: where, how many files, how large."""
     return pd.DataFrame([{"folder": checkpoints["folder"], "files": checkpoints["n_files"],
                           "size": size_text(checkpoints["total_bytes"])}])
+
+
+def counted(n: int, noun: str) -> str:
+    """"1 device", "3 devices": a count with its noun, for the prose."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
