@@ -131,12 +131,12 @@ def speed_chart(answer: SpeedAnswer) -> alt.TopLevelMixin:
         x=alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T"),
         y=alt.Y("ratio:Q", scale=alt.Scale(type="log"), title="MoE time / dense time"),
         color=alt.Color("series:N", sort=order, title=None, scale=charts.palette(order),
-                        legend=alt.Legend(orient="bottom", columns=2)),
-        strokeDash=alt.StrokeDash("series:N", sort=order, title=None, legend=None))
+                        legend=alt.Legend(orient="bottom", columns=2, symbolStrokeWidth=2)),
+        strokeDash=alt.StrokeDash("series:N", sort=order, title=None))
     even = alt.Chart(pd.DataFrame({"one": [1.0]})).mark_rule(color="black").encode(y="one:Q")
     where = "CPU" if answer.device_kind == "cpu" else "GPU"
     return alt.layer(lines, even).properties(
-        width=460, height=260, title=f"MoE against dense on the {where} (below 1: the MoE is faster)")
+        width=540, height=280, title=f"MoE against dense on the {where} (below 1: the MoE is faster)")
 
 
 # ---------------------------------------------------------------- 2. k = 1 against k = 2: time per stage
@@ -186,7 +186,7 @@ def stage_chart(ratios: pd.DataFrame, device_kind: str) -> alt.TopLevelMixin:
         color=alt.Color("stage:N", sort=order, title="stage", scale=charts.palette(order)))
     guides = alt.Chart(pd.DataFrame({"y": [1.0, 2.0]})).mark_rule(strokeDash=[4, 3], color="grey").encode(y="y:Q")
     where = "CPU" if device_kind == "cpu" else "GPU"
-    return alt.layer(lines, guides).properties(width=460, height=240,
+    return alt.layer(lines, guides).properties(width=480, height=260,
                                                 title=f"What k = 2 costs over k = 1, per stage ({where})")
 
 
@@ -229,10 +229,11 @@ def memory_answer(results_dir=None, preset: str = "cpu", dtype: str = "float32",
     for k in (1, 2):
         for row in memory.intermediates(memory.LayerShape(T_big, D, F, E, k, dtype, activation)):
             parts.append({"stage": row["stage"], "array": row["array"], "shape": row["shape"], "k": k,
-                          "MiB": row["bytes"] / 2**20})
-    arrays = pd.DataFrame(parts).pivot_table(index=["stage", "array", "shape"], columns="k", values="MiB",
+                          "bytes": row["bytes"]})
+    arrays = pd.DataFrame(parts).pivot_table(index=["stage", "array", "shape"], columns="k", values="bytes",
                                              sort=False).reset_index()
-    arrays.columns = ["stage", "array", "shape", "k = 1 (MiB)", "k = 2 (MiB)"]
+    arrays.columns = ["stage", "array", "shape", "k = 1 (bytes)", "k = 2 (bytes)"]
+    arrays = arrays.astype({"k = 1 (bytes)": "int64", "k = 2 (bytes)": "int64"})
     measured, note = _measured_memory(results_dir, preset, dtype)
     one = memory.peak_bytes(memory.LayerShape(T_big, D, F, E, 1, dtype, activation))
     two = memory.peak_bytes(memory.LayerShape(T_big, D, F, E, 2, dtype, activation))
@@ -346,15 +347,26 @@ def accuracy_answer(results_dir=None, preset: str = "cpu") -> Optional[AccuracyA
                                  f"{runs['params_total'].max():,} parameters, {int(runs['steps'].iloc[0]):,} "
                                  f"training steps, {_seeds_text(runs)} per arm, scored on the whole test split "
                                  f"({int(scores['eval_bytes'].iloc[0]):,} bytes of the Python standard library)")
-    dense, top1, top2 = (published.value("DeepSeekMoE", q) for q in (
-        "Pile validation loss, dense", "Pile validation loss, top-1 (Switch)", "Pile validation loss, top-2 (GShard)"))
-    numbers["deepseek_k1_dense"] = f"{100 * (top1 / dense - 1):+.1f}%"
-    numbers["deepseek_k2_k1"] = f"{100 * (top2 / top1 - 1):+.1f}%"
-    numbers["st_moe"] = published.text("ST-MoE", "top-2 over top-1 routing, gain in negative log perplexity")
     folders = sorted({record_io.device_folder(str(d), "cpu") for d in runs["device"]})
     evidence = ", ".join(f"results/{folder}/{kind}.jsonl" for folder in folders
                          for kind in (accuracy.RESCORE_KIND, accuracy.EVAL_KIND))
     return AccuracyAnswer(runs, scores, comparisons, numbers, evidence)
+
+
+def accuracy_anchors() -> dict:
+    """The published accuracy figures the answer sits beside, as the prose gives them."""
+    dense, top1, top2 = (published.value("DeepSeekMoE", q) for q in (
+        "Pile validation loss, dense", "Pile validation loss, top-1 (Switch)", "Pile validation loss, top-2 (GShard)"))
+    return {"deepseek_k1_dense": f"{100 * (top1 / dense - 1):+.1f}%",
+            "deepseek_k2_k1": f"{100 * (top2 / top1 - 1):+.1f}%",
+            "st_moe": published.text("ST-MoE", "top-2 over top-1 routing, gain in negative log perplexity")}
+
+
+def routing_anchors() -> dict:
+    """The published routing figures the answer sits beside, as the prose gives them."""
+    return {"shazeer": (f"{published.value(*routing.SHAZEER_NO_BALANCE_MAX):.2f} without a balancing loss and "
+                        f"{published.value(*routing.SHAZEER_BALANCED_MAX):.2f} with one"),
+            "mixtral_same": published.text(*routing.MIXTRAL_SAME_EXPERT)}
 
 
 def _seeds_text(runs: pd.DataFrame) -> str:
@@ -385,19 +397,26 @@ class RoutingAnswer:
     positions: int
 
 
-def routing_answer(runs: pd.DataFrame, routing_bytes: int, arms=ROUTING_ARMS) -> Optional[RoutingAnswer]:
-    """Load balance and consecutive-byte expert reuse of ``arms`` (every seed), on the first
-    ``routing_bytes`` test bytes, through the Routing chapter's functions."""
+def trained_runs(results_dir=None, preset: str = "cpu") -> Optional[pd.DataFrame]:
+    """The trained runs of ``preset`` (accuracy.runs_table), or None when none was trained."""
+    try:
+        return accuracy.runs_table(results_dir, preset=preset)
+    except FileNotFoundError:
+        return None
+
+
+def routing_answer(runs: Optional[pd.DataFrame], routing_bytes: int, arms=ROUTING_ARMS) -> Optional[RoutingAnswer]:
+    """Load balance and consecutive-byte expert reuse of ``arms`` (every seed), on
+    ``routing_bytes`` test bytes spread over the test files, through the Routing chapter's
+    functions; None without trained runs."""
+    if runs is None:
+        return None
     chosen = runs[runs["arm"].isin(arms)]
     if chosen.empty:
         return None
     collected = routing.collect_all(chosen, max_bytes=routing_bytes)
     metrics = routing.metrics_table(collected)
     numbers = routing.headline_numbers(metrics)
-    shazeer = published.value(*routing.SHAZEER_NO_BALANCE_MAX)
-    numbers["shazeer_nobal_max"] = shazeer
-    numbers["shazeer_bal_max"] = published.value(*routing.SHAZEER_BALANCED_MAX)
-    numbers["mixtral_same"] = published.text(*routing.MIXTRAL_SAME_EXPERT)
     return RoutingAnswer(routing.arm_averages(metrics), numbers, routing.tokens_collected(collected))
 
 
@@ -499,8 +518,9 @@ def utilisation_line(results_dir=None) -> str:
 def gpu_anchor_text() -> str:
     vllm = published.entry("vLLM", "fused MoE, fraction of HBM bandwidth")
     grouped = published.entry("PyTorch", "torch._grouped_mm rate")
-    return (f"{vllm['value_text']} of HBM bandwidth for vLLM's tuned fused MoE ({vllm['setting']}; {vllm['where']}); "
-            f"{grouped['value_text']} for torch._grouped_mm ({grouped['setting']}; {grouped['where']})")
+    return (f"{vllm['value_text']} of HBM bandwidth for vLLM's tuned fused MoE ({vllm['setting']}), and "
+            f"{grouped['value_text']} for torch._grouped_mm ({grouped['setting']}), both as the study's design "
+            f"quotes them (The contract, last section)")
 
 
 def accuracy_sentence(answer: Optional[AccuracyAnswer], preset: str = "cpu") -> str:
