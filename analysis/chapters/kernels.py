@@ -434,16 +434,17 @@ def source_numbers() -> dict:
             "source_hash": build_report.source_hash()[:12]}
 
 
-def emulator_mutation_table() -> Optional[pd.DataFrame]:
+def emulator_mutation_table(names: Optional[Sequence[str]] = None) -> Optional[pd.DataFrame]:
     """CPU emulation: each realistic GPU bug of kernels.cuda.emulator.mutants injected
     into a copy of the kernels, run on the emulator, and what caught it (the tolerance
     rule, an exact plan, bitwise equality across schedules, or a fault the emulator
-    raises). None where the emulator cannot run. These are CPU runs, not GPU runs."""
+    raises). None where the emulator cannot run. These are CPU runs, not GPU runs.
+    names: the mutants to run (default: all)."""
     if "cuda-emulated" not in kernels_package.available_backends():
         return None
     from kernels.cuda.emulator import mutants
 
-    return pd.DataFrame(mutants.verify())
+    return pd.DataFrame(mutants.verify(names))
 
 
 def emulator_numbers(table: Optional[pd.DataFrame]) -> dict:

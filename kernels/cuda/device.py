@@ -23,6 +23,11 @@ from typing import Any, Callable
 import numpy
 
 
+#: Arrays that launches captured into a CUDA graph write to but no result holds
+#: (kernels.cuda.stages, expert_mlp): kept alive while the graph may replay.
+GRAPH_KEEPALIVE: list = []
+
+
 @dataclasses.dataclass(frozen=True)
 class Device:
     name: str

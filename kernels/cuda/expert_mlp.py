@@ -176,7 +176,7 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
     launch = {"v1": _launch_v1, "v2": _launch_v2, "v3": _launch_v3, "decode": _launch_decode}[version]
     tile_starts = launch(device, rows, offsets, w1, w2, w3, hidden, out, defines)
     if device.capturing():  # a replay writes them again: keep them alive (see kernels.cuda.stages)
-        from .stages import GRAPH_KEEPALIVE  # noqa: PLC0415
+        from .device import GRAPH_KEEPALIVE  # noqa: PLC0415
 
         GRAPH_KEEPALIVE.extend(a for a in (hidden, tile_starts, offsets, w3) if a is not None)
     return out

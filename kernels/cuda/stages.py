@@ -18,9 +18,9 @@ synchronisation) and raises ValueError, unless ``check_finite=False``.
 
 CUDA graphs: arrays a captured launch writes to but the result does not hold
 (the non-finite flag, dispatch scratch, hidden activations, tile starts) are
-appended to ``GRAPH_KEEPALIVE`` while a capture is in progress, so their memory
-stays valid for every replay of the graph (for the life of the process: CuPy
-gives no hook for a graph's release).
+appended to ``device.GRAPH_KEEPALIVE`` while a capture is in progress, so their
+memory stays valid for every replay of the graph (for the life of the process:
+CuPy gives no hook for a graph's release).
 
 Limits of this version: the router takes E <= 1024 (E logits per token live
 in registers), dispatch E <= 12288 (a counter per expert per warp in shared
@@ -35,17 +35,13 @@ import numpy as np
 
 from ..types import DispatchPlan, Routing
 from . import launch_config as config
-from .device import Device
+from .device import GRAPH_KEEPALIVE, Device
 
 _FLOAT16 = np.dtype(np.float16)
 NONFINITE_MESSAGE = (
     "x, router: expected finite values, got non-finite entries (NaN or infinity) in x or router, "
     "or float32 logits that overflow (found by the cuda router kernel)"
 )
-
-#: Intermediates of captured launches (see the module docstring).
-GRAPH_KEEPALIVE: list = []
-
 
 class Stages:
     def __init__(self, device: Device):
