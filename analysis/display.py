@@ -57,7 +57,7 @@ class Table:
     """A pandas DataFrame shown as a formatted HTML table (no index column,
     ``digits`` significant digits, sideways scrolling when wide)."""
 
-    def __init__(self, frame, digits: int = 3, caption: str | None = None):
+    def __init__(self, frame, digits: int = 3, caption: str | None = None, empty: str = "Nothing to list."):
         # A named index (set_index(["preset", "T"])) is data: show it as columns. An
         # unnamed one (0, 1, 2, ...) is not, and is never shown.
         if any(name is not None for name in frame.index.names):
@@ -65,6 +65,8 @@ class Table:
         self.frame = frame
         self.digits = digits
         self.caption = caption
+        #: What the page says instead of a table with no rows.
+        self.empty = empty
 
     def _cells(self):
         header = [html.escape(str(column)) for column in self.frame.columns]
@@ -73,6 +75,8 @@ class Table:
         return header, rows
 
     def _repr_html_(self) -> str:
+        if self.frame.empty:
+            return f"<p><em>{html.escape(self.empty)}</em></p>"
         header, rows = self._cells()
         numeric = [self.frame[column].dtype.kind in "iuf" for column in self.frame.columns]
         # Numbers and short texts (names, dates, paths) stay on one line; long texts wrap.
@@ -88,6 +92,8 @@ class Table:
                 f'<table class="table">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
 
     def __repr__(self) -> str:
+        if self.frame.empty:
+            return self.empty
         header, rows = self._cells()
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -95,6 +101,7 @@ class Table:
         return "\n".join(lines)
 
 
-def table(frame, digits: int = 3, caption: str | None = None) -> Table:
-    """Show ``frame`` in a chapter: ``display.table(df)`` as a cell's last line."""
-    return Table(frame, digits=digits, caption=caption)
+def table(frame, digits: int = 3, caption: str | None = None, empty: str = "Nothing to list.") -> Table:
+    """Show ``frame`` in a chapter: ``display.table(df)`` as a cell's last line. A frame
+    without rows shows the sentence ``empty`` instead of an empty table."""
+    return Table(frame, digits=digits, caption=caption, empty=empty)

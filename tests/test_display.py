@@ -46,3 +46,8 @@ def test_palette_is_okabe_ito_in_order():
     charts = pytest.importorskip("analysis.charts", reason="the book extra is not installed")
     scale = charts.palette(["a", "b", "c"]).to_dict()
     assert scale["domain"] == ["a", "b", "c"] and scale["range"] == list(charts.OKABE_ITO[:3])
+
+
+def test_an_empty_table_is_a_sentence():
+    shown = display.table(pd.DataFrame(columns=["what", "problem"]), empty="Nothing failed.")
+    assert shown._repr_html_() == "<p><em>Nothing failed.</em></p>" and repr(shown) == "Nothing failed."

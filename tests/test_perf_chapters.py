@@ -155,3 +155,9 @@ def test_records_marked_invalid_are_in_no_table_or_chart(results):
     assert "HF eager loop" not in set(perf_chapters.timing_frame(data)["label"])
     assert perf_chapters.summary_frame(data)["hf_eager ms"].isna().all()
 
+
+
+def test_plain_note_drops_the_note_prefix():
+    data = perf_chapters.ChapterData([], "records", "No GPU here. Note: these are the newest records.")
+    assert data.plain_note == "No GPU here. These are the newest records."
+    assert perf_chapters.ChapterData([], "none", "Note: none yet.").plain_note == "None yet."

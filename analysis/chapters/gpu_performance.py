@@ -81,3 +81,18 @@ def validate_parameters(source: str, plan, results_dir) -> None:
     if results_dir is not None and not Path(results_dir).is_dir():
         raise ValueError(f"results_dir: expected None or an existing folder, got {results_dir!r}")
 
+
+
+#: Reader's column names for the Nsight Compute and NVML tables.
+READABLE = {"top_k": "k", "sm_throughput_pct": "SM throughput (%)", "dram_throughput_pct": "DRAM throughput (%)",
+            "achieved_occupancy_pct": "achieved occupancy (%)", "tensor_pipe_pct": "tensor pipe (%)",
+            "duration_s": "duration (s)", "gpu_utilisation_pct": "GPU utilisation (%)",
+            "gpu_utilisation_max_pct": "max GPU utilisation (%)", "sm_clock_mhz": "SM clock (MHz)",
+            "power_w": "power (W)", "memory_used_bytes": "memory used (bytes)"}
+
+
+def readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (ncu_frame, nvml_frame) with the reader's column names, its index as a column."""
+    if any(name is not None for name in frame.index.names):
+        frame = frame.reset_index()
+    return frame.rename(columns=READABLE)

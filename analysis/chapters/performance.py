@@ -52,7 +52,8 @@ class ChapterData:
     @property
     def plain_note(self) -> str:
         """The note for a box that is already titled as one: without its leading "Note: "."""
-        return self.note.replace("Note: ", "", 1)
+        head, found, rest = self.note.partition("Note: ")
+        return head + rest[:1].upper() + rest[1:] if found else self.note
 
     @property
     def empty(self) -> bool:
