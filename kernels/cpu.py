@@ -14,7 +14,8 @@ and both GEMMs and the elementwise and gather work between them use every
 core; BLAS's own threads would parallelise only the GEMMs. The number of
 workers is the thread count BLAS has when the call starts (`threads()`; by
 default every core, set it with `threadpoolctl.threadpool_limits` or
-OPENBLAS_NUM_THREADS).
+OPENBLAS_NUM_THREADS). The BLAS setting is the process's: calls made from
+several threads at once share it, so make one call at a time.
 
 Determinism. How a stage is cut into tasks depends only on the shapes and the
 routing, never on the number of workers, and every task runs single-threaded
@@ -60,8 +61,8 @@ float_dtypes = (np.dtype(np.float32), np.dtype(np.float64))
 #: they are still in cache; a whole large batch's hidden would stream through
 #: DRAM three times. 512 rows keep single-threaded BLAS at full speed.
 ROW_BLOCK = 512
-#: Fewest rows in one MLP block (below it, BLAS packs more than it computes):
-#: an expert with fewer rows is cut into column chunks instead.
+#: Fewest rows in one MLP block (below it, BLAS spends more time packing the
+#: weights than multiplying): an expert with fewer rows is cut into chunks of F.
 MIN_BLOCK_ROWS = 64
 #: Blocks shrink (down to MIN_BLOCK_ROWS) until a stage has this many tasks,
 #: enough to share out among the workers of a machine with a few cores.
@@ -79,6 +80,7 @@ Task = Callable[[], None]
 
 _blas: Optional[object] = None
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
@@ -98,12 +100,12 @@ def threads() -> int:
 
 def _helpers(count: int) -> ThreadPoolExecutor:
     """A pool of at least ``count`` helper threads (the caller is one more worker)."""
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < count:
+        if _pool is None or _pool_size < count:
             if _pool is not None:
                 _pool.shutdown(wait=True)
-            _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="kernels-cpu")
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=count, thread_name_prefix="kernels-cpu"), count
         return _pool
 
 
