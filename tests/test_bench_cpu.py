@@ -191,3 +191,11 @@ def test_table_rows_pair_each_moe_with_its_baselines():
     assert row["moe_over_torch_grouped"] is None  # not timed: no ratio, not a zero
     assert row["moe_over_weight_read"] == pytest.approx(0.004 / 0.002)
     assert row["moe_fraction_of_sgemm"] == pytest.approx(1e6 / 0.004 / 1e9)
+
+
+def test_decode_counts_only_the_experts_it_routes_to():
+    config = dataclasses.replace(bench_cpu.PRESETS["quick"], n_experts=8)
+    one_token = bench_cpu.measure_moe(config, "relu", 1, 1, bench_cpu.InputCache(config))
+    assert one_token["touched_weight_bytes"] == bench_cpu.expert_bytes(config, "relu")  # one expert, every set
+    two_choices = bench_cpu.measure_moe(config, "relu", 1, 2, bench_cpu.InputCache(config))
+    assert two_choices["touched_weight_bytes"] == 2 * bench_cpu.expert_bytes(config, "relu")

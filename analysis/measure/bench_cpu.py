@@ -315,9 +315,8 @@ def measure_moe(config: BenchConfig, activation: str, T: int, K: int, inputs: In
     # Nothing wrong is timed: the project's one tolerance rule against the
     # float64 reference, routed the same way; it raises, and the run stops.
     checked = sweep_cells.check_moe_output(*sets[0], cfg, first, name=f"cpu moe_forward {activation} T={T} k={K}")
-    # The experts each input set touches: the weights decode must read.
-    touched = [numpy.unique(kernels.moe_forward(x, w, cfg, backend="cpu").routing.experts).size
-               if T * K < config.n_experts else config.n_experts for x, w in sets]
+    # The experts each input set routes to: the weights a call must read (decode's floor).
+    touched = [numpy.unique(kernels.route(x, w.router, K, backend="cpu").experts).size for x, w in sets]
     measured = timing.time_within_budget(lambda x, w: kernels.moe_forward(x, w, cfg, backend="cpu"), sets,
                                          budget(config))
     kept = int(first.plan.offsets[-1])
