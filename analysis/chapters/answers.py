@@ -362,6 +362,20 @@ def accuracy_anchors() -> dict:
             "st_moe": published.text("ST-MoE", "top-2 over top-1 routing, gain in negative log perplexity")}
 
 
+def accuracy_published_line(answer: Optional[AccuracyAnswer]) -> str:
+    """The published figures beside ours, relative changes side by side where ours exist."""
+    anchors = accuracy_anchors()
+    n = answer.numbers if answer is not None else {}
+
+    def ours(key: str) -> str:
+        return f" (ours: {n[f'{key}_percent']:+.1f}% in bits per byte)" if f"{key}_percent" in n else ""
+
+    return (f"DeepSeekMoE (Table 1, 2B-parameter models on the Pile): top-1 against dense "
+            f"{anchors['deepseek_k1_dense']} in loss{ours('moe_k1_vs_dense')}, top-2 against top-1 "
+            f"{anchors['deepseek_k2_k1']}{ours('moe_k2_vs_moe_k1')}. ST-MoE (Table 8): top-2 over top-1 "
+            f"{anchors['st_moe']} in negative log perplexity.")
+
+
 def routing_anchors() -> dict:
     """The published routing figures the answer sits beside, as the prose gives them."""
     return {"shazeer": (f"{published.value(*routing.SHAZEER_NO_BALANCE_MAX):.2f} without a balancing loss and "
@@ -536,7 +550,7 @@ def accuracy_sentence(answer: Optional[AccuracyAnswer], preset: str = "cpu") -> 
 
     return (f"Held-out bits per byte, mean of seeds: dense {n.get('dense_bits', float('nan')):.3f}, top-1 MoE "
             f"{n.get('moe_k1_bits', float('nan')):.3f}, top-2 MoE {n.get('moe_k2_bits', float('nan')):.3f}. "
-            f"Paired by seed: top-1 against dense at equal active FLOPs {diff('moe_k1_vs_dense')}; top-2 against "
+            f"Paired by seed (negative: the first arm predicts better): top-1 against dense at equal active FLOPs {diff('moe_k1_vs_dense')}; top-2 against "
             f"top-1 with the same experts (twice the expert FLOPs) {diff('moe_k2_vs_moe_k1')}; top-2 against top-1 "
             f"at equal active FLOPs (half-width experts) {diff('moe_k2_half_vs_moe_k1')}.")
 
