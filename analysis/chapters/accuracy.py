@@ -257,14 +257,18 @@ def curve_chart(curves: pd.DataFrame, x: str, arms: Sequence[str] = MAIN_ARMS) -
     colour = alt.Color("arm:N", scale=scale, sort=present, title="arm")
     title = {"tokens": "training bytes seen", "seconds": "training wall-clock seconds (CPU)"}.get(x, x)
     x_encoding = alt.X("x:Q", title=title)
-    # Both layers carry the same colour encoding (legend and all): a layer with
-    # legend=None would remove the merged legend of the whole chart.
-    band = alt.Chart(data).mark_area(opacity=0.2).encode(x=x_encoding, y="low:Q", y2="high:Q", color=colour)
-    line = alt.Chart(data).mark_line().encode(
-        x=x_encoding, y=alt.Y("mean:Q", title="training loss (bits per byte)", scale=alt.Scale(zero=False)),
-        color=colour)
-    return alt.layer(band, line).properties(width=460, height=280,
-                                            title=f"Training loss against {title} (mean of seeds, band ±1 std)")
+    # The first steps fall from log2(256) = 8 bits; the y axis starts after the first fifth
+    # of training, where the arms separate (earlier points are clipped at the top).
+    later = data[data["step"] >= 0.2 * data["step"].max()]
+    y_scale = alt.Scale(domain=[float(later["low"].min()), float(later["high"].max())], zero=False)
+    band = alt.Chart(data).mark_area(opacity=0.2, clip=True).encode(
+        x=x_encoding, y=alt.Y("low:Q", scale=y_scale), y2="high:Q",
+        color=alt.Color("arm:N", scale=scale, sort=present, legend=None))
+    line = alt.Chart(data).mark_line(clip=True).encode(
+        x=x_encoding, y=alt.Y("mean:Q", title="training loss (bits per byte)", scale=y_scale), color=colour)
+    # Independent legends: the band's (none) can't hide the line's.
+    return alt.layer(band, line).resolve_legend(color="independent").properties(
+        width=460, height=280, title=f"Training loss against {title} (mean of seeds, band ±1 std)")
 
 
 def summary_chart(summary: pd.DataFrame) -> alt.TopLevelMixin:
@@ -933,11 +937,22 @@ def n_experts(table: pd.DataFrame):
     return values[0] if values else float("nan")
 
 
-def beside_published(summary: pd.DataFrame) -> pd.DataFrame:
-    """Our relative differences beside the published ones (labelled; far larger models, other data)."""
+def beside_published(summary: pd.DataFrame, comparisons: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Our relative differences beside the published ones (labelled; far larger models, other data).
+    With `comparisons` (paired_comparisons), ours are the paired mean differences by seed,
+    marked where they are within noise; without, the differences of the arms' means."""
     from analysis.chapters import published
 
     numbers = headline_numbers(summary)
+    verdicts = {}
+    if comparisons is not None:
+        for row in comparisons.itertuples():
+            key = {("moe-k1", "dense"): "k1_vs_dense", ("moe-k2-half", "dense"): "k2_half_vs_dense",
+                   ("moe-k2-half", "moe-k1"): "k2_half_vs_k1", ("moe-k2", "moe-k1"): "k2_vs_k1",
+                   ("dense-wide", "moe-k1"): "wide_vs_k1"}.get((row.arm, row.baseline))
+            if key:
+                numbers[f"{key}_percent"] = 100 * row.relative
+                verdicts[f"{key}_percent"] = "paired" if row.supported else "paired, within noise"
     dense_loss = published.entry("DeepSeekMoE", "Pile validation loss, dense")
     dense = published.value("DeepSeekMoE", "Pile validation loss, dense")
     top1 = published.value("DeepSeekMoE", "Pile validation loss, top-1 (Switch)")
@@ -948,7 +963,9 @@ def beside_published(summary: pd.DataFrame) -> pd.DataFrame:
 
     def ours(key: str) -> str:
         value = numbers.get(key, float("nan"))
-        return "not trained" if value != value else f"{value:+.2f}% bits/byte"
+        if value != value:
+            return "not trained"
+        return f"{value:+.2f}% bits/byte" + (f" ({verdicts[key]})" if key in verdicts else "")
 
     def cited(entry: dict) -> str:
         return f"{entry['source']}, {entry['where']}"

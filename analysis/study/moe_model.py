@@ -37,7 +37,9 @@ the capacity scope (``CAPACITY_SCOPES``):
   kernels' contract (GShard's batch-wide rule, what a prefill kernel sees).
   It is not causal: whether a token's second choice is kept depends on the
   first choices of every later position, since all first choices outrank all
-  second choices. Use it to study the kernels, not to score next-byte loss.
+  second choices; and, with sequences flattened one after another, even for
+  k = 1 the first positions of one sequence arrive after the last positions
+  of the one before. Use it to study the kernels, not to score next-byte loss.
 
 Dimension letters as in the contract: T tokens, D model width, F expert hidden
 width, E experts, K experts per token.
