@@ -17,7 +17,7 @@ help:
 	@echo "make sweep-cpu  the benchmark sweep on this CPU (SWEEP_THREADS=1 on a shared machine), writes results/"
 	@echo "make gpu-wheels download the wheels a GPU machine lacks (nsight-python 0.9 and its needs) into .whl/"
 	@echo "make device-check PY=python3  on a GPU machine: gpu tests, compute-sanitizer, the GPU sweep, records"
-	@echo "make train-cpu  train the accuracy study's cpu preset (all arms, 3 seeds; ~1 h on 2 cores, resumable)"
+	@echo "make train-cpu  train the accuracy study's cpu preset (all arms, 3 seeds; ~1 h on 2 cores, resumable), then score on the whole test split"
 	@echo "make train-gpu  the same with the larger gpu preset on a CUDA device"
 	@echo "make setup      create .venv and install the project (done by the others)"
 	@echo "make clean      remove generated notebooks, the built book and caches"
@@ -69,11 +69,15 @@ gpu-wheels:
 device-check:
 	$(PY) -m analysis.measure.device_check $(DEVICE_CHECK_ARGS)
 
+# Training, then the whole-test-split scores the Accuracy chapter reads (accuracy-rescore
+# records); both skip what is done already, so an interrupted run resumes.
 train-cpu: $(STAMP)
 	$(PY) -m analysis.study.train --preset cpu $(TRAIN_ARGS)
+	$(PY) -m analysis.study.evaluation --preset cpu
 
 train-gpu: $(STAMP)
 	$(PY) -m analysis.study.train --preset gpu $(TRAIN_ARGS)
+	$(PY) -m analysis.study.evaluation --preset gpu
 
 clean:
 	rm -rf book/_build book/generated .pytest_cache .hypothesis
