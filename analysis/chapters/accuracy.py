@@ -417,9 +417,10 @@ def verify_scores_live(scores: pd.DataFrame, source: str, arm: str = "dense") ->
     if worst > REPRODUCE_TOLERANCE_BITS:
         raise AssertionError(f"{run}: re-scored here, {checks} (here, recorded) differ by more than "
                              f"{REPRODUCE_TOLERANCE_BITS} bits per byte")
+    agreement = "exactly" if worst == 0 else f"within {worst:.1e} bits per byte"
     return {"verification": f"To show that the records are what the checkpoints give, this build re-scored {run} "
                             f"here, on the whole split and on the training-time prefix: both equal their records "
-                            f"within {worst:.1e} bits per byte."}
+                            f"{agreement}."}
 
 
 def coverage_numbers(scores: pd.DataFrame, manifest: dict) -> dict:
@@ -430,8 +431,8 @@ def coverage_numbers(scores: pd.DataFrame, manifest: dict) -> dict:
     seq_len = int(load_checkpoint(scores["checkpoint"].iloc[0])[0].cfg.seq_len)
     prefix = sample_summary(data, window_starts(data, seq_len, 1, sample="prefix", max_bytes=prefix_bytes), seq_len)
     whole = int(scores["eval_bytes"].iloc[0]) >= manifest["bytes"]["test"] - seq_len
-    scored_what = ("the **whole test split**" if whole else
-                   "**a sample spread over every test file** (a smoke test; a real preset scores the whole split)")
+    scored_what = ("the whole test split" if whole else
+                   "a sample spread over every test file (a smoke test; a real preset scores the whole split)")
     return {"scored_what": scored_what,
             "scored_bytes": f"{int(scores['eval_bytes'].iloc[0]):,}", "split_bytes": f"{manifest['bytes']['test']:,}",
             "scored_files": int(scores["files_scored"].min()), "split_files": int(manifest["files"]["test"]),
@@ -470,7 +471,6 @@ def format_paired(comparisons: pd.DataFrame, unit: str = "bits/byte") -> pd.Data
 
     return pd.DataFrame({
         "comparison": comparisons["comparison"],
-        "what differs": comparisons["what differs"],
         f"per-seed difference ({unit})": [", ".join(f"{d:+.3f}" for d in ds) for ds in comparisons["differences"]],
         f"mean ({unit})": comparisons["mean"],
         "95% interval": [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(comparisons["low"], comparisons["high"])],
@@ -480,6 +480,7 @@ def format_paired(comparisons: pd.DataFrame, unit: str = "bits/byte") -> pd.Data
         "seeds for 80% power": comparisons["seeds_needed"].map(
             lambda n: "more than 1000" if not np.isfinite(n) else str(int(n))),
         "seeds": comparisons["n"],
+        "what differs": comparisons["what differs"],
     })
 
 
@@ -502,12 +503,12 @@ def paired_numbers(comparisons: pd.DataFrame) -> dict:
 def resolution_sentence(row) -> str:
     """What more seeds would do for one comparison (a row of paired_comparisons), in words."""
     if row.supported:
-        return f"the data of {row.n} seeds support this difference"
+        return f"The data of {row.n} seeds support this difference."
     if not np.isfinite(row.seeds_needed):
-        return (f"no number of seeds up to {paired.MAX_SEEDS} would resolve a difference this small against "
-                f"this spread; the study does not rank the two arms")
-    return (f"a difference of this size would need about {int(row.seeds_needed)} seeds to resolve with 80% "
-            f"power; with {row.n}, the study does not rank the two arms")
+        return (f"No number of seeds up to {paired.MAX_SEEDS} would resolve a difference this small against "
+                f"this spread; the study does not rank the two arms.")
+    return (f"A difference of this size would need about {int(row.seeds_needed)} seeds to resolve with 80% "
+            f"power; with {row.n}, the study does not rank the two arms.")
 
 
 def paired_chart(comparisons: pd.DataFrame, scores: pd.DataFrame, metric: str = "bits_per_byte") -> alt.TopLevelMixin:
