@@ -50,7 +50,7 @@ def significant(value, digits: int = 3) -> str:
 
 
 #: Cells of a column whose texts are all at most this long are kept on one line.
-SHORT_TEXT = 36
+SHORT_TEXT = 24
 
 
 class Table:
