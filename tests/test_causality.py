@@ -116,3 +116,10 @@ def test_scoring_uses_the_causal_scope():
             nats += float(torch.nn.functional.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1),
                                                             reduction="sum"))
     assert scored["loss"] == pytest.approx(nats / scored["n_bytes"], rel=1e-12)
+
+
+def test_an_unknown_capacity_scope_is_an_error():
+    model = _model("moe-k1")
+    tokens, _ = _two_batches()
+    with pytest.raises(ValueError, match="capacity_scope: expected one of"):
+        model(tokens, capacity_factor=1.0, capacity_scope="sequence")
