@@ -163,18 +163,25 @@ def validate_parameters(results_dir) -> None:
         raise ValueError(f"results_dir: expected None or an existing folder, got {results_dir!r}")
 
 
-#: The index's columns split into two tables that fit a page: what and when, then with which software.
-RECORD_COLUMNS = ["path", "kind", "records", "device", "git commit", "git dirty", "first utc", "last utc"]
-
-
 def records_view(table: pd.DataFrame) -> pd.DataFrame:
-    """Per file: kind, records, device, commits, dirty flags and dates (UTC to the minute)."""
-    view = table.reset_index()[RECORD_COLUMNS].copy()
-    for column in ("first utc", "last utc"):
-        view[column] = [text if text == MISSING else text[:16].replace("T", " ") for text in view[column]]
+    """Per file: records, commits, dirty flags and the days its records span (the file's
+    folder names its device and its name the kind; the versions are in ``versions_view``)."""
+    view = table.reset_index()
+    days = [_days(first, last) for first, last in zip(view["first utc"], view["last utc"])]
+    shown = pd.DataFrame({"file": view["path"], "records": view["records"],
+                          "git commit": view["git commit"], "dirty": view["git dirty"], "dates (UTC)": days})
     if table["unreadable lines"].sum():
-        view["unreadable lines"] = table["unreadable lines"].to_numpy()
-    return view
+        shown["unreadable lines"] = view["unreadable lines"].to_numpy()
+    return shown
+
+
+def _days(first: str, last: str) -> str:
+    if first == MISSING:
+        return MISSING
+    first, last = first[:10], last[:10]
+    if first == last:
+        return first
+    return f"{first} to {last[5:]}" if first[:4] == last[:4] else f"{first} to {last}"
 
 
 def versions_view(table: pd.DataFrame) -> pd.DataFrame:
