@@ -514,8 +514,9 @@ def memory_sentence(answer: MemoryAnswer) -> str:
             f"{n['memory_dense_params_mib']:.1f} MiB.")
     if "memory_measured_k1_mib" in n:
         text += (f" Measured on the CPU backend at T = {n['memory_measured_T']}: {n['memory_measured_k1_mib']:.1f} "
-                 f"and {n['memory_measured_k2_mib']:.1f} MiB, below the formula because that backend makes the "
-                 f"hidden activations a block of rows at a time.")
+                 f"and {n['memory_measured_k2_mib']:.1f} MiB, below the formula because that backend gathers "
+                 f"each expert's rows as it runs it, a block at a time, so neither the permuted tokens nor the "
+                 f"whole hidden activations exist at once.")
     return text
 
 

@@ -23,15 +23,17 @@ N the kept assignments (T k without a capacity) and every index int64 except
 The dense MLP of hidden width F' (K F at equal active FLOPs, E F at equal
 parameters) has ``hidden`` (T, F') (and its gate) and ``y`` (T, D).
 
-``kernels.moe_forward`` keeps routing, plan, rows and expert_out alive until it
-returns, so the layer's peak of named arrays is all of them plus the larger of
-the transient hidden activations (live during the expert MLPs) and y
-(``peak_bytes``). That is what the CUDA backend allocates: it makes the whole
-hidden (N, F) and activates and combines inside its kernels. The CPU backend
-runs each expert in blocks of rows, so less hidden exists at once, but its
-activation and combine make temporaries of their own (``cpu_temporaries``).
-Whatever the implementation, the arrays that exist when the layer returns
-(``held_bytes``) are a floor under its peak.
+A layer run stage by stage (``kernels.moe_forward`` on the CUDA backend) holds
+routing, plan, rows and expert_out until it returns, so its peak of named
+arrays is all of them plus the larger of the transient hidden activations
+(live during the expert MLPs) and y (``peak_bytes``); the CUDA backend makes
+the whole hidden (N, F) and activates and combines inside its kernels. The
+CPU backend fuses permute into its expert tasks (each gathers its own rows of
+x, so the permuted batch never exists whole) and runs each expert on blocks
+of rows, so less hidden exists at once; its activation and combine make
+temporaries of their own (``cpu_temporaries``). Whatever the implementation,
+the arrays the layer returns (routing, plan and y: ``held_bytes``) are a
+floor under its peak.
 
 ``measure_peak`` runs the layer once and reads its peak: on the ``cpu`` backend
 with ``tracemalloc`` (NumPy reports its array buffers to it; BLAS's private
@@ -110,18 +112,20 @@ def _row(stage: str, array: str, dims: str, elements: int, element_bytes: int, l
 def intermediates(shape: LayerShape) -> list:
     """Every intermediate of the MoE layer with its bytes (the table in the module docstring).
 
-    ``lives``: "layer" for arrays ``moe_forward`` holds until it returns,
-    "expert stage" for the hidden activations that exist only while the experts run.
+    ``lives``: "returned" for the arrays ``moe_forward`` returns (routing, plan, y),
+    "layer" for those a stage-by-stage forward holds until it returns (rows,
+    expert_out), "expert stage" for the hidden activations that exist only while
+    the experts run.
     """
     T, D, F, E, K, N, s = shape.T, shape.D, shape.F, shape.E, shape.k, shape.N, shape.element_bytes
     rows = [
-        _row("route", "probs", "(T, E)", T * E, s, "layer"),
-        _row("route", "experts", "(T, K)", T * K, EXPERT_INDEX_BYTES, "layer"),
-        _row("route", "weights", "(T, K)", T * K, s, "layer"),
-        _row("dispatch", "counts", "(E,)", E, INDEX_BYTES, "layer"),
-        _row("dispatch", "offsets", "(E+1,)", E + 1, INDEX_BYTES, "layer"),
-        _row("dispatch", "token", "(N,)", N, INDEX_BYTES, "layer"),
-        _row("dispatch", "row", "(T, K)", T * K, INDEX_BYTES, "layer"),
+        _row("route", "probs", "(T, E)", T * E, s, "returned"),
+        _row("route", "experts", "(T, K)", T * K, EXPERT_INDEX_BYTES, "returned"),
+        _row("route", "weights", "(T, K)", T * K, s, "returned"),
+        _row("dispatch", "counts", "(E,)", E, INDEX_BYTES, "returned"),
+        _row("dispatch", "offsets", "(E+1,)", E + 1, INDEX_BYTES, "returned"),
+        _row("dispatch", "token", "(N,)", N, INDEX_BYTES, "returned"),
+        _row("dispatch", "row", "(T, K)", T * K, INDEX_BYTES, "returned"),
         _row("permute", "rows", "(N, D)", N * D, s, "layer"),
         _row("expert MLPs", "hidden", "(N, F)", N * F, s, "expert stage"),
     ]
@@ -129,7 +133,7 @@ def intermediates(shape: LayerShape) -> list:
         rows.append(_row("expert MLPs", "gate", "(N, F)", N * F, s, "expert stage"))
     rows += [
         _row("expert MLPs", "expert_out", "(N, D)", N * D, s, "layer"),
-        _row("combine", "y", "(T, D)", T * D, s, "layer"),
+        _row("combine", "y", "(T, D)", T * D, s, "returned"),
     ]
     return rows
 
@@ -140,7 +144,7 @@ def dense_intermediates(T: int, D: int, F_dense: int, dtype: str = "float32", ac
     rows = [_row("dense MLP", "hidden", "(T, F')", T * F_dense, s, "expert stage")]
     if activation == "swiglu":
         rows.append(_row("dense MLP", "gate", "(T, F')", T * F_dense, s, "expert stage"))
-    rows.append(_row("dense MLP", "y", "(T, D)", T * D, s, "layer"))
+    rows.append(_row("dense MLP", "y", "(T, D)", T * D, s, "returned"))
     return rows
 
 
@@ -168,9 +172,9 @@ def cpu_temporaries(activation: str) -> Temporaries:
 
 
 def held_bytes(shape: LayerShape) -> int:
-    """The arrays that all exist when ``moe_forward`` returns (routing, plan, rows,
-    expert_out, y): a floor under any implementation's peak."""
-    return sum(r["bytes"] for r in intermediates(shape) if r["lives"] == "layer")
+    """The arrays ``moe_forward`` returns (routing, plan, y): a floor under any
+    implementation's peak."""
+    return sum(r["bytes"] for r in intermediates(shape) if r["lives"] == "returned")
 
 
 def peak_bytes(shape: LayerShape, temporaries: Temporaries = NONE) -> int:
@@ -180,7 +184,7 @@ def peak_bytes(shape: LayerShape, temporaries: Temporaries = NONE) -> int:
     freed), plus ``temporaries``. An implementation that runs the experts in
     blocks of rows (the CPU backend) needs less than this."""
     rows = intermediates(shape)
-    held = sum(r["bytes"] for r in rows if r["lives"] == "layer" and r["array"] != "y")
+    held = sum(r["bytes"] for r in rows if r["lives"] in ("returned", "layer") and r["array"] != "y")
     hidden = [r["bytes"] for r in rows if r["lives"] == "expert stage"]
     hidden_total = sum(hidden) + temporaries.activation * hidden[0]
     output = shape.T * shape.D * shape.element_bytes
