@@ -204,6 +204,32 @@ inline int block_threads = 0;
 inline int barrier_count = 0;
 inline int exited_count = 0;
 
+}  // namespace emu
+
+// ---------------------------------------------------------------------------
+// Traffic counters: real in the "traffic" build flavour (build.py), no-ops otherwise.
+// EMU_SITE marks a runtime function that records an access for its caller, whose
+// return address is the access site: not inlined (and not instrumented itself) there.
+
+#ifdef EMU_TRAFFIC
+#include "traffic.h"
+#define EMU_SITE inline __attribute__((noinline, no_sanitize("thread")))
+#define EMU_CALLER __builtin_return_address(0)
+#else
+namespace emu {
+enum TrafficKind { traffic_read = 0, traffic_write = 1, traffic_atomic = 2, traffic_ldmatrix = 3 };
+struct TrafficPause {};
+inline void traffic_access(const void*, uint32_t, int, const void*) {}
+inline void traffic_block_begin(int) {}
+inline void traffic_block_end() {}
+}  // namespace emu
+#define EMU_SITE inline
+#define EMU_CALLER nullptr
+#endif
+
+namespace emu {
+
+
 // The static __shared__ variable of one declaration: a fixed place in the arena,
 // chosen on first use (a static reference in the rewritten source holds it).
 template <typename T, size_t ALIGN>
@@ -213,6 +239,7 @@ T& shared_variable() {
     if (offset + sizeof(T) > SHARED_ARENA_BYTES) fail("static __shared__ memory exceeds the emulator's arena");
     static_shared_used = offset + sizeof(T);
     // Poison it now too: it may be first used in the middle of a block.
+    TrafficPause pause;
     std::memset(shared_arena + offset, 0xff, sizeof(T));
     return *reinterpret_cast<T*>(shared_arena + offset);
 }
@@ -358,6 +385,7 @@ inline void raise_fault(const std::string& what) {
 
 // Copies of cp.async land here (late schedule) or at issue (eager schedule).
 inline void land(const CopyAsync& copy) {
+    TrafficPause pause;  // counted at issue (copy_async_16)
     unsigned char* target = shared_arena + copy.shared_offset;
     if (copy.bytes > 0) std::memcpy(target, copy.source, (size_t)copy.bytes);
     std::memset(target + copy.bytes, 0, 16 - (size_t)copy.bytes);
@@ -430,7 +458,10 @@ inline void arrive(Collective kind, unsigned mask) {
     }
     w.arrived |= 1u << lane;
     if (w.arrived == w.mask) {
-        compute_collective(w);
+        {
+            TrafficPause pause;  // ldmatrix's shared reads are counted at the call (ptx_ldmatrix_*)
+            compute_collective(w);
+        }
         for (int l = 0; l < 32; ++l)
             if ((w.mask >> l & 1u) && l != lane) threads[warp * 32 + l].state = State::ready;
         w.kind = Collective::none;
@@ -719,7 +750,9 @@ inline int launch(const LaunchConfig* cfg, const char* name, long long max_threa
         for (unsigned y = 0; y < grid_dim.y && !fault.raised; ++y)
             for (unsigned x = 0; x < grid_dim.x && !fault.raised; ++x) {
                 block_index = {x, y, z};
+                traffic_block_begin((int)n);
                 run_block(*cfg);
+                traffic_block_end();
             }
 #if defined(__x86_64__)
     _mm_setcsr(saved_csr);
@@ -875,23 +908,56 @@ inline float logf(float v) { return std::log(v); }
 inline float tanhf(float v) { return std::tanh(v); }
 
 // __ldg: a read-only load (alignment checked like any access of T).
-template <typename T> T __ldg(const T* p) {
+template <typename T> __forceinline__ T __ldg(const T* p) {
     if (reinterpret_cast<uintptr_t>(p) % alignof(T))
         emu::fail("__ldg: misaligned " + std::to_string(sizeof(T)) + "-byte load");
     return *p;
 }
 
-inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
-inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned old = *p; *p = old + v; return old; }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { auto old = *p; *p = old + v; return old; }
-inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
-inline int atomicOr(int* p, int v) { int old = *p; *p = old | v; return old; }
-inline unsigned atomicOr(unsigned* p, unsigned v) { unsigned old = *p; *p = old | v; return old; }
-inline int atomicAnd(int* p, int v) { int old = *p; *p = old & v; return old; }
-inline int atomicMax(int* p, int v) { int old = *p; *p = old > v ? old : v; return old; }
-inline int atomicMin(int* p, int v) { int old = *p; *p = old < v ? old : v; return old; }
-inline int atomicExch(int* p, int v) { int old = *p; *p = v; return old; }
-inline int atomicCAS(int* p, int compare, int v) { int old = *p; if (old == compare) *p = v; return old; }
+EMU_SITE int atomicAdd(int* p, int v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    int old = *p; *p = old + v; return old;
+}
+EMU_SITE unsigned atomicAdd(unsigned* p, unsigned v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    unsigned old = *p; *p = old + v; return old;
+}
+EMU_SITE unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    auto old = *p; *p = old + v; return old;
+}
+EMU_SITE float atomicAdd(float* p, float v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    float old = *p; *p = old + v; return old;
+}
+EMU_SITE int atomicOr(int* p, int v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    int old = *p; *p = old | v; return old;
+}
+EMU_SITE unsigned atomicOr(unsigned* p, unsigned v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    unsigned old = *p; *p = old | v; return old;
+}
+EMU_SITE int atomicAnd(int* p, int v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    int old = *p; *p = old & v; return old;
+}
+EMU_SITE int atomicMax(int* p, int v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    int old = *p; *p = old > v ? old : v; return old;
+}
+EMU_SITE int atomicMin(int* p, int v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    int old = *p; *p = old < v ? old : v; return old;
+}
+EMU_SITE int atomicExch(int* p, int v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    int old = *p; *p = v; return old;
+}
+EMU_SITE int atomicCAS(int* p, int compare, int v) {
+    emu::traffic_access(p, sizeof *p, emu::traffic_atomic, EMU_CALLER);
+    int old = *p; if (old == compare) *p = v; return old;
+}
 
 inline size_t __cvta_generic_to_shared(const void* p) { return emu::shared_address(p); }
 [[noreturn]] inline void __trap() { emu::fail("__trap()"); }
@@ -928,12 +994,14 @@ inline void ptx_ldmatrix_x4(bool trans, unsigned& r0, unsigned& r1, unsigned& r2
     r0 = (unsigned)w.out[lane][0]; r1 = (unsigned)w.out[lane][1];
     r2 = (unsigned)w.out[lane][2]; r3 = (unsigned)w.out[lane][3];
 }
-inline void ptx_ldmatrix_sync_aligned_m8n8_x4_shared_b16(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
+EMU_SITE void ptx_ldmatrix_sync_aligned_m8n8_x4_shared_b16(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
                                                          unsigned address) {
+    if (address < emu::SHARED_ARENA_BYTES) emu::traffic_access(emu::shared_arena + address, 16, emu::traffic_ldmatrix, EMU_CALLER);
     ptx_ldmatrix_x4(false, r0, r1, r2, r3, address);
 }
-inline void ptx_ldmatrix_sync_aligned_m8n8_x4_trans_shared_b16(unsigned& r0, unsigned& r1, unsigned& r2,
+EMU_SITE void ptx_ldmatrix_sync_aligned_m8n8_x4_trans_shared_b16(unsigned& r0, unsigned& r1, unsigned& r2,
                                                                unsigned& r3, unsigned address) {
+    if (address < emu::SHARED_ARENA_BYTES) emu::traffic_access(emu::shared_arena + address, 16, emu::traffic_ldmatrix, EMU_CALLER);
     ptx_ldmatrix_x4(true, r0, r1, r2, r3, address);
 }
 
@@ -950,8 +1018,10 @@ inline void ptx_mma_sync_aligned_m16n8k16_row_col_f32_f16_f16_f32(
     d2 = emu::from_bits<float>(w.out[lane][2]); d3 = emu::from_bits<float>(w.out[lane][3]);
 }
 
-inline void ptx_cp_async_cg_shared_global(unsigned shared, const void* global, long long cp_size, int source_bytes) {
+EMU_SITE void ptx_cp_async_cg_shared_global(unsigned shared, const void* global, long long cp_size, int source_bytes) {
     if (cp_size != 16) emu::fail("cp.async.cg: cp-size must be 16");
+    if (source_bytes > 0 && source_bytes <= 16) emu::traffic_access(global, (uint32_t)source_bytes, emu::traffic_read, EMU_CALLER);
+    if (shared < emu::SHARED_ARENA_BYTES) emu::traffic_access(emu::shared_arena + shared, 16, emu::traffic_write, EMU_CALLER);
     emu::copy_async_16(shared, global, source_bytes);
 }
 inline void ptx_cp_async_commit_group() { emu::copy_async_commit(); }

@@ -1,0 +1,209 @@
+"""The emulator's memory-traffic counters (kernels/cuda/emulator/traffic.h, traffic.py)
+on kernels whose traffic is known by hand (tests/test_traffic_kernels.cu).
+
+Each pattern's expected count is worked out in the comment beside it from the
+rules in traffic.h: a warp-wide request is the n-th execution of a site by the
+lanes of one warp in one block; a global request touches distinct 32-byte
+sectors against a minimum of ceil(distinct bytes / 32); a shared request costs
+wavefronts (32 banks of 4 bytes, phases of 32, 16 or 8 lanes for 4-, 8- and
+16-byte accesses, one per 8x8 matrix for ldmatrix) against ceil(distinct words / 32).
+The last tests show the counts do not depend on the schedule, and that a real
+kernel file builds and counts in the traffic flavour while the ordinary build
+stays uninstrumented.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kernels.backends import emulator_unavailable_reason
+
+REASON = emulator_unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the CUDA emulator can't run here: {REASON}")
+
+SOURCE = Path(__file__).resolve().parent / "test_traffic_kernels.cu"
+
+
+def site_line(name: str) -> str:
+    """'kernels/cuda/test_traffic_kernels.cu:<line>' of the line marked `// site: name`."""
+    for number, text in enumerate(SOURCE.read_text(encoding="utf-8").splitlines(), start=1):
+        if re.search(rf"// site: {name}$", text):
+            return f"kernels/cuda/{SOURCE.name}:{number}"
+    raise AssertionError(f"no site {name} in {SOURCE.name}")
+
+
+def run(name, grid, block, *args):
+    """The LaunchTraffic of one launch of kernel ``name``."""
+    from kernels.cuda.emulator import loader, traffic
+
+    with traffic.counting() as launches:
+        loader.load_kernel(SOURCE, name)(grid, block, args)
+    assert len(launches) == 1
+    return launches[0]
+
+
+def site(launch, name, space, kind=None):
+    found = [s for s in launch.sites
+             if s.line == site_line(name) and s.space == space and (kind is None or s.kind == kind)]
+    assert len(found) == 1, (name, space, launch.sites)
+    return found[0]
+
+
+def device(a):
+    from kernels.cuda.emulator import arrays
+
+    return arrays.asarray(a)
+
+
+def empty(n, dtype):
+    from kernels.cuda.emulator import arrays
+
+    return arrays.empty(n, dtype)
+
+
+# stride and offset in floats -> (sectors, minimum) of one warp's 4-byte read:
+@pytest.mark.parametrize("stride, offset, sectors, minimum", [
+    (1, 0, 4, 4),    # coalesced: 128 bytes, 4 sectors
+    (2, 0, 8, 4),    # every other float: 256 bytes spanned, 128 used
+    (8, 0, 32, 4),   # one float per sector
+    (0, 0, 1, 1),    # broadcast: every lane the same float
+    (1, 1, 5, 4),    # misaligned by 4 bytes: 128 bytes over 5 sectors
+])
+def test_global_sectors_of_strided_broadcast_and_misaligned_reads(stride, offset, sectors, minimum):
+    launch = run("read_strided", (2,), (64,), device(np.arange(8192, dtype=np.float32)), empty(128, np.float32),
+                 np.int32(stride), np.int32(offset))
+    read = site(launch, "read_strided", "global")
+    assert (read.kind, read.access_bytes, read.requests, read.lane_accesses) == ("read", 4, 4, 128)
+    assert (read.sectors, read.min_sectors) == (4 * sectors, 4 * minimum)
+    write = site(launch, "write_coalesced", "global")
+    assert (write.kind, write.requests, write.sectors, write.min_sectors) == ("write", 4, 16, 16)
+
+
+def test_unique_bytes_per_launch_and_per_block():
+    # 2 blocks of 64 threads read in[0:64] each (stride 0 would be one float; here stride 1,
+    # and each block reads the same 64 floats): 256 distinct bytes, 8 sectors per block.
+    launch = run("read_same_rows", (2,), (64,), device(np.arange(64, dtype=np.float32)), empty(128, np.float32))
+    source, out = launch.arrays
+    assert (source.name, source.read_bytes, source.written_bytes) == ("in", 256, 0)
+    assert (source.read_sectors, source.block_read_sectors) == (8, 16)
+    assert (out.name, out.written_bytes, out.written_sectors, out.block_written_sectors) == ("out", 512, 16, 16)
+
+
+def test_half_reads_and_vector_reads_count_their_width():
+    launch = run("read_half", (1,), (32,), device(np.arange(64, dtype=np.uint16)), empty(32, np.uint16))
+    read = site(launch, "read_half", "global", "read")
+    assert (read.access_bytes, read.sectors, read.min_sectors) == (2, 2, 2)   # 64 bytes
+    for stride, sectors in ((1, 16), (2, 32)):  # float4: 512 bytes; at stride 2 spread over 1024
+        launch = run("read_vector", (1,), (32,), device(np.arange(512, dtype=np.float32)), empty(128, np.float32),
+                     np.int32(stride))
+        read = site(launch, "read_vector", "global")
+        assert (read.access_bytes, read.requests, read.sectors, read.min_sectors) == (16, 1, sectors, 16)
+
+
+def test_divergent_trip_counts_group_the_nth_execution_of_each_lane():
+    # Lane l reads in[32 j + l] for j <= l % 4: request j has the lanes with l % 4 >= j,
+    # 32, 24, 16 and 8 lanes, all within one 128-byte row: 4 sectors each; the minimum
+    # is ceil(4 * lanes / 32) = 4, 3, 2, 1.
+    launch = run("read_divergent", (1,), (32,), device(np.arange(128, dtype=np.float32)), empty(32, np.float32))
+    read = site(launch, "read_divergent", "global")
+    assert (read.requests, read.lane_accesses) == (4, 80)
+    assert (read.sectors, read.min_sectors) == (16, 10)
+
+
+# stride in floats -> wavefronts of one warp's 4-byte shared read (minimum 1):
+@pytest.mark.parametrize("stride, wavefronts", [
+    (1, 1),    # 32 banks, one word each
+    (2, 2),    # two words per bank in use
+    (32, 32),  # every lane in bank 0: 32-way conflict
+    (33, 1),   # a column of a [32][33] padded tile: every bank once
+    (0, 1),    # broadcast of one word
+])
+def test_shared_wavefronts_of_strides_and_padded_columns(stride, wavefronts):
+    launch = run("shared_strided", (1,), (32,), empty(32, np.float32), np.int32(stride))
+    read = site(launch, "shared_strided", "shared")
+    assert (read.kind, read.requests, read.wavefronts, read.min_wavefronts) == ("read", 1, wavefronts, 1)
+    fill = site(launch, "shared_fill", "shared")  # 33 coalesced writes of 32 floats
+    assert (fill.kind, fill.requests, fill.wavefronts, fill.min_wavefronts) == ("write", 33, 33, 33)
+
+
+# element stride -> (float4 wavefronts, float2 wavefronts); minimum 4 and 2:
+@pytest.mark.parametrize("stride, wide, pairs", [
+    (1, 4, 2),  # 16-byte: 4 phases of 8 lanes x 16 bytes; 8-byte: 2 phases of 16 x 8
+    (2, 8, 4),  # every other element: each phase spans 256 bytes, 2 words per bank
+])
+def test_shared_phases_of_8_and_16_byte_accesses(stride, wide, pairs):
+    launch = run("shared_wide", (1,), (32,), empty(32, np.float32), np.int32(stride))
+    by_width = {s.access_bytes: s for s in launch.sites if s.space == "shared" and s.kind == "write"}
+    assert (by_width[16].wavefronts, by_width[16].min_wavefronts) == (wide, 4)
+    assert (by_width[8].wavefronts, by_width[8].min_wavefronts) == (pairs, 2)
+
+
+# pitch of the rows in halves -> wavefronts of ldmatrix.x4 (4 matrices; minimum 4):
+@pytest.mark.parametrize("pitch, wavefronts", [
+    (8, 4),    # rows packed: each matrix is 128 contiguous bytes
+    (64, 32),  # 128-byte pitch: the 8 rows of a matrix share banks 0-3: 8-way
+    (72, 4),   # 144-byte pitch (+16 bytes of padding): conflict-free
+])
+def test_ldmatrix_costs_one_phase_per_matrix(pitch, wavefronts):
+    launch = run("ldmatrix_pitch", (1,), (32,), empty(128, np.uint32), np.int32(pitch))
+    load = site(launch, "ldmatrix", "shared")
+    assert (load.kind, load.requests, load.wavefronts, load.min_wavefronts) == ("ldmatrix", 1, wavefronts, 4)
+
+
+@pytest.mark.parametrize("pitch, wavefronts", [(8, 4), (16, 8)])  # 16 halves = 32 bytes: 2-way
+def test_cp_async_counts_its_global_read_and_shared_write(pitch, wavefronts):
+    launch = run("copy_async_pitch", (1,), (32,), device(np.arange(512, dtype=np.uint16)), empty(32, np.uint16),
+                 np.int32(pitch))
+    read = site(launch, "cp_async", "global")
+    assert (read.kind, read.access_bytes, read.sectors, read.min_sectors) == ("read", 16, 16, 16)
+    write = site(launch, "cp_async", "shared")
+    assert (write.kind, write.access_bytes, write.wavefronts, write.min_wavefronts) == ("write", 16, wavefronts, 4)
+
+
+@pytest.mark.parametrize("spread, wavefronts", [(1, 32), (4, 8), (32, 1)])
+def test_shared_atomics_on_one_word_serialise(spread, wavefronts):
+    launch = run("shared_atomics", (1,), (32,), empty(32, np.int32), np.int32(spread))
+    atomic = site(launch, "shared_atomic", "shared")
+    assert (atomic.kind, atomic.requests, atomic.wavefronts, atomic.min_wavefronts) == ("atomic", 1, wavefronts, 1)
+
+
+def test_counts_are_the_same_under_every_schedule():
+    from kernels.cuda.emulator import loader
+
+    def counts():
+        return [run("read_divergent", (2,), (64,), device(np.arange(256, dtype=np.float32)), empty(128, np.float32)),
+                run("copy_async_pitch", (1,), (32,), device(np.arange(512, dtype=np.uint16)), empty(32, np.uint16),
+                    np.int32(16)),
+                run("shared_atomics", (1,), (32,), empty(32, np.int32), np.int32(4))]
+
+    expected = counts()
+    for order in loader.SCHEDULES:
+        for copy_async in ("late", "eager"):
+            with loader.schedule(order, seed=7, copy_async=copy_async):
+                assert counts() == expected, (order, copy_async)
+
+
+def test_a_real_kernel_counts_in_the_traffic_flavour_only():
+    """combine.cu's permute: every row gathered once (its ideal), and the ordinary
+    build of the same file stays uninstrumented (no traffic entry point)."""
+    import kernels
+    from kernels.cuda.emulator import build, loader, traffic
+
+    T, D, K = 64, 32, 2
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    experts = np.stack([rng.permutation(4)[:K] for _ in range(T)]).astype(np.int32)
+    plan = kernels.dispatch(experts, 4, backend="cuda-emulated")
+    with traffic.counting() as launches:
+        kernels.permute(x, plan, backend="cuda-emulated")
+    (launch,) = [entry for entry in launches if entry.file == "combine.cu"]
+    by_name = {a.name: a for a in launch.arrays}
+    rows = by_name[max(by_name, key=lambda n: by_name[n].written_bytes)]
+    assert rows.written_bytes == T * K * D * 4
+    assert all(s.line.startswith("kernels/cuda/combine.cu:") for s in launch.sites)
+    ordinary = loader._library("combine.cu", (), str(build.KERNEL_DIR))
+    assert not hasattr(ordinary, "emu_traffic_begin")
