@@ -207,3 +207,25 @@ def test_a_real_kernel_counts_in_the_traffic_flavour_only():
     assert all(s.line.startswith("kernels/cuda/combine.cu:") for s in launch.sites)
     ordinary = loader._library("combine.cu", (), str(build.KERNEL_DIR))
     assert not hasattr(ordinary, "emu_traffic_begin")
+
+
+def test_the_traffic_command_counts_every_stage_of_the_layer_labelled_as_emulation(tmp_path):
+    """analysis.measure.traffic at a tiny shape: one record per launch of every stage,
+    every site on a kernels/cuda line, labelled as CPU emulation, written by
+    analysis.records; permute and combine move each byte of their rows once."""
+    from analysis import records
+    from analysis.measure import traffic as command
+
+    assert command.main(["--T", "16", "--D", "64", "--F", "64", "--E", "4", "--k", "2",
+                         "--results-dir", str(tmp_path)]) == 0
+    written = records.read_records(command.RECORD_KIND, results_dir=tmp_path)
+    assert {r["stage"] for r in written} == {"route", "dispatch", "permute", "expert_mlp", "combine",
+                                             "dense_activation"}
+    assert all(r["measured_by"] == "cpu-emulation" and "not DRAM traffic" in r["label"] for r in written)
+    assert all(site["line"].startswith("kernels/cuda/") for r in written for site in r["sites"])
+    moe = [r for r in written if r["params"]["layer"] == "moe"]
+    assert all(r["params"]["k"] == 2 and r["routing_max_over_mean"] >= 1 for r in moe)
+    (permute,) = [r for r in moe if r["stage"] == "permute"]
+    assert permute["ideal_bytes"] == 16 * 64 * 2 + 16 * 2 * 64 * 2 + 16 * 2 * 8  # x, rows, token indices
+    dense = [r for r in written if r["params"]["layer"] == "dense"]
+    assert dense and all(r["params"]["F_dense"] == 128 and "cuBLAS" in r["dense_gemms"] for r in dense)
