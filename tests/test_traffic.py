@@ -130,16 +130,17 @@ def test_shared_wavefronts_of_strides_and_padded_columns(stride, wavefronts):
     assert (fill.kind, fill.requests, fill.wavefronts, fill.min_wavefronts) == ("write", 33, 33, 33)
 
 
-# element stride -> (float4 wavefronts, float2 wavefronts); minimum 4 and 2:
+# element stride -> (float4 wavefronts, minimum), (float2 wavefronts, minimum):
 @pytest.mark.parametrize("stride, wide, pairs", [
-    (1, 4, 2),  # 16-byte: 4 phases of 8 lanes x 16 bytes; 8-byte: 2 phases of 16 x 8
-    (2, 8, 4),  # every other element: each phase spans 256 bytes, 2 words per bank
+    (1, (4, 4), (2, 2)),  # 16-byte: 4 phases of 8 lanes x 16 bytes; 8-byte: 2 phases of 16 x 8
+    (2, (8, 4), (4, 2)),  # every other element: each phase spans 256 bytes, 2 words per bank
+    (0, (1, 1), (1, 1)),  # every lane the same element: one broadcast wavefront
 ])
 def test_shared_phases_of_8_and_16_byte_accesses(stride, wide, pairs):
     launch = run("shared_wide", (1,), (32,), empty(32, np.float32), np.int32(stride))
     by_width = {s.access_bytes: s for s in launch.sites if s.space == "shared" and s.kind == "write"}
-    assert (by_width[16].wavefronts, by_width[16].min_wavefronts) == (wide, 4)
-    assert (by_width[8].wavefronts, by_width[8].min_wavefronts) == (pairs, 2)
+    assert (by_width[16].wavefronts, by_width[16].min_wavefronts) == wide
+    assert (by_width[8].wavefronts, by_width[8].min_wavefronts) == pairs
 
 
 # pitch of the rows in halves -> wavefronts of ldmatrix.x4 (4 matrices; minimum 4):

@@ -24,7 +24,9 @@
 //     matrix (the 8 row addresses of lanes 8j..8j+7); a phase costs the largest
 //     number of distinct 4-byte words any one bank holds (the same word is a
 //     broadcast), an atomic the largest number of lanes on one bank (atomics on one
-//     word serialise). Minimum: ceil(distinct words / 32);
+//     word serialise). An 8- or 16-byte request costs the lesser of its phases' sum
+//     and the whole warp taken as one phase (a broadcast of one 8-byte word is one
+//     wavefront, not two). Minimum: ceil(distinct words / 32);
 //   - cp.async counts a 16-byte global read (its src-size bytes) and a 16-byte
 //     shared write at issue; atomics count as one request that reads and writes;
 //   - per global array argument: the distinct bytes read and written in the launch
@@ -150,10 +152,7 @@ __attribute__((no_sanitize("thread"))) inline void traffic_access(const void* p,
 }
 
 // Shared wavefronts of one request (see the rules at the top of this file).
-inline long long shared_wavefronts(const TrafficGroup& g) {
-    uint32_t widest = 0;
-    for (auto& x : g.accesses) widest = std::max(widest, x.bytes);
-    const int lanes_per_phase = g.kind == traffic_ldmatrix ? 8 : widest >= 16 ? 8 : widest >= 8 ? 16 : 32;
+inline long long shared_wavefronts_in_phases(const TrafficGroup& g, int lanes_per_phase) {
     long long total = 0;
     for (int phase = 0; phase < 32 / lanes_per_phase; ++phase) {
         std::vector<uintptr_t> words[32];
@@ -175,6 +174,15 @@ inline long long shared_wavefronts(const TrafficGroup& g) {
         total += (long long)worst;
     }
     return total;
+}
+
+inline long long shared_wavefronts(const TrafficGroup& g) {
+    uint32_t widest = 0;
+    for (auto& x : g.accesses) widest = std::max(widest, x.bytes);
+    if (g.kind == traffic_ldmatrix) return shared_wavefronts_in_phases(g, 8);
+    const long long whole_warp = shared_wavefronts_in_phases(g, 32);
+    if (widest <= 4) return whole_warp;
+    return std::min(whole_warp, shared_wavefronts_in_phases(g, widest >= 16 ? 8 : 16));
 }
 
 // At the end of each block: every request of the block into its site's totals.
