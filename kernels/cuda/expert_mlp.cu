@@ -554,18 +554,6 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Two consecutive outputs (columns col, col + 1 of c_row), valid of them in bounds.
-__device__ __forceinline__ void store_pair(__half* p, int valid, float v0, float v1) {
-#if VECTOR_LOADS
-    if (valid >= 2) {
-        *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v0, v1);
-        return;
-    }
-#endif
-    if (valid > 0) p[0] = __float2half_rn(v0);
-    if (valid > 1) p[1] = __float2half_rn(v1);
-}
-
 template <bool GATE, bool ACT>
 __device__ __forceinline__ void v3_block(const __half* __restrict__ A, const long long* __restrict__ offsets,
                                          const int* __restrict__ tile_starts, int n_experts,
@@ -680,19 +668,17 @@ __device__ __forceinline__ void v3_block(const __half* __restrict__ A, const lon
         __syncthreads();  // all reads of buffer s done before it is refilled
     }
 
-    // Epilogue straight from the accumulators: lane (g, t) owns rows g and g + 8 of
-    // each 16-row tile, columns 2t and 2t + 1 of each 8-column tile.
+    // Epilogue from the accumulators: lane (g, t) owns rows g and g + 8 of each
+    // 16-row tile, columns 2t and 2t + 1 of each 8-column tile.
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
         for (int half_row = 0; half_row < 2; ++half_row) {
             const int local_row = warp_m * 64 + i * 16 + g + half_row * 8;
-            if (local_row >= tile.rows) continue;
-            __half* c_row = C + (tile.row_begin + local_row) * n_cols;
+            unsigned pairs[N_TILES];  // columns j * 8 + 2t, +1 as two halves
 #pragma unroll
             for (int j = 0; j < N_TILES; ++j) {
-                const int col = col0 + warp_n * WARP_N + j * 8 + t * 2;
                 float v0 = acc[i][j][half_row * 2];
                 float v1 = acc[i][j][half_row * 2 + 1];
                 if constexpr (GATE) {
@@ -702,8 +688,47 @@ __device__ __forceinline__ void v3_block(const __half* __restrict__ A, const lon
                     v0 = activate(v0, 0.0f);
                     v1 = activate(v1, 0.0f);
                 }
-                store_pair(c_row + col, clamp_count(static_cast<long long>(n_cols) - col, 2), v0, v1);
+                pairs[j] = __half_as_ushort(__float2half_rn(v0)) |
+                           (static_cast<unsigned>(__half_as_ushort(__float2half_rn(v1))) << 16);
             }
+#if VECTOR_LOADS
+            // The 4 lanes of a row swap pairs (a 4 x N_TILES transpose, 4 shuffles) so
+            // that lane t holds N_TILES consecutive pairs, columns 2 N_TILES t ..: one
+            // 16-byte (or 8-byte) store per lane, whole sectors per row, instead of 4-byte
+            // stores that fill half of each sector. Every lane shuffles; the row bound
+            // only guards the store.
+            unsigned run[N_TILES] = {};
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int partner = t ^ r;
+                // partner's pairs q = partner * N_TILES + m lie in tile q / 4 at lane q % 4.
+                const int send_tile = partner * N_TILES / 4;
+                unsigned send = pairs[0];
+#pragma unroll
+                for (int j = 1; j < N_TILES; ++j) send = send_tile == j ? pairs[j] : send;
+                const unsigned got = __shfl_xor_sync(0xffffffffu, send, r);
+                const int m = (partner - t * N_TILES) & 3;  // which of my pairs partner held
+#pragma unroll
+                for (int mm = 0; mm < N_TILES; ++mm) run[mm] = m == mm ? got : run[mm];
+            }
+            const int col = col0 + warp_n * WARP_N + t * 2 * N_TILES;
+            // VECTOR_LOADS: n_cols is a multiple of 8, so a lane's run is all in or all out.
+            if (local_row < tile.rows && col < n_cols) {
+                __half* at = C + (tile.row_begin + local_row) * n_cols + col;
+                if constexpr (N_TILES == 4) *reinterpret_cast<uint4*>(at) = make_uint4(run[0], run[1], run[2], run[3]);
+                else *reinterpret_cast<uint2*>(at) = make_uint2(run[0], run[1]);
+            }
+#else
+            if (local_row >= tile.rows) continue;
+            __half* c_row = C + (tile.row_begin + local_row) * n_cols;
+#pragma unroll
+            for (int j = 0; j < N_TILES; ++j) {
+                const int col = col0 + warp_n * WARP_N + j * 8 + t * 2;
+                const int valid = clamp_count(static_cast<long long>(n_cols) - col, 2);
+                if (valid > 0) c_row[col] = __ushort_as_half(static_cast<unsigned short>(pairs[j] & 0xffffu));
+                if (valid > 1) c_row[col + 1] = __ushort_as_half(static_cast<unsigned short>(pairs[j] >> 16));
+            }
+#endif
         }
     }
 }
