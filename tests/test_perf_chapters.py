@@ -161,3 +161,34 @@ def test_plain_note_drops_the_note_prefix():
     data = perf_chapters.ChapterData([], "records", "No GPU here. Note: these are the newest records.")
     assert data.plain_note == "No GPU here. These are the newest records."
     assert perf_chapters.ChapterData([], "none", "Note: none yet.").plain_note == "None yet."
+
+
+@pytest.mark.slow
+def test_gpu_chapter_with_records_shows_every_section(results, tmp_path):
+    """The GPU chapter on GPU-like records: every section stays, the 'will show' note goes."""
+    nbformat = pytest.importorskip("nbformat")
+    from analysis import run_notebooks
+
+    output = run_notebooks.run_notebook("gpu_performance", tmp_path,
+                                        {"source": "records", "results_dir": str(results)})
+    cells = nbformat.read(output, as_version=4).cells
+    text = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
+    assert "## What this chapter will show" not in text
+    assert "## The ceilings" in text and "## Time per stage" in text and "## Routing skew" in text
+    outputs = [o for cell in cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not any(o.output_type == "error" for o in outputs)
+    assert sum("image/svg+xml" in o.get("data", {}) for o in outputs) >= 5
+
+
+@pytest.mark.slow
+def test_gpu_chapter_without_records_shows_only_its_note(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    from analysis import run_notebooks
+
+    (tmp_path / "empty").mkdir()
+    output = run_notebooks.run_notebook("gpu_performance", tmp_path,
+                                        {"source": "records", "results_dir": str(tmp_path / "empty")})
+    cells = nbformat.read(output, as_version=4).cells
+    text = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
+    assert "## What this chapter will show" in text and "make device-check PY=python3" in text
+    assert "## The ceilings" not in text and "{glue" not in text.split("## What this chapter will show")[1]
