@@ -577,11 +577,20 @@ def contamination_numbers(result: Optional[dict] = None, *, top: int = 5) -> tup
                           f"{result['width']}-byte chunks": chunks[order],
                           "found verbatim in train": found[order],
                           "share": [f"{r:.1%}" for r in rates[order]]})
+    # The most affected file of some size: a three-chunk file at 67% says little.
+    sizable = np.flatnonzero(chunks >= SIZABLE_FILE_CHUNKS)
+    pick = sizable[np.argmax(rates[sizable])] if sizable.size else order[0]
     numbers = {"contamination_rate": result["rate"], "contamination_chunks": f"{result['n_chunks']:,}",
                "contamination_found": f"{result['n_found']:,}", "contamination_width": result["width"],
-               "contamination_worst_file": worst["test file"].iloc[0],
-               "contamination_worst_share": float(rates[order[0]])}
+               "contamination_sizable_chunks": SIZABLE_FILE_CHUNKS,
+               "contamination_worst_file": result["files"][pick],
+               "contamination_worst_share": float(rates[pick]),
+               "contamination_worst_found": int(found[pick]), "contamination_worst_chunks": int(chunks[pick])}
     return numbers, worst
+
+
+#: Files with at least this many chunks count as sizable for the chapter's "most affected file".
+SIZABLE_FILE_CHUNKS = 20
 
 
 def cross_check_all(runs: pd.DataFrame, *, check_bytes: int, batch_size: int = 4) -> tuple:

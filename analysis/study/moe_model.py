@@ -30,16 +30,18 @@ the capacity scope (``CAPACITY_SCOPES``):
 
 - ``"position"`` (the default for the whole model): each position of the batch
   is one call of B tokens, one from each sequence, as in batched decoding. The
-  drops at position s depend only on the tokens at position s, which depend
-  only on bytes up to s, so the model stays causal: no later byte can change an
-  earlier prediction. This is the rule for scoring a language model.
+  drops at position s depend only on the tokens at position s of the B
+  sequences, which depend only on their bytes up to s, so the model stays
+  causal: no byte after position s, in any sequence of the batch, can change a
+  prediction at s. This is the rule for scoring a language model.
 - ``"batch"``: the whole batch, flattened (batch, position), is one call, the
   kernels' contract (GShard's batch-wide rule, what a prefill kernel sees).
   It is not causal: whether a token's second choice is kept depends on the
   first choices of every later position, since all first choices outrank all
   second choices; and, with sequences flattened one after another, even for
   k = 1 the first positions of one sequence arrive after the last positions
-  of the one before. Use it to study the kernels, not to score next-byte loss.
+  of the one before, whose bytes then decide what they keep. Use it to study
+  the kernels, not to score next-byte loss.
 
 Dimension letters as in the contract: T tokens, D model width, F expert hidden
 width, E experts, K experts per token.
