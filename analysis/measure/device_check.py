@@ -9,7 +9,13 @@ On a machine with a CUDA device it runs, in order:
    backend against the reference), read from its JUnit XML: passed, failed,
    errors, skipped;
 2. compute-sanitizer's memcheck and racecheck on ``python -m kernels.cuda.smoke``;
-3. the benchmark sweep, ``python -m analysis.measure.sweep``, only where that module exists;
+3. Nsight Compute's memory counters (global requests and sectors, shared
+   wavefronts and bank conflicts, DRAM bytes; ``analysis.measure.utilisation``)
+   for every kernel of one layer at the shape whose requests the CPU emulator
+   counts (``analysis.measure.traffic``: preset "cpu", T = 256, k = 1 and 2,
+   float16), into ``traffic-ncu.json``, so the first GPU run compares measured
+   and emulated counts side by side;
+4. the benchmark sweep, ``python -m analysis.measure.sweep``, only where that module exists;
 
 Each step gets at most the time left of ``--deadline-s`` (default 540 s, so
 one call fits the device tool's 10-minute limit with room to copy results
@@ -48,6 +54,8 @@ from typing import Optional
 from kernels.cuda.build_report import REPO_ROOT, cuda_tool_path, source_hash
 
 KIND = "gpu-tests"
+#: The shape of the committed emulated traffic counts (analysis.measure.traffic).
+TRAFFIC_NCU_ARGS = ("--preset", "cpu", "--tokens", "256", "--k", "1", "2", "--dtype", "float16")
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 
 
@@ -105,6 +113,13 @@ def plan_steps(args, log_dir: Path) -> list:
                 [sanitizer, "--tool", tool, "--error-exitcode", "1", python, "-m", "kernels.cuda.smoke"],
                 f"{tool}.log", args.sanitizer_timeout,
             ))
+    if not args.skip_traffic_ncu:
+        steps.append(Step(
+            "traffic-ncu",
+            [python, "-m", "analysis.measure.utilisation", *TRAFFIC_NCU_ARGS, "--out",
+             str(log_dir / "traffic-ncu.json")],
+            "traffic-ncu.log", args.traffic_ncu_timeout,
+        ))
     if not args.skip_bench and importlib.util.find_spec("analysis.measure.sweep") is not None:
         steps.append(Step("sweep", [python, "-m", "analysis.measure.sweep", *shlex.split(args.sweep_args)],
                           "sweep.log", args.sweep_timeout))
@@ -176,6 +191,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--skip-sanitizer", action="store_true")
     parser.add_argument("--skip-tests", action="store_true", help="no pytest and no gpu-tests record")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-traffic-ncu", action="store_true", help="no Nsight Compute memory counters")
+    parser.add_argument("--traffic-ncu-timeout", type=int, default=120)
     parser.add_argument("--deadline-s", type=int, default=540, help="time for all the steps together")
     parser.add_argument("--tests-timeout", type=int, default=300)
     parser.add_argument("--sanitizer-timeout", type=int, default=60)

@@ -12,8 +12,13 @@ annotates every kernel launch of one ``moe_forward`` (each CUDA-backend kernel
 becomes its own ``nsight.annotate`` range, named after the kernel) and each
 cuBLAS GEMM of the dense baseline at equal active FLOPs, and asks ``ncu`` for
 ``NCU_METRICS`` per annotation: SM throughput, DRAM throughput, achieved
-occupancy and tensor-pipe activity, each as % of its peak, and the kernel's
-duration. Clocks are left as the card has them (``clock_control="none"``);
+occupancy and tensor-pipe activity, each as % of its peak, the kernel's
+duration, and the memory requests the CPU emulator also counts
+(``analysis.measure.traffic``): global load/store requests and sectors, shared
+wavefronts and bank conflicts, DRAM bytes, so that a first GPU run puts
+measured counts beside the emulated ones (same kernels; the emulated counts
+have no caches and come from the host compiler's code, the measured ones from
+nvcc's). Clocks are left as the card has them (``clock_control="none"``);
 caches are flushed before each kernel replay (``ncu``'s default).
 
 **Over a sustained loop, NVML through nvidia-ml-py.** ``nvml_during`` calls a
@@ -56,6 +61,18 @@ NCU_METRICS = {
                         "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
                         "sm__inst_executed_pipe_tensor.avg.pct_of_peak_sustained_active"),
     "duration_s": ("gpu__time_duration.sum",),  # nanoseconds in ncu, seconds in our records
+    # The memory requests the emulator counts (analysis.measure.traffic), as the
+    # hardware counts them, for a side-by-side comparison: global load and store
+    # requests and 32-byte sectors, shared wavefronts and bank conflicts.
+    "global_load_requests": ("l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum",),
+    "global_load_sectors": ("l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",),
+    "global_store_requests": ("l1tex__t_requests_pipe_lsu_mem_global_op_st.sum",),
+    "global_store_sectors": ("l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum",),
+    "shared_load_wavefronts": ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",),
+    "shared_store_wavefronts": ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",),
+    "shared_load_bank_conflicts": ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",),
+    "shared_store_bank_conflicts": ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",),
+    "dram_bytes": ("dram__bytes.sum",),
 }
 NCU_FIELDS = tuple(NCU_METRICS)
 NVML_FIELDS = ("gpu_utilisation_pct", "gpu_utilisation_max_pct", "sm_clock_mhz", "power_w",
