@@ -284,3 +284,32 @@ def test_source_numbers():
 def test_full_width_shows_long_cells_whole():
     long_text = "x" * 200
     assert long_text in chapter.full_width(pd.DataFrame({"names": [long_text]})).to_html()
+
+
+@pytest.mark.skipif(__import__("kernels.backends", fromlist=["x"]).emulator_unavailable_reason() is not None,
+                    reason="the CUDA emulator can't run here (no C++ compiler)")
+def test_traffic_tables_from_the_traffic_command(tmp_path):
+    """The chapter's traffic tables read the records analysis.measure.traffic writes:
+    every stage at k = 1 and k = 2, ratios at or above 1 where a minimum exists."""
+    from analysis.measure import traffic as command
+
+    assert command.main(["--T", "16", "--D", "64", "--F", "64", "--E", "4", "--k", "1", "2",
+                         "--results-dir", str(tmp_path)]) == 0
+    found = chapter.traffic_records(results_dir=tmp_path)
+    table = chapter.traffic_table(found)
+    assert set(table["stage"]) == {"route", "dispatch", "permute", "expert_mlp", "combine", "dense_activation"}
+    assert set(table["k"]) == {1, 2}
+    assert (table["sectors / minimum"].dropna() >= 1).all()
+    assert (table["wavefronts / minimum"].dropna() >= 1).all()
+    assert (table["compulsory / ideal"].dropna() >= 1).all()
+    by_k = chapter.traffic_by_k(found)
+    assert list(by_k["stage"]) == ["route", "dispatch", "permute", "expert_mlp", "combine"]
+    # permute moves k rows per token: twice the bytes at k = 2 (index arrays aside)
+    permute = by_k.set_index("stage").loc["permute", "k = 2 / k = 1"]
+    assert 1.8 < permute < 2.2
+    assert chapter.traffic_k_answer(tmp_path).equals(by_k)
+    fixes = chapter.traffic_fix_table(tmp_path)
+    assert set(fixes["sources"]) == {"working tree"} and set(fixes["k"]) == {1, 2}
+    assert (fixes["store sectors / minimum"] >= 1).all()
+    assert chapter.traffic_records(results_dir=tmp_path / "none") == []
+    assert chapter.traffic_table([]).empty and chapter.traffic_by_k([]).empty

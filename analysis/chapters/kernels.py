@@ -5,8 +5,12 @@ everything here is read from the sources, from the launchers' constants and
 rules (``launch_config``, ``expert_mlp``; neither imports CuPy), from nvcc's
 resource report (``build_report.resource_report``), which needs nvcc but no
 GPU, and from the CPU emulator (``emulator_mutation_table``: the kernels run
-on the CPU, labelled CPU emulation, never GPU results). Where nvcc or a C++
-compiler is absent, the chapter shows a note instead and still runs.
+on the CPU, labelled CPU emulation, never GPU results), and from the memory
+traffic the emulator counts (``traffic_table``, ``traffic_by_k``,
+``traffic_fix_table``: the committed records of ``analysis.measure.traffic``,
+labelled ``TRAFFIC_LABEL``; ``traffic_k_answer`` is the Answers chapter's entry
+for the k question). Where nvcc or a C++ compiler is absent, the chapter shows
+a note instead and still runs.
 
 The GPU-side verification is ``make device-check``; ``gpu_check_note`` says
 whether a record of it is committed, and whether it is of the code here.
@@ -470,3 +474,130 @@ def emulator_note(table: Optional[pd.DataFrame]) -> str:
 def choose_version_source() -> str:
     """The source text of expert_mlp.choose_version: the whole rule, as the launcher runs it."""
     return inspect.getsource(expert_mlp.choose_version).rstrip()
+
+
+# ---------------------------------------------------------------------------
+# Memory traffic counted on the CPU emulator (analysis.measure.traffic records)
+
+TRAFFIC_LABEL = ("counted in CPU emulation: the requests the kernel makes, not DRAM traffic "
+                 "(no caches are modelled)")
+_STAGE_ORDER = ("route", "dispatch", "permute", "expert_mlp", "combine", "dense_activation")
+
+
+CURRENT_SOURCES = "working tree"
+
+
+def _traffic_key(record: dict) -> tuple:
+    p = record["params"]
+    return (p["layer"], p["k"], p["T"], p["D"], p["F"], p["E"], p["dtype"], p.get("sources", CURRENT_SOURCES))
+
+
+def traffic_records(results_dir=None, device: Optional[str] = None, sources: Optional[str] = CURRENT_SOURCES) -> list:
+    """The committed 'traffic' records (analysis.measure.traffic) of kernel
+    sources ``sources`` (None: every source), the newest run per (layer, k, shape,
+    sources) only; [] where none is committed."""
+    from analysis import records
+
+    try:
+        found = records.read_records("traffic", results_dir=results_dir, device=device)
+    except FileNotFoundError:
+        return []
+    if sources is not None:
+        found = [r for r in found if r["params"].get("sources", CURRENT_SOURCES) == sources]
+    latest: dict = {}
+    for r in found:
+        latest[_traffic_key(r)] = max(latest.get(_traffic_key(r), ""), r["utc"])
+    return [r for r in found if r["utc"] == latest[_traffic_key(r)]]
+
+
+def traffic_table(found: Sequence[dict]) -> pd.DataFrame:
+    """Per layer, k, stage and kernel: sector bytes and compulsory bytes over the
+    ideal (each byte once), global sectors per request against the minimum, and
+    shared wavefronts per request against the minimum (bank conflicts)."""
+    rows = []
+    for r in found:
+        def ratio(a, b):
+            return a / b if b else float("nan")
+
+        rows.append({
+            "layer": r["params"]["layer"] + ("" if r["params"]["layer"] == "moe" else f" (F = {r['params']['F_dense']})"),
+            "k": r["params"]["k"],
+            "stage": r["stage"],
+            "kernel": r["kernel"],
+            "ideal (KiB)": r["ideal_bytes"] / 1024,
+            "sector bytes / ideal": ratio(r["sector_bytes"], r["ideal_bytes"]),
+            "compulsory / ideal": ratio(r["compulsory_bytes"], r["ideal_bytes"]),
+            "sectors per request": ratio(r["global_sectors"], r["global_requests"]),
+            "sectors / minimum": ratio(r["global_sectors"], r["global_min_sectors"]),
+            "wavefronts / minimum": ratio(r["shared_wavefronts"], r["shared_min_wavefronts"]),
+            "_order": (_STAGE_ORDER.index(r["stage"]), r["launch"]),
+        })
+    if not rows:
+        return pd.DataFrame(columns=["layer", "k", "stage", "kernel"])
+    table = pd.DataFrame(rows)
+    table = table.sort_values(["layer", "_order", "k"], key=lambda c: c if c.name != "layer" else c.str.len())
+    return table.drop(columns="_order").reset_index(drop=True)
+
+
+def traffic_by_k(found: Sequence[dict]) -> pd.DataFrame:
+    """The k question in traffic: per stage of the MoE layer, sector bytes at
+    k = 1 and k = 2 (counted in CPU emulation), and their ratio."""
+    moe = [r for r in found if r["params"]["layer"] == "moe"]
+    if not moe:
+        return pd.DataFrame(columns=["stage", "k = 1 (KiB)", "k = 2 (KiB)", "k = 2 / k = 1"])
+    totals: dict = {}
+    for r in moe:
+        totals.setdefault(r["stage"], {}).setdefault(r["params"]["k"], 0)
+        totals[r["stage"]][r["params"]["k"]] += r["sector_bytes"]
+    rows = []
+    for stage in [s for s in _STAGE_ORDER if s in totals]:
+        one, two = totals[stage].get(1), totals[stage].get(2)
+        rows.append({"stage": stage, "k = 1 (KiB)": None if one is None else one / 1024,
+                     "k = 2 (KiB)": None if two is None else two / 1024,
+                     "k = 2 / k = 1": two / one if one and two else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def traffic_k_answer(results_dir=None) -> pd.DataFrame:
+    """For the Answers chapter's k question: per stage of the MoE layer, the
+    bytes its requests move at k = 1 and k = 2 (counted in CPU emulation at the
+    committed shape; see TRAFFIC_LABEL) and their ratio; no rows without records."""
+    return traffic_by_k(traffic_records(results_dir))
+
+
+def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3_hidden_f16", "expert_mlp_v3_out_f16"),
+                      ) -> pd.DataFrame:
+    """Counts of the fixed kernels before and after the fix, every committed
+    source label side by side: global sectors per request against the minimum,
+    per site of the kernel's stores and in total."""
+    rows = []
+    for r in traffic_records(results_dir, sources=None):
+        if r["kernel"] not in kernels or r["params"]["layer"] != "moe":
+            continue
+        stores = [s for s in r["sites"] if s["space"] == "global" and s["kind"] == "write"]
+        stored_sectors = sum(s["sectors"] for s in stores)
+        stored_min = sum(s["min_sectors"] for s in stores)
+        rows.append({
+            "sources": r["params"].get("sources", CURRENT_SOURCES),
+            "k": r["params"]["k"],
+            "kernel": r["kernel"],
+            "store requests": sum(s["requests"] for s in stores),
+            "store sectors / minimum": stored_sectors / stored_min if stored_min else float("nan"),
+            "all sectors / minimum": r["global_sectors"] / r["global_min_sectors"] if r["global_min_sectors"]
+            else float("nan"),
+            "sector bytes / ideal": r["sector_bytes"] / r["ideal_bytes"] if r["ideal_bytes"] else float("nan"),
+        })
+    if not rows:
+        return pd.DataFrame(columns=["sources", "k", "kernel"])
+    return pd.DataFrame(rows).sort_values(["kernel", "k", "sources"]).reset_index(drop=True)
+
+
+def traffic_numbers(found: Sequence[dict]) -> dict:
+    """Glue values of the traffic section: the shape of the committed run."""
+    if not found:
+        return {"traffic_shape": "no shape (no traffic records are committed)", "traffic_skew": "unknown"}
+    p = found[0]["params"]
+    skew = sorted({round(r["routing_max_over_mean"], 2) for r in found if r.get("routing_max_over_mean")})
+    return {"traffic_shape": f"T = {p['T']}, D = {p['D']}, F = {p['F']}, E = {p['E']}, {p['dtype']}, "
+                             f"{p['activation']}",
+            "traffic_skew": ", ".join(f"{v:g}" for v in skew) or "-"}
