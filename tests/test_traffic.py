@@ -28,6 +28,19 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the CUDA emulator c
 SOURCE = Path(__file__).resolve().parent / "test_traffic_kernels.cu"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def traffic_builds():
+    """Build the traffic flavour of every file these tests launch at once, one
+    compiler per core (a cold cache costs ~10-40 s a file)."""
+    from kernels.cuda import expert_mlp, launch_config
+    from kernels.cuda.emulator import loader
+
+    loader.prebuild([("router.cu", launch_config.router_defines(4)), ("dispatch.cu", launch_config.dispatch_defines()),
+                     ("combine.cu", {}), ("activation.cu", {}), ("expert_mlp.cu", expert_mlp.launch_defines("swiglu", True))],
+                    traffic=True)
+    loader.prebuild([(SOURCE.name, {})], folder=SOURCE.parent, traffic=True)
+
+
 def site_line(name: str) -> str:
     """'kernels/cuda/test_traffic_kernels.cu:<line>' of the line marked `// site: name`."""
     for number, text in enumerate(SOURCE.read_text(encoding="utf-8").splitlines(), start=1):

@@ -173,16 +173,18 @@ def kernel_sources(folder):
         _settings["kernel_dir"] = saved
 
 
-def prebuild(builds, folder=None, workers: int = 0) -> None:
+def prebuild(builds, folder=None, workers: int = 0, *, traffic: bool = False) -> None:
     """Build (file, defines) pairs in parallel threads (the compiler runs as a
-    process), so a cold cache costs wall time / cores."""
+    process), so a cold cache costs wall time / cores; the traffic flavour
+    (traffic.py) when ``traffic``."""
     import concurrent.futures
     import os
 
     folder = Path(folder or _settings["kernel_dir"])
     workers = workers or max(1, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(build.build, file, define_options(**defines), folder) for file, defines in builds]:
+        for future in [pool.submit(build.build, file, define_options(**defines), folder, traffic=traffic)
+                       for file, defines in builds]:
             future.result()
 
 
