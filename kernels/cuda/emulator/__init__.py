@@ -10,6 +10,10 @@
 - ``arrays.py``: the array module of the emulated device (guarded, poisoned
   NumPy buffers), the twin of CuPy for the backend's launchers.
 - ``backend.py``: the ``cuda-emulated`` backend.
+- ``traffic.h``, ``traffic.py``: memory-traffic counters of a second build
+  flavour (``traffic.counting()``): per launch and per source line, warp-wide
+  requests, global sectors and shared wavefronts against their minimum, and the
+  distinct bytes of each array (analysis.measure.traffic records them).
 
 This file imports nothing, so ``kernels.backends`` can ask about the emulator
 cheaply.
