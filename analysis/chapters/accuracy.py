@@ -463,7 +463,8 @@ def paired_comparisons(scores: pd.DataFrame, metric: str = "bits_per_byte",
 
 
 def format_paired(comparisons: pd.DataFrame, unit: str = "bits/byte") -> pd.DataFrame:
-    """The paired comparisons as the book prints them (per-seed differences spelled out)."""
+    """The paired comparisons as the book prints them (per-seed differences spelled out;
+    what each comparison changes is in COMPARISONS and the chapter's prose)."""
     def verdict(row) -> str:
         if row["supported"]:
             return "lower (supported)" if row["mean"] < 0 else "higher (supported)"
@@ -480,7 +481,6 @@ def format_paired(comparisons: pd.DataFrame, unit: str = "bits/byte") -> pd.Data
         "seeds for 80% power": comparisons["seeds_needed"].map(
             lambda n: "more than 1000" if not np.isfinite(n) else str(int(n))),
         "seeds": comparisons["n"],
-        "what differs": comparisons["what differs"],
     })
 
 
