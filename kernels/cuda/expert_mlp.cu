@@ -587,13 +587,17 @@ __device__ __forceinline__ void v3_block(const __half* __restrict__ A, const lon
     const __half* b_base = B + expert_offset;
     const __half* g_base = B_gate + expert_offset;
 
-    // Copy mapping: A chunk i = tid + 256 p -> row i / 4, k (i % 4) * 8; B chunk
+    // Copy mapping: A chunk i = tid + 256 p -> k (i % 4) * 8 of a row of the 8-row
+    // group i / 32: the 8 lanes of quarter-warp q write rows q and q + 4 of it, 64
+    // bytes each. At the 80-byte pitch rows q and q + 4 start 16 banks apart, so the
+    // 16-byte shared writes are conflict-free (rows q and q + 1 would share 4 banks);
+    // the warp still reads 8 whole 64-byte row pieces of global memory. B chunk
     // i -> k i / COLS_CHUNKS, column (i % COLS_CHUNKS) * 8.
     auto load_stage = [&](int s, int k0) {
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
             const int i = tid + THREADS * p;
-            const int row = i >> 2, k = (i & 3) * 8;
+            const int row = (i >> 5) * 8 + ((i >> 3) & 3) + 4 * ((i >> 2) & 1), k = (i & 3) * 8;
             const int valid = row < tile.rows ? clamp_count(static_cast<long long>(K) - k0 - k, 8) : 0;
             copy_chunk8(&a_tile[s][row][k], a_base + static_cast<size_t>(row) * K + k0 + k, valid, A);
         }
