@@ -582,3 +582,23 @@ def gpu_stage_line(answer: Optional[SpeedAnswer]) -> str:
     if answer is None:
         return NO_GPU
     return stage_sentence(answer, stage_numbers(stage_ratios(answer)))
+
+
+# ---------------------------------------------------------------- 2. k = 1 against k = 2: bytes requested
+
+
+def traffic(results_dir=None) -> tuple:
+    """The bytes each stage's kernels request at k = 1 and k = 2, counted in CPU emulation
+    (the Kernels chapter's ``traffic_k_answer``), and the sentence for the prose; an empty
+    frame and "" without committed traffic records."""
+    from analysis.chapters import kernels as kernels_chapter  # noqa: PLC0415 - only this section needs it
+
+    frame = kernels_chapter.traffic_k_answer(results_dir)
+    if frame.empty:
+        return frame, ""
+    numbers = kernels_chapter.traffic_numbers(kernels_chapter.traffic_records(results_dir))
+    one, two = frame["k = 1 (KiB)"].sum(), frame["k = 2 (KiB)"].sum()
+    sentence = (f"Bytes the kernels request, {kernels_chapter.TRAFFIC_LABEL}, at {numbers['traffic_shape']}: "
+                f"{one:,.0f} KiB for the whole MoE layer with k = 1 and {two:,.0f} KiB with k = 2 "
+                f"({two / one:.2f}x). This is CPU emulation, not a GPU measurement.")
+    return frame, sentence
