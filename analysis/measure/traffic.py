@@ -11,6 +11,10 @@ k, dtype, the routing skew (largest expert load over the mean), per access site
 wavefronts against the minimum, and per array argument the distinct bytes
 (the ideal: each byte read once, written once) and distinct sectors.
 
+``--sources DIR --sources-label NAME`` counts the .cu files of another folder
+(e.g. a commit's kernels/cuda, exported with ``git archive``) instead of
+kernels/cuda: how a fix's counts before and after are recorded side by side.
+
 For the dense baseline at equal active FLOPs (hidden width k F) only the
 activation kernel is ours: its two GEMMs are cuBLAS on a GPU and NumPy in the
 emulator, with no counts; its records say so.
@@ -24,6 +28,7 @@ GPU measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -96,9 +101,17 @@ def routing_skew(plan, n_experts: int, assignments: int) -> float:
 
 
 def count_layer(T: int, D: int, F: int, E: int, k: int, dtype: str = "float16", activation: str = "swiglu",
-                seed: int = 0) -> list:
+                seed: int = 0, sources=None, sources_label: str = "working tree") -> list:
     """Records of every launch of one MoE layer and of the dense activation at
-    equal active FLOPs (hidden k F), counted on the emulator."""
+    equal active FLOPs (hidden k F), counted on the emulator; the kernels of
+    folder ``sources`` (named ``sources_label``) instead of kernels/cuda if given."""
+    from kernels.cuda.emulator import loader
+
+    with loader.kernel_sources(sources) if sources else contextlib.nullcontext():
+        return _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label)
+
+
+def _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label) -> list:
     import kernels
     from kernels.cuda.emulator import traffic
 
@@ -109,7 +122,7 @@ def count_layer(T: int, D: int, F: int, E: int, k: int, dtype: str = "float16", 
         output = kernels.moe_forward(x, weights, cfg, backend="cuda-emulated")
     skew = routing_skew(output.plan, E, T * k)
     params = {"T": T, "D": D, "F": F, "E": E, "k": k, "dtype": dtype, "activation": activation, "seed": seed,
-              "layer": "moe"}
+              "layer": "moe", "sources": sources_label}
     out = [launch_record(launch, i, params, {"routing_max_over_mean": skew, "dense_gemms": None})
            for i, launch in enumerate(launches)]
 
@@ -149,6 +162,8 @@ def parse(argv):
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--activation", default="swiglu", choices=("relu", "gelu", "swiglu"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sources", default=None, help="count the .cu files of this folder (default kernels/cuda)")
+    parser.add_argument("--sources-label", default="working tree", help="the name records give --sources")
     parser.add_argument("--results-dir", default=None, help="results folder (default: the repository's results/)")
     parser.add_argument("--no-write", action="store_true", help="print the summary only")
     arguments = parser.parse_args(argv)
@@ -169,7 +184,7 @@ def main(argv=None) -> int:
     out = []
     for T, k in tqdm(runs, desc="traffic", unit="layer"):
         out += count_layer(T, arguments.D, arguments.F, arguments.E, k, arguments.dtype, arguments.activation,
-                           arguments.seed)
+                           arguments.seed, arguments.sources, arguments.sources_label)
     print(f"{LABEL}. Wall time {time.perf_counter() - started:.0f} s.")
     for record in out:
         print(summary_line(record))
