@@ -72,3 +72,14 @@ def test_traffic_is_labelled_cpu_emulation(monkeypatch):
     assert shown is frame and "CPU emulation" in sentence and "2.00x" in sentence
     monkeypatch.setattr(kernels_chapter, "traffic_k_answer", lambda results_dir=None: frame.iloc[:0])
     assert answers.traffic()[1] == ""
+
+
+def test_cpu_speed_from_the_committed_bench_cpu_run(tmp_path):
+    assert answers.bench_speed(tmp_path) is None
+    answer = answers.bench_speed()
+    if answer is None:
+        pytest.skip("no bench-cpu run is committed")
+    assert set(answer.ratios["top_k"]) == {1, 2}
+    assert {"k1_active_ratio_largest", "k2_params_ratio_largest", "crossovers"} <= set(answer.numbers)
+    assert "bench-cpu.jsonl" in answer.evidence and "/" not in answer.evidence.split("results/")[0]
+    assert "<svg" in charts.to_svg(answers.speed_chart(answer))

@@ -111,6 +111,64 @@ def speed(device_kind: str, results_dir=None) -> Optional[SpeedAnswer]:
     return SpeedAnswer(device_kind, data, ratios, crossings, numbers, evidence)
 
 
+#: The layer the CPU speed answer reads from a bench-cpu run (the study's activation).
+BENCH_ACTIVATION = "swiglu"
+
+
+def bench_speed(results_dir=None) -> Optional[SpeedAnswer]:
+    """The CPU speed answer from the newest committed ``make bench-cpu`` run (the CPU
+    chapter's ``cpu_baseline.bench_cpu_view``): MoE over our dense MLP at K·F and E·F
+    for every k and T of the swiglu layer, and the PyTorch peers at the largest T;
+    None without a run."""
+    from analysis.chapters import cpu_baseline  # noqa: PLC0415
+
+    view = cpu_baseline.bench_cpu_view(results_dir)
+    rows = [row for row in view.rows if row["activation"] == BENCH_ACTIVATION]
+    if not rows:
+        return None
+    curves, ratios = [], []
+    for row in rows:
+        for label, time_key, ratio_key, baseline in (
+                ("MoE (kernels)", "moe_s", None, None),
+                ("dense, equal active FLOPs (K·F)", "dense_active_s", "moe_over_dense_active",
+                 "dense, equal active FLOPs (K·F)"),
+                ("dense, equal parameters (E·F)", "dense_params_s", "moe_over_dense_params",
+                 "dense, equal parameters (E·F)")):
+            curves.append({"top_k": row["top_k"], "tokens": row["tokens"], "label": label, "median_s": row[time_key]})
+            if ratio_key:
+                ratios.append({"top_k": row["top_k"], "baseline": baseline, "tokens": row["tokens"],
+                               "ratio": row[ratio_key]})
+    ratios = pd.DataFrame(ratios)
+    crossings = performance.crossovers(pd.DataFrame(curves))
+    largest = int(ratios["tokens"].max())
+    first = view.run[0]
+    shape = next(r["params"] for r in view.run if r.get("measurement") == "forward-time"
+                 and r.get("implementation") == "moe")
+    numbers = {"device": first.get("device"), "largest_T": largest,
+               "scale": (f"one layer (D = {shape['d_model']}, F = {shape['d_ff']}, E = {shape['n_experts']}, "
+                         f"{BENCH_ACTIVATION}, {shape['dtype']}), T = {int(ratios['tokens'].min())} to {largest}, "
+                         f"on {first.get('device')} ({first.get('cpu_count')} cores), "
+                         f"{cpu_baseline.thread_text(view.run)}; each ratio is of two medians")}
+    for (k, baseline), group in ratios.groupby(["top_k", "baseline"]):
+        short = "active" if "active" in baseline else "params"
+        numbers[f"k{k}_{short}_ratio_largest"] = float(group[group["tokens"] == largest]["ratio"].iloc[0])
+    for row in rows:
+        if row["tokens"] == largest:
+            numbers[f"k{row['top_k']}_eager_ratio_largest"] = row.get("moe_over_torch_eager")
+            numbers[f"k{row['top_k']}_grouped_ratio_largest"] = row.get("moe_over_torch_grouped")
+    numbers["crossovers"] = performance.crossover_sentence(crossings)
+    numbers["switch_throughput"] = published.text("Switch Transformer", "throughput of the top-1 MoE relative to dense")
+    spreads = sorted(r["p80_s"] / r["p20_s"] - 1 for r in view.run if r.get("measurement") == "forward-time"
+                     and r["params"].get("activation") == BENCH_ACTIVATION and r.get("p20_s"))
+    if spreads:
+        numbers["noise"] = (f" Read single points with care: between a timing's 20th and 80th percentile "
+                            f"lies {100 * spreads[len(spreads) // 2]:.0f}% at the median over this run's timings "
+                            f"and {spreads[-1]:.1f}x at worst, so a ratio near 1 is no crossing.")
+    folder = performance.newest_folder("cpu", results_dir, kind="bench-cpu")
+    evidence = f"{_results_file(results_dir, folder, 'bench-cpu')} (run of {first['utc'][:16].replace('T', ' ')} UTC)"
+    return SpeedAnswer("cpu", None, ratios, crossings, numbers, evidence)
+
+
 def speed_sentence(answer: SpeedAnswer) -> str:
     """The answer in two sentences, every number from the records."""
     n = answer.numbers
@@ -119,7 +177,17 @@ def speed_sentence(answer: SpeedAnswer) -> str:
             f"{n['k1_active_ratio_largest']:.2f}x the time of a dense MLP of equal active FLOPs with k = 1 and "
             f"{n['k2_active_ratio_largest']:.2f}x with k = 2, and {n['k1_params_ratio_largest']:.2f}x "
             f"(k = 1) and {n['k2_params_ratio_largest']:.2f}x (k = 2) the time of a dense MLP of equal "
-            f"parameters. Crossovers: {n['crossovers']}")
+            f"parameters. Crossovers: {n['crossovers']}{_peers_clause(n)}{n.get('noise', '')}")
+
+
+def _peers_clause(n: dict) -> str:
+    if n.get("k1_eager_ratio_largest") is None:
+        return ""
+    parts = [f"{n[f'k{k}_eager_ratio_largest']:.2f}x (k = {k})" for k in (1, 2) if n.get(f"k{k}_eager_ratio_largest")]
+    grouped = [f"{n[f'k{k}_grouped_ratio_largest']:.2f}x (k = {k})" for k in (1, 2)
+               if n.get(f"k{k}_grouped_ratio_largest")]
+    return (f" Against PyTorch at T = {n['largest_T']}, the MoE takes {' and '.join(parts)} the time of the "
+            f"Hugging Face eager loop and {' and '.join(grouped)} that of torch._grouped_mm.")
 
 
 def speed_chart(answer: SpeedAnswer) -> alt.TopLevelMixin:
@@ -131,8 +199,8 @@ def speed_chart(answer: SpeedAnswer) -> alt.TopLevelMixin:
         x=alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T"),
         y=alt.Y("ratio:Q", scale=alt.Scale(type="log"), title="MoE time / dense time"),
         color=alt.Color("series:N", sort=order, title=None, scale=charts.palette(order),
-                        legend=alt.Legend(orient="bottom", columns=2, symbolStrokeWidth=2)),
-        strokeDash=alt.StrokeDash("series:N", sort=order, title=None))
+                        legend=alt.Legend(orient="bottom", columns=2)),
+        strokeDash=alt.StrokeDash("series:N", sort=order, title=None, legend=None))
     even = alt.Chart(pd.DataFrame({"one": [1.0]})).mark_rule(color="black").encode(y="one:Q")
     where = "CPU" if answer.device_kind == "cpu" else "GPU"
     return alt.layer(lines, even).properties(
@@ -487,9 +555,9 @@ def skew_sentence(answer: Optional[SpeedAnswer]) -> str:
     if skewed.empty:
         return "The run measured no skewed routing."
     worst = skewed.loc[skewed["time_vs_uniform"].idxmax()]
-    return (f"Skew matters less than k here: the worst skew measured ({worst['skew']}, k = {int(worst['top_k'])}, "
-            f"T = {int(worst['tokens'])}, busiest expert {worst['load_max_over_mean']:.1f}x the mean load) "
-            f"takes {worst['time_vs_uniform']:.2f}x the time of uniform routing.")
+    return (f"the worst skew measured ({worst['skew']}, k = {int(worst['top_k'])}, T = {int(worst['tokens'])}, "
+            f"busiest expert {worst['load_max_over_mean']:.1f}x the mean load) takes "
+            f"{worst['time_vs_uniform']:.2f}x the time of uniform routing.")
 
 
 def stage_sentence(answer: Optional[SpeedAnswer], numbers: dict) -> str:
