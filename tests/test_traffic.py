@@ -243,3 +243,16 @@ def test_the_traffic_command_counts_every_stage_of_the_layer_labelled_as_emulati
     assert permute["ideal_bytes"] == 16 * 64 * 2 + 16 * 2 * 64 * 2 + 16 * 2 * 8  # x, rows, token indices
     dense = [r for r in written if r["params"]["layer"] == "dense"]
     assert dense and all(r["params"]["F_dense"] == 128 and "cuBLAS" in r["dense_gemms"] for r in dense)
+
+
+@pytest.mark.parametrize("interleaved, wavefronts", [
+    (0, 8),  # rows 2q, 2q + 1 at an 80-byte pitch share 4 banks: 2-way in every phase
+    (1, 4),  # rows q, q + 4 start 16 banks apart: conflict-free (v3's A-tile mapping)
+])
+def test_16_byte_conflicts_count_within_a_quarter_warp(interleaved, wavefronts):
+    # Over the whole warp both mappings spread 4 words on every bank; only the
+    # quarter-warp phases tell them apart.
+    launch = run("copy_async_tile", (1,), (32,), device(np.arange(512, dtype=np.uint16)), empty(32, np.uint16),
+                 np.int32(40), np.int32(interleaved))
+    write = site(launch, "cp_async_tile", "shared")
+    assert (write.wavefronts, write.min_wavefronts) == (wavefronts, 4)

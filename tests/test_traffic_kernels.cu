@@ -87,3 +87,18 @@ extern "C" __global__ void shared_atomics(int* out, int spread) {
     __syncthreads();
     out[threadIdx.x] = counters[threadIdx.x];
 }
+
+// cp.async of a [rows][pitch] tile, 4 lanes per 64-byte row piece: quarter-warp q
+// writes rows 2q and 2q + 1 (interleaved = 0) or rows q and q + 4 (interleaved = 1).
+extern "C" __global__ void copy_async_tile(const unsigned short* source, unsigned short* out, int pitch,
+                                           int interleaved) {
+    __shared__ __align__(16) unsigned short tile[8 * 40];
+    const int lane = threadIdx.x;
+    const int row = interleaved ? ((lane >> 3) & 3) + 4 * ((lane >> 2) & 1) : lane >> 2;
+    const unsigned address = (unsigned)__cvta_generic_to_shared(&tile[row * pitch + (lane & 3) * 8]);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(source + 8 * lane), "r"(16));  // site: cp_async_tile
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(0));
+    __syncthreads();
+    out[lane] = tile[lane];
+}

@@ -24,9 +24,9 @@
 //     matrix (the 8 row addresses of lanes 8j..8j+7); a phase costs the largest
 //     number of distinct 4-byte words any one bank holds (the same word is a
 //     broadcast), an atomic the largest number of lanes on one bank (atomics on one
-//     word serialise). An 8- or 16-byte request costs the lesser of its phases' sum
-//     and the whole warp taken as one phase (a broadcast of one 8-byte word is one
-//     wavefront, not two). Minimum: ceil(distinct words / 32);
+//     word serialise). A request whose distinct words all fit one conflict-free
+//     wavefront (a broadcast, say of one 8-byte word) costs one, whatever its width.
+//     Minimum: ceil(distinct words / 32);
 //   - cp.async counts a 16-byte global read (its src-size bytes) and a 16-byte
 //     shared write at issue; atomics count as one request that reads and writes;
 //   - per global array argument: the distinct bytes read and written in the launch
@@ -181,8 +181,10 @@ inline long long shared_wavefronts(const TrafficGroup& g) {
     for (auto& x : g.accesses) widest = std::max(widest, x.bytes);
     if (g.kind == traffic_ldmatrix) return shared_wavefronts_in_phases(g, 8);
     const long long whole_warp = shared_wavefronts_in_phases(g, 32);
-    if (widest <= 4) return whole_warp;
-    return std::min(whole_warp, shared_wavefronts_in_phases(g, widest >= 16 ? 8 : 16));
+    if (widest <= 4 || whole_warp == 1) return whole_warp;
+    // Conflicts count within a phase only: a warp balanced over the banks as a
+    // whole still pays for two lanes of one quarter-warp on one bank.
+    return shared_wavefronts_in_phases(g, widest >= 16 ? 8 : 16);
 }
 
 // At the end of each block: every request of the block into its site's totals.
