@@ -256,3 +256,24 @@ def test_16_byte_conflicts_count_within_a_quarter_warp(interleaved, wavefronts):
                  np.int32(40), np.int32(interleaved))
     write = site(launch, "cp_async_tile", "shared")
     assert (write.wavefronts, write.min_wavefronts) == (wavefronts, 4)
+
+
+def test_a_real_kernel_counts_the_same_under_every_schedule():
+    """dispatch.cu (shared atomics, match_any, block scans) at a small size: the
+    same counts per launch under each fiber order and cp.async landing."""
+    import kernels
+    from kernels.cuda.emulator import loader, traffic
+
+    rng = np.random.default_rng(1)
+    experts = np.stack([rng.permutation(8)[:2] for _ in range(300)]).astype(np.int32)
+
+    def counts():
+        with traffic.counting() as launches:
+            kernels.dispatch(experts, 8, backend="cuda-emulated")
+        return [(launch.kernel, launch.sites, launch.arrays) for launch in launches]
+
+    expected = counts()
+    assert {kernel for kernel, _, _ in expected} >= {"dispatch_count_segments", "dispatch_scatter"}
+    for order in ("descending", "shuffled", "warp-by-warp"):
+        with loader.schedule(order, seed=3):
+            assert counts() == expected, order
