@@ -1,9 +1,10 @@
 """Top-k Mixture-of-Experts routing kernels.
 
-The public surface is the contract in shared/design/contract.md: one set of
-functions, three backends ("reference": float64 NumPy, the specification;
-"cpu": the fast vectorised baseline; "cuda": CuPy raw CUDA where a GPU is
-present). Importing this package never imports CuPy.
+The public surface is the contract in book/contract.md (the book's chapter
+"The contract"): one set of functions, four backends ("reference": float64
+NumPy, the specification; "cpu": the fast vectorised baseline; "cuda": CuPy
+raw CUDA where a GPU is present; "cuda-emulated": the same CUDA kernels on the
+CPU, for testing: slow). Importing this package never imports CuPy.
 """
 
 from .api import (

@@ -1,4 +1,4 @@
-"""The public functions of the contract (see shared/design/contract.md).
+"""The public functions of the contract (see book/contract.md).
 
 Each function checks its arguments once, here, for every backend (shapes,
 widths, k, activation, dtypes, finiteness), then hands plain arrays to the

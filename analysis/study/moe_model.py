@@ -1,6 +1,6 @@
 """A small byte-level decoder-only transformer whose FFN is dense or a top-k MoE layer.
 
-The MoE layer follows the kernels contract (shared/design/contract.md) so that
+The MoE layer follows the kernels contract (book/contract.md) so that
 its trained weights load into ``kernels.MoEWeights`` unchanged:
 
     router (D, E), w1 and w3 (E, D, F), w2 (E, F, D), no biases;
