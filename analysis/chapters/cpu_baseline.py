@@ -9,7 +9,6 @@ PyTorch's layers, its ceilings, its four targets and a chart of the ratios.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Optional
 
 import altair as alt
@@ -17,8 +16,8 @@ import pandas as pd
 
 from analysis import charts
 from analysis import records as record_io
-from analysis.chapters.performance import newest_folder, newest_run, provenance_text
-from analysis.measure import bench_cpu, sweep_plan
+from analysis.chapters.performance import check_sweep_parameters, newest_folder, newest_run, provenance_text
+from analysis.measure import bench_cpu
 
 NO_BENCH_CPU_RECORDS = "no bench-cpu records yet: run `make bench-cpu` to measure the ratio table and its targets"
 
@@ -33,13 +32,7 @@ CHART_RATIOS = (
 
 def validate_parameters(source: str, plan, results_dir) -> None:
     """The chapter's parameters, one clear sentence each (ValueError)."""
-    if source not in ("auto", "live", "records"):
-        raise ValueError(f"source: expected 'auto', 'live' or 'records', got {source!r}")
-    cpu_plans = sorted(name for name, p in sweep_plan.PLANS.items() if p.device == "cpu")
-    if plan is not None and plan not in cpu_plans:
-        raise ValueError(f"plan: expected None or one of the CPU plans {cpu_plans}, got {plan!r}")
-    if results_dir is not None and not Path(results_dir).is_dir():
-        raise ValueError(f"results_dir: expected None or an existing folder, got {results_dir!r}")
+    check_sweep_parameters(source, plan, results_dir, device="cpu")
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from typing import Optional
 import altair as alt
 import pandas as pd
 
-from analysis.chapters.performance import ChapterData, message_chart
+from analysis.chapters.performance import ChapterData, check_sweep_parameters, message_chart
 from analysis.measure import sweep
 
 
@@ -69,17 +69,7 @@ def utilisation_chart(ncu: pd.DataFrame) -> alt.TopLevelMixin:
 
 def validate_parameters(source: str, plan, results_dir) -> None:
     """The chapter's parameters, one clear sentence each (ValueError)."""
-    from pathlib import Path  # noqa: PLC0415
-
-    from analysis.measure import sweep_plan  # noqa: PLC0415
-
-    if source not in ("auto", "live", "records"):
-        raise ValueError(f"source: expected 'auto', 'live' or 'records', got {source!r}")
-    gpu_plans = sorted(name for name, p in sweep_plan.PLANS.items() if p.device == "cuda")
-    if plan is not None and plan not in gpu_plans:
-        raise ValueError(f"plan: expected None or one of the GPU plans {gpu_plans}, got {plan!r}")
-    if results_dir is not None and not Path(results_dir).is_dir():
-        raise ValueError(f"results_dir: expected None or an existing folder, got {results_dir!r}")
+    check_sweep_parameters(source, plan, results_dir, device="cuda")
 
 
 

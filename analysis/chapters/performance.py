@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+from pathlib import Path
 from typing import Optional
 
 import altair as alt
@@ -510,3 +511,16 @@ def first_value(frame: pd.DataFrame, column: str, default=None):
     values = frame[column].dropna()
     return default if values.empty else values.iloc[0]
 
+
+def check_sweep_parameters(source: str, plan, results_dir, device: str) -> None:
+    """A performance chapter's parameters, one clear sentence each (ValueError):
+    where the sweep records come from, a plan of ``device`` ("cpu" or "cuda")
+    for a live run, and an existing results folder."""
+    if source not in ("auto", "live", "records"):
+        raise ValueError(f"source: expected 'auto', 'live' or 'records', got {source!r}")
+    plans = sorted(name for name, p in sweep_plan.PLANS.items() if p.device == device)
+    label = "GPU" if device == "cuda" else "CPU"
+    if plan is not None and plan not in plans:
+        raise ValueError(f"plan: expected None or one of the {label} plans {plans}, got {plan!r}")
+    if results_dir is not None and not Path(results_dir).is_dir():
+        raise ValueError(f"results_dir: expected None or an existing folder, got {results_dir!r}")
