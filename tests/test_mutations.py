@@ -69,15 +69,8 @@ MUTANTS = mutants.MUTANTS
 
 
 def caught(folder: Path, file: str):
-    """The failure the checks of `file` raise on the kernels of `folder`, or None."""
-    from kernels.cuda.emulator import loader
-
-    try:
-        with loader.kernel_sources(folder):
-            CHECKS[file]()
-    except Exception as failure:  # any failure of the checks is the catch
-        return failure
-    return None
+    """The failure the test_cuda checks of `file` raise on the kernels of `folder`, or None."""
+    return mutants.failure_of(folder, file, checks=CHECKS)
 
 
 def test_the_unmutated_kernels_pass_every_check():

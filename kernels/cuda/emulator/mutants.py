@@ -197,13 +197,14 @@ CHECKS = {"router.cu": _check_router, "dispatch.cu": _check_dispatch, "combine.c
           "activation.cu": _check_activation, "expert_mlp.cu": _check_expert_mlp}
 
 
-def failure_of(folder: Path, file: str) -> Optional[BaseException]:
-    """What the checks of ``file`` raise on the kernels in ``folder``; None if they pass."""
+def failure_of(folder: Path, file: str, checks: Optional[dict] = None) -> Optional[BaseException]:
+    """What the checks of ``file`` (``checks``, by default this module's ``CHECKS``)
+    raise on the kernels in ``folder``; None if they pass."""
     from . import loader
 
     try:
         with loader.kernel_sources(folder):
-            CHECKS[file]()
+            (CHECKS if checks is None else checks)[file]()
     except Exception as failure:  # any failure of a check is a catch
         return failure
     return None
