@@ -1,21 +1,28 @@
 """The fast CPU baseline: vectorised NumPy and BLAS in the input's dtype, on every core.
 
 Same contract as `reference.py`, without Python loops over tokens: the router
-is one GEMM and two arg-maxes, dispatch is a stable counting sort, each expert
-runs BLAS GEMMs on its contiguous block of rows, and combine is K gathers (no
-`np.add.at`, whose scatter is slow and whose order is not ours to choose).
-float32 and float64.
+is one GEMM and element-wise work across the experts, dispatch is a stable
+counting sort, each expert runs BLAS GEMMs on blocks of its rows, and combine
+is K gathers (no `np.add.at`, whose scatter is slow and whose order is not ours
+to choose). float32 and float64.
 
 Threads. Every stage (route, permute, the expert MLPs, combine, the dense MLP)
 is cut into *tasks* that write disjoint parts of the output, and a pool of
-worker threads runs them while BLAS is pinned to one thread per worker
-(threadpoolctl). NumPy and BLAS release the GIL, so the workers run at once
-and both GEMMs and the elementwise and gather work between them use every
-core; BLAS's own threads would parallelise only the GEMMs. The number of
-workers is the thread count BLAS has when the call starts (`threads()`; by
-default every core, set it with `threadpoolctl.threadpool_limits` or
-OPENBLAS_NUM_THREADS). The BLAS setting is the process's: calls made from
-several threads at once share it, so make one call at a time.
+worker threads runs them while BLAS is pinned to one thread per worker. NumPy
+and BLAS release the GIL, so the workers run at once and both GEMMs and the
+element-wise and gather work between them use every core; BLAS's own threads
+would parallelise only the GEMMs. The number of workers is the thread count
+BLAS has when the call starts (`threads()`; by default every core, set it with
+`threadpoolctl.threadpool_limits` or OPENBLAS_NUM_THREADS). The BLAS setting
+is the process's: calls made from several threads at once share it, so make
+one call at a time.
+
+Scratch. Each worker thread keeps its own buffers (`_Scratch`) for a block's
+gathered rows, hidden activations and output, reused from block to block: a
+fresh array per block would be a fresh allocation, which for arrays this large
+means fresh pages from the kernel, faulted in and zeroed on every call. The
+activation runs on ACTIVATION_ROWS rows at a time so that its temporaries stay
+in the core's L2 cache.
 
 Determinism. How a stage is cut into tasks depends only on the shapes and the
 routing, never on the number of workers, and every task runs single-threaded
@@ -23,17 +30,21 @@ BLAS on the same arrays whichever worker takes it. So the same input gives
 bitwise the same output whatever the number of threads
 (tests/test_cpu_threads.py checks 1, 2 and 3).
 
-How an expert (or the dense MLP) with n rows is cut:
+How an expert (or the dense MLP) with n rows is cut: into blocks of about
+ROW_BLOCK rows, each a whole MLP (first GEMM, activation, second GEMM) whose
+hidden activations stay in cache; blocks are smaller when the layer has few
+rows in all, so that there are MIN_TASKS of them to share out, but not below
+MIN_BLOCK_ROWS (an expert with fewer rows is one block). A stage with one task
+(one expert touched, a decode step) runs on the calling thread alone: handing
+work to a helper and taking the GIL back costs tens of microseconds, more than
+a second core would save on a task that short. Blocks of at most GEMV_ROWS
+rows multiply row by row (GEMV), not by GEMM.
 
-- n >= MIN_BLOCK_ROWS: blocks of rows, each a whole MLP (first GEMM,
-  activation, second GEMM) whose hidden activations stay in cache. Blocks
-  have at most ROW_BLOCK rows, and are smaller when the layer has few rows in
-  all, so that there are MIN_TASKS of them to share out.
-- n < MIN_BLOCK_ROWS (decode): in chunks of HIDDEN_CHUNK columns of F. Task c
-  computes `act(v @ w1[:, c]) @ w2[c, :]`, a partial output, and once all are
-  done they are added up in chunk order. Each task reads its own slice of the
-  weights, so the workers share the reading of an expert's weights, which is
-  all decode does, and one round of tasks does it.
+`moe_forward` runs permute and combine inside the expert tasks: a block
+gathers its own rows of x, scales its output rows by their routing weights and
+writes them straight to their tokens (slot j of token t to row j*T + t of a
+(K*T, D) buffer, so no two tasks write the same row); for K = 2 one last pass
+adds the two slots. The result is the one the separate stages give.
 """
 
 from __future__ import annotations
@@ -56,21 +67,26 @@ from .types import DispatchPlan, Routing
 name = "cpu"
 float_dtypes = (np.dtype(np.float32), np.dtype(np.float64))
 
-#: Most rows in one MLP block. Each block's hidden activations (ROW_BLOCK x F,
+#: Most rows in one MLP block. A block's hidden activations (ROW_BLOCK x F,
 #: twice for swiglu) are made, activated and consumed by the second GEMM while
-#: they are still in cache; a whole large batch's hidden would stream through
-#: DRAM three times. 512 rows keep single-threaded BLAS at full speed.
+#: they are still in cache, and single-threaded BLAS runs at full speed on it.
 ROW_BLOCK = 512
 #: Fewest rows in one MLP block (below it, BLAS spends more time packing the
-#: weights than multiplying): an expert with fewer rows is cut into chunks of F.
+#: weights than multiplying), unless the expert has fewer rows in all.
 MIN_BLOCK_ROWS = 64
 #: Blocks shrink (down to MIN_BLOCK_ROWS) until a stage has this many tasks,
 #: enough to share out among the workers of a machine with a few cores.
 MIN_TASKS = 8
-#: Columns of F per task of the chunked MLP (decode).
-HIDDEN_CHUNK = 256
+#: Blocks of at most this many rows multiply by one GEMV per row, not a GEMM:
+#: OpenBLAS packs the weights before a GEMM, and for a few rows that costs
+#: more than reading the weights again from cache for each row (measured:
+#: 2 and 3 rows of a 512 x 1024 float32 matrix 1.5x faster).
+GEMV_ROWS = 3
 #: Tokens per task in route and combine, rows per task in permute.
 TOKEN_BLOCK = 1024
+#: Rows of the hidden activations activated at a time: with F = 1024 in
+#: float32 the slice and gelu's two temporaries take 384 KiB, inside L2.
+ACTIVATION_ROWS = 32
 
 Task = Callable[[], None]
 
@@ -78,24 +94,24 @@ Task = Callable[[], None]
 # ---------------------------------------------------------------- the worker pool
 
 
-_blas: Optional[object] = None
+_blas: Optional[list] = None
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def _blas_libraries():
-    """threadpoolctl's handle on the BLAS libraries loaded in this process."""
+def _blas_controllers() -> list:
+    """threadpoolctl's controllers of the BLAS libraries loaded in this process."""
     global _blas
     if _blas is None:
-        _blas = ThreadpoolController().select(user_api="blas")
+        _blas = ThreadpoolController().select(user_api="blas").lib_controllers
     return _blas
 
 
 def threads() -> int:
     """Worker threads a call made now uses: the thread count BLAS has now
     (the largest, where several BLAS libraries are loaded; 1 where none is)."""
-    return max((library["num_threads"] for library in _blas_libraries().info()), default=1)
+    return max((controller.get_num_threads() for controller in _blas_controllers()), default=1)
 
 
 def _helpers(count: int) -> ThreadPoolExecutor:
@@ -124,18 +140,25 @@ _pinned = threading.local()  # .workers: the worker count of the pinned call thi
 def _pinned_blas():
     """Yield the worker count (``threads()``, read first) with BLAS pinned to
     one thread until the block ends; the caller's setting is restored after.
-    Nested (a stage called by ``moe_forward``), it yields the outer count."""
+    Nested (a stage called by ``moe_forward``), it yields the outer count.
+    The controllers are called directly: threadpoolctl's ``limit`` costs
+    about 25 microseconds, a tenth of a decode step."""
     workers = getattr(_pinned, "workers", None)
     if workers is not None:
         yield workers
         return
-    workers = threads()
-    with _blas_libraries().limit(limits=1):
+    controllers = _blas_controllers()
+    before = [controller.get_num_threads() for controller in controllers]
+    workers = max(before, default=1)
+    try:
+        for controller in controllers:
+            controller.set_num_threads(1)
         _pinned.workers = workers
-        try:
-            yield workers
-        finally:
-            _pinned.workers = None
+        yield workers
+    finally:
+        _pinned.workers = None
+        for controller, count in zip(controllers, before):
+            controller.set_num_threads(count)
 
 
 def _run(tasks: list[Task], workers: int) -> None:
@@ -163,10 +186,33 @@ def _blocks(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _balanced_blocks(n: int, size: int) -> list[tuple[int, int]]:
-    """ceil(n / size) ranges of near-equal length covering range(n)."""
-    pieces = max(1, math.ceil(n / size))
+    """round(n / size) ranges (at least one) of near-equal length covering
+    range(n): each about ``size`` long, at most 1.5 ``size``. An expert a few
+    rows over ``size`` stays one block rather than a full one and a sliver."""
+    pieces = max(1, round(n / size))
     edges = [n * piece // pieces for piece in range(pieces + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+class _Scratch(threading.local):
+    """This thread's reusable buffers, one per (purpose, dtype), grown as needed
+    and kept for the life of the thread (at most a block's rows, hidden
+    activations and output: a few MiB per worker at D = 512, F = 1024)."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def get(self, purpose: str, shape: tuple, dtype) -> np.ndarray:
+        """An uninitialised C-contiguous array of ``shape`` in the ``purpose`` buffer."""
+        dtype = np.dtype(dtype)
+        size = math.prod(shape)
+        buffer = self.buffers.get((purpose, dtype))
+        if buffer is None or buffer.size < size:
+            buffer = self.buffers[purpose, dtype] = np.empty(size, dtype=dtype)
+        return buffer[:size].reshape(shape)
+
+
+_scratch = _Scratch()
 
 
 # ---------------------------------------------------------------- stages
@@ -200,14 +246,18 @@ def route(x: np.ndarray, router: np.ndarray, k: int, renormalize: bool) -> Routi
 def permute(x: np.ndarray, plan: DispatchPlan) -> np.ndarray:
     rows = np.empty((plan.token.shape[0], x.shape[1]), dtype=x.dtype)
     with _pinned_blas() as workers:
-        _run([functools.partial(np.take, x, plan.token[start:stop], axis=0, out=rows[start:stop])
+        # mode="clip": the plan's indices are in range, and with out= the
+        # default mode="raise" makes NumPy gather into a temporary and copy.
+        _run([functools.partial(np.take, x, plan.token[start:stop], axis=0, out=rows[start:stop], mode="clip")
               for start, stop in _blocks(rows.shape[0], TOKEN_BLOCK)], workers)
     return rows
 
 
 def expert_mlp(rows, offsets, w1, w2, w3, activation) -> np.ndarray:
+    out = np.empty((int(offsets[-1]), w2.shape[2]), dtype=rows.dtype)
     with _pinned_blas() as workers:
-        return _expert_mlp(rows, None, offsets, w1, w2, w3, activation, workers)
+        _run_experts(rows, None, offsets, w1, w2, w3, activation, _RowsInto(out), workers)
+    return out
 
 
 def combine(expert_out: np.ndarray, weights: np.ndarray, row: np.ndarray) -> np.ndarray:
@@ -222,40 +272,43 @@ def combine(expert_out: np.ndarray, weights: np.ndarray, row: np.ndarray) -> np.
 def dense_mlp(x, w1, w2, w3, activation) -> np.ndarray:
     out = np.empty((x.shape[0], w2.shape[1]), dtype=x.dtype)
     with _pinned_blas() as workers:
-        tasks, sums = _mlp_tasks(x, None, 0, x.shape[0], w1, w2, w3, activation, out, _block_rows(x.shape[0]))
-        _run(tasks, workers)
-        _add_partials(sums)
+        _run([task for _, task in _mlp_tasks(x, None, 0, x.shape[0], w1, w2, w3, activation, _RowsInto(out),
+                                             _block_rows(x.shape[0]))], workers)
     return out
 
 
 def moe_forward(x, router, w1, w2, w3, activation: str, k: int, renormalize: bool,
                 capacity: Optional[int]) -> tuple:
-    """(y, routing, plan): the stages above in one pinned region, with permute
-    folded into the expert tasks (each gathers its own rows of x), so decode
-    pays for one pin and one barrier fewer."""
+    """(y, routing, plan): the stages in one pinned region, with permute and
+    combine folded into the expert tasks (see the module docstring)."""
     with _pinned_blas() as workers:
         routing = route(x, router, k, renormalize)
         plan = dispatch(routing.experts, w1.shape[0], capacity)
-        expert_out = _expert_mlp(x, plan.token, plan.offsets, w1, w2, w3, activation, workers)
-        y = combine(expert_out, routing.weights, plan.row)
+        slots = _TokenSlots(plan, routing.weights, x.shape[0], x.shape[1])
+        _run_experts(x, plan.token, plan.offsets, w1, w2, w3, activation, slots, workers)
+        y = slots.sum(workers)
     return y, routing, plan
 
 
 def _route_block(x, router, k, renormalize, experts_out, weights_out, probs_out) -> None:
-    logits = x @ router  # (T, E), accumulated by BLAS in the input dtype
-    np.subtract(logits, logits.max(axis=1, keepdims=True), out=probs_out)
-    np.exp(probs_out, out=probs_out)
-    probs_out /= probs_out.sum(axis=1, keepdims=True)
+    # Experts along the first axis: every reduction over the E experts becomes
+    # element-wise work between E contiguous rows, not E-wide rows one by one.
+    logits = np.ascontiguousarray((x @ router).T)  # (E, tokens), accumulated by BLAS in the input dtype
+    probs = logits - logits.max(axis=0)
+    np.exp(probs, out=probs)
+    probs /= probs.sum(axis=0)
+    probs_out[...] = probs.T
 
     # argmax returns the first maximum, so a tie goes to the smaller index;
     # masking the winner and taking argmax again gives the runner-up with the
     # same rule. For K <= 2 this beats a sort.
-    first = np.argmax(logits, axis=1)
+    first = np.argmax(logits, axis=0)
     experts_out[:, 0] = first
+    columns = np.arange(logits.shape[1])
     if k == 2:
-        logits[np.arange(logits.shape[0]), first] = -np.inf
-        experts_out[:, 1] = np.argmax(logits, axis=1)
-    weights_out[...] = np.take_along_axis(probs_out, experts_out, axis=1)
+        logits[first, columns] = -np.inf
+        experts_out[:, 1] = np.argmax(logits, axis=0)
+    weights_out[...] = probs[experts_out.T, columns].T
     if renormalize:
         weights_out /= weights_out.sum(axis=1, keepdims=True)
 
@@ -289,25 +342,6 @@ def dispatch(experts: np.ndarray, n_experts: int, capacity: Optional[int]) -> Di
     return DispatchPlan(counts=counts, offsets=offsets, token=token.astype(np.int64), row=row)
 
 
-def _expert_mlp(source, index, offsets, w1, w2, w3, activation: str, workers: int) -> np.ndarray:
-    """Expert e applied to rows offsets[e]:offsets[e+1], where row i is
-    source[i] (``index`` None) or source[index[i]] (a gather, folded in)."""
-    n_rows = int(offsets[-1])
-    out = np.empty((n_rows, w2.shape[2]), dtype=source.dtype)
-    block_rows = _block_rows(n_rows)
-    tasks, sums = [], []
-    for e in range(w1.shape[0]):
-        start, stop = int(offsets[e]), int(offsets[e + 1])
-        gate_weights = w3[e] if w3 is not None else None
-        expert_tasks, expert_sums = _mlp_tasks(source, index, start, stop, w1[e], w2[e], gate_weights, activation,
-                                               out, block_rows)
-        tasks += expert_tasks
-        sums += expert_sums
-    _run(_largest_first(tasks), workers)
-    _add_partials(sums)
-    return out
-
-
 def _combine_block(expert_out, weights, row, y) -> None:
     """y += weights[:, j] * expert_out[row[:, j]] for each kept j, in j order,
     so the sum is the same whatever the batch."""
@@ -324,7 +358,82 @@ def _combine_block(expert_out, weights, row, y) -> None:
             y[kept] += contribution
 
 
+# ---------------------------------------------------------------- where expert rows go
+
+
+class _RowsInto:
+    """Expert output row i goes to out[i] (the ``expert_mlp`` stage, the dense MLP)."""
+
+    def __init__(self, out: np.ndarray):
+        self.out = out
+
+    def buffer(self, start: int, stop: int) -> np.ndarray:
+        """Where the MLP writes rows start:stop (here: their place in out)."""
+        return self.out[start:stop]
+
+    def store(self, start: int, stop: int, computed: np.ndarray) -> None:
+        pass  # computed in place
+
+
+class _TokenSlots:
+    """Expert output row i, scaled by its routing weight, goes to its token:
+    row i is assignment (t, j) of the plan, and lands in slots[j * T + t].
+    Assignments dropped by capacity leave zero rows. ``sum`` adds the K slots
+    of each token in j order, as ``combine`` does."""
+
+    def __init__(self, plan: DispatchPlan, weights: np.ndarray, n_tokens: int, width: int):
+        k = plan.row.shape[1]
+        self.n_tokens, self.k = n_tokens, k
+        self.slots = np.empty((k * n_tokens, width), dtype=weights.dtype)
+        n_rows = plan.token.shape[0]
+        self.destination = np.empty(n_rows, dtype=np.int64)
+        self.weight = np.empty(n_rows, dtype=weights.dtype)
+        tokens = np.arange(n_tokens, dtype=np.int64)
+        for j in range(k):
+            rows_j = plan.row[:, j]
+            kept = rows_j >= 0
+            self.destination[rows_j[kept]] = j * n_tokens + tokens[kept]
+            self.weight[rows_j[kept]] = weights[kept, j]
+            if not kept.all():
+                self.slots[j * n_tokens + tokens[~kept]] = 0
+
+    def buffer(self, start: int, stop: int) -> np.ndarray:
+        """Where the MLP writes rows start:stop (this thread's scratch, moved by ``store``)."""
+        return _scratch.get("out", (stop - start, self.slots.shape[1]), self.slots.dtype)
+
+    def store(self, start: int, stop: int, computed: np.ndarray) -> None:
+        weight = self.weight[start:stop, None]
+        if not (weight == 1).all():  # K = 1 with renormalisation: every weight is exactly 1
+            computed *= weight
+        self.slots[self.destination[start:stop]] = computed
+
+    def sum(self, workers: int) -> np.ndarray:
+        """y (T, D): slot 0 for K = 1; slot 0 + slot 1 for K = 2."""
+        if self.k == 1:
+            return self.slots
+        T = self.n_tokens
+        y = np.empty((T, self.slots.shape[1]), dtype=self.slots.dtype)
+        _run([functools.partial(np.add, self.slots[start:stop], self.slots[T + start:T + stop], out=y[start:stop])
+              for start, stop in _blocks(T, TOKEN_BLOCK)], workers)
+        return y
+
+
 # ---------------------------------------------------------------- the MLP tasks
+
+
+def _run_experts(source, index, offsets, w1, w2, w3, activation: str, target, workers: int) -> None:
+    """Expert e applied to rows offsets[e]:offsets[e+1], where row i is
+    source[i] (``index`` None) or source[index[i]] (a gather, folded in), each
+    output row handed to ``target`` (``_RowsInto`` or ``_TokenSlots``)."""
+    block_rows = _block_rows(int(offsets[-1]))
+    tasks = []
+    for e in range(w1.shape[0]):
+        gate_weights = w3[e] if w3 is not None else None
+        tasks += _mlp_tasks(source, index, int(offsets[e]), int(offsets[e + 1]), w1[e], w2[e], gate_weights,
+                            activation, target, block_rows)
+    # Largest blocks first, so that the last tasks the workers take are short ones.
+    tasks.sort(key=lambda sized: sized[0], reverse=True)
+    _run([task for _, task in tasks], workers)
 
 
 def _block_rows(total_rows: int) -> int:
@@ -333,59 +442,73 @@ def _block_rows(total_rows: int) -> int:
     return min(ROW_BLOCK, max(MIN_BLOCK_ROWS, math.ceil(total_rows / MIN_TASKS)))
 
 
-def _rows(source, index, start: int, stop: int) -> np.ndarray:
-    """Rows start:stop of the MLP's input: of ``source``, or gathered through ``index``."""
-    return source[start:stop] if index is None else np.take(source, index[start:stop], axis=0)
+def _mlp_tasks(source, index, start: int, stop: int, w1, w2, w3, activation: str, target,
+               block_rows: int) -> list:
+    """Rows start:stop of one MLP cut into blocks of about ``block_rows``
+    rows (fewer rows: one block), as (rows, task) pairs."""
+    return [(b - a, functools.partial(_mlp_block, source, index, start + a, start + b, w1, w2, w3, activation, target))
+            for a, b in _balanced_blocks(stop - start, block_rows)]
 
 
-def _mlp_tasks(source, index, start: int, stop: int, w1, w2, w3, activation: str, out: np.ndarray,
-               block_rows: int) -> tuple[list, list]:
-    """(tasks, sums): tasks that make out[start:stop] = expert(rows start:stop)
-    (see ``_rows``), and for an expert cut into chunks, its (partial outputs,
-    out[start:stop]) for ``_add_partials`` once the tasks are done. See the
-    module docstring for the two ways of cutting."""
-    n = stop - start
-    if n == 0:
-        return [], []
-    if n >= MIN_BLOCK_ROWS:
-        return [functools.partial(_mlp_block_into, source, index, start + a, start + b, w1, w2, w3,
-                                  activation, out) for a, b in _balanced_blocks(n, block_rows)], []
-    v = _rows(source, index, start, stop)  # fewer than MIN_BLOCK_ROWS rows: gathered here, once
-    chunks = _blocks(w1.shape[1], HIDDEN_CHUNK)
-    partials = np.empty((len(chunks), n, w2.shape[1]), dtype=v.dtype)
-    tasks = [functools.partial(_chunk_into, v, w1, w2, w3, activation, a, b, partials[c])
-             for c, (a, b) in enumerate(chunks)]
-    return tasks, [(partials, out[start:stop])]
+def _rows(source, index, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Rows start:stop of the MLP's input: of ``source``, or gathered through ``index`` (into ``out``)."""
+    if index is None:
+        return source[start:stop]
+    return np.take(source, index[start:stop], axis=0, out=out, mode="clip")  # "clip": see permute
 
 
-def _add_partials(sums: list) -> None:
-    """out = partials[0] + partials[1] + ..., in chunk order (so the same bits on any number of threads)."""
-    for partials, out in sums:
-        out[...] = partials[0]
-        for partial in partials[1:]:
-            out += partial
+def _mlp_block(source, index, start: int, stop: int, w1, w2, w3, activation: str, target) -> None:
+    """Rows start:stop through the MLP, handed to ``target``; input rows,
+    hidden activations and output in this thread's scratch."""
+    rows = None if index is None else _scratch.get("rows", (stop - start, source.shape[1]), source.dtype)
+    v = _rows(source, index, start, stop, rows)
+    out = target.buffer(start, stop)
+    _mlp_into(v, w1, w2, w3, activation, out)
+    target.store(start, stop, out)
 
 
-def _largest_first(tasks: list) -> list:
-    """Row-block tasks by size, largest first (chunk tasks after them, in
-    their order), so the last tasks the workers take are short ones."""
-    def rows(task):
-        return task.args[3] - task.args[2] if task.func is _mlp_block_into else 0
-    return sorted(tasks, key=rows, reverse=True)
+def _mlp_into(v, w1, w2, w3, activation: str, out: np.ndarray) -> None:
+    """out = act(v @ w1) @ w2 (swiglu: (silu(v @ w1) * (v @ w3)) @ w2), the
+    hidden activations in this thread's scratch."""
+    hidden = _scratch.get("hidden", (v.shape[0], w1.shape[1]), v.dtype)
+    _matmul(v, w1, hidden)
+    gate = None
+    if activation == "swiglu":
+        gate = _scratch.get("gate", hidden.shape, v.dtype)
+        _matmul(v, w3, gate)
+    _activate(hidden, gate, activation)
+    _matmul(hidden, w2, out)
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a @ b: one GEMV per row for at most GEMV_ROWS rows, else one GEMM."""
+    if a.shape[0] > GEMV_ROWS:
+        np.matmul(a, b, out=out)
+        return
+    for i in range(a.shape[0]):
+        np.matmul(a[i], b, out=out[i])
 
 
 def _activate(hidden: np.ndarray, gate: Optional[np.ndarray], activation: str) -> None:
-    """hidden = act(hidden), in place; swiglu: silu(hidden) * gate."""
+    """hidden = act(hidden), in place (swiglu: silu(hidden) * gate), ACTIVATION_ROWS rows at a time."""
+    for start in range(0, hidden.shape[0], ACTIVATION_ROWS):
+        _activate_rows(hidden[start:start + ACTIVATION_ROWS],
+                       None if gate is None else gate[start:start + ACTIVATION_ROWS], activation)
+
+
+def _activate_rows(hidden: np.ndarray, gate: Optional[np.ndarray], activation: str) -> None:
     if activation == "relu":
         np.maximum(hidden, 0, out=hidden)
-    elif activation == "gelu":  # 0.5 v (1 + erf(v / sqrt 2))
-        scaled = hidden * hidden.dtype.type(1 / np.sqrt(2))
-        _erf_into(scaled)
+        return
+    work = _scratch.get("activation", (3,) + hidden.shape, hidden.dtype)
+    if activation == "gelu":  # 0.5 v (1 + erf(v / sqrt 2))
+        scaled = np.multiply(hidden, hidden.dtype.type(1 / np.sqrt(2)), out=work[0])
+        _erf_into(scaled, work[1], work[2])
         scaled += 1
         hidden *= scaled
         hidden *= hidden.dtype.type(0.5)
     else:  # swiglu: silu(h) * gate = h * gate / (1 + exp(-h)), six times faster than scipy's expit
-        denominator = np.negative(hidden)
+        denominator = np.negative(hidden, out=work[0])
         with np.errstate(over="ignore"):  # exp(-h) = inf for h < -88 (float32): h / inf = 0, silu's limit
             np.exp(denominator, out=denominator)
         denominator += 1
@@ -406,9 +529,9 @@ ERF_DENOMINATOR = (-1.45660718464996e-05, -2.13374055278905e-04, -1.682826974382
                    -1.42647390514189e-02)
 
 
-def _polynomial(t: np.ndarray, coefficients: tuple) -> np.ndarray:
-    """c0 t^n + c1 t^(n-1) + ... + cn (Horner), in float32."""
-    value = t * np.float32(coefficients[0])
+def _polynomial_into(t: np.ndarray, coefficients: tuple, value: np.ndarray) -> np.ndarray:
+    """value = c0 t^n + c1 t^(n-1) + ... + cn (Horner), in float32."""
+    np.multiply(t, np.float32(coefficients[0]), out=value)
     value += np.float32(coefficients[1])
     for coefficient in coefficients[2:]:
         value *= t
@@ -416,30 +539,15 @@ def _polynomial(t: np.ndarray, coefficients: tuple) -> np.ndarray:
     return value
 
 
-def _erf_into(x: np.ndarray) -> None:
-    """x = erf(x), in place: the rational form above for float32, scipy's erf for float64."""
+def _erf_into(x: np.ndarray, squared: Optional[np.ndarray] = None, value: Optional[np.ndarray] = None) -> None:
+    """x = erf(x), in place: the rational form above for float32 (``squared`` and
+    ``value``: work arrays shaped like x, made if not given), scipy's erf for float64."""
     if x.dtype != np.float32:
         erf(x, out=x)
         return
+    squared = np.empty_like(x) if squared is None else squared
+    value = np.empty_like(x) if value is None else value
     np.clip(x, np.float32(-4), np.float32(4), out=x)
-    squared = x * x
-    x *= _polynomial(squared, ERF_NUMERATOR)
-    denominator = _polynomial(squared, ERF_DENOMINATOR)
-    x /= denominator
-
-
-def _mlp_block_into(source, index, start: int, stop: int, w1, w2, w3, activation: str,
-                    out: np.ndarray) -> None:
-    """out[start:stop] = expert(rows start:stop), the hidden block made and used in cache."""
-    v = _rows(source, index, start, stop)
-    hidden = v @ w1
-    _activate(hidden, v @ w3 if activation == "swiglu" else None, activation)
-    np.matmul(hidden, w2, out=out[start:stop])
-
-
-def _chunk_into(v, w1, w2, w3, activation: str, start: int, stop: int, partial: np.ndarray) -> None:
-    """partial = act(v @ w1[:, start:stop]) @ w2[start:stop] (swiglu: the gate's columns too):
-    hidden columns start:stop of the MLP and what they add to its output."""
-    hidden = v @ w1[:, start:stop]
-    _activate(hidden, v @ w3[:, start:stop] if activation == "swiglu" else None, activation)
-    np.matmul(hidden, w2[start:stop], out=partial)
+    np.multiply(x, x, out=squared)
+    x *= _polynomial_into(squared, ERF_NUMERATOR, value)
+    x /= _polynomial_into(squared, ERF_DENOMINATOR, value)

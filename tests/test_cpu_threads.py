@@ -15,14 +15,15 @@ import kernels.cpu as cpu
 
 THREAD_COUNTS = (1, 2, 3)  # 3: more workers than this machine's two cores still gives the same bits
 
-#: Shapes that exercise every way the backend cuts work: decode (column chunks,
-#: two phases), experts of several row blocks with a remainder, and route and
-#: combine over several token blocks (T > TOKEN_BLOCK).
+#: Shapes that exercise every way the backend cuts work: one task on the
+#: calling thread (decode, GEMV rows), experts of a few rows on several workers,
+#: blocks of several activation slices (the last one short) and route, combine
+#: and the slot sum over several token blocks (T > TOKEN_BLOCK).
 CASES = [
-    pytest.param(1, 1, id="T=1 k=1 (column chunks)"),
-    pytest.param(5, 2, id="T=5 k=2 (column chunks)"),
+    pytest.param(1, 1, id="T=1 k=1 (one task, GEMV)"),
+    pytest.param(5, 2, id="T=5 k=2 (a few rows per expert)"),
     pytest.param(300, 2, id="T=300 k=2 (small row blocks)"),
-    pytest.param(cpu.TOKEN_BLOCK * 2 + 77, 2, id="T>2 token blocks k=2 (several 512-row blocks)"),
+    pytest.param(cpu.TOKEN_BLOCK * 2 + 77, 2, id="T>2 token blocks k=2 (several row blocks)"),
 ]
 
 
@@ -31,8 +32,7 @@ def blas_threads() -> list[int]:
 
 
 def layer(T: int, k: int, activation: str, seed: int = 3):
-    # F above twice HIDDEN_CHUNK, so decode really is cut in several chunks (the last one short).
-    D, F, E = 136, 2 * cpu.HIDDEN_CHUNK + 40, 4
+    D, F, E = 136, 552, 4
     cfg = kernels.MoEConfig(D, F, E, k, activation=activation)
     weights = kernels.init_weights(cfg, seed=seed)
     x = np.random.default_rng(seed).standard_normal((T, D)).astype(np.float32)
