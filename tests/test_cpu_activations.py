@@ -1,8 +1,10 @@
-"""The cpu backend's fast activations: float32 erf (a rational approximation)
-within its stated error, silu through exp at its limits, float64 unchanged."""
+"""The cpu backend's fast activations: float32 GELU (a rational approximation
+of erf) within its stated error, silu through exp at its limits, float64
+through scipy's erf."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -11,21 +13,36 @@ from scipy.special import erf, expit
 import kernels.cpu as cpu
 
 
-def test_float32_erf_is_within_its_stated_error():
-    x = np.linspace(-10, 10, 2_000_001).astype(np.float32)
-    approximated = x.copy()
-    cpu._erf_into(approximated)
-    error = np.abs(approximated.astype(np.float64) - erf(x.astype(np.float64)))
-    assert error.max() <= 4.3e-7
-    assert approximated[np.abs(x) >= 4].tolist() == np.sign(x[np.abs(x) >= 4]).tolist()  # exactly +-1
-    assert approximated[x == 0].tolist() == [0.0]
+def exact_gelu(h: np.ndarray) -> np.ndarray:
+    h = h.astype(np.float64)
+    return 0.5 * h * (1 + erf(h / math.sqrt(2)))
 
 
-def test_float64_erf_is_scipys():
-    x = np.linspace(-6, 6, 10_001)
-    computed = x.copy()
-    cpu._erf_into(computed)
-    np.testing.assert_array_equal(computed, erf(x))
+def test_float32_gelu_is_within_its_stated_error():
+    h = np.linspace(-12, 12, 2_000_001).astype(np.float32)
+    computed = h.copy()
+    cpu._activate(computed, None, "gelu")
+    error = np.abs(computed.astype(np.float64) - exact_gelu(h)) / np.maximum(1, np.abs(h))
+    assert error.max() <= 3.1e-7
+    assert computed[h >= cpu.GELU_CLIP].tolist() == h[h >= cpu.GELU_CLIP].tolist()  # Phi(h) is 1 in float32
+    assert computed[h == 0].tolist() == [0.0]
+
+
+def test_gelu_polynomials_are_the_erf_rational_rewritten():
+    """0.5 erf(s) from Eigen's rational in s and from the rewritten one in u = 2 s^2 agree (float64)."""
+    s = np.linspace(-4, 4, 1001)
+    numerator = np.polyval(cpu.ERF_NUMERATOR, s * s)
+    denominator = np.polyval(cpu.ERF_DENOMINATOR, s * s)
+    c = s * math.sqrt(2)
+    rewritten = c * np.polyval((1.0,) + cpu.GELU_NUMERATOR, c * c) / np.polyval(cpu.GELU_DENOMINATOR, c * c)
+    np.testing.assert_allclose(rewritten, 0.5 * s * numerator / denominator, rtol=1e-12, atol=1e-15)
+
+
+def test_float64_gelu_uses_scipys_erf():
+    h = np.linspace(-6, 6, 10_001)
+    computed = h.copy()
+    cpu._activate(computed, None, "gelu")
+    np.testing.assert_allclose(computed, exact_gelu(h), rtol=1e-11, atol=1e-300)  # float64 rounding only
 
 
 def test_swiglu_gives_silu_times_gate_at_its_limits_without_warnings():
