@@ -7,7 +7,9 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
+from scipy import stats
 
 import kernels.cpu
 from analysis import records
@@ -35,7 +37,11 @@ def test_quick_run_writes_records_of_every_implementation(tmp_path, capsys):
     assert "Records appended" in printed
 
     written = records.read_records(bench_cpu.RECORD_KIND, results_dir=tmp_path)
-    assert {r["measurement"] for r in written} == {"sgemm-rate", "copy-bandwidth", "forward-time"}
+    assert {r["measurement"] for r in written} == {"sgemm-rate", "copy-bandwidth", "few-row-read-rate",
+                                                   "forward-time"}
+    few_rows = [r for r in written if r["measurement"] == "few-row-read-rate"]
+    assert sorted(r["params"]["rows"] for r in few_rows) == list(bench_cpu.FEW_ROWS)
+    assert all(r["bytes_per_s"] == max(r["bytes_per_s_at_start_and_end"]) > 0 for r in few_rows)
     assert len({r["utc"] for r in written}) == 1  # one run
     (sgemm,) = [r for r in written if r["measurement"] == "sgemm-rate"]
     (copy,) = [r for r in written if r["measurement"] == "copy-bandwidth"]
@@ -48,10 +54,13 @@ def test_quick_run_writes_records_of_every_implementation(tmp_path, capsys):
     grouped = [] if peers.grouped_mm_unavailable_reason("cpu") else [("moe", "torch-grouped-mm", 2)]
     per_T = sorted([("dense", "cpu", 256), ("dense", "cpu", 512), ("dense", "torch", 256), ("moe", "cpu", 2),
                     ("moe", "torch-eager", 2), *grouped])
+    rounds = bench_cpu.PRESETS["quick"].rounds
+    assert rounds >= 2
     for T in (2, 300):
-        found = sorted((r["implementation"], r["backend"], r["params"].get("top_k") or r["params"]["d_ff"])
-                       for r in timed if r["params"]["tokens"] == T)
-        assert found == per_T
+        for round_ in range(rounds):  # every implementation once per round
+            found = sorted((r["implementation"], r["backend"], r["params"].get("top_k") or r["params"]["d_ff"])
+                           for r in timed if r["params"]["tokens"] == T and r["round"] == round_)
+            assert found == per_T
     for record in timed:
         assert record["p20_s"] <= record["median_s"] <= record["p80_s"]
         assert record["rotation_sets"] >= 2
@@ -72,6 +81,10 @@ def test_quick_run_writes_records_of_every_implementation(tmp_path, capsys):
     assert rows[0]["moe_over_weight_read"] > 0 and rows[1]["moe_over_weight_read"] is None  # decode only
     assert all(row["moe_over_torch_eager"] and row["moe_over_torch_dense"] and row["moe_over_dense_params"]
                for row in rows)
+    for row in rows:
+        assert row["rounds"] == rounds
+        low, high = row["moe_over_torch_eager_interval"]
+        assert low <= row["moe_over_torch_eager"] <= high
     assert bench_cpu.format_table(rows) in printed
 
 
@@ -136,7 +149,7 @@ def test_quick_preset_yields_to_explicit_options():
 
 @pytest.mark.parametrize("argv, message", [
     (["--tokens", "0"], "tokens"), (["--k", "3"], "top_ks"), (["--threads", "0"], "threads"),
-    (["--min-repeats", "5", "--max-repeats", "2"], "repeats"),
+    (["--min-repeats", "5", "--max-repeats", "2"], "repeats"), (["--rounds", "0"], "rounds"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -204,3 +217,39 @@ def test_decode_counts_only_the_experts_it_routes_to():
     assert one_token["touched_weight_bytes"] == bench_cpu.expert_bytes(config, "relu")  # one expert, every set
     two_choices = bench_cpu.measure_moe(config, "relu", 1, 2, bench_cpu.InputCache(config))
     assert two_choices["touched_weight_bytes"] == 2 * bench_cpu.expert_bytes(config, "relu")
+
+
+def test_ratios_pair_the_times_of_one_round_and_give_an_interval():
+    """Round 1 is twice as slow for everything (a noisy moment): the paired
+    ratio does not move, and its interval is a point; unpaired medians would mix rounds."""
+    ceilings = {"sgemm_flop_per_s": 1e9, "copy_bytes_per_s": 1e9}
+
+    def record(implementation, backend, seconds, round_, **params):
+        return {"implementation": implementation, "backend": backend, "median_s": seconds, "flops": 1e6,
+                "threads": 2, "touched_weight_bytes": 2e6, "round": round_,
+                "params": {"activation": "relu", "tokens": 4096, "d_model": 64, **params}}
+
+    moe = dict(d_ff=128, n_experts=4, top_k=1)
+    steady = [record(name, backend, seconds * slow, round_, **params)
+              for round_, slow in ((0, 1.0), (1, 2.0), (2, 1.0))
+              for name, backend, seconds, params in (("moe", "cpu", 0.010, moe), ("dense", "cpu", 0.008,
+                                                                                  {"d_ff": 128}))]
+    (row,) = bench_cpu.table_rows(steady, ceilings)
+    assert row["rounds"] == 3 and row["moe_s"] == pytest.approx(0.010)  # the median over the rounds
+    assert row["moe_over_dense_active"] == pytest.approx(1.25)
+    assert row["moe_over_dense_active_interval"] == pytest.approx([1.25, 1.25])
+
+    # Ratios 1.0, 1.2 and 1.1 over three rounds: the geometric mean, inside a t interval on the logs.
+    varied = [record(name, backend, seconds, round_, **params)
+              for round_, dense_s in ((0, 0.010), (1, 0.010 / 1.2), (2, 0.010 / 1.1))
+              for name, backend, seconds, params in (("moe", "cpu", 0.010, moe), ("dense", "cpu", dense_s,
+                                                                                 {"d_ff": 128}))]
+    (row,) = bench_cpu.table_rows(varied, ceilings)
+    logs = np.log([1.0, 1.2, 1.1])
+    assert row["moe_over_dense_active"] == pytest.approx(np.exp(logs.mean()))
+    half = stats.t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
+    assert row["moe_over_dense_active_interval"] == pytest.approx(np.exp([logs.mean() - half, logs.mean() + half]))
+    (goal,) = [g for g in bench_cpu.goals([row]) if "our dense" in g.name]
+    assert goal.met is True and goal.within_noise  # 1.097 <= 1.10, but the interval reaches past it
+    assert "interval reaches across" in goal.line()
+    assert bench_cpu.ratio_text(row, "moe_over_dense_active").startswith("1.10±")

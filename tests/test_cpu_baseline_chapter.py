@@ -36,11 +36,13 @@ def test_the_section_shows_the_newest_run(tmp_path, capsys):
     assert numbers["bench_sgemm"].endswith("GFLOP/s") and numbers["bench_copy"].endswith("GB/s")
     frame = cpu_baseline.ratio_frame(view)
     assert list(frame["T"]) == [4] and frame["MoE ms"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
-    assert frame["÷ PyTorch loop"].isna().all()  # not timed: empty, not zero
+    assert (frame["÷ PyTorch loop"] == "–").all()  # not timed: a dash, not zero
+    assert "±" in frame["÷ our dense K·F"].iloc[0]  # two rounds: a mean and its interval
+    assert "GB/s with 4 rows" in numbers["bench_few_row"]
     goals = cpu_baseline.goals_frame(view)
     assert len(goals) == 4 and goals["verdict"].iloc[3] in ("met", "missed")  # decode is judged at T = 4
     ceilings = cpu_baseline.ceilings_frame(view)
-    assert ceilings["value"].notna().all()
+    assert ceilings["value"].notna().all() and len(ceilings) == 4 + len(bench_cpu.FEW_ROWS)
     assert "<svg" in charts.to_svg(cpu_baseline.ratio_chart(view))
 
 

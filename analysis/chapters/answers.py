@@ -148,7 +148,8 @@ def bench_speed(results_dir=None) -> Optional[SpeedAnswer]:
                "scale": (f"one layer (D = {shape['d_model']}, F = {shape['d_ff']}, E = {shape['n_experts']}, "
                          f"{BENCH_ACTIVATION}, {shape['dtype']}), T = {int(ratios['tokens'].min())} to {largest}, "
                          f"on {first.get('device')} ({first.get('cpu_count')} cores), "
-                         f"{cpu_baseline.thread_text(view.run)}; each ratio is of two medians")}
+                         f"{cpu_baseline.thread_text(view.run)}; each ratio is the geometric mean over "
+                         f"{rows[0]['rounds']} round(s) of the ratio of two medians timed in the same round")}
     for (k, baseline), group in ratios.groupby(["top_k", "baseline"]):
         short = "active" if "active" in baseline else "params"
         numbers[f"k{k}_{short}_ratio_largest"] = float(group[group["tokens"] == largest]["ratio"].iloc[0])
@@ -158,9 +159,18 @@ def bench_speed(results_dir=None) -> Optional[SpeedAnswer]:
             numbers[f"k{row['top_k']}_grouped_ratio_largest"] = row.get("moe_over_torch_grouped")
     numbers["crossovers"] = performance.crossover_sentence(crossings)
     numbers["switch_throughput"] = published.text("Switch Transformer", "throughput of the top-1 MoE relative to dense")
+    # How far a ratio may be from its true value: the 95% intervals over the
+    # rounds where the run has several, else the spread of single timings.
+    halves = sorted(max(interval[1] / row[field] - 1, 1 - interval[0] / row[field])
+                    for row in rows for field in ("moe_over_dense_active", "moe_over_dense_params")
+                    for interval in [row.get(f"{field}_interval")] if interval is not None)
     spreads = sorted(r["p80_s"] / r["p20_s"] - 1 for r in view.run if r.get("measurement") == "forward-time"
                      and r["params"].get("activation") == BENCH_ACTIVATION and r.get("p20_s"))
-    if spreads:
+    if halves:
+        numbers["noise"] = (f" Read single points with care: a ratio's 95% interval over the rounds reaches "
+                            f"±{100 * halves[len(halves) // 2]:.0f}% at the median over this run's ratios and "
+                            f"±{100 * halves[-1]:.0f}% at worst, so a ratio that close to 1 is no crossing.")
+    elif spreads:
         numbers["noise"] = (f" Read single points with care: between a timing's 20th and 80th percentile "
                             f"lies {100 * spreads[len(spreads) // 2]:.0f}% at the median over this run's timings "
                             f"and {spreads[-1]:.1f}x at worst, so a ratio near 1 is no crossing.")

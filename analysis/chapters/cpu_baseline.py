@@ -101,34 +101,65 @@ def bench_numbers(view: BenchCpuView) -> dict:
         "bench_goal_fraction": f"{100 * bench_cpu.GOAL_MIN_FRACTION_OF_SGEMM:.0f}%",
         "bench_decode_tokens": bench_cpu.DECODE_TOKENS,
         "bench_goal_decode": f"{bench_cpu.GOAL_MAX_DECODE_OVER_WEIGHT_READ}",
-        "bench_sgemm": "\u2013", "bench_copy": "\u2013", "bench_threads": "\u2013",
+        "bench_sgemm": "\u2013", "bench_copy": "\u2013", "bench_threads": "\u2013", "bench_few_row": "\u2013",
     }
+    numbers["bench_loop_share"] = loop_share_text(view)
     if view.ceilings is not None:
         ceilings = view.ceilings
         numbers["bench_sgemm"] = f"{ceilings['sgemm_flop_per_s'] / 1e9:.0f} GFLOP/s"
         numbers["bench_copy"] = f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s"
         numbers["bench_threads"] = thread_text(view.run)
+        few_rows = ceilings.get("few_row_read_bytes_per_s") or {}
+        numbers["bench_few_row"] = ", ".join(f"{rate / 1e9:.1f} GB/s with {n} row{'s' if n > 1 else ''}"
+                                             for n, rate in sorted(few_rows.items())) or "(not measured in this run)"
     return numbers
 
 
+def loop_share_text(view: BenchCpuView) -> str:
+    """The PyTorch loop's share of the SGEMM rate for T >= LARGE_TOKENS in the
+    run (geometric means over the rounds, lowest to highest), and the share
+    the MoE would need to take GOAL_MAX_RATIO_TO_EAGER of its time."""
+    shares = [row["torch_eager_fraction_of_sgemm"] for row in view.rows
+              if row["tokens"] >= bench_cpu.LARGE_TOKENS and row.get("torch_eager_fraction_of_sgemm") is not None]
+    if not shares:
+        return f"(no PyTorch loop timed at T ≥ {bench_cpu.LARGE_TOKENS} in this run)"
+    low, high = min(shares), max(shares)
+    goal = bench_cpu.GOAL_MAX_RATIO_TO_EAGER
+    return (f"{100 * low:.0f}–{100 * high:.0f}% of the SGEMM rate, so a MoE taking {goal} of its time would "
+            f"run at {100 * low / goal:.0f}–{100 * high / goal:.0f}%")
+
+
 def ratio_frame(view: BenchCpuView) -> pd.DataFrame:
-    """The run's table for the page: per (activation, k, T) the MoE's time,
-    MoE time over each other time, and its share of the SGEMM rate."""
+    """The run's table for the page: per (activation, k, T) the MoE's time
+    (median over the rounds), MoE time over each other time and its share of
+    the SGEMM rate, each as its geometric mean over the rounds ± the larger
+    side of its 95% interval (``bench_cpu.ratio_text``)."""
     columns = {"activation": "activation", "top_k": "k", "tokens": "T", "moe_s": "MoE ms",
                "moe_over_torch_eager": "÷ PyTorch loop", "moe_over_torch_grouped": "÷ grouped_mm",
                "moe_over_torch_dense": "÷ PyTorch dense K·F", "moe_over_dense_active": "÷ our dense K·F",
                "moe_over_dense_params": "÷ our dense E·F", "moe_over_weight_read": "÷ weight read",
-               "moe_fraction_of_sgemm": "% of SGEMM"}
-    frame = pd.DataFrame(view.rows, columns=list(columns))
-    frame["moe_s"] = frame["moe_s"] * 1e3
-    frame["moe_fraction_of_sgemm"] = frame["moe_fraction_of_sgemm"] * 100
-    return frame.rename(columns=columns)
+               "moe_fraction_of_sgemm": "% of SGEMM", "torch_eager_fraction_of_sgemm": "PyTorch loop % of SGEMM"}
+    shown = []
+    for row in view.rows:
+        line = {field: row[field] for field in ("activation", "top_k", "tokens")}
+        line["moe_s"] = row["moe_s"] * 1e3
+        for field in list(columns)[4:]:
+            line[field] = "–" if row[field] is None else bench_cpu.ratio_text(
+                row, field, percent=field.endswith("fraction_of_sgemm"), sign=" ± ")
+        shown.append(line)
+    return pd.DataFrame(shown, columns=list(columns)).rename(columns=columns)
 
 
 def goals_frame(view: BenchCpuView) -> pd.DataFrame:
-    """The four targets as judged on the run: threshold, worst value, where, verdict."""
+    """The four targets as judged on the run: worst value (a geometric mean
+    over the rounds), its 95% interval, where, verdict."""
     verdicts = {True: "met", False: "missed", None: "not judged"}
-    return pd.DataFrame([{"target": goal.name, "worst": goal.worst, "at": goal.where, "verdict": verdicts[goal.met]}
+
+    def interval(goal):
+        return "–" if goal.interval is None else f"{goal.interval[0]:.3g} to {goal.interval[1]:.3g}"
+
+    return pd.DataFrame([{"target": goal.name, "worst": goal.worst, "95% interval": interval(goal), "at": goal.where,
+                          "verdict": verdicts[goal.met] + (" (interval reaches across)" if goal.within_noise else "")}
                          for goal in bench_cpu.goals(view.rows)])
 
 
@@ -140,6 +171,8 @@ def ceilings_frame(view: BenchCpuView) -> pd.DataFrame:
             ("SGEMM, one single-threaded product per worker", ceilings.get("sgemm_one_per_worker_flop_per_s"),
              "GFLOP/s"),
             ("copy bandwidth (read + written)", ceilings.get("copy_bytes_per_s"), "GB/s")]
+    rows += [(f"weights read by an {n}-row product (one thread)", rate, "GB/s")
+             for n, rate in sorted((ceilings.get("few_row_read_bytes_per_s") or {}).items())]
     return pd.DataFrame([{"ceiling": name, "value": None if value is None else value / 1e9, "unit": unit}
                          for name, value, unit in rows])
 
@@ -152,8 +185,10 @@ def ratio_chart(view: BenchCpuView) -> alt.TopLevelMixin:
     for row in view.rows:
         for field, label in CHART_RATIOS:
             if row.get(field) is not None:
+                interval = row.get(f"{field}_interval") or [row[field], row[field]]
                 lines.append({"activation": row["activation"], "k": f"k = {row['top_k']}", "T": row["tokens"],
-                              "compared with": label, "MoE time / its time": row[field]})
+                              "compared with": label, "MoE time / its time": row[field],
+                              "95% low": interval[0], "95% high": interval[1]})
     frame = pd.DataFrame(lines)
     labels = [label for _, label in CHART_RATIOS if label in set(frame.get("compared with", []))]
     base = alt.Chart().mark_line(point=True).encode(
@@ -163,8 +198,12 @@ def ratio_chart(view: BenchCpuView) -> alt.TopLevelMixin:
                         legend=alt.Legend(title="MoE compared with", orient="bottom", columns=2)),
         tooltip=["activation", "k", "T", "compared with", alt.Tooltip("MoE time / its time:Q", format=".3f")],
     ).properties(width=190, height=150)
+    # Each ratio's 95% interval over the run's rounds.
+    intervals = alt.Chart().mark_rule().encode(
+        x="T:Q", y="95% low:Q", y2="95% high:Q",
+        color=alt.Color("compared with:N", scale=charts.palette(labels), sort=labels, legend=None))
     target = alt.Chart().mark_rule(strokeDash=[4, 3], color="#000000").encode(
         y=alt.datum(bench_cpu.GOAL_MAX_RATIO_TO_EAGER))
-    return alt.layer(base, target, data=frame).facet(
+    return alt.layer(base, intervals, target, data=frame).facet(
         column=alt.Column("activation:N", title=None), row=alt.Row("k:N", title=None)
     ).properties(title="MoE time over each other layer's time (below 1: the MoE is faster)")

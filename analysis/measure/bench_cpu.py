@@ -25,6 +25,14 @@ in one worker process and the PyTorch ones in another (both started fresh with
 other side's threads have gone to sleep. Each worker builds the inputs from
 the same seeds, so both time the same tokens and weights.
 
+Rounds. Machine noise between one moment and the next (other tenants of a
+shared host, frequency) is larger here than the spread of repeated calls, so
+the run measures every (activation, T) ``rounds`` times over, each round
+timing every implementation once, within seconds of each other. A ratio is
+taken within a round (paired), and the table gives its geometric mean over the
+rounds with a 95% interval (Student's t on the log ratios); the targets are
+judged on the means, and say when an interval reaches across a target.
+
 Threads. By default every core BLAS would use: the workers start with the
 environment as it is. ``--threads N`` sets OPENBLAS_NUM_THREADS,
 OMP_NUM_THREADS and MKL_NUM_THREADS to N for both workers. Each record holds
@@ -121,6 +129,11 @@ class BenchConfig:
     #: Whether to time the PyTorch implementations (needs the torch extra).
     torch_peers: bool = True
     seed: int = 0
+    #: Rounds: every (activation, T) is measured this many times over, each
+    #: round timing every implementation once, so the ratios pair a round's
+    #: times (taken within seconds of each other) and their spread over the
+    #: rounds gives an interval. Machine noise between moments is the larger error here.
+    rounds: int = 1
 
 
 PRESETS = {
@@ -128,16 +141,16 @@ PRESETS = {
         d_model=512, d_ff=1024, n_experts=8,
         tokens=(1, 4, 16, 64, 256, 1024, 4096, 16384), top_ks=(1, 2),
         activations=("relu", "gelu", "swiglu"), dtype="float32",
-        seconds_per_measurement=0.5, min_repeats=3, max_repeats=20,
-        sgemm_n=2048, copy_bytes=256 * 2**20, pause_s=0.3,
+        seconds_per_measurement=0.2, min_repeats=2, max_repeats=10,
+        sgemm_n=2048, copy_bytes=256 * 2**20, pause_s=0.3, rounds=5,
     ),
     # Small shapes that finish in seconds: for tests and a first look.
     "quick": BenchConfig(
         d_model=64, d_ff=128, n_experts=4,
         tokens=(1, 16, 256), top_ks=(1, 2),
         activations=("swiglu",), dtype="float32",
-        seconds_per_measurement=0.02, min_repeats=3, max_repeats=3,
-        sgemm_n=256, copy_bytes=8 * 2**20, pause_s=0.0,
+        seconds_per_measurement=0.02, min_repeats=2, max_repeats=2,
+        sgemm_n=256, copy_bytes=8 * 2**20, pause_s=0.0, rounds=2,
     ),
 }
 
@@ -160,6 +173,8 @@ def check_config(config: BenchConfig) -> None:
                          f"{config.min_repeats} and {config.max_repeats}")
     if config.threads is not None and config.threads < 1:
         raise ValueError(f"threads: expected at least 1, got {config.threads}")
+    if config.rounds < 1:
+        raise ValueError(f"rounds: expected at least 1, got {config.rounds}")
 
 
 # ---------------------------------------------------------------- inputs (built alike in both workers)
@@ -412,7 +427,33 @@ def measure_ceilings(config: BenchConfig) -> dict:
     per_worker = concurrent_sgemm_rate(config.sgemm_n, dtype, workers)
     return {"sgemm_flop_per_s": max(multithreaded, per_worker), "sgemm_blas_threads_flop_per_s": multithreaded,
             "sgemm_one_per_worker_flop_per_s": per_worker, "threads": workers,
-            "copy_bytes_per_s": roofline.copy_bandwidth("cpu", config.copy_bytes)}
+            "copy_bytes_per_s": roofline.copy_bandwidth("cpu", config.copy_bytes),
+            "few_row_read_bytes_per_s": few_row_read_rates(config.d_model, config.d_ff, dtype)}
+
+
+#: Row counts of the few-row products whose weight-read rate the ceilings include.
+FEW_ROWS = (1, 4, 16)
+
+
+def few_row_read_rates(D: int, F: int, dtype: numpy.dtype) -> dict:
+    """{n: bytes of weights per second} for NumPy's ``(n, D) @ (D, F)`` on one
+    BLAS thread with the (D, F) weights coming from memory (copies rotated past
+    the last-level cache): the products a decode step makes, one per expert
+    and GEMM. The weights' bytes over the time, to set beside the copy bandwidth."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    rng = numpy.random.default_rng(0)
+    weight = rng.standard_normal((D, F)).astype(dtype)
+    copies = [weight] + [weight.copy() for _ in range(timing.sets_to_exceed_cache(weight.nbytes) - 1)]
+    rates = {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for n in FEW_ROWS:
+            rows = rng.standard_normal((n, D)).astype(dtype)
+            out = numpy.empty((n, F), dtype=dtype)
+            measured = timing.time_function(lambda w: numpy.matmul(rows, w, out=out),
+                                            args_sets=[(w,) for w in copies], warmup=len(copies), repeats=40)
+            rates[n] = weight.nbytes / measured.median_s
+    return rates
 
 
 def concurrent_sgemm_rate(n: int, dtype: numpy.dtype, workers: int, repeats: int = 5) -> float:
@@ -545,7 +586,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> BenchResult:
     torch_reason, grouped_reason = torch_reasons(config)
     per_k = [MOE_CPU, DENSE_CPU] + ([] if torch_reason else [TORCH_EAGER, DENSE_TORCH]) + \
         ([] if grouped_reason else [TORCH_GROUPED])
-    total = 2 + len(config.activations) * len(config.tokens) * (len(config.top_ks) * len(per_k) + 1)
+    total = 2 + config.rounds * len(config.activations) * len(config.tokens) * (len(config.top_ks) * len(per_k) + 1)
     numpy_worker = Worker("NumPy", config)
     torch_worker = None if torch_reason else Worker("PyTorch", config)
     timed: list[tuple] = []  # (implementation, worker result, params), made into records once the ceilings are known
@@ -563,32 +604,37 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> BenchResult:
             first_ceilings = on(numpy_worker, "measure_ceilings")
             bar.update()
 
-            def add(implementation: tuple, result: dict, **params) -> None:
-                timed.append((implementation, result, params))
+            def add(implementation: tuple, result: dict, round_: int, **params) -> None:
+                timed.append((implementation, result, {"round_": round_, **params}))
                 bar.update()
 
             for activation in config.activations:
                 for T in config.tokens:
-                    for K in config.top_ks:
-                        width = K * config.d_ff
-                        bar.set_postfix_str(f"{activation} T={T} k={K}")
-                        add(MOE_CPU, on(numpy_worker, "measure_moe", activation, T, K), activation=activation,
-                            tokens=T, top_k=K)
-                        add(DENSE_CPU, on(numpy_worker, "measure_dense", activation, T, width),
-                            activation=activation, tokens=T, width=width, compared_as=f"equal active FLOPs, k={K}")
-                        if torch_worker is None:
-                            continue
-                        add(TORCH_EAGER, on(torch_worker, "measure_torch_moe", "torch-eager", activation, T, K),
-                            activation=activation, tokens=T, top_k=K)
-                        if grouped_reason is None:
-                            add(TORCH_GROUPED, on(torch_worker, "measure_torch_moe", "torch-grouped-mm",
-                                                  activation, T, K), activation=activation, tokens=T, top_k=K)
-                        add(DENSE_TORCH, on(torch_worker, "measure_torch_dense", activation, T, width),
-                            activation=activation, tokens=T, width=width, compared_as=f"equal active FLOPs, k={K}")
-                    width = config.n_experts * config.d_ff
-                    bar.set_postfix_str(f"{activation} T={T} dense E*F")
-                    add(DENSE_CPU, on(numpy_worker, "measure_dense", activation, T, width),
-                        activation=activation, tokens=T, width=width, compared_as="equal parameters")
+                    for round_ in range(config.rounds):
+                        where = f"{activation} T={T} round {round_ + 1}/{config.rounds}"
+                        for K in config.top_ks:
+                            width = K * config.d_ff
+                            bar.set_postfix_str(f"{where} k={K}")
+                            add(MOE_CPU, on(numpy_worker, "measure_moe", activation, T, K), round_,
+                                activation=activation, tokens=T, top_k=K)
+                            add(DENSE_CPU, on(numpy_worker, "measure_dense", activation, T, width), round_,
+                                activation=activation, tokens=T, width=width,
+                                compared_as=f"equal active FLOPs, k={K}")
+                            if torch_worker is None:
+                                continue
+                            add(TORCH_EAGER, on(torch_worker, "measure_torch_moe", "torch-eager", activation, T, K),
+                                round_, activation=activation, tokens=T, top_k=K)
+                            if grouped_reason is None:
+                                add(TORCH_GROUPED, on(torch_worker, "measure_torch_moe", "torch-grouped-mm",
+                                                      activation, T, K), round_, activation=activation, tokens=T,
+                                    top_k=K)
+                            add(DENSE_TORCH, on(torch_worker, "measure_torch_dense", activation, T, width), round_,
+                                activation=activation, tokens=T, width=width,
+                                compared_as=f"equal active FLOPs, k={K}")
+                        width = config.n_experts * config.d_ff
+                        bar.set_postfix_str(f"{where} dense E*F")
+                        add(DENSE_CPU, on(numpy_worker, "measure_dense", activation, T, width), round_,
+                            activation=activation, tokens=T, width=width, compared_as="equal parameters")
             bar.set_postfix_str("ceilings again")
             last_ceilings = on(numpy_worker, "measure_ceilings")
             bar.update()
@@ -608,15 +654,17 @@ def best_ceilings(first: dict, last: dict) -> dict:
     """The ceilings measured at the start and at the end of the run, the
     higher of each: on a machine others share, the quieter moment is the
     closer to what the hardware can do, and the ratios against it the stricter."""
-    best = {key: max(first[key], last[key]) for key in first if key.endswith("_per_s")}
+    few_rows = "few_row_read_bytes_per_s"
+    best = {key: max(first[key], last[key]) for key in first if key.endswith("_per_s") and key != few_rows}
+    best[few_rows] = {n: max(first[few_rows][n], last[few_rows][n]) for n in first[few_rows]}
     best["sgemm_flop_per_s"] = max(best["sgemm_blas_threads_flop_per_s"], best["sgemm_one_per_worker_flop_per_s"])
     return {**best, "threads": first["threads"], "measured": [first, last]}
 
 
 def as_record(implementation: tuple, result: dict, ceilings: dict, config: BenchConfig, *, activation: str,
-              tokens: int, top_k: Optional[int] = None, width: Optional[int] = None,
+              tokens: int, round_: int = 0, top_k: Optional[int] = None, width: Optional[int] = None,
               compared_as: Optional[str] = None) -> dict:
-    """One worker result as a tidy ``bench-cpu`` record."""
+    """One worker result as a tidy ``bench-cpu`` record (``round``: which of the run's rounds timed it)."""
     name, backend = implementation
     measured = timing.Timing(**result["timing"])
     params = {"tokens": tokens, "d_model": config.d_model, "activation": activation, "dtype": config.dtype,
@@ -629,7 +677,7 @@ def as_record(implementation: tuple, result: dict, ceilings: dict, config: Bench
     if compared_as is not None:
         extra["compared_as"] = compared_as
     return {
-        "implementation": name, "backend": backend, "measurement": "forward-time",
+        "implementation": name, "backend": backend, "measurement": "forward-time", "round": round_,
         **measured.as_dict(),
         "flops": result["flops"],
         "flop_per_s": result["flops"] / measured.median_s,
@@ -655,6 +703,11 @@ def ceiling_records(result: BenchResult) -> list[dict]:
          "bytes_per_s": ceilings["copy_bytes_per_s"],
          "bytes_per_s_at_start_and_end": [m["copy_bytes_per_s"] for m in ceilings.get("measured", [])],
          "params": {"bytes": config.copy_bytes}},
+        *({"implementation": "numpy-matmul", "backend": "cpu", "measurement": "few-row-read-rate",
+           "bytes_per_s": ceilings["few_row_read_bytes_per_s"][n], "threads": 1,
+           "bytes_per_s_at_start_and_end": [m["few_row_read_bytes_per_s"][n] for m in ceilings.get("measured", [])],
+           "params": {"rows": n, "d_model": config.d_model, "d_ff": config.d_ff, "dtype": config.dtype}}
+          for n in sorted(ceilings["few_row_read_bytes_per_s"])),
     ]
 
 
@@ -666,10 +719,35 @@ def to_records(result: BenchResult) -> list[dict]:
 # ---------------------------------------------------------------- the table
 
 
+#: A table row's ratios: (field, the time it divides the MoE's time by), and the
+#: MoE's and the PyTorch loop's shares of the SGEMM rate; each with ``<field>_interval``.
+RATIOS = (("moe_over_dense_active", "dense_active_s"), ("moe_over_dense_params", "dense_params_s"),
+          ("moe_over_torch_eager", "torch_eager_s"), ("moe_over_torch_grouped", "torch_grouped_s"),
+          ("moe_over_torch_dense", "torch_dense_s"), ("moe_over_weight_read", "weight_read_s"))
+RATIO_FIELDS = tuple(field for field, _ in RATIOS) + ("moe_fraction_of_sgemm", "torch_eager_fraction_of_sgemm")
+TIME_FIELDS = ("moe_s",) + tuple(baseline for _, baseline in RATIOS)
+
+
 def table_rows(measurements: list[dict], ceilings: dict) -> list[dict]:
-    """One row per (activation, T, k) with a timed MoE: times, thread counts and
-    ratios (MoE time over each other time: below 1, the MoE is faster). A
-    baseline that was not timed gives None."""
+    """One row per (activation, T, k) with a timed MoE. Each round of the run
+    gives the MoE's time over each other time *of that round* (below 1, the MoE
+    is faster); the row holds each time's median over the rounds and each
+    ratio's geometric mean over the rounds with its 95% interval
+    (``<ratio>_interval``: Student's t on the log ratios, None with one
+    round). A baseline that was not timed gives None."""
+    by_round: dict = {}
+    for record in measurements:
+        by_round.setdefault(record.get("round", 0), []).append(record)
+    grouped: dict = {}
+    for round_ in sorted(by_round):
+        for row in _round_rows(by_round[round_], ceilings):
+            grouped.setdefault((row["activation"], row["tokens"], row["top_k"]), []).append(row)
+    rows = [_over_rounds(rows) for rows in grouped.values()]
+    return sorted(rows, key=lambda row: (row["activation"], row["top_k"], row["tokens"]))
+
+
+def _round_rows(measurements: list[dict], ceilings: dict) -> list[dict]:
+    """The rows of one round: its times and the ratios between them."""
     def key(record):
         params = record["params"]
         return (record["implementation"], record["backend"], params["activation"], params["tokens"],
@@ -702,12 +780,42 @@ def table_rows(measurements: list[dict], ceilings: dict) -> list[dict]:
             "weight_read_s": (record["touched_weight_bytes"] / ceilings["copy_bytes_per_s"]
                               if T <= DECODE_TOKENS else None),
         }
-        for name, baseline in (("moe_over_dense_active", "dense_active_s"), ("moe_over_dense_params", "dense_params_s"),
-                               ("moe_over_torch_eager", "torch_eager_s"), ("moe_over_torch_grouped", "torch_grouped_s"),
-                               ("moe_over_torch_dense", "torch_dense_s"), ("moe_over_weight_read", "weight_read_s")):
+        for name, baseline in RATIOS:
             row[name] = None if row[baseline] is None else moe_s / row[baseline]
+        # Where both are bound by the GEMMs, the loop's own share of SGEMM sets
+        # how far below its time the MoE can get.
+        eager = found.get(("moe", "torch-eager", activation, T, K))
+        row["torch_eager_fraction_of_sgemm"] = (None if eager is None else
+                                                eager["flops"] / eager["median_s"] / ceilings["sgemm_flop_per_s"])
         rows.append(row)
-    return sorted(rows, key=lambda row: (row["activation"], row["top_k"], row["tokens"]))
+    return rows
+
+
+def _over_rounds(rows: list[dict]) -> dict:
+    """One (activation, T, k)'s rows of every round as one row (see ``table_rows``)."""
+    first = rows[0]
+    merged = {name: first[name] for name in ("activation", "tokens", "top_k", "threads")}
+    merged["rounds"] = len(rows)
+    for name in TIME_FIELDS:
+        values = [row[name] for row in rows]
+        merged[name] = None if None in values else float(numpy.median(values))
+    for name in RATIO_FIELDS:
+        values = [row[name] for row in rows]
+        merged[name], merged[f"{name}_interval"] = (None, None) if None in values else geometric_mean_interval(values)
+    return merged
+
+
+def geometric_mean_interval(ratios: list[float], confidence: float = 0.95) -> tuple[float, Optional[list]]:
+    """(geometric mean, [low, high]) of positive ratios: the mean of their logs
+    and its Student's t interval, mapped back; the interval is None for one ratio."""
+    from scipy import stats  # noqa: PLC0415 - only the table needs it
+
+    logs = numpy.log(numpy.asarray(ratios, dtype=numpy.float64))
+    mean = float(logs.mean())
+    if logs.size < 2:
+        return float(numpy.exp(mean)), None
+    half = float(stats.t.ppf(0.5 + confidence / 2, logs.size - 1) * logs.std(ddof=1) / numpy.sqrt(logs.size))
+    return float(numpy.exp(mean)), [float(numpy.exp(mean - half)), float(numpy.exp(mean + half))]
 
 
 def ceilings_from_records(found: list[dict]) -> dict:
@@ -717,10 +825,13 @@ def ceilings_from_records(found: list[dict]) -> dict:
     if not sgemm or not copy:
         raise ValueError("records: expected the run's sgemm-rate and copy-bandwidth records, found "
                          f"{len(sgemm)} and {len(copy)}")
+    few_rows = {record["params"]["rows"]: record["bytes_per_s"] for record in found
+                if record.get("measurement") == "few-row-read-rate"}
     return {"sgemm_flop_per_s": sgemm[0]["flop_per_s"],
             "sgemm_blas_threads_flop_per_s": sgemm[0].get("blas_threads_flop_per_s"),
             "sgemm_one_per_worker_flop_per_s": sgemm[0].get("one_per_worker_flop_per_s"),
-            "threads": sgemm[0].get("threads"), "copy_bytes_per_s": copy[0]["bytes_per_s"]}
+            "threads": sgemm[0].get("threads"), "copy_bytes_per_s": copy[0]["bytes_per_s"],
+            "few_row_read_bytes_per_s": few_rows}
 
 
 def rows_from_records(found: list[dict]) -> tuple[list[dict], dict]:
@@ -738,40 +849,67 @@ TABLE_COLUMNS = (
     ("/dense E*F", "moe_over_dense_params", "ratio"), ("/torch loop", "moe_over_torch_eager", "ratio"),
     ("/grouped_mm", "moe_over_torch_grouped", "ratio"), ("/torch dense", "moe_over_torch_dense", "ratio"),
     ("/weight read", "moe_over_weight_read", "ratio"), ("% SGEMM", "moe_fraction_of_sgemm", "percent"),
+    ("loop % SGEMM", "torch_eager_fraction_of_sgemm", "percent"),
 )
 
 
 def format_table(rows: list[dict]) -> str:
-    """The ratio table ``main`` prints: MoE time and MoE time over each other time."""
-    def cell(value, kind):
+    """The ratio table ``main`` prints: MoE time and MoE time over each other
+    time, each ratio as its geometric mean over the rounds ± the larger side
+    of its 95% interval."""
+    def cell(row, field, kind):
+        value = row[field]
         if value is None:
             return "-"
-        return {"text": str, "ms": lambda v: f"{v * 1e3:.3g}", "ratio": lambda v: f"{v:.2f}",
-                "percent": lambda v: f"{100 * v:.1f}"}[kind](value)
+        if kind == "text":
+            return str(value)
+        if kind == "ms":
+            return f"{value * 1e3:.3g}"
+        return ratio_text(row, field, percent=kind == "percent")
 
     lines = [tuple(header for header, _, _ in TABLE_COLUMNS)]
-    lines += [tuple(cell(row[field], kind) for _, field, kind in TABLE_COLUMNS) for row in rows]
+    lines += [tuple(cell(row, field, kind) for _, field, kind in TABLE_COLUMNS) for row in rows]
     widths = [max(len(line[column]) for line in lines) for column in range(len(TABLE_COLUMNS))]
     text = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(text)
 
 
+def ratio_text(row: dict, field: str, *, percent: bool = False, sign: str = "±") -> str:
+    """A row's ratio as text: "0.93±0.04" (the geometric mean ± the larger side
+    of its 95% interval; "0.93" with one round), or "93.1±2.0" as a percentage."""
+    value = row[field]
+    scale, digits = (100, 1) if percent else (1, 2)
+    interval = row.get(f"{field}_interval")
+    spread = "" if interval is None else f"{sign}{scale * max(interval[1] - value, value - interval[0]):.{digits}f}"
+    return f"{scale * value:.{digits}f}{spread}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Goal:
-    """One target judged on one run: the worst value among the rows it covers."""
+    """One target judged on one run: the worst value among the rows it covers
+    (each row's geometric mean over the rounds), with that row's 95% interval."""
 
     name: str
     threshold: float
     worst: Optional[float]  # None: no row covered (not judged)
     where: str  # the row of the worst value
     met: Optional[bool]
+    interval: Optional[list] = None  # [low, high] of the worst row; None with one round
+
+    @property
+    def within_noise(self) -> bool:
+        """Whether the worst row's interval reaches across the threshold."""
+        return self.interval is not None and self.interval[0] <= self.threshold <= self.interval[1]
 
     def line(self) -> str:
         if self.met is None:
             return f"{self.name}: not judged ({self.where})"
         verdict = "MET" if self.met else "NOT MET"
-        return f"{self.name}: worst {self.worst:.3g} at {self.where} -> {verdict}"
+        if self.within_noise:
+            verdict += " (its 95% interval reaches across the target)"
+        interval = "" if self.interval is None else f" [95% interval {self.interval[0]:.3g} to {self.interval[1]:.3g}]"
+        return f"{self.name}: worst {self.worst:.3g}{interval} at {self.where} -> {verdict}"
 
 
 def goals(rows: list[dict]) -> list[Goal]:
@@ -784,7 +922,8 @@ def goals(rows: list[dict]) -> list[Goal]:
         worst = pick(covered, key=lambda row: row[field])
         value = worst[field]
         where = f"{worst['activation']} T={worst['tokens']} k={worst['top_k']}"
-        return Goal(name, threshold, value, where, value <= threshold if at_most else value >= threshold)
+        return Goal(name, threshold, value, where, value <= threshold if at_most else value >= threshold,
+                    worst.get(f"{field}_interval"))
 
     return [
         judge(f"MoE / PyTorch eager loop <= {GOAL_MAX_RATIO_TO_EAGER} for T >= {PEER_TOKENS}",
@@ -834,6 +973,9 @@ def parse_config(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespac
     parser.add_argument("--max-repeats", type=int, help="timed calls per measurement, at most (full: 20)")
     parser.add_argument("--pause", type=float, dest="pause_s",
                         help="seconds of quiet when switching between the NumPy and PyTorch workers (full: 0.3)")
+    parser.add_argument("--rounds", type=int,
+                        help="times every implementation is measured at each (activation, T); the ratios pair "
+                             "a round's times and their spread gives a 95%% interval (full: 5)")
     parser.add_argument("--no-torch", action="store_true", help="time only the NumPy implementations")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-write", action="store_true", help="print only; write no records")
@@ -843,7 +985,7 @@ def parse_config(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespac
     preset = PRESETS["quick" if arguments.quick else "full"]
     overrides = {field: getattr(arguments, field)
                  for field in ("d_model", "d_ff", "n_experts", "dtype", "threads", "seconds_per_measurement",
-                               "min_repeats", "max_repeats", "pause_s", "seed")
+                               "min_repeats", "max_repeats", "pause_s", "seed", "rounds")
                  if getattr(arguments, field) is not None}
     for field, value in (("tokens", arguments.tokens), ("top_ks", arguments.top_ks),
                          ("activations", arguments.activations)):
@@ -884,13 +1026,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{ceilings['sgemm_flop_per_s'] / 1e9:.1f} GFLOP/s (NumPy matmul on BLAS threads "
           f"{ceilings['sgemm_blas_threads_flop_per_s'] / 1e9:.1f}, one product per worker "
           f"{ceilings['sgemm_one_per_worker_flop_per_s'] / 1e9:.1f}); copy: "
-          f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read plus written)")
+          f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read plus written). Weights read by an "
+          f"(n, {config.d_model}) @ ({config.d_model}, {config.d_ff}) product on one thread: "
+          + ", ".join(f"n = {n} {rate / 1e9:.1f} GB/s" for n, rate in sorted(ceilings["few_row_read_bytes_per_s"].items())))
     if result.torch_note:
         print(result.torch_note)
     threads = sorted({m["threads"] for m in result.measurements if m["backend"] == "cpu"})
     torch_threads = sorted({m["threads"] for m in result.measurements if m["backend"] != "cpu"})
-    print(f"Threads: our kernels {threads}, PyTorch {torch_threads or '-'}. Medians; each ratio is MoE time over "
-          f"the other's (below 1: the MoE is faster). Wall time {time.perf_counter() - started:.0f} s.")
+    print(f"Threads: our kernels {threads}, PyTorch {torch_threads or '-'}. Times: medians over {config.rounds} "
+          f"round(s). Each ratio: MoE time over the other's in the same round (below 1: the MoE is faster), its "
+          f"geometric mean over the rounds" + (" ± the larger side of its 95% interval" if config.rounds > 1 else "")
+          + f". Wall time {time.perf_counter() - started:.0f} s.")
     print(format_table(result.rows))
     print()
     for line in goal_report(result.rows):
