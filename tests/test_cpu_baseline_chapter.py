@@ -16,7 +16,7 @@ def test_without_records_the_section_says_so(tmp_path):
     view = cpu_baseline.bench_cpu_view(tmp_path)
     assert cpu_baseline.NO_BENCH_CPU_RECORDS in view.note and view.empty and view.ceilings is None
     assert cpu_baseline.bench_numbers(view)["bench_sgemm"] == "\u2013"
-    assert cpu_baseline.ratio_frame(view).empty
+    assert cpu_baseline.ratio_frame(view, "pytorch").empty and cpu_baseline.ratio_frame(view, "ours").empty
     assert set(cpu_baseline.goals_frame(view)["verdict"]) == {"not judged"}
 
 
@@ -34,10 +34,10 @@ def test_the_section_shows_the_newest_run(tmp_path, capsys):
 
     numbers = cpu_baseline.bench_numbers(view)
     assert numbers["bench_sgemm"].endswith("GFLOP/s") and numbers["bench_copy"].endswith("GB/s")
-    frame = cpu_baseline.ratio_frame(view)
-    assert list(frame["T"]) == [4] and frame["MoE ms"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
-    assert (frame["÷ PyTorch loop"] == "–").all()  # not timed: a dash, not zero
-    assert "±" in frame["÷ our dense K·F"].iloc[0]  # two rounds: a mean and its interval
+    peers, ours = cpu_baseline.ratio_frame(view, "pytorch"), cpu_baseline.ratio_frame(view, "ours")
+    assert list(ours["T"]) == [4] and ours["MoE ms"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
+    assert (peers["÷ PyTorch loop"] == "–").all()  # not timed: a dash, not zero
+    assert "±" in ours["÷ our dense K·F"].iloc[0]  # two rounds: a mean and its interval
     assert "GB/s with 4 rows" in numbers["bench_few_row"]
     goals = cpu_baseline.goals_frame(view)
     assert len(goals) == 4 and goals["verdict"].iloc[3] in ("met", "missed")  # decode is judged at T = 4

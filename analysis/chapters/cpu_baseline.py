@@ -129,23 +129,30 @@ def loop_share_text(view: BenchCpuView) -> str:
             f"run at {100 * low / goal:.0f}–{100 * high / goal:.0f}%")
 
 
-def ratio_frame(view: BenchCpuView) -> pd.DataFrame:
-    """The run's table for the page: per (activation, k, T) the MoE's time
-    (median over the rounds), MoE time over each other time and its share of
-    the SGEMM rate, each as its geometric mean over the rounds ± the larger
-    side of its 95% interval (``bench_cpu.ratio_text``)."""
-    columns = {"activation": "activation", "top_k": "k", "tokens": "T", "moe_s": "MoE ms",
-               "moe_over_torch_eager": "÷ PyTorch loop", "moe_over_torch_grouped": "÷ grouped_mm",
-               "moe_over_torch_dense": "÷ PyTorch dense K·F", "moe_over_dense_active": "÷ our dense K·F",
-               "moe_over_dense_params": "÷ our dense E·F", "moe_over_weight_read": "÷ weight read",
-               "moe_fraction_of_sgemm": "% of SGEMM", "torch_eager_fraction_of_sgemm": "PyTorch loop % of SGEMM"}
+#: The columns of the two ratio tables (row field: header), after activation, k, T and the MoE's time.
+RATIO_TABLES = {
+    "pytorch": {"moe_over_torch_eager": "÷ PyTorch loop", "moe_over_torch_grouped": "÷ grouped_mm",
+                "moe_over_torch_dense": "÷ PyTorch dense K·F", "torch_eager_fraction_of_sgemm": "loop % of SGEMM"},
+    "ours": {"moe_over_dense_active": "÷ our dense K·F", "moe_over_dense_params": "÷ our dense E·F",
+             "moe_over_weight_read": "÷ weight read", "moe_fraction_of_sgemm": "% of SGEMM"},
+}
+
+
+def ratio_frame(view: BenchCpuView, table: str) -> pd.DataFrame:
+    """One of the run's two tables for the page (``table``: "pytorch", the
+    MoE against PyTorch's layers and the loop's own share of SGEMM; "ours",
+    the MoE against our dense MLPs and the weight read, and its share of
+    SGEMM): per (activation, k, T) the MoE's time (median over the rounds)
+    and each ratio as its geometric mean over the rounds ± the larger side of
+    its 95% interval (``bench_cpu.ratio_text``)."""
+    columns = {"activation": "activation", "top_k": "k", "tokens": "T", "moe_s": "MoE ms", **RATIO_TABLES[table]}
     shown = []
     for row in view.rows:
         line = {field: row[field] for field in ("activation", "top_k", "tokens")}
         line["moe_s"] = row["moe_s"] * 1e3
-        for field in list(columns)[4:]:
+        for field in RATIO_TABLES[table]:
             line[field] = "–" if row[field] is None else bench_cpu.ratio_text(
-                row, field, percent=field.endswith("fraction_of_sgemm"), sign=" ± ")
+                row, field, percent=field.endswith("fraction_of_sgemm"))
         shown.append(line)
     return pd.DataFrame(shown, columns=list(columns)).rename(columns=columns)
 
@@ -171,7 +178,7 @@ def ceilings_frame(view: BenchCpuView) -> pd.DataFrame:
             ("SGEMM, one single-threaded product per worker", ceilings.get("sgemm_one_per_worker_flop_per_s"),
              "GFLOP/s"),
             ("copy bandwidth (read + written)", ceilings.get("copy_bytes_per_s"), "GB/s")]
-    rows += [(f"weights read by an {n}-row product (one thread)", rate, "GB/s")
+    rows += [(f"weights read by a product of {n} row{'s' if n > 1 else ''} (one thread)", rate, "GB/s")
              for n, rate in sorted((ceilings.get("few_row_read_bytes_per_s") or {}).items())]
     return pd.DataFrame([{"ceiling": name, "value": None if value is None else value / 1e9, "unit": unit}
                          for name, value, unit in rows])

@@ -877,9 +877,9 @@ def format_table(rows: list[dict]) -> str:
 
 def ratio_text(row: dict, field: str, *, percent: bool = False, sign: str = "±") -> str:
     """A row's ratio as text: "0.93±0.04" (the geometric mean ± the larger side
-    of its 95% interval; "0.93" with one round), or "93.1±2.0" as a percentage."""
+    of its 95% interval; "0.93" with one round), or "93±2" as a percentage."""
     value = row[field]
-    scale, digits = (100, 1) if percent else (1, 2)
+    scale, digits = (100, 0) if percent else (1, 2)
     interval = row.get(f"{field}_interval")
     spread = "" if interval is None else f"{sign}{scale * max(interval[1] - value, value - interval[0]):.{digits}f}"
     return f"{scale * value:.{digits}f}{spread}"
