@@ -113,6 +113,24 @@ def test_crossover_is_interpolated_on_log_tokens():
     assert row.moe_faster_at == "T = 1, 10"
 
 
+def test_a_ratio_within_its_interval_of_1_is_no_crossing():
+    """The same curves, but the bench measured T = 10's ratio (0.8) with an
+    interval that holds 1: T = 10 is within the noise, and no crossing is placed
+    between it and T = 100; T = 1 (0.5, interval clear of 1) stays faster."""
+    rows = []
+    for T, moe, dense in ((1, 1.0, 2.0), (10, 2.0, 2.5), (100, 4.0, 2.0)):
+        rows.append({"top_k": 1, "tokens": T, "label": "MoE (kernels)", "median_s": moe})
+        rows.append({"top_k": 1, "tokens": T, "label": "dense, equal active FLOPs (K·F)", "median_s": dense})
+    baseline = "dense, equal active FLOPs (K·F)"
+    intervals = {(1, baseline, 1): [0.4, 0.6], (1, baseline, 10): [0.6, 1.1], (1, baseline, 100): [1.8, 2.2]}
+    (row,) = perf_chapters.crossovers(pd.DataFrame(rows), intervals).itertuples()
+    assert row.crossover_tokens is None or pd.isna(row.crossover_tokens)
+    assert row.moe_faster_at == "T = 1" and row.moe_within_noise_at == "T = 10"
+    sentence = perf_chapters.crossover_sentence(perf_chapters.crossovers(pd.DataFrame(rows), intervals))
+    assert "faster at T = 1 only, and within the run's 95% interval of it at T = 10" in sentence
+    assert "crossing" not in sentence
+
+
 def test_utilisation_frames_and_chart():
     params = lambda k: {"top_k": k, "preset": "mixtral", "tokens": 8192}  # noqa: E731
     data = perf_chapters.ChapterData([

@@ -126,7 +126,7 @@ def bench_speed(results_dir=None) -> Optional[SpeedAnswer]:
     rows = [row for row in view.rows if row["activation"] == BENCH_ACTIVATION]
     if not rows:
         return None
-    curves, ratios = [], []
+    curves, ratios, intervals = [], [], {}
     for row in rows:
         for label, time_key, ratio_key, baseline in (
                 ("MoE (kernels)", "moe_s", None, None),
@@ -138,8 +138,10 @@ def bench_speed(results_dir=None) -> Optional[SpeedAnswer]:
             if ratio_key:
                 ratios.append({"top_k": row["top_k"], "baseline": baseline, "tokens": row["tokens"],
                                "ratio": row[ratio_key]})
+                if row.get(f"{ratio_key}_interval") is not None:
+                    intervals[row["top_k"], baseline, row["tokens"]] = row[f"{ratio_key}_interval"]
     ratios = pd.DataFrame(ratios)
-    crossings = performance.crossovers(pd.DataFrame(curves))
+    crossings = performance.crossovers(pd.DataFrame(curves), intervals)
     largest = int(ratios["tokens"].max())
     first = view.run[0]
     shape = next(r["params"] for r in view.run if r.get("measurement") == "forward-time"

@@ -266,13 +266,20 @@ def _n_experts(data: ChapterData, preset: str):
     return _shape_value(data, preset, "n_experts")
 
 
-def crossovers(curves: pd.DataFrame) -> pd.DataFrame:
+def crossovers(curves: pd.DataFrame, intervals: Optional[dict] = None) -> pd.DataFrame:
     """Where the MoE (eager) stops or starts beating each dense baseline, per k:
     the T at which time(MoE) / time(dense) crosses 1, interpolated on log T
-    between the two measured T around it. None where it never crosses."""
+    between the two measured T around it. None where it never crosses.
+
+    ``intervals``: {(k, baseline, T): [low, high]}, the 95% interval of the
+    ratio where the run measured one (the bench's rounds). A ratio whose
+    interval holds 1 is neither faster nor slower (``moe_within_noise_at``),
+    and a crossing is only placed between two T on either side of 1 beyond the noise."""
     rows = []
+    columns = ["top_k", "baseline", "crossover_tokens", "moe_faster_at", "moe_within_noise_at"]
     if curves.empty:
-        return pd.DataFrame(columns=["top_k", "baseline", "crossover_tokens", "moe_faster_at"])
+        return pd.DataFrame(columns=columns)
+    intervals = intervals or {}
     for k, mine in curves.groupby("top_k"):
         moe = mine[mine["label"] == "MoE (kernels)"].set_index("tokens")["median_s"]
         for baseline in ("dense, equal active FLOPs (K·F)", "dense, equal parameters (E·F)"):
@@ -281,17 +288,21 @@ def crossovers(curves: pd.DataFrame) -> pd.DataFrame:
             if not common:
                 continue
             ratio = numpy.array([moe[T] / dense[T] for T in common])
+            noise = [T for T in common if (k, baseline, T) in intervals
+                     and intervals[k, baseline, T][0] <= 1 <= intervals[k, baseline, T][1]]
             crossing = None
             for i in range(len(common) - 1):
-                if (ratio[i] - 1) * (ratio[i + 1] - 1) < 0:
+                clear = common[i] not in noise and common[i + 1] not in noise
+                if clear and (ratio[i] - 1) * (ratio[i + 1] - 1) < 0:
                     a, b = math.log(common[i]), math.log(common[i + 1])
                     fa, fb = math.log(ratio[i]), math.log(ratio[i + 1])
                     crossing = float(math.exp(a + (b - a) * (0 - fa) / (fb - fa)))
                     break
-            faster = [T for T, r in zip(common, ratio) if r < 1]
+            faster = [T for T, r in zip(common, ratio) if r < 1 and T not in noise]
             rows.append({"top_k": int(k), "baseline": baseline, "crossover_tokens": crossing,
-                         "moe_faster_at": _describe_tokens(faster, common)})
-    return pd.DataFrame(rows)
+                         "moe_faster_at": _describe_tokens(faster, common),
+                         "moe_within_noise_at": "T = " + ", ".join(str(T) for T in noise) if noise else None})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _describe_tokens(faster: list, measured: list) -> str:
@@ -492,12 +503,16 @@ def crossover_sentence(crossings: pd.DataFrame) -> str:
     parts = []
     for row in crossings.itertuples():
         baseline = row.baseline.split(",")[1].split("(")[0].strip()
+        noise = getattr(row, "moe_within_noise_at", None)
+        noise = noise if isinstance(noise, str) else None
         if row.moe_faster_at == "every measured T":
             where = "the MoE is faster at every measured T"
         elif row.moe_faster_at == "no measured T":
-            where = "the MoE is slower at every measured T"
+            where = "the MoE is faster at no measured T" if noise else "the MoE is slower at every measured T"
         else:
             where = f"the MoE is faster at {row.moe_faster_at} only"
+        if noise:
+            where += f", and within the run's 95% interval of it at {noise}"
         if pd.notna(row.crossover_tokens):
             where += f", first crossing near T ≈ {display.significant(float(row.crossover_tokens), 2)}"
         parts.append(f"k = {row.top_k} against {baseline}: {where}")
