@@ -76,6 +76,27 @@ def test_dense_mlp_and_stages_are_bitwise_the_same_on_any_number_of_threads(T):
         assert results[threads] == results[1], f"a stage differs between 1 and {threads} threads"
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("T, k", CASES)
+def test_the_fused_layer_equals_its_stages(T, k, activation, capacity_factor):
+    """moe_forward gathers, scales and scatters inside its expert tasks; the
+    stages (permute, expert_mlp, combine) run the same GEMMs on the same rows
+    and the same products in the same order, so y is the same to the bit
+    (a zero may differ in sign: combine starts from +0)."""
+    x, weights, _ = layer(T, k, activation)
+    cfg = kernels.MoEConfig(x.shape[1], weights.w1.shape[2], weights.w1.shape[0], k, activation=activation,
+                            capacity_factor=capacity_factor)
+    fused = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    rows = kernels.permute(x, fused.plan, backend="cpu")
+    out = kernels.expert_mlp(rows, fused.plan, weights.w1, weights.w2, weights.w3, activation=activation,
+                             backend="cpu")
+    staged = kernels.combine(out, fused.routing, fused.plan, backend="cpu")
+    np.testing.assert_array_equal(fused.y, staged)
+    if capacity_factor is not None and T > 1:
+        assert (fused.plan.row < 0).any()  # some assignments were dropped, and their slots stayed zero
+
+
 def test_workers_run_at_once():
     """Two tasks that each wait for the other can finish only if two workers run them together."""
     meeting = threading.Barrier(2, timeout=20)
