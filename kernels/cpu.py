@@ -557,7 +557,7 @@ def _gelu_into(hidden: np.ndarray) -> None:
     rule checks the layer's output with it (tests/test_contract.py).
     float64: scipy's erf."""
     if hidden.dtype != np.float32:
-        cdf = hidden * (1 / math.sqrt(2))
+        cdf = np.multiply(hidden, 1 / math.sqrt(2), out=_scratch.get("activation", hidden.shape, hidden.dtype))
         erf(cdf, out=cdf)
         cdf += 1
         cdf *= 0.5

@@ -270,3 +270,32 @@ def assert_plan_invariants(plan, experts, n_experts, capacity=None):
         for e in range(n_experts):
             if counts[e] < capacity:
                 assert kept[experts == e].all()
+
+
+# ---------------------------------------------------------------------------
+# Fixtures of the measurement and chapter tests
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep_results(tmp_path_factory):
+    """A results folder holding one run of the tiny CPU sweep (T = 1 and 16, k = 1
+    and 2), made once per test session. Read it, or copy it before adding records."""
+    from analysis.measure import sweep, sweep_plan  # noqa: PLC0415 - only these tests need the sweep
+
+    plan = sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], tokens=(1, 16), top_ks=(1, 2))
+    root = tmp_path_factory.mktemp("tiny-sweep-results")
+    sweep.run_sweep(plan, progress=False, results_dir=root, echo=lambda message: None)
+    return root
+
+
+@pytest.fixture
+def cpu_forward_one_percent_off(monkeypatch):
+    """kernels.cpu.moe_forward with y 1% too large: what a wrong layer looks like
+    to the checks that must refuse to time it."""
+    forward = kernels.cpu.moe_forward
+
+    def one_percent_off(*arguments):
+        y, routing, plan = forward(*arguments)
+        return y * 1.01, routing, plan
+
+    monkeypatch.setattr(kernels.cpu, "moe_forward", one_percent_off)

@@ -3,6 +3,8 @@ answers from records where there are some, one line naming the command where the
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 
@@ -11,15 +13,13 @@ pytest.importorskip("torch", reason="the peers need the torch extra")
 
 from analysis import charts  # noqa: E402
 from analysis.chapters import answers  # noqa: E402
-from analysis.measure import memory, sweep, sweep_plan  # noqa: E402
-
-TINY = sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], tokens=(1, 16), top_ks=(1, 2))
-
+from analysis.measure import memory  # noqa: E402
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, tiny_sweep_results):
+    """The tiny sweep's records plus memory records."""
     root = tmp_path_factory.mktemp("results")
-    sweep.run_sweep(TINY, progress=False, results_dir=root, echo=lambda message: None)
+    shutil.copytree(tiny_sweep_results, root, dirs_exist_ok=True)
     memory.run("tiny", tokens=[4, 16], results_dir=root, echo=lambda message: None)
     return root
 

@@ -88,14 +88,7 @@ def test_quick_run_writes_records_of_every_implementation(tmp_path, capsys):
     assert bench_cpu.format_table(rows) in printed
 
 
-def test_a_wrong_moe_output_is_never_timed(monkeypatch):
-    forward = kernels.cpu.moe_forward
-
-    def one_percent_off(*arguments):
-        y, routing, plan = forward(*arguments)
-        return y * 1.01, routing, plan
-
-    monkeypatch.setattr(kernels.cpu, "moe_forward", one_percent_off)
+def test_a_wrong_moe_output_is_never_timed(monkeypatch, cpu_forward_one_percent_off):
     timed = []
     monkeypatch.setattr(timing, "time_within_budget", lambda *arguments, **options: timed.append(arguments))
     config = bench_cpu.PRESETS["quick"]

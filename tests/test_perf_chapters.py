@@ -16,16 +16,13 @@ pytest.importorskip("torch", reason="the peers need the torch extra")
 from analysis import charts  # noqa: E402
 from analysis.chapters import gpu_performance  # noqa: E402
 from analysis.chapters import performance as perf_chapters  # noqa: E402
-from analysis.measure import sweep, sweep_plan  # noqa: E402
-
-TINY = sweep_plan.with_overrides(sweep_plan.PLANS["cpu-tiny"], tokens=(1, 16), top_ks=(1, 2))
-
+from analysis.measure import sweep_plan  # noqa: E402
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, tiny_sweep_results):
     """A results folder with one CPU sweep and the same records under a GPU-like folder name."""
     root = tmp_path_factory.mktemp("results")
-    sweep.run_sweep(TINY, progress=False, results_dir=root, echo=lambda message: None)
+    shutil.copytree(tiny_sweep_results, root, dirs_exist_ok=True)
     (cpu_folder,) = [p for p in root.iterdir() if p.name.startswith("cpu-")]
     shutil.copytree(cpu_folder, root / "nvidia-test-gpu")
     return root

@@ -122,14 +122,7 @@ ONE_CELL = sweep_plan.with_overrides(TINY, tokens=(16,), top_ks=(2,), skews=("un
 ONE_CELL = dataclasses.replace(ONE_CELL, blocks=ONE_CELL.blocks[:1])
 
 
-def test_a_cell_whose_output_fails_validation_is_reported_and_not_timed(tmp_path, monkeypatch):
-    forward = kernels.cpu.moe_forward
-
-    def one_percent_off(*arguments):
-        y, routing, plan = forward(*arguments)
-        return y * 1.01, routing, plan
-
-    monkeypatch.setattr(kernels.cpu, "moe_forward", one_percent_off)
+def test_a_cell_whose_output_fails_validation_is_reported_and_not_timed(tmp_path, cpu_forward_one_percent_off):
     result = sweep.run_sweep(ONE_CELL, progress=False, results_dir=tmp_path, echo=lambda message: None)
     assert not [r for r in result.records if r["measurement"] == "time"]
     (problem,) = result.problems

@@ -503,8 +503,7 @@ def crossover_sentence(crossings: pd.DataFrame) -> str:
     parts = []
     for row in crossings.itertuples():
         baseline = row.baseline.split(",")[1].split("(")[0].strip()
-        noise = getattr(row, "moe_within_noise_at", None)
-        noise = noise if isinstance(noise, str) else None
+        noise = row.moe_within_noise_at if isinstance(row.moe_within_noise_at, str) else None  # None or NaN: none
         if row.moe_faster_at == "every measured T":
             where = "the MoE is faster at every measured T"
         elif row.moe_faster_at == "no measured T":

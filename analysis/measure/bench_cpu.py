@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 import kernels
 import kernels.cpu
-from analysis import records
+from analysis import intervals, records
 from analysis.measure import peers, roofline, sweep_cells, timing
 
 RECORD_KIND = "bench-cpu"
@@ -805,16 +805,14 @@ def _over_rounds(rows: list[dict]) -> dict:
     return merged
 
 
-def geometric_mean_interval(ratios: list[float], confidence: float = 0.95) -> tuple[float, Optional[list]]:
+def geometric_mean_interval(ratios: list[float]) -> tuple[float, Optional[list]]:
     """(geometric mean, [low, high]) of positive ratios: the mean of their logs
-    and its Student's t interval, mapped back; the interval is None for one ratio."""
-    from scipy import stats  # noqa: PLC0415 - only the table needs it
-
+    and its 95% interval (``intervals.t_interval``), mapped back; the interval
+    is None for one ratio."""
     logs = numpy.log(numpy.asarray(ratios, dtype=numpy.float64))
-    mean = float(logs.mean())
     if logs.size < 2:
-        return float(numpy.exp(mean)), None
-    half = float(stats.t.ppf(0.5 + confidence / 2, logs.size - 1) * logs.std(ddof=1) / numpy.sqrt(logs.size))
+        return float(numpy.exp(logs.mean())), None
+    mean, _, half = intervals.t_interval(logs)
     return float(numpy.exp(mean)), [float(numpy.exp(mean - half)), float(numpy.exp(mean + half))]
 
 
@@ -950,32 +948,33 @@ def goal_report(rows: list[dict]) -> list[str]:
 
 
 def parse_config(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
+    full = PRESETS["full"]  # the defaults the help names
     parser = argparse.ArgumentParser(
         prog="python -m analysis.measure.bench_cpu",
         description="Time our MoE (kernels cpu backend) against our dense MLPs and PyTorch's MoE and dense "
                     "layers on this CPU; print ratios and write bench-cpu records.")
     parser.add_argument("--quick", action="store_true",
                         help="small shapes and few repeats (seconds); explicit options still win")
-    parser.add_argument("--d-model", type=int, help="D (full: 512)")
-    parser.add_argument("--d-ff", type=int, help="F, each expert's hidden width (full: 1024)")
-    parser.add_argument("--n-experts", type=int, help="E (full: 8)")
-    parser.add_argument("--tokens", type=int, nargs="+", help="token counts T (full: 1 4 ... 16384)")
-    parser.add_argument("--k", type=int, nargs="+", dest="top_ks", help="experts per token (full: 1 2)")
+    parser.add_argument("--d-model", type=int, help=f"D (full: {full.d_model})")
+    parser.add_argument("--d-ff", type=int, help=f"F, each expert's hidden width (full: {full.d_ff})")
+    parser.add_argument("--n-experts", type=int, help=f"E (full: {full.n_experts})")
+    parser.add_argument("--tokens", type=int, nargs="+", help=f"token counts T (full: {' '.join(map(str, full.tokens))})")
+    parser.add_argument("--k", type=int, nargs="+", dest="top_ks", help=f"experts per token (full: {' '.join(map(str, full.top_ks))})")
     parser.add_argument("--activations", nargs="+", choices=("relu", "gelu", "swiglu"),
-                        help="activations (full: relu gelu swiglu)")
+                        help=f"activations (full: {' '.join(full.activations)})")
     parser.add_argument("--dtype", choices=("float32", "float64"))
     parser.add_argument("--threads", type=int,
                         help="BLAS and OpenMP threads of both workers (default: as the environment leaves them, "
                              "every core BLAS would use)")
     parser.add_argument("--seconds-per-measurement", type=float,
-                        help="time one measurement may take; sets the repeats (full: 0.5)")
-    parser.add_argument("--min-repeats", type=int, help="timed calls per measurement, at least (full: 3)")
-    parser.add_argument("--max-repeats", type=int, help="timed calls per measurement, at most (full: 20)")
+                        help=f"time one measurement may take; sets the repeats (full: {full.seconds_per_measurement})")
+    parser.add_argument("--min-repeats", type=int, help=f"timed calls per measurement, at least (full: {full.min_repeats})")
+    parser.add_argument("--max-repeats", type=int, help=f"timed calls per measurement, at most (full: {full.max_repeats})")
     parser.add_argument("--pause", type=float, dest="pause_s",
-                        help="seconds of quiet when switching between the NumPy and PyTorch workers (full: 0.3)")
+                        help=f"seconds of quiet when switching between the NumPy and PyTorch workers (full: {full.pause_s})")
     parser.add_argument("--rounds", type=int,
                         help="times every implementation is measured at each (activation, T); the ratios pair "
-                             "a round's times and their spread gives a 95%% interval (full: 5)")
+                             f"a round's times and their spread gives a 95%% interval (full: {full.rounds})")
     parser.add_argument("--no-torch", action="store_true", help="time only the NumPy implementations")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-write", action="store_true", help="print only; write no records")

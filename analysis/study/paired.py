@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from analysis.intervals import t_interval
+
 ALPHA = 0.05
 POWER = 0.8
 MAX_SEEDS = 1000
@@ -60,8 +62,7 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *, con
     n = differences.size
     if n < 2:
         raise ValueError(f"values: expected at least 2 paired seeds, got {n}")
-    mean, std = float(differences.mean()), float(differences.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n))
+    mean, std, half = t_interval(differences, confidence=confidence)
     p_value = float(stats.ttest_rel(values, baseline).pvalue) if std > 0 else (0.0 if mean != 0 else 1.0)
     return {"n": n, "differences": differences.tolist(), "mean": mean, "std": std,
             "low": mean - half, "high": mean + half, "p_value": p_value,
