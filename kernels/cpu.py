@@ -42,9 +42,9 @@ rows multiply row by row (GEMV), not by GEMM.
 
 `moe_forward` runs permute and combine inside the expert tasks: a block
 gathers its own rows of x, scales its output rows by their routing weights and
-writes them straight to their tokens (slot j of token t to row j*T + t of a
-(K*T, D) buffer, so no two tasks write the same row); for K = 2 one last pass
-adds the two slots. The result is the one the separate stages give.
+adds them straight into y at their tokens (`_TokenSums`: for K = 2 under a
+lock, in an order that cannot change the sum). The result is the one the
+separate stages give, bit for bit.
 """
 
 from __future__ import annotations
@@ -293,10 +293,9 @@ def moe_forward(x, router, w1, w2, w3, activation: str, k: int, renormalize: boo
     with _pinned_blas() as workers:
         routing = route(x, router, k, renormalize)
         plan = dispatch(routing.experts, w1.shape[0], capacity)
-        slots = _TokenSlots(plan, routing.weights, x.shape[0], x.shape[1])
-        _run_experts(x, plan.token, plan.offsets, w1, w2, w3, activation, slots, workers)
-        y = slots.sum(workers)
-    return y, routing, plan
+        sums = _TokenSums(plan, routing.weights, x.shape[0], x.shape[1])
+        _run_experts(x, plan.token, plan.offsets, w1, w2, w3, activation, sums, workers)
+    return sums.y, routing, plan
 
 
 def _route_block(x, router, k, renormalize, experts_out, weights_out, probs_out) -> None:
@@ -384,47 +383,45 @@ class _RowsInto:
         pass  # computed in place
 
 
-class _TokenSlots:
-    """Expert output row i, scaled by its routing weight, goes to its token:
-    row i is assignment (t, j) of the plan, and lands in slots[j * T + t].
-    Assignments dropped by capacity leave zero rows. ``sum`` adds the K slots
-    of each token in j order, as ``combine`` does."""
+class _TokenSums:
+    """Expert output row i, scaled by its routing weight, is added to y at
+    its token, plan.token[i]; y starts at zero, so a token whose assignments
+    were all dropped stays zero.
+
+    For K = 1 no two rows share a token, so a block's rows are written
+    straight into y. For K = 2 the two rows of a token come from two experts,
+    maybe from blocks running at once on two workers, so a block adds its rows
+    under a lock. The order the two arrive in does not change a bit of y:
+    (0 + a) + b == (0 + b) + a in IEEE arithmetic (addition commutes, and
+    0 + a differs from a only for a = -0, where both orders give +0), and it
+    is the sum ``combine`` makes, y = (0 + slot 0) + slot 1. Adding in place
+    keeps the layer's memory to one (T, D) output, as the dense MLP's."""
 
     def __init__(self, plan: DispatchPlan, weights: np.ndarray, n_tokens: int, width: int):
-        k = plan.row.shape[1]
-        self.n_tokens, self.k = n_tokens, k
-        self.slots = np.empty((k * n_tokens, width), dtype=weights.dtype)
-        n_rows = plan.token.shape[0]
-        self.destination = np.empty(n_rows, dtype=np.int64)
-        self.weight = np.empty(n_rows, dtype=weights.dtype)
-        tokens = np.arange(n_tokens, dtype=np.int64)
-        for j in range(k):
+        self.k = plan.row.shape[1]
+        self.y = np.zeros((n_tokens, width), dtype=weights.dtype)
+        self.token = plan.token
+        self.weight = np.empty(plan.token.shape[0], dtype=weights.dtype)
+        for j in range(self.k):
             rows_j = plan.row[:, j]
             kept = rows_j >= 0
-            self.destination[rows_j[kept]] = j * n_tokens + tokens[kept]
             self.weight[rows_j[kept]] = weights[kept, j]
-            if not kept.all():
-                self.slots[j * n_tokens + tokens[~kept]] = 0
+        self.lock = threading.Lock()
 
     def buffer(self, start: int, stop: int) -> np.ndarray:
         """Where the MLP writes rows start:stop (this thread's scratch, moved by ``store``)."""
-        return _scratch.get("out", (stop - start, self.slots.shape[1]), self.slots.dtype)
+        return _scratch.get("out", (stop - start, self.y.shape[1]), self.y.dtype)
 
     def store(self, start: int, stop: int, computed: np.ndarray) -> None:
         weight = self.weight[start:stop, None]
         if not (weight == 1).all():  # K = 1 with renormalisation: every weight is exactly 1
             computed *= weight
-        self.slots[self.destination[start:stop]] = computed
-
-    def sum(self, workers: int) -> np.ndarray:
-        """y (T, D): slot 0 for K = 1; slot 0 + slot 1 for K = 2."""
+        token = self.token[start:stop]
         if self.k == 1:
-            return self.slots
-        T = self.n_tokens
-        y = np.empty((T, self.slots.shape[1]), dtype=self.slots.dtype)
-        _run([functools.partial(np.add, self.slots[start:stop], self.slots[T + start:T + stop], out=y[start:stop])
-              for start, stop in _blocks(T, TOKEN_BLOCK)], workers)
-        return y
+            self.y[token] = computed
+            return
+        with self.lock:
+            self.y[token] += computed  # no token twice in one expert's rows
 
 
 # ---------------------------------------------------------------- the MLP tasks
@@ -433,7 +430,7 @@ class _TokenSlots:
 def _run_experts(source, index, offsets, w1, w2, w3, activation: str, target, workers: int) -> None:
     """Expert e applied to rows offsets[e]:offsets[e+1], where row i is
     source[i] (``index`` None) or source[index[i]] (a gather, folded in), each
-    output row handed to ``target`` (``_RowsInto`` or ``_TokenSlots``)."""
+    output row handed to ``target`` (``_RowsInto`` or ``_TokenSums``)."""
     block_rows = _block_rows(int(offsets[-1]))
     tasks = []
     for e in range(w1.shape[0]):

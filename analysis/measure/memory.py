@@ -29,11 +29,10 @@ arrays is all of them plus the larger of the transient hidden activations
 (live during the expert MLPs) and y (``peak_bytes``); the CUDA backend makes
 the whole hidden (N, F) and activates and combines inside its kernels. The
 CPU backend fuses permute and combine into its expert tasks (each gathers its
-own rows of x, so the permuted batch never exists whole, and writes its
-weighted output rows to a (K T, D) buffer of token slots, which for K = 2 is
-added into y) and runs each expert on blocks of rows in per-thread scratch
-buffers, so less hidden exists at once; ``cpu_temporaries`` bounds what its
-activation and combine add. Whatever the implementation,
+own rows of x, so the permuted batch never exists whole, and adds its
+weighted output rows straight into y) and runs each expert on blocks of rows
+in per-thread scratch buffers, so less hidden exists at once;
+``cpu_temporaries`` bounds what its activation and combine add. Whatever the implementation,
 the arrays the layer returns (routing, plan and y: ``held_bytes``) are a
 floor under its peak.
 
@@ -170,7 +169,8 @@ NONE = Temporaries()
 
 def cpu_temporaries(activation: str) -> Temporaries:
     """The CPU backend (kernels/cpu.py), bounded from above: one hidden-sized
-    temporary for gelu and swiglu, K outputs' worth for combine (its slots)."""
+    temporary for gelu and swiglu, K outputs' worth for combine (the ``combine``
+    stage's gathers; the fused ``moe_forward`` adds into y and needs none)."""
     return Temporaries(0 if activation == "relu" else 1, True)
 
 
