@@ -241,15 +241,8 @@ def all_finite(a: np.ndarray) -> bool:
 
 
 def route(x: np.ndarray, router: np.ndarray, k: int, renormalize: bool) -> Routing:
-    n_tokens, n_experts = x.shape[0], router.shape[1]
-    experts = np.empty((n_tokens, k), dtype=np.int32)
-    weights = np.empty((n_tokens, k), dtype=x.dtype)
-    probs = np.empty((n_tokens, n_experts), dtype=x.dtype)
     with _pinned_blas() as workers:
-        _run([functools.partial(_route_block, x[start:stop], router, k, renormalize,
-                                experts[start:stop], weights[start:stop], probs[start:stop])
-              for start, stop in _blocks(n_tokens, TOKEN_BLOCK)], workers)
-    return Routing(experts=experts, weights=weights, probs=probs)
+        return _route(x, router, k, renormalize, workers)
 
 
 def permute(x: np.ndarray, plan: DispatchPlan) -> np.ndarray:
@@ -291,11 +284,25 @@ def moe_forward(x, router, w1, w2, w3, activation: str, k: int, renormalize: boo
     """(y, routing, plan): the stages in one pinned region, with permute and
     combine folded into the expert tasks (see the module docstring)."""
     with _pinned_blas() as workers:
-        routing = route(x, router, k, renormalize)
+        routing = _route(x, router, k, renormalize, workers)
         plan = dispatch(routing.experts, w1.shape[0], capacity)
         sums = _TokenSums(plan, routing.weights, x.shape[0], x.shape[1])
         _run_experts(x, plan.token, plan.offsets, w1, w2, w3, activation, sums, workers)
     return sums.y, routing, plan
+
+
+def _route(x: np.ndarray, router: np.ndarray, k: int, renormalize: bool, workers: int) -> Routing:
+    n_tokens, n_experts = x.shape[0], router.shape[1]
+    experts = np.empty((n_tokens, k), dtype=np.int32)
+    weights = np.empty((n_tokens, k), dtype=x.dtype)
+    probs = np.empty((n_tokens, n_experts), dtype=x.dtype)
+    if n_tokens <= TOKEN_BLOCK:  # one block: no task list (a decode step is mostly such overhead)
+        _route_block(x, router, k, renormalize, experts, weights, probs)
+    else:
+        _run([functools.partial(_route_block, x[start:stop], router, k, renormalize,
+                                experts[start:stop], weights[start:stop], probs[start:stop])
+              for start, stop in _blocks(n_tokens, TOKEN_BLOCK)], workers)
+    return Routing(experts=experts, weights=weights, probs=probs)
 
 
 def _route_block(x, router, k, renormalize, experts_out, weights_out, probs_out) -> None:
@@ -325,29 +332,25 @@ def dispatch(experts: np.ndarray, n_experts: int, capacity: Optional[int]) -> Di
     n_tokens, k = experts.shape
     # Assignment a = j * T + t, so a flat j-major list sorted stably by expert
     # keeps each expert's arrivals in the contract's order.
-    assignment_expert = np.ascontiguousarray(experts.T).reshape(-1).astype(np.int64)
+    assignment_expert = experts.T.reshape(-1)
     order = np.argsort(assignment_expert, kind="stable")
-    sorted_expert = assignment_expert[order]
-
-    arrivals = np.bincount(assignment_expert, minlength=n_experts).astype(np.int64)
-    first_arrival = np.concatenate(([0], np.cumsum(arrivals)[:-1]))
-    arrival_rank = np.arange(order.size, dtype=np.int64) - first_arrival[sorted_expert]
+    arrivals = np.bincount(assignment_expert, minlength=n_experts)
     if capacity is None:
-        kept = np.ones(order.size, dtype=bool)
-        counts = arrivals
+        counts, kept_assignment = arrivals, order
     else:
-        kept = arrival_rank < capacity
+        first_arrival = np.cumsum(arrivals) - arrivals
+        arrival_rank = np.arange(order.size) - first_arrival[assignment_expert[order]]
         counts = np.minimum(arrivals, capacity)
-
+        kept_assignment = order[arrival_rank < capacity]
     offsets = np.zeros(n_experts + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     # Kept assignments, still sorted by (expert, arrival), are exactly rows 0..N-1.
-    kept_assignment = order[kept]
     token = kept_assignment % n_tokens if n_tokens else kept_assignment
     row_of_assignment = np.full(order.size, -1, dtype=np.int64)
-    row_of_assignment[kept_assignment] = np.arange(kept_assignment.size, dtype=np.int64)
-    row = np.ascontiguousarray(row_of_assignment.reshape(k, n_tokens).T)
-    return DispatchPlan(counts=counts, offsets=offsets, token=token.astype(np.int64), row=row)
+    row_of_assignment[kept_assignment] = np.arange(kept_assignment.size)
+    row = row_of_assignment.reshape(k, n_tokens).T.copy()
+    return DispatchPlan(counts=counts.astype(np.int64, copy=False), offsets=offsets,
+                        token=token.astype(np.int64, copy=False), row=row)
 
 
 def _combine_block(expert_out, weights, row, y) -> None:
@@ -431,11 +434,14 @@ def _run_experts(source, index, offsets, w1, w2, w3, activation: str, target, wo
     """Expert e applied to rows offsets[e]:offsets[e+1], where row i is
     source[i] (``index`` None) or source[index[i]] (a gather, folded in), each
     output row handed to ``target`` (``_RowsInto`` or ``_TokenSums``)."""
-    block_rows = _block_rows(int(offsets[-1]))
+    bounds = offsets.tolist()
+    block_rows = _block_rows(bounds[-1])
     tasks = []
     for e in range(w1.shape[0]):
+        if bounds[e] == bounds[e + 1]:
+            continue  # no rows, no task (and no views of its weights)
         gate_weights = w3[e] if w3 is not None else None
-        tasks += _mlp_tasks(source, index, int(offsets[e]), int(offsets[e + 1]), w1[e], w2[e], gate_weights,
+        tasks += _mlp_tasks(source, index, bounds[e], bounds[e + 1], w1[e], w2[e], gate_weights,
                             activation, target, block_rows)
     # Largest blocks first, so that the last tasks the workers take are short ones.
     tasks.sort(key=lambda sized: sized[0], reverse=True)
