@@ -77,10 +77,17 @@ def test_cpu_peak_lies_between_the_held_arrays_and_the_whole_layer(T, k, activat
                                                    memory.cpu_temporaries(activation)) + SLACK_BYTES
 
 
-def test_k2_costs_more_than_k1_in_measured_peak():
-    one, two = (memory.measure_peak(memory.LayerShape(1024, 256, 512, 8, k), "moe", "cpu").peak_bytes
-                for k in (1, 2))
-    assert two > 1.3 * one
+def test_cpu_k2_adds_into_one_output():
+    """The cpu backend's moe_forward adds the rows of both experts of a token into
+    one (T, D) y, so k = 2's measured peak exceeds k = 1's by its larger routing
+    and plan arrays and a block's rows gathered from y, and by less than a
+    second (T, D) array (the K T x D buffer of slots it once made had two).
+    Each peak is the least of three calls: a worker thread's scratch buffers
+    may still grow during the first."""
+    shapes = [memory.LayerShape(1024, 256, 512, 8, k) for k in (1, 2)]
+    one, two = (min(memory.measure_peak(shape, "moe", "cpu").peak_bytes for _ in range(3)) for shape in shapes)
+    assert two - one >= memory.held_bytes(shapes[1]) - memory.held_bytes(shapes[0])
+    assert two - one < 1024 * 256 * 4
 
 
 def test_whole_hidden_dominates_at_large_T():
