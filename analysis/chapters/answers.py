@@ -596,7 +596,8 @@ def memory_sentence(answer: MemoryAnswer) -> str:
         text += (f" Measured on the CPU backend at T = {n['memory_measured_T']}: {n['memory_measured_k1_mib']:.1f} "
                  f"and {n['memory_measured_k2_mib']:.1f} MiB, below the formula because that backend gathers "
                  f"each expert's rows as it runs it, a block at a time, so neither the permuted tokens nor the "
-                 f"whole hidden activations exist at once.")
+                 f"whole hidden activations exist at once, and adds each block's weighted output rows straight "
+                 f"into y, so that k = 2 holds one output, as k = 1 does.")
     return text
 
 
