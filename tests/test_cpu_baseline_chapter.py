@@ -39,6 +39,9 @@ def test_the_section_shows_the_newest_run(tmp_path, capsys):
     assert (peers["÷ PyTorch loop"] == "–").all()  # not timed: a dash, not zero
     assert "±" in ours["÷ our dense K·F"].iloc[0]  # two rounds: a mean and its interval
     assert "GB/s with 4 rows" in numbers["bench_few_row"]
+    fastest_read = max(view.ceilings["few_row_read_bytes_per_s"].values())
+    assert float(numbers["bench_decode_floor"]) == pytest.approx(view.ceilings["copy_bytes_per_s"] / fastest_read,
+                                                                  rel=0.01)
     goals = cpu_baseline.goals_frame(view)
     assert len(goals) == 4 and goals["verdict"].iloc[3] in ("met", "missed")  # decode is judged at T = 4
     ceilings = cpu_baseline.ceilings_frame(view)

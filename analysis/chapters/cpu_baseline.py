@@ -102,6 +102,7 @@ def bench_numbers(view: BenchCpuView) -> dict:
         "bench_decode_tokens": bench_cpu.DECODE_TOKENS,
         "bench_goal_decode": f"{bench_cpu.GOAL_MAX_DECODE_OVER_WEIGHT_READ}",
         "bench_sgemm": "\u2013", "bench_copy": "\u2013", "bench_threads": "\u2013", "bench_few_row": "\u2013",
+        "bench_decode_floor": "\u2013",
     }
     numbers["bench_loop_share"] = loop_share_text(view)
     if view.ceilings is not None:
@@ -112,6 +113,8 @@ def bench_numbers(view: BenchCpuView) -> dict:
         few_rows = ceilings.get("few_row_read_bytes_per_s") or {}
         numbers["bench_few_row"] = ", ".join(f"{rate / 1e9:.1f} GB/s with {n} row{'s' if n > 1 else ''}"
                                              for n, rate in sorted(few_rows.items())) or "(not measured in this run)"
+        if few_rows:  # the fastest read NumPy offers (one row: a GEMV) against the copy the target uses
+            numbers["bench_decode_floor"] = f"{ceilings['copy_bytes_per_s'] / max(few_rows.values()):.2f}"
     return numbers
 
 
