@@ -44,7 +44,7 @@ rows multiply row by row (GEMV), not by GEMM.
 gathers its own rows of x, scales its output rows by their routing weights and
 adds them straight into y at their tokens (`_TokenSums`: for K = 2 under a
 lock, in an order that cannot change the sum). The result is the one the
-separate stages give, bit for bit.
+separate stages give, bit for bit (for K = 1 up to the sign of a zero).
 """
 
 from __future__ import annotations
@@ -397,7 +397,8 @@ class _TokenSums:
     under a lock. The order the two arrive in does not change a bit of y:
     (0 + a) + b == (0 + b) + a in IEEE arithmetic (addition commutes, and
     0 + a differs from a only for a = -0, where both orders give +0), and it
-    is the sum ``combine`` makes, y = (0 + slot 0) + slot 1. Adding in place
+    is the sum ``combine`` makes, y = (0 + slot 0) + slot 1. (For K = 1 a
+    written -0 stays -0, where combine's 0 + (-0) is +0.) Adding in place
     keeps the layer's memory to one (T, D) output, as the dense MLP's."""
 
     def __init__(self, plan: DispatchPlan, weights: np.ndarray, n_tokens: int, width: int):
