@@ -296,12 +296,9 @@ def _route(x: np.ndarray, router: np.ndarray, k: int, renormalize: bool, workers
     experts = np.empty((n_tokens, k), dtype=np.int32)
     weights = np.empty((n_tokens, k), dtype=x.dtype)
     probs = np.empty((n_tokens, n_experts), dtype=x.dtype)
-    if n_tokens <= TOKEN_BLOCK:  # one block: no task list (a decode step is mostly such overhead)
-        _route_block(x, router, k, renormalize, experts, weights, probs)
-    else:
-        _run([functools.partial(_route_block, x[start:stop], router, k, renormalize,
-                                experts[start:stop], weights[start:stop], probs[start:stop])
-              for start, stop in _blocks(n_tokens, TOKEN_BLOCK)], workers)
+    _run([functools.partial(_route_block, x[start:stop], router, k, renormalize,
+                            experts[start:stop], weights[start:stop], probs[start:stop])
+          for start, stop in _blocks(n_tokens, TOKEN_BLOCK)], workers)
     return Routing(experts=experts, weights=weights, probs=probs)
 
 
