@@ -64,10 +64,12 @@ gpu-wheels:
 		-d .whl $(GPU_WHEELS)
 
 # No $(STAMP) prerequisite: GPU machines have their own Python (no .venv), so
-# run it there as `make device-check PY=python3`. Pass options in DEVICE_CHECK_ARGS
+# run it there as `make device-check PY=python3`. Nothing is installed there:
+# PYTHONPATH puts topk_moe (kernels/) and analysis (the root) on the path, and
+# every step's subprocess inherits it. Pass options in DEVICE_CHECK_ARGS
 # (--deadline-s, --skip-tests, ...: python -m analysis.measure.device_check --help).
 device-check:
-	$(PY) -m analysis.measure.device_check $(DEVICE_CHECK_ARGS)
+	PYTHONPATH=$(CURDIR)/kernels:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m analysis.measure.device_check $(DEVICE_CHECK_ARGS)
 
 # Training, then the whole-test-split scores the Accuracy chapter reads (accuracy-rescore
 # records); both skip what is done already, so an interrupted run resumes.

@@ -3,7 +3,7 @@
     python -m analysis.run_notebooks [--only NAME ...] [-p KEY VALUE ...] [--output-dir DIR]
 
 Each chapter's source, book/notebooks/<name>.ipynb, is executed in a python3
-kernel whose working directory is the repository root (so `import kernels,
+kernel whose working directory is the repository root (so `import topk_moe,
 analysis` work without an install), and the executed copy is written to
 <output-dir>/<name>.ipynb (default book/generated/), where the book picks it up.
 The chapters, and the order they run in, are the `generated/<name>` entries of

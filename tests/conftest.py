@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 
-import kernels
+import topk_moe
 
 BACKENDS = ("reference", "cpu")
 
@@ -58,8 +58,8 @@ def make_inputs(T, D, F, E, K, *, activation="swiglu", dtype=np.float64, seed=0,
     rng = np.random.default_rng(seed + 1_000_003)
     x = np.ascontiguousarray(rng.standard_normal((T, D)), dtype=dtype)
     router, w1, w2, w3 = make_weights_arrays(D, F, E, activation=activation, dtype=dtype, seed=seed)
-    weights = kernels.MoEWeights(router=router, w1=w1, w2=w2, w3=w3)
-    cfg = kernels.MoEConfig(D, F, E, K, activation=activation, renormalize=renormalize,
+    weights = topk_moe.MoEWeights(router=router, w1=w1, w2=w2, w3=w3)
+    cfg = topk_moe.MoEConfig(D, F, E, K, activation=activation, renormalize=renormalize,
                             capacity_factor=capacity_factor)
     return x, weights, cfg
 
@@ -186,12 +186,12 @@ def reference_from_routing(x, weights, cfg, routing):
     """The float64 reference y for a GIVEN routing (say, the cpu's), built from
     the reference backend's stage functions, so near-tied routing decisions of
     a float32 backend do not count as errors."""
-    C = kernels.capacity(cfg, x.shape[0])
-    plan = kernels.dispatch(routing.experts, cfg.n_experts, capacity=C, backend="reference")
-    rows = kernels.permute(x, plan, backend="reference")
-    out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
+    C = topk_moe.capacity(cfg, x.shape[0])
+    plan = topk_moe.dispatch(routing.experts, cfg.n_experts, capacity=C, backend="reference")
+    rows = topk_moe.permute(x, plan, backend="reference")
+    out = topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
                              activation=cfg.activation, backend="reference")
-    return kernels.combine(out, routing, plan, backend="reference"), plan
+    return topk_moe.combine(out, routing, plan, backend="reference"), plan
 
 
 def routing_margin(logits, k):
@@ -290,12 +290,12 @@ def tiny_sweep_results(tmp_path_factory):
 
 @pytest.fixture
 def cpu_forward_one_percent_off(monkeypatch):
-    """kernels.cpu.moe_forward with y 1% too large: what a wrong layer looks like
+    """topk_moe.cpu.moe_forward with y 1% too large: what a wrong layer looks like
     to the checks that must refuse to time it."""
-    forward = kernels.cpu.moe_forward
+    forward = topk_moe.cpu.moe_forward
 
     def one_percent_off(*arguments):
         y, routing, plan = forward(*arguments)
         return y * 1.01, routing, plan
 
-    monkeypatch.setattr(kernels.cpu, "moe_forward", one_percent_off)
+    monkeypatch.setattr(topk_moe.cpu, "moe_forward", one_percent_off)

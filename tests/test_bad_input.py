@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kernels
+import topk_moe
 
 from conftest import make_inputs
 
@@ -27,7 +27,7 @@ def layer(activation="swiglu", dtype=np.float64, k=2, capacity_factor=None):
 def replace(weights, **changes):
     fields = dict(router=weights.router, w1=weights.w1, w2=weights.w2, w3=weights.w3)
     fields.update(changes)
-    return kernels.MoEWeights(**fields)
+    return topk_moe.MoEWeights(**fields)
 
 
 def arg(name):
@@ -58,7 +58,7 @@ def test_config_rejects_bad_values(kwargs, name):
     base = dict(d_model=4, d_ff=3, n_experts=3, top_k=2)
     base.update(kwargs)
     with pytest.raises(ValueError, match=arg(name)):
-        kernels.MoEConfig(**base)
+        topk_moe.MoEConfig(**base)
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -71,14 +71,14 @@ def test_config_rejects_non_integer_sizes(kwargs, name):
     base.update(kwargs)
     # a wrong type may be reported as TypeError or ValueError; the name must be in it
     with pytest.raises((TypeError, ValueError), match=arg(name)):
-        kernels.MoEConfig(**base)
+        topk_moe.MoEConfig(**base)
 
 
 @pytest.mark.parametrize("n_tokens", [-1, -100])
 def test_capacity_rejects_negative_token_count(n_tokens):
-    cfg = kernels.MoEConfig(4, 3, 3, 2, capacity_factor=1.0)
+    cfg = topk_moe.MoEConfig(4, 3, 3, 2, capacity_factor=1.0)
     with pytest.raises(ValueError, match=arg("n_tokens")):
-        kernels.capacity(cfg, n_tokens)
+        topk_moe.capacity(cfg, n_tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_capacity_rejects_negative_token_count(n_tokens):
 def test_route_x_wrong_rank(backend, x_shape):
     _, weights, _ = layer()
     with pytest.raises(ValueError, match=arg("x")) as info:
-        kernels.route(np.zeros(x_shape), weights.router, 2, backend=backend)
+        topk_moe.route(np.zeros(x_shape), weights.router, 2, backend=backend)
     assert str(x_shape) in str(info.value), "the message should say what came"
 
 
@@ -97,20 +97,20 @@ def test_route_x_wrong_rank(backend, x_shape):
 def test_route_router_wrong_rank(backend, router_shape):
     x, _, _ = layer()
     with pytest.raises(ValueError, match=arg("router")):
-        kernels.route(x, np.zeros(router_shape), 2, backend=backend)
+        topk_moe.route(x, np.zeros(router_shape), 2, backend=backend)
 
 
 def test_route_width_mismatch(backend):
     x, weights, _ = layer()
     with pytest.raises(ValueError, match=rf"{arg('x')}|{arg('router')}"):
-        kernels.route(x, np.zeros((D + 1, E)), 2, backend=backend)
+        topk_moe.route(x, np.zeros((D + 1, E)), 2, backend=backend)
 
 
 @pytest.mark.parametrize("k", [0, 3, -1])
 def test_route_k_not_one_or_two(backend, k):
     x, weights, _ = layer()
     with pytest.raises(ValueError, match=arg("k")) as info:
-        kernels.route(x, weights.router, k, backend=backend)
+        topk_moe.route(x, weights.router, k, backend=backend)
     assert str(k) in str(info.value)
 
 
@@ -118,7 +118,7 @@ def test_route_k_greater_than_experts(backend):
     x, _, _ = layer()
     router = np.ones((D, 1))
     with pytest.raises(ValueError, match=arg("k")):
-        kernels.route(x, router, 2, backend=backend)
+        topk_moe.route(x, router, 2, backend=backend)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -129,7 +129,7 @@ def test_route_non_finite(backend, bad, where):
     x = x.copy()
     (x if where == "x" else router)[1, 2] = bad
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.route(x, router, 2, backend=backend)
+        topk_moe.route(x, router, 2, backend=backend)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -140,38 +140,38 @@ def test_moe_forward_non_finite(backend, bad, where):
     router = weights.router.copy()
     (x if where == "x" else router)[0, 0] = bad
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.moe_forward(x, replace(weights, router=router), cfg, backend=backend)
+        topk_moe.moe_forward(x, replace(weights, router=router), cfg, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex128])
 def test_route_non_float_dtype(backend, dtype):
     x, weights, _ = layer()
     with pytest.raises(TypeError, match=arg("x")):
-        kernels.route(np.ones((T, D), dtype=dtype), weights.router, 2, backend=backend)
+        topk_moe.route(np.ones((T, D), dtype=dtype), weights.router, 2, backend=backend)
 
 
 def test_cpu_rejects_float16():
     x, weights, cfg = layer(dtype=np.float16)
     with pytest.raises(TypeError):
-        kernels.route(x, weights.router, 2, backend="cpu")
+        topk_moe.route(x, weights.router, 2, backend="cpu")
     with pytest.raises(TypeError):
-        kernels.moe_forward(x, weights, cfg, backend="cpu")
+        topk_moe.moe_forward(x, weights, cfg, backend="cpu")
     with pytest.raises(TypeError):
-        kernels.dense_mlp(x, weights.w1[0], weights.w2[0], weights.w3[0], activation="swiglu",
+        topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], weights.w3[0], activation="swiglu",
                           backend="cpu")
 
 
 def test_cpu_rejects_mixed_dtypes():
     x, weights, cfg = layer(dtype=np.float32)
     with pytest.raises(TypeError):
-        kernels.route(x, weights.router.astype(np.float64), 2, backend="cpu")
+        topk_moe.route(x, weights.router.astype(np.float64), 2, backend="cpu")
     with pytest.raises(TypeError, match=arg("w1")):
-        kernels.moe_forward(x, replace(weights, w1=weights.w1.astype(np.float64)), cfg,
+        topk_moe.moe_forward(x, replace(weights, w1=weights.w1.astype(np.float64)), cfg,
                             backend="cpu")
     with pytest.raises(TypeError):
-        kernels.moe_forward(x.astype(np.float64), weights, cfg, backend="cpu")
+        topk_moe.moe_forward(x.astype(np.float64), weights, cfg, backend="cpu")
     with pytest.raises(TypeError):
-        kernels.dense_mlp(x, weights.w1[0], weights.w2[0].astype(np.float64),
+        topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0].astype(np.float64),
                           weights.w3[0], activation="swiglu", backend="cpu")
 
 
@@ -181,9 +181,9 @@ def test_cpu_rejects_integer_inputs():
     intw = replace(weights, router=np.ones((D, E), dtype=np.int64),
                    w1=np.ones((E, D, F), dtype=np.int64), w2=np.ones((E, F, D), dtype=np.int64))
     with pytest.raises(TypeError):
-        kernels.moe_forward(x, intw, cfg, backend="cpu")
+        topk_moe.moe_forward(x, intw, cfg, backend="cpu")
     with pytest.raises(TypeError):
-        kernels.dense_mlp(x, np.ones((D, F), dtype=np.int64), np.ones((F, D), dtype=np.int64),
+        topk_moe.dense_mlp(x, np.ones((D, F), dtype=np.int64), np.ones((F, D), dtype=np.int64),
                           backend="cpu")
 
 
@@ -194,13 +194,13 @@ def test_cpu_rejects_integer_inputs():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.bool_])
 def test_dispatch_experts_not_integer(backend, dtype):
     with pytest.raises(TypeError, match=arg("experts")):
-        kernels.dispatch(np.zeros((T, 2), dtype=dtype), E, backend=backend)
+        topk_moe.dispatch(np.zeros((T, 2), dtype=dtype), E, backend=backend)
 
 
 @pytest.mark.parametrize("shape", [(T,), (T, 2, 1)])
 def test_dispatch_experts_wrong_rank(backend, shape):
     with pytest.raises(ValueError, match=arg("experts")):
-        kernels.dispatch(np.zeros(shape, dtype=np.int32), E, backend=backend)
+        topk_moe.dispatch(np.zeros(shape, dtype=np.int32), E, backend=backend)
 
 
 @pytest.mark.parametrize("bad", [E, E + 5, -1])
@@ -209,18 +209,18 @@ def test_dispatch_experts_out_of_range(backend, bad):
     experts[:, 1] = 1
     experts[3, 0] = bad
     with pytest.raises(ValueError, match=arg("experts")):
-        kernels.dispatch(experts, E, backend=backend)
+        topk_moe.dispatch(experts, E, backend=backend)
 
 
 @pytest.mark.parametrize("n_experts", [0, -2])
 def test_dispatch_bad_n_experts(backend, n_experts):
     with pytest.raises(ValueError, match=arg("n_experts")):
-        kernels.dispatch(np.zeros((T, 1), dtype=np.int32), n_experts, backend=backend)
+        topk_moe.dispatch(np.zeros((T, 1), dtype=np.int32), n_experts, backend=backend)
 
 
 def test_dispatch_negative_capacity(backend):
     with pytest.raises(ValueError, match=arg("capacity")):
-        kernels.dispatch(np.zeros((T, 1), dtype=np.int32), E, capacity=-1, backend=backend)
+        topk_moe.dispatch(np.zeros((T, 1), dtype=np.int32), E, capacity=-1, backend=backend)
 
 
 # ---------------------------------------------------------------------------
@@ -244,26 +244,26 @@ def test_moe_forward_wrong_weight_shape(backend, name, shape):
     x, weights, cfg = layer()
     bad = replace(weights, **{name: np.zeros(shape)})
     with pytest.raises(ValueError, match=arg(name)):
-        kernels.moe_forward(x, bad, cfg, backend=backend)
+        topk_moe.moe_forward(x, bad, cfg, backend=backend)
 
 
 def test_moe_forward_x_width_mismatch(backend):
     _, weights, cfg = layer()
     with pytest.raises(ValueError, match=arg("x")):
-        kernels.moe_forward(np.zeros((T, D + 2)), weights, cfg, backend=backend)
+        topk_moe.moe_forward(np.zeros((T, D + 2)), weights, cfg, backend=backend)
 
 
 @pytest.mark.parametrize("shape", [(D,), (T, D, 1)])
 def test_moe_forward_x_wrong_rank(backend, shape):
     _, weights, cfg = layer()
     with pytest.raises(ValueError, match=arg("x")):
-        kernels.moe_forward(np.zeros(shape), weights, cfg, backend=backend)
+        topk_moe.moe_forward(np.zeros(shape), weights, cfg, backend=backend)
 
 
 def test_moe_forward_missing_w3(backend):
     x, weights, cfg = layer(activation="swiglu")
     with pytest.raises(ValueError, match=arg("w3")):
-        kernels.moe_forward(x, replace(weights, w3=None), cfg, backend=backend)
+        topk_moe.moe_forward(x, replace(weights, w3=None), cfg, backend=backend)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -271,7 +271,7 @@ def test_moe_forward_unexpected_w3(backend, activation):
     x, weights, cfg = layer(activation=activation)
     w3 = np.zeros((E, D, F))
     with pytest.raises(ValueError, match=arg("w3")):
-        kernels.moe_forward(x, replace(weights, w3=w3), cfg, backend=backend)
+        topk_moe.moe_forward(x, replace(weights, w3=w3), cfg, backend=backend)
 
 
 # ---------------------------------------------------------------------------
@@ -282,20 +282,20 @@ def test_moe_forward_unexpected_w3(backend, activation):
 def test_dense_mlp_unknown_activation(backend, activation):
     x, weights, _ = layer(activation="relu")
     with pytest.raises(ValueError, match=arg("activation")):
-        kernels.dense_mlp(x, weights.w1[0], weights.w2[0], activation=activation, backend=backend)
+        topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], activation=activation, backend=backend)
 
 
 def test_dense_mlp_missing_w3(backend):
     x, weights, _ = layer(activation="swiglu")
     with pytest.raises(ValueError, match=arg("w3")):
-        kernels.dense_mlp(x, weights.w1[0], weights.w2[0], activation="swiglu", backend=backend)
+        topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], activation="swiglu", backend=backend)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_dense_mlp_unexpected_w3(backend, activation):
     x, weights, _ = layer(activation="swiglu")
     with pytest.raises(ValueError, match=arg("w3")):
-        kernels.dense_mlp(x, weights.w1[0], weights.w2[0], weights.w3[0], activation=activation,
+        topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], weights.w3[0], activation=activation,
                           backend=backend)
 
 
@@ -308,7 +308,7 @@ def test_dense_mlp_wrong_shapes(backend, name, shape):
     args = dict(x=x, w1=weights.w1[0], w2=weights.w2[0], w3=weights.w3[0])
     args[name] = np.zeros(shape)
     with pytest.raises(ValueError, match=arg(name) if name != "x" else rf"{arg('x')}|{arg('w1')}"):
-        kernels.dense_mlp(args["x"], args["w1"], args["w2"], args["w3"], activation="swiglu",
+        topk_moe.dense_mlp(args["x"], args["w1"], args["w2"], args["w3"], activation="swiglu",
                           backend=backend)
 
 
@@ -318,7 +318,7 @@ def test_dense_mlp_non_finite_x(backend, bad):
     x = x.copy()
     x[2, 1] = bad
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.dense_mlp(x, weights.w1[0], weights.w2[0], backend=backend)
+        topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], backend=backend)
 
 
 # ---------------------------------------------------------------------------
@@ -328,18 +328,18 @@ def test_dense_mlp_non_finite_x(backend, bad):
 def calls_with_backend(name):
     x, weights, cfg = layer(activation="relu", k=1)
     experts = np.zeros((T, 1), dtype=np.int32)
-    plan = kernels.dispatch(experts, E, backend="reference")
-    routing = kernels.route(x, weights.router, 1, backend="reference")
+    plan = topk_moe.dispatch(experts, E, backend="reference")
+    routing = topk_moe.route(x, weights.router, 1, backend="reference")
     rows = x[plan.token]
     calls = {
-        "route": lambda b: kernels.route(x, weights.router, 1, backend=b),
-        "dispatch": lambda b: kernels.dispatch(experts, E, backend=b),
-        "moe_forward": lambda b: kernels.moe_forward(x, weights, cfg, backend=b),
-        "dense_mlp": lambda b: kernels.dense_mlp(x, weights.w1[0], weights.w2[0], backend=b),
-        "permute": lambda b: kernels.permute(x, plan, backend=b),
-        "expert_mlp": lambda b: kernels.expert_mlp(rows, plan, weights.w1, weights.w2,
+        "route": lambda b: topk_moe.route(x, weights.router, 1, backend=b),
+        "dispatch": lambda b: topk_moe.dispatch(experts, E, backend=b),
+        "moe_forward": lambda b: topk_moe.moe_forward(x, weights, cfg, backend=b),
+        "dense_mlp": lambda b: topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], backend=b),
+        "permute": lambda b: topk_moe.permute(x, plan, backend=b),
+        "expert_mlp": lambda b: topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2,
                                                    activation="relu", backend=b),
-        "combine": lambda b: kernels.combine(rows, routing, plan, backend=b),
+        "combine": lambda b: topk_moe.combine(rows, routing, plan, backend=b),
     }
     return calls[name]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import kernels.cpu
+import topk_moe.cpu
 from analysis import records
 from analysis.measure import bench_cpu, peers, sweep_cells, timing
 
@@ -23,7 +23,7 @@ def test_quick_run_without_torch_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "/dense K*F" in out and "% SGEMM" in out and "/weight read" in out
     assert "PyTorch: left out (--no-torch)" in out
-    assert f"our kernels [{kernels.cpu.threads()}]" in out  # default: the threads BLAS has here
+    assert f"our kernels [{topk_moe.cpu.threads()}]" in out  # default: the threads BLAS has here
     assert "MoE / our dense at equal active FLOPs <= 1.1 for T >= 4096: not judged" in out
     assert "decode: MoE / reading the touched weights" in out and "-> " in out
     assert "Records appended" not in out

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+import topk_moe
 from analysis.study import evaluation, train
 from analysis.study.moe_model import ByteTransformer, kept_mask
 
@@ -97,7 +97,7 @@ def test_each_position_keeps_what_kernels_dispatch_keeps_on_that_position(top_k)
     kept = kept_mask(experts, E, capacity, calls=S).reshape(B, S, top_k)
     per_position = experts.reshape(B, S, top_k)
     for s in range(S):
-        plan = kernels.dispatch(per_position[:, s].numpy().astype(np.int32), E, capacity=capacity, backend="cpu")
+        plan = topk_moe.dispatch(per_position[:, s].numpy().astype(np.int32), E, capacity=capacity, backend="cpu")
         np.testing.assert_array_equal(kept[:, s].numpy(), np.asarray(plan.row) >= 0)
     assert not kept.all()
 

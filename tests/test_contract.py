@@ -1,11 +1,11 @@
 """The contract (design/contract.md), rule by rule, on every backend.
 
-Float comparisons use the one tolerance rule, `kernels.testing.
+Float comparisons use the one tolerance rule, `topk_moe.testing.
 assert_close_to_reference`: at most twice the error of a plain NumPy
 implementation in the same dtype, both measured against float64, plus a floor
 of a few ulps. Against the contract's formulas, `expected` and `plain` come
 from conftest's own formulas (long double, and the result's dtype), never from
-kernels' code; cpu-versus-reference comparisons use kernels.testing's plain
+kernels' code; cpu-versus-reference comparisons use topk_moe.testing's plain
 implementations, as the rule prescribes. Where inputs are integer-valued the
 results are exact in any order and the tests ask for exact equality.
 """
@@ -20,8 +20,8 @@ import sys
 import numpy as np
 import pytest
 
-import kernels
-from kernels.testing import (assert_close_to_reference, expected_dense_mlp, plain_dense_mlp,
+import topk_moe
+from topk_moe.testing import (assert_close_to_reference, expected_dense_mlp, plain_dense_mlp,
                              plain_moe_forward)
 
 from conftest import (
@@ -56,7 +56,7 @@ def result_dtype(backend, input_dtype):
 
 def weights_as(weights, dtype):
     cast = lambda a: None if a is None else np.asarray(a, dtype=dtype)
-    return kernels.MoEWeights(router=cast(weights.router), w1=cast(weights.w1),
+    return topk_moe.MoEWeights(router=cast(weights.router), w1=cast(weights.w1),
                               w2=cast(weights.w2), w3=cast(weights.w3))
 
 
@@ -74,14 +74,14 @@ def test_public_names_exist():
     for name in ("MoEConfig", "MoEWeights", "init_weights", "route", "dispatch", "moe_forward",
                  "dense_mlp", "capacity", "available_backends", "permute", "expert_mlp",
                  "combine"):
-        assert callable(getattr(kernels, name)), name
+        assert callable(getattr(topk_moe, name)), name
 
 
 def test_result_field_names(backend):
     x, weights, cfg = make_inputs(5, 4, 3, 3, 2, activation="relu")
-    routing = kernels.route(x, weights.router, 2, backend=backend)
-    plan = kernels.dispatch(routing.experts, 3, backend=backend)
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
+    routing = topk_moe.route(x, weights.router, 2, backend=backend)
+    plan = topk_moe.dispatch(routing.experts, 3, backend=backend)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
     assert field_names(routing)[:3] == ("experts", "weights", "probs")
     assert field_names(plan)[:4] == ("counts", "offsets", "token", "row")
     assert field_names(out)[:3] == ("y", "routing", "plan")
@@ -89,17 +89,17 @@ def test_result_field_names(backend):
 
 def test_results_and_weights_are_frozen(backend):
     x, weights, cfg = make_inputs(5, 4, 3, 3, 2, activation="relu")
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
     for obj, field in ((out, "y"), (out.routing, "experts"), (out.plan, "row"),
                        (weights, "router")):
         with pytest.raises(AttributeError):
             setattr(obj, field, None)
     assert field_names(weights)[:4] == ("router", "w1", "w2", "w3")
-    assert kernels.MoEWeights(weights.router, weights.w1, weights.w2).w3 is None
+    assert topk_moe.MoEWeights(weights.router, weights.w1, weights.w2).w3 is None
 
 
 def test_config_defaults():
-    cfg = kernels.MoEConfig(8, 16, 4, 2)
+    cfg = topk_moe.MoEConfig(8, 16, 4, 2)
     assert (cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k) == (8, 16, 4, 2)
     assert cfg.activation == "swiglu"
     assert cfg.renormalize is True
@@ -107,24 +107,24 @@ def test_config_defaults():
 
 
 def test_available_backends():
-    names = kernels.available_backends()
+    names = topk_moe.available_backends()
     assert isinstance(names, tuple)
     assert "reference" in names and "cpu" in names
     assert all(isinstance(n, str) for n in names)
 
 
 def test_cuda_listed_only_where_usable():
-    names = kernels.available_backends()
+    names = topk_moe.available_backends()
     if importlib.util.find_spec("cupy") is None:
         assert "cuda" not in names
     if "cuda" not in names:
         x, weights, cfg = make_inputs(4, 4, 3, 3, 1, activation="relu", dtype=np.float32)
         with pytest.raises(ValueError, match="backend"):
-            kernels.moe_forward(x, weights, cfg, backend="cuda")
+            topk_moe.moe_forward(x, weights, cfg, backend="cuda")
 
 
 def test_import_does_not_import_cupy():
-    code = "import kernels, sys; assert 'cupy' not in sys.modules, 'kernels imported cupy'"
+    code = "import topk_moe, sys; assert 'cupy' not in sys.modules, 'kernels imported cupy'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -132,30 +132,30 @@ def test_import_does_not_import_cupy():
 def test_default_backend_is_cpu(no_backend_env):
     x, weights, cfg = make_inputs(6, 4, 3, 3, 1, activation="relu", dtype=np.float32)
     # cpu keeps float32; reference would return float64
-    assert kernels.moe_forward(x, weights, cfg).y.dtype == np.float32
-    assert kernels.dense_mlp(x, weights.w1[0], weights.w2[0]).dtype == np.float32
+    assert topk_moe.moe_forward(x, weights, cfg).y.dtype == np.float32
+    assert topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0]).dtype == np.float32
 
 
 @pytest.mark.parametrize("env, dtype", [("reference", np.float64), ("cpu", np.float32)])
 def test_moe_backend_env_selects_default(monkeypatch, env, dtype):
     monkeypatch.setenv("MOE_BACKEND", env)
     x, weights, cfg = make_inputs(6, 4, 3, 3, 1, activation="relu", dtype=np.float32)
-    assert kernels.moe_forward(x, weights, cfg).y.dtype == dtype
-    assert kernels.dense_mlp(x, weights.w1[0], weights.w2[0]).dtype == dtype
-    assert kernels.route(x, weights.router, 1).probs.dtype == dtype
+    assert topk_moe.moe_forward(x, weights, cfg).y.dtype == dtype
+    assert topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0]).dtype == dtype
+    assert topk_moe.route(x, weights.router, 1).probs.dtype == dtype
 
 
 def test_explicit_backend_overrides_env(monkeypatch):
     monkeypatch.setenv("MOE_BACKEND", "reference")
     x, weights, cfg = make_inputs(6, 4, 3, 3, 1, activation="relu", dtype=np.float32)
-    assert kernels.moe_forward(x, weights, cfg, backend="cpu").y.dtype == np.float32
+    assert topk_moe.moe_forward(x, weights, cfg, backend="cpu").y.dtype == np.float32
 
 
 def test_unknown_moe_backend_env_raises(monkeypatch):
     monkeypatch.setenv("MOE_BACKEND", "no-such-backend")
     x, weights, cfg = make_inputs(6, 4, 3, 3, 1, activation="relu")
     with pytest.raises(ValueError, match="backend"):
-        kernels.moe_forward(x, weights, cfg)
+        topk_moe.moe_forward(x, weights, cfg)
 
 
 # ---------------------------------------------------------------------------
@@ -182,7 +182,7 @@ TIE_CASES = [
 def test_route_descending_ties_to_smaller_index(backend, dtype, k):
     x = np.array([c[0] for c in TIE_CASES], dtype=dtype)
     router = np.eye(4, dtype=dtype)
-    routing = kernels.route(x, router, k, backend=backend)
+    routing = topk_moe.route(x, router, k, backend=backend)
     expected = np.array([c[1] if k == 1 else c[2] for c in TIE_CASES])
     assert routing.experts.dtype == np.int32
     np.testing.assert_array_equal(routing.experts, expected)
@@ -194,7 +194,7 @@ def test_route_descending_ties_to_smaller_index(backend, dtype, k):
 def test_route_matches_spec_on_integer_inputs(backend, dtype, k, E):
     # small integers: many exact ties, and logits exact in any summation order
     x, router = make_integer_inputs(64, 6, E, dtype=dtype, seed=E + 10 * k, low=-1, high=2)
-    routing = kernels.route(x, router, k, backend=backend)
+    routing = topk_moe.route(x, router, k, backend=backend)
     expected = spec_route_choices(x.astype(np.float64) @ router.astype(np.float64), k)
     np.testing.assert_array_equal(routing.experts, expected)
 
@@ -204,7 +204,7 @@ def test_route_matches_spec_on_integer_inputs(backend, dtype, k, E):
 def test_route_matches_spec_away_from_near_ties(backend, dtype, k):
     x, weights, _ = make_inputs(300, 16, 4, 7, k, dtype=dtype, seed=3)
     logits = x.astype(np.float64) @ weights.router.astype(np.float64)
-    routing = kernels.route(x, weights.router, k, backend=backend)
+    routing = topk_moe.route(x, weights.router, k, backend=backend)
     clear = routing_margin(logits, k) > MARGIN
     assert clear.sum() > 250  # the comparison must cover most tokens
     np.testing.assert_array_equal(routing.experts[clear], spec_route_choices(logits, k)[clear])
@@ -214,8 +214,8 @@ def test_route_cpu_matches_reference_away_from_near_ties():
     for dtype in FLOATS:
         for k in (1, 2):
             x, weights, _ = make_inputs(300, 16, 4, 7, k, dtype=dtype, seed=5)
-            ref = kernels.route(x, weights.router, k, backend="reference")
-            cpu = kernels.route(x, weights.router, k, backend="cpu")
+            ref = topk_moe.route(x, weights.router, k, backend="reference")
+            cpu = topk_moe.route(x, weights.router, k, backend="cpu")
             logits = x.astype(np.float64) @ weights.router.astype(np.float64)
             clear = routing_margin(logits, k) > MARGIN
             np.testing.assert_array_equal(cpu.experts[clear], ref.experts[clear])
@@ -227,7 +227,7 @@ def test_route_cpu_matches_reference_away_from_near_ties():
 def test_route_probs_are_softmax(backend, dtype, k, renormalize):
     x, router = make_integer_inputs(40, 5, 6, dtype=dtype, seed=7)
     logits = x.astype(np.float64) @ router.astype(np.float64)  # exact
-    routing = kernels.route(x, router, k, renormalize=renormalize, backend=backend)
+    routing = topk_moe.route(x, router, k, renormalize=renormalize, backend=backend)
     probs = routing.probs
     assert probs.shape == (40, 6)
     assert probs.dtype == result_dtype(backend, dtype)
@@ -241,7 +241,7 @@ def test_route_probs_are_softmax(backend, dtype, k, renormalize):
 @pytest.mark.parametrize("k", [1, 2])
 def test_route_weights_without_renormalize_are_probs(backend, dtype, k):
     x, weights, _ = make_inputs(50, 8, 4, 5, k, dtype=dtype, seed=11)
-    routing = kernels.route(x, weights.router, k, renormalize=False, backend=backend)
+    routing = topk_moe.route(x, weights.router, k, renormalize=False, backend=backend)
     assert routing.weights.shape == (50, k)
     assert routing.weights.dtype == result_dtype(backend, dtype)
     gathered = np.take_along_axis(routing.probs, routing.experts.astype(np.int64), axis=1)
@@ -251,7 +251,7 @@ def test_route_weights_without_renormalize_are_probs(backend, dtype, k):
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_route_k1_renormalized_weight_is_exactly_one(backend, dtype):
     x, weights, _ = make_inputs(50, 8, 4, 5, 1, dtype=dtype, seed=13)
-    routing = kernels.route(x, weights.router, 1, renormalize=True, backend=backend)
+    routing = topk_moe.route(x, weights.router, 1, renormalize=True, backend=backend)
     assert routing.weights.shape == (50, 1)
     np.testing.assert_array_equal(routing.weights, np.ones((50, 1)))
 
@@ -260,7 +260,7 @@ def test_route_k1_renormalized_weight_is_exactly_one(backend, dtype):
 def test_route_k2_renormalized_weights(backend, dtype):
     x, router = make_integer_inputs(60, 5, 6, dtype=dtype, seed=17)
     logits = x.astype(np.float64) @ router.astype(np.float64)
-    routing = kernels.route(x, router, 2, renormalize=True, backend=backend)
+    routing = topk_moe.route(x, router, 2, renormalize=True, backend=backend)
     chosen = spec_route_choices(logits, 2)
     np.testing.assert_array_equal(routing.experts, chosen)
     g64 = np.take_along_axis(softmax64(logits), chosen, axis=1)
@@ -276,7 +276,7 @@ def test_route_k2_renormalized_weights(backend, dtype):
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_route_dtypes(backend, dtype):
     x, weights, _ = make_inputs(10, 8, 4, 5, 2, dtype=dtype)
-    routing = kernels.route(x, weights.router, 2, backend=backend)
+    routing = topk_moe.route(x, weights.router, 2, backend=backend)
     assert routing.experts.dtype == np.int32
     assert routing.experts.shape == (10, 2)
     assert routing.weights.dtype == result_dtype(backend, dtype)
@@ -285,14 +285,14 @@ def test_route_dtypes(backend, dtype):
 
 def test_reference_takes_any_float_dtype():
     x, weights, cfg = make_inputs(12, 8, 4, 5, 2, activation="gelu", dtype=np.float16, seed=2)
-    routing = kernels.route(x, weights.router, 2, backend="reference")
+    routing = topk_moe.route(x, weights.router, 2, backend="reference")
     assert routing.probs.dtype == np.float64 and routing.weights.dtype == np.float64
-    out = kernels.moe_forward(x, weights, cfg, backend="reference")
+    out = topk_moe.moe_forward(x, weights, cfg, backend="reference")
     assert out.y.dtype == np.float64
-    y = kernels.dense_mlp(x, weights.w1[0], weights.w2[0], activation="gelu", backend="reference")
+    y = topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], activation="gelu", backend="reference")
     assert y.dtype == np.float64
     # mixed float dtypes are fine on the reference too
-    mixed = kernels.moe_forward(x.astype(np.float32), weights, cfg, backend="reference")
+    mixed = topk_moe.moe_forward(x.astype(np.float32), weights, cfg, backend="reference")
     assert mixed.y.dtype == np.float64
 
 
@@ -306,7 +306,7 @@ HAND_EXPERTS = np.array([[0, 1], [0, 2], [0, 1], [1, 0]], dtype=np.int32)
 
 
 def test_dispatch_hand_example_dropless(backend):
-    plan = kernels.dispatch(HAND_EXPERTS, 3, backend=backend)
+    plan = topk_moe.dispatch(HAND_EXPERTS, 3, backend=backend)
     # expert 0: (0,0) (1,0) (2,0) (3,1); expert 1: (3,0) (0,1) (2,1); expert 2: (1,1)
     expected = (
         np.array([4, 3, 1]),
@@ -318,7 +318,7 @@ def test_dispatch_hand_example_dropless(backend):
 
 
 def test_dispatch_hand_example_capacity(backend):
-    plan = kernels.dispatch(HAND_EXPERTS, 3, capacity=2, backend=backend)
+    plan = topk_moe.dispatch(HAND_EXPERTS, 3, capacity=2, backend=backend)
     # expert 0 keeps (0,0) (1,0), drops (2,0) (3,1); expert 1 keeps (3,0) (0,1),
     # drops (2,1); expert 2 keeps (1,1). Token 2 loses both of its assignments.
     expected = (
@@ -335,7 +335,7 @@ def test_capacity_keeps_first_choices_before_second_choices(backend):
     # Token order would keep token 0 (it comes first); j-major keeps token 1,
     # because first choices outrank second choices.
     experts = np.array([[0, 1], [1, 0]], dtype=np.int32)
-    plan = kernels.dispatch(experts, 2, capacity=1, backend=backend)
+    plan = topk_moe.dispatch(experts, 2, capacity=1, backend=backend)
     expected = (
         np.array([1, 1]),
         np.array([0, 1, 2]),
@@ -349,13 +349,13 @@ def test_dispatch_j_major_order_inside_an_expert(backend):
     # expert 0 receives (1,0) then (0,1), (2,1); expert 1 receives (0,0), (2,0) then (1,1).
     # A token-major order would list tokens 0, 1, 2 for both.
     experts = np.array([[1, 0], [0, 1], [1, 0]], dtype=np.int32)
-    plan = kernels.dispatch(experts, 2, backend=backend)
+    plan = topk_moe.dispatch(experts, 2, backend=backend)
     np.testing.assert_array_equal(plan.token, [1, 0, 2, 0, 2, 1])
     np.testing.assert_array_equal(plan.row, [[3, 1], [0, 5], [4, 2]])
 
 
 def test_dispatch_capacity_zero_drops_everything(backend):
-    plan = kernels.dispatch(HAND_EXPERTS, 3, capacity=0, backend=backend)
+    plan = topk_moe.dispatch(HAND_EXPERTS, 3, capacity=0, backend=backend)
     assert_plan_equal(plan, (np.zeros(3), np.zeros(4), np.zeros(0), np.full((4, 2), -1)))
 
 
@@ -372,7 +372,7 @@ def random_experts(T, E, K, seed, dtype=np.int32):
 @pytest.mark.parametrize("capacity", [None, 0, 1, 5, 1000])
 def test_dispatch_matches_spec(backend, T, E, K, capacity):
     experts = random_experts(T, E, K, seed=T * 100 + E * 10 + K)
-    plan = kernels.dispatch(experts, E, capacity=capacity, backend=backend)
+    plan = topk_moe.dispatch(experts, E, capacity=capacity, backend=backend)
     assert_plan_equal(plan, spec_plan(experts, E, capacity))
     assert_plan_invariants(plan, experts, E, capacity)
 
@@ -381,15 +381,15 @@ def test_dispatch_matches_spec(backend, T, E, K, capacity):
 def test_dispatch_plan_identical_between_backends(capacity):
     for seed, (T, E, K) in enumerate([(33, 5, 2), (511, 9, 2), (40, 3, 1), (1, 2, 2)]):
         experts = random_experts(T, E, K, seed)
-        ref = kernels.dispatch(experts, E, capacity=capacity, backend="reference")
-        cpu = kernels.dispatch(experts, E, capacity=capacity, backend="cpu")
+        ref = topk_moe.dispatch(experts, E, capacity=capacity, backend="reference")
+        cpu = topk_moe.dispatch(experts, E, capacity=capacity, backend="cpu")
         assert_plan_equal(cpu, ref)
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
                                    np.uint64])
 def test_dispatch_accepts_any_integer_dtype(backend, dtype):
-    plan = kernels.dispatch(HAND_EXPERTS.astype(dtype), 3, capacity=2, backend=backend)
+    plan = topk_moe.dispatch(HAND_EXPERTS.astype(dtype), 3, capacity=2, backend=backend)
     assert_plan_equal(plan, spec_plan(HAND_EXPERTS, 3, 2))
 
 
@@ -402,16 +402,16 @@ def test_dispatch_accepts_any_integer_dtype(backend, dtype):
     (0.5, 1, 1, 1), (1.5, 0, 2, 4), (0.75, 12, 2, 6),
 ])
 def test_capacity_formula(capacity_factor, T, K, E):
-    cfg = kernels.MoEConfig(4, 4, E, K, capacity_factor=capacity_factor)
-    got = kernels.capacity(cfg, T)
+    cfg = topk_moe.MoEConfig(4, 4, E, K, capacity_factor=capacity_factor)
+    got = topk_moe.capacity(cfg, T)
     assert isinstance(got, int) and not isinstance(got, bool)
     assert got == math.ceil(capacity_factor * T * K / E)
 
 
 def test_capacity_none_when_dropless():
-    cfg = kernels.MoEConfig(4, 4, 4, 2)
-    assert kernels.capacity(cfg, 0) is None
-    assert kernels.capacity(cfg, 100) is None
+    cfg = topk_moe.MoEConfig(4, 4, 4, 2)
+    assert topk_moe.capacity(cfg, 0) is None
+    assert topk_moe.capacity(cfg, 100) is None
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def test_dense_mlp_hand_formula(backend, dtype, activation, T, D, F):
     w1 = (rng.standard_normal((D, F)) / math.sqrt(D)).astype(dtype)
     w2 = (rng.standard_normal((F, D)) / math.sqrt(F)).astype(dtype)
     w3 = (rng.standard_normal((D, F)) / math.sqrt(D)).astype(dtype) if activation == "swiglu" else None
-    y = kernels.dense_mlp(x, w1, w2, w3, activation=activation, backend=backend)
+    y = topk_moe.dense_mlp(x, w1, w2, w3, activation=activation, backend=backend)
     assert y.shape == (T, D)
     assert y.dtype == result_dtype(backend, dtype)
     expected = expert64(x, w1, w2, w3, activation)  # gelu through math.erf
@@ -441,14 +441,14 @@ def test_dense_mlp_relu_exact_on_integers(backend, dtype):
     x = rng.integers(-3, 4, size=(9, 5)).astype(dtype)
     w1 = rng.integers(-3, 4, size=(5, 7)).astype(dtype)
     w2 = rng.integers(-3, 4, size=(7, 5)).astype(dtype)
-    y = kernels.dense_mlp(x, w1, w2, activation="relu", backend=backend)
+    y = topk_moe.dense_mlp(x, w1, w2, activation="relu", backend=backend)
     expected = np.maximum(x.astype(np.int64) @ w1.astype(np.int64), 0) @ w2.astype(np.int64)
     np.testing.assert_array_equal(y, expected)
 
 
 def test_dense_mlp_default_activation_is_relu(backend):
     x, weights, _ = make_inputs(6, 4, 3, 2, 1, activation="relu")
-    y = kernels.dense_mlp(x, weights.w1[0], weights.w2[0], backend=backend)
+    y = topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], backend=backend)
     expected = expert64(x, weights.w1[0], weights.w2[0], None, "relu")
     plain = spec_expert(x, weights.w1[0], weights.w2[0], None, "relu", y.dtype)
     assert_close_to_reference(y, expected, plain, name="dense_mlp default")
@@ -463,16 +463,16 @@ def test_moe_forward_matches_formula(backend, dtype, activation, k, capacity_fac
     T, D, F, E = 37, 12, 10, 5
     x, weights, cfg = make_inputs(T, D, F, E, k, activation=activation, dtype=dtype, seed=21,
                                   capacity_factor=capacity_factor, renormalize=renormalize)
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
     assert out.y.shape == (T, D)
     assert out.y.dtype == result_dtype(backend, dtype)
     # the routing is route()'s, bit for bit, and the plan is dispatch()'s
-    routing = kernels.route(x, weights.router, k, renormalize=renormalize, backend=backend)
+    routing = topk_moe.route(x, weights.router, k, renormalize=renormalize, backend=backend)
     for name in ("experts", "weights", "probs"):
         got, want = getattr(out.routing, name), getattr(routing, name)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want, err_msg=f"routing.{name}")
-    C = kernels.capacity(cfg, T)
+    C = topk_moe.capacity(cfg, T)
     assert_plan_equal(out.plan, spec_plan(out.routing.experts, E, C))
     args = (x, weights.w1, weights.w2, weights.w3, activation,
             out.routing.experts, out.routing.weights, out.plan.row)
@@ -490,14 +490,14 @@ def test_moe_forward_cpu_close_to_reference_odd_sizes(activation, k, T, D, F, dt
     E = 5
     x, weights, cfg = make_inputs(T, D, F, E, k, activation=activation, dtype=dtype,
                                   seed=T + D + F, capacity_factor=capacity_factor)
-    cpu = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    cpu = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
     expected, ref_plan = reference_from_routing(x, weights, cfg, cpu.routing)
     assert expected.dtype == np.float64
     assert_plan_equal(cpu.plan, ref_plan)
     plain = plain_forward_for(cpu.y, x, weights, cfg, cpu.routing)
     assert_close_to_reference(cpu.y, expected, plain, name="cpu moe_forward vs reference")
     # and the reference's own routing agrees wherever it is not a near tie
-    ref = kernels.route(x, weights.router, k, backend="reference")
+    ref = topk_moe.route(x, weights.router, k, backend="reference")
     logits = x.astype(np.float64) @ weights.router.astype(np.float64)
     clear = routing_margin(logits, k) > MARGIN
     np.testing.assert_array_equal(cpu.routing.experts[clear], ref.experts[clear])
@@ -506,19 +506,19 @@ def test_moe_forward_cpu_close_to_reference_odd_sizes(activation, k, T, D, F, dt
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_cpu_row_blocks_cover_large_experts_and_dense_batches(activation):
     """The cpu backend runs each expert (and the dense MLP) in blocks of
-    kernels.cpu.ROW_BLOCK rows; batches of several blocks plus a remainder must
+    topk_moe.cpu.ROW_BLOCK rows; batches of several blocks plus a remainder must
     give the same result as the formula."""
-    from kernels.cpu import ROW_BLOCK
+    from topk_moe.cpu import ROW_BLOCK
 
     T, D, F, E, k = 2 * ROW_BLOCK + 37, 9, 11, 2, 1
     x, weights, cfg = make_inputs(T, D, F, E, k, activation=activation, dtype=np.float32, seed=5)
-    cpu = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    cpu = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
     assert cpu.plan.counts.max() > ROW_BLOCK
     expected, _ = reference_from_routing(x, weights, cfg, cpu.routing)
     plain = plain_forward_for(cpu.y, x, weights, cfg, cpu.routing)
     assert_close_to_reference(cpu.y, expected, plain, name="cpu moe_forward, several row blocks")
     w3 = None if weights.w3 is None else weights.w3[0]
-    dense = kernels.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation, backend="cpu")
+    dense = topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation, backend="cpu")
     assert_close_to_reference(dense, expected_dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation),
                               plain_dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation),
                               name="cpu dense_mlp, several row blocks")
@@ -530,10 +530,10 @@ def test_moe_forward_plan_identical_between_backends(dtype, k):
     # integer inputs: no near ties, so both backends route identically
     x, router = make_integer_inputs(45, 6, 5, dtype=dtype, seed=31)
     _, w1, w2, _ = make_weights_arrays(6, 4, 5, activation="relu", dtype=dtype)
-    weights = kernels.MoEWeights(router, w1, w2)
-    cfg = kernels.MoEConfig(6, 4, 5, k, activation="relu", capacity_factor=0.75)
-    ref = kernels.moe_forward(x, weights, cfg, backend="reference")
-    cpu = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    weights = topk_moe.MoEWeights(router, w1, w2)
+    cfg = topk_moe.MoEConfig(6, 4, 5, k, activation="relu", capacity_factor=0.75)
+    ref = topk_moe.moe_forward(x, weights, cfg, backend="reference")
+    cpu = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
     np.testing.assert_array_equal(cpu.routing.experts, ref.routing.experts)
     assert_plan_equal(cpu.plan, ref.plan)
 
@@ -548,9 +548,9 @@ def test_all_dropped_token_gets_exactly_zero(backend, dtype, k):
     w1 = np.ones((E, D, 3), dtype=dtype)
     w2 = np.ones((E, 3, D), dtype=dtype)
     capacity_factor = 0.5 if k == 1 else 0.25
-    cfg = kernels.MoEConfig(D, 3, E, k, activation="relu", capacity_factor=capacity_factor)
-    assert kernels.capacity(cfg, T) == 1
-    out = kernels.moe_forward(x, kernels.MoEWeights(router, w1, w2), cfg, backend=backend)
+    cfg = topk_moe.MoEConfig(D, 3, E, k, activation="relu", capacity_factor=capacity_factor)
+    assert topk_moe.capacity(cfg, T) == 1
+    out = topk_moe.moe_forward(x, topk_moe.MoEWeights(router, w1, w2), cfg, backend=backend)
     np.testing.assert_array_equal(out.plan.row[1:], -1)
     assert (out.plan.row[0] >= 0).all()
     np.testing.assert_array_equal(out.y[1:], np.zeros((3, D)))
@@ -567,8 +567,8 @@ def test_identity_experts_round_trip_k1(backend, dtype, E):
     x = np.abs(rng.standard_normal((T, D))).astype(dtype)
     router = rng.standard_normal((D, E)).astype(dtype)
     eye = np.broadcast_to(np.eye(D, dtype=dtype), (E, D, D)).copy()
-    cfg = kernels.MoEConfig(D, D, E, 1, activation="relu")
-    out = kernels.moe_forward(x, kernels.MoEWeights(router, eye, eye.copy()), cfg, backend=backend)
+    cfg = topk_moe.MoEConfig(D, D, E, 1, activation="relu")
+    out = topk_moe.moe_forward(x, topk_moe.MoEWeights(router, eye, eye.copy()), cfg, backend=backend)
     np.testing.assert_array_equal(out.y, x)
 
 
@@ -582,8 +582,8 @@ def test_identity_experts_round_trip_k2_tied(backend, dtype):
     column = rng.standard_normal((D, 1))
     router = np.concatenate([column, column], axis=1).astype(dtype)
     eye = np.broadcast_to(np.eye(D, dtype=dtype), (E, D, D)).copy()
-    cfg = kernels.MoEConfig(D, D, E, 2, activation="relu")
-    out = kernels.moe_forward(x, kernels.MoEWeights(router, eye, eye.copy()), cfg, backend=backend)
+    cfg = topk_moe.MoEConfig(D, D, E, 2, activation="relu")
+    out = topk_moe.moe_forward(x, topk_moe.MoEWeights(router, eye, eye.copy()), cfg, backend=backend)
     np.testing.assert_array_equal(out.routing.weights, np.full((T, 2), 0.5))
     np.testing.assert_array_equal(out.y, x)
 
@@ -596,9 +596,9 @@ def test_identity_experts_round_trip_k2(backend, dtype):
     x = np.abs(rng.standard_normal((T, D))).astype(dtype)
     router = rng.standard_normal((D, E)).astype(dtype)
     eye = np.broadcast_to(np.eye(D, dtype=dtype), (E, D, D)).copy()
-    weights = kernels.MoEWeights(router, eye, eye.copy())
-    cfg = kernels.MoEConfig(D, D, E, 2, activation="relu")
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
+    weights = topk_moe.MoEWeights(router, eye, eye.copy())
+    cfg = topk_moe.MoEConfig(D, D, E, 2, activation="relu")
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
     plain = spec_moe(x, weights.w1, weights.w2, None, "relu", out.routing.experts,
                      out.routing.weights, out.plan.row, dtype=out.y.dtype)
     assert_close_to_reference(out.y, x.astype(np.float64), plain, name="identity k=2")
@@ -607,7 +607,7 @@ def test_identity_experts_round_trip_k2(backend, dtype):
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_moe_forward_output_dtype(backend, dtype):
     x, weights, cfg = make_inputs(9, 4, 3, 3, 2, dtype=dtype)
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
     assert out.y.dtype == result_dtype(backend, dtype)
     assert out.routing.experts.dtype == np.int32
     for name in ("counts", "offsets", "token", "row"):
@@ -623,8 +623,8 @@ def test_moe_forward_output_dtype(backend, dtype):
 def test_permute_gathers_rows_in_plan_order(backend, dtype, capacity):
     x, weights, _ = make_inputs(33, 7, 3, 5, 2, dtype=dtype)
     experts = random_experts(33, 5, 2, seed=4)
-    plan = kernels.dispatch(experts, 5, capacity=capacity, backend=backend)
-    rows = kernels.permute(x, plan, backend=backend)
+    plan = topk_moe.dispatch(experts, 5, capacity=capacity, backend=backend)
+    rows = topk_moe.permute(x, plan, backend=backend)
     assert rows.shape == (plan.token.shape[0], 7)
     assert rows.dtype == result_dtype(backend, dtype)
     np.testing.assert_array_equal(rows, x[plan.token])
@@ -635,10 +635,10 @@ def test_permute_gathers_rows_in_plan_order(backend, dtype, capacity):
 def test_expert_mlp_applies_each_expert_to_its_rows(backend, dtype, activation):
     _, weights, _ = make_inputs(0, 7, 6, 4, 2, activation=activation, dtype=dtype, seed=8)
     experts = random_experts(25, 4, 2, seed=8)
-    plan = kernels.dispatch(experts, 4, capacity=9, backend=backend)
+    plan = topk_moe.dispatch(experts, 4, capacity=9, backend=backend)
     N = plan.token.shape[0]
     rows = np.random.default_rng(8).standard_normal((N, 7)).astype(dtype)
-    out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
+    out = topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
                              activation=activation, backend=backend)
     assert out.shape == (N, 7)
     assert out.dtype == result_dtype(backend, dtype)
@@ -659,11 +659,11 @@ def test_expert_mlp_applies_each_expert_to_its_rows(backend, dtype, activation):
 def test_combine_sums_kept_assignments_in_j_order(backend, dtype, k, capacity):
     T, D, E = 26, 5, 4
     x, weights, _ = make_inputs(T, D, 3, E, k, dtype=dtype, seed=9)
-    routing = kernels.route(x, weights.router, k, backend=backend)
-    plan = kernels.dispatch(routing.experts, E, capacity=capacity, backend=backend)
+    routing = topk_moe.route(x, weights.router, k, backend=backend)
+    plan = topk_moe.dispatch(routing.experts, E, capacity=capacity, backend=backend)
     N = plan.token.shape[0]
     expert_out = np.random.default_rng(9).standard_normal((N, D)).astype(dtype)
-    y = kernels.combine(expert_out, routing, plan, backend=backend)
+    y = topk_moe.combine(expert_out, routing, plan, backend=backend)
     assert y.shape == (T, D)
     assert y.dtype == result_dtype(backend, dtype)
     expected = np.zeros((T, D), dtype=EXACT)
@@ -685,14 +685,14 @@ def test_combine_sums_kept_assignments_in_j_order(backend, dtype, k, capacity):
 def test_stages_compose_to_moe_forward(backend, dtype, activation):
     x, weights, cfg = make_inputs(30, 8, 6, 5, 2, activation=activation, dtype=dtype, seed=12,
                                   capacity_factor=0.75)
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
-    routing = kernels.route(x, weights.router, 2, backend=backend)
-    plan = kernels.dispatch(routing.experts, 5, capacity=kernels.capacity(cfg, 30), backend=backend)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
+    routing = topk_moe.route(x, weights.router, 2, backend=backend)
+    plan = topk_moe.dispatch(routing.experts, 5, capacity=topk_moe.capacity(cfg, 30), backend=backend)
     assert_plan_equal(plan, out.plan)
-    rows = kernels.permute(x, plan, backend=backend)
-    expert_out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
+    rows = topk_moe.permute(x, plan, backend=backend)
+    expert_out = topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
                                     activation=activation, backend=backend)
-    y = kernels.combine(expert_out, routing, plan, backend=backend)
+    y = topk_moe.combine(expert_out, routing, plan, backend=backend)
     args = (x, weights.w1, weights.w2, weights.w3, activation,
             routing.experts, routing.weights, plan.row)
     expected, plain = spec_moe64(*args), spec_moe(*args, dtype=y.dtype)
@@ -715,31 +715,31 @@ def test_zero_tokens_give_empty_results(backend, dtype, k, capacity_factor, acti
     fdtype = result_dtype(backend, dtype)
     assert x.shape == (0, D)
 
-    routing = kernels.route(x, weights.router, k, backend=backend)
+    routing = topk_moe.route(x, weights.router, k, backend=backend)
     assert routing.experts.shape == (0, k) and routing.experts.dtype == np.int32
     assert routing.weights.shape == (0, k) and routing.weights.dtype == fdtype
     assert routing.probs.shape == (0, E) and routing.probs.dtype == fdtype
 
-    C = kernels.capacity(cfg, 0)
+    C = topk_moe.capacity(cfg, 0)
     assert C == (None if capacity_factor is None else 0)
-    plan = kernels.dispatch(routing.experts, E, capacity=C, backend=backend)
+    plan = topk_moe.dispatch(routing.experts, E, capacity=C, backend=backend)
     assert_plan_equal(plan, (np.zeros(E), np.zeros(E + 1), np.zeros(0), np.zeros((0, k))))
 
-    rows = kernels.permute(x, plan, backend=backend)
+    rows = topk_moe.permute(x, plan, backend=backend)
     assert rows.shape == (0, D) and rows.dtype == fdtype
-    expert_out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
+    expert_out = topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
                                     activation=activation, backend=backend)
     assert expert_out.shape == (0, D) and expert_out.dtype == fdtype
-    y = kernels.combine(expert_out, routing, plan, backend=backend)
+    y = topk_moe.combine(expert_out, routing, plan, backend=backend)
     assert y.shape == (0, D) and y.dtype == fdtype
 
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
     assert out.y.shape == (0, D) and out.y.dtype == fdtype
     assert out.routing.experts.shape == (0, k)
     assert_plan_equal(out.plan, plan)
 
     w3 = None if weights.w3 is None else weights.w3[0]
-    dense = kernels.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation,
+    dense = topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation,
                               backend=backend)
     assert dense.shape == (0, D) and dense.dtype == fdtype
 
@@ -770,21 +770,21 @@ def test_inputs_not_modified(backend, dtype, activation):
                                   capacity_factor=0.5)
     kept = frozen_copies(x, weights.router, weights.w1, weights.w2, weights.w3)
 
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
     assert_unchanged(kept)
 
-    routing = kernels.route(x, weights.router, 2, backend=backend)
+    routing = topk_moe.route(x, weights.router, 2, backend=backend)
     kept += frozen_copies(routing.experts, routing.weights, routing.probs)
-    plan = kernels.dispatch(routing.experts, 4, capacity=kernels.capacity(cfg, 21), backend=backend)
+    plan = topk_moe.dispatch(routing.experts, 4, capacity=topk_moe.capacity(cfg, 21), backend=backend)
     kept += frozen_copies(plan.counts, plan.offsets, plan.token, plan.row)
-    rows = kernels.permute(x, plan, backend=backend)
+    rows = topk_moe.permute(x, plan, backend=backend)
     kept += frozen_copies(rows)
-    expert_out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
+    expert_out = topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
                                     activation=activation, backend=backend)
     kept += frozen_copies(expert_out)
-    kernels.combine(expert_out, routing, plan, backend=backend)
+    topk_moe.combine(expert_out, routing, plan, backend=backend)
     w3 = None if weights.w3 is None else weights.w3[0]
-    kernels.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation, backend=backend)
+    topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation, backend=backend)
     assert_unchanged(kept)
     assert out.y.shape == (21, 6)
 
@@ -797,10 +797,10 @@ def test_inputs_not_modified(backend, dtype, activation):
 @pytest.mark.parametrize("dtype", [None, np.float32, np.float64])
 def test_init_weights_shapes_and_dtypes(activation, dtype):
     D, F, E = 6, 10, 4
-    cfg = kernels.MoEConfig(D, F, E, 2, activation=activation)
-    w = kernels.init_weights(cfg) if dtype is None else kernels.init_weights(cfg, dtype=dtype)
+    cfg = topk_moe.MoEConfig(D, F, E, 2, activation=activation)
+    w = topk_moe.init_weights(cfg) if dtype is None else topk_moe.init_weights(cfg, dtype=dtype)
     want = np.dtype(np.float32 if dtype is None else dtype)
-    assert isinstance(w, kernels.MoEWeights)
+    assert isinstance(w, topk_moe.MoEWeights)
     assert w.router.shape == (D, E) and w.router.dtype == want
     assert w.w1.shape == (E, D, F) and w.w1.dtype == want
     assert w.w2.shape == (E, F, D) and w.w2.dtype == want
@@ -815,12 +815,12 @@ def test_init_weights_shapes_and_dtypes(activation, dtype):
 
 
 def test_init_weights_seed_determinism():
-    cfg = kernels.MoEConfig(8, 12, 4, 2, activation="swiglu")
-    a = kernels.init_weights(cfg, seed=3)
-    b = kernels.init_weights(cfg, seed=3)
-    c = kernels.init_weights(cfg, seed=4)
-    d = kernels.init_weights(cfg)  # seed defaults to 0
-    e = kernels.init_weights(cfg, seed=0)
+    cfg = topk_moe.MoEConfig(8, 12, 4, 2, activation="swiglu")
+    a = topk_moe.init_weights(cfg, seed=3)
+    b = topk_moe.init_weights(cfg, seed=3)
+    c = topk_moe.init_weights(cfg, seed=4)
+    d = topk_moe.init_weights(cfg)  # seed defaults to 0
+    e = topk_moe.init_weights(cfg, seed=0)
     for name in ("router", "w1", "w2", "w3"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         np.testing.assert_array_equal(getattr(d, name), getattr(e, name))
@@ -828,8 +828,8 @@ def test_init_weights_seed_determinism():
 
 
 def test_init_weights_feed_moe_forward(backend):
-    cfg = kernels.MoEConfig(8, 12, 4, 2, activation="swiglu", capacity_factor=1.0)
-    w = kernels.init_weights(cfg, seed=1)
+    cfg = topk_moe.MoEConfig(8, 12, 4, 2, activation="swiglu", capacity_factor=1.0)
+    w = topk_moe.init_weights(cfg, seed=1)
     x = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
-    out = kernels.moe_forward(x, w, cfg, backend=backend)
+    out = topk_moe.moe_forward(x, w, cfg, backend=backend)
     assert out.y.shape == (10, 8) and np.isfinite(out.y).all()

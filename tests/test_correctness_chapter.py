@@ -112,5 +112,5 @@ def test_emulated_error_table_is_labelled_and_within_the_rule():
 
 def test_a_failed_case_names_what_failed():
     table = pd.DataFrame({"passed": [True, False]}, index=pd.Index(["a", "b"], name="case"))
-    with pytest.raises(AssertionError, match=r"the emulated kernels outside the kernels.testing bound: \['b'\]"):
+    with pytest.raises(AssertionError, match=r"the emulated kernels outside the topk_moe.testing bound: \['b'\]"):
         correctness.assert_errors_within_bound(table, what="the emulated kernels")

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from scipy.special import erf, expit
 
-import kernels.cpu as cpu
+import topk_moe.cpu as cpu
 
 
 def exact_gelu(h: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-import kernels
-import kernels.cpu as cpu
+import topk_moe
+import topk_moe.cpu as cpu
 
 THREAD_COUNTS = (1, 2, 3)  # 3: more workers than this machine's two cores still gives the same bits
 
@@ -33,8 +33,8 @@ def blas_threads() -> list[int]:
 
 def layer(T: int, k: int, activation: str, seed: int = 3):
     D, F, E = 136, 552, 4
-    cfg = kernels.MoEConfig(D, F, E, k, activation=activation)
-    weights = kernels.init_weights(cfg, seed=seed)
+    cfg = topk_moe.MoEConfig(D, F, E, k, activation=activation)
+    weights = topk_moe.init_weights(cfg, seed=seed)
     x = np.random.default_rng(seed).standard_normal((T, D)).astype(np.float32)
     return x, weights, cfg
 
@@ -47,7 +47,7 @@ def test_moe_forward_is_bitwise_the_same_on_any_number_of_threads(T, k, activati
     for threads in THREAD_COUNTS:
         with threadpool_limits(limits=threads, user_api="blas"):
             assert cpu.threads() == threads
-            outputs[threads] = kernels.moe_forward(x, weights, cfg, backend="cpu")
+            outputs[threads] = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
     first = outputs[THREAD_COUNTS[0]]
     for threads, output in outputs.items():
         assert output.y.tobytes() == first.y.tobytes(), f"y differs between 1 and {threads} threads"
@@ -63,13 +63,13 @@ def test_dense_mlp_and_stages_are_bitwise_the_same_on_any_number_of_threads(T):
     results = {}
     for threads in THREAD_COUNTS:
         with threadpool_limits(limits=threads, user_api="blas"):
-            routing = kernels.route(x, weights.router, 2, backend="cpu")
-            plan = kernels.dispatch(routing.experts, cfg.n_experts, backend="cpu")
-            rows = kernels.permute(x, plan, backend="cpu")
-            out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3, activation="swiglu",
+            routing = topk_moe.route(x, weights.router, 2, backend="cpu")
+            plan = topk_moe.dispatch(routing.experts, cfg.n_experts, backend="cpu")
+            rows = topk_moe.permute(x, plan, backend="cpu")
+            out = topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3, activation="swiglu",
                                      backend="cpu")
-            y = kernels.combine(out, routing, plan, backend="cpu")
-            dense = kernels.dense_mlp(x, weights.w1[0], weights.w2[0], weights.w3[0], activation="swiglu",
+            y = topk_moe.combine(out, routing, plan, backend="cpu")
+            dense = topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], weights.w3[0], activation="swiglu",
                                       backend="cpu")
             results[threads] = [a.tobytes() for a in (rows, out, y, dense)]
     for threads in THREAD_COUNTS:
@@ -87,13 +87,13 @@ def test_the_fused_layer_equals_its_stages(T, k, activation, capacity_factor):
     fused layer in whichever order its workers finish); for k = 1 the fused
     layer writes each row, so a -0 stays -0 where combine's 0 + (-0) is +0."""
     x, weights, _ = layer(T, k, activation)
-    cfg = kernels.MoEConfig(x.shape[1], weights.w1.shape[2], weights.w1.shape[0], k, activation=activation,
+    cfg = topk_moe.MoEConfig(x.shape[1], weights.w1.shape[2], weights.w1.shape[0], k, activation=activation,
                             capacity_factor=capacity_factor)
-    fused = kernels.moe_forward(x, weights, cfg, backend="cpu")
-    rows = kernels.permute(x, fused.plan, backend="cpu")
-    out = kernels.expert_mlp(rows, fused.plan, weights.w1, weights.w2, weights.w3, activation=activation,
+    fused = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
+    rows = topk_moe.permute(x, fused.plan, backend="cpu")
+    out = topk_moe.expert_mlp(rows, fused.plan, weights.w1, weights.w2, weights.w3, activation=activation,
                              backend="cpu")
-    staged = kernels.combine(out, fused.routing, fused.plan, backend="cpu")
+    staged = topk_moe.combine(out, fused.routing, fused.plan, backend="cpu")
     np.testing.assert_array_equal(fused.y, staged)
     if k == 2:
         np.testing.assert_array_equal(fused.y.view(np.uint32), staged.view(np.uint32))
@@ -131,7 +131,7 @@ def test_the_worker_count_follows_blas():
     with threadpool_limits(limits=1, user_api="blas"):
         assert cpu.threads() == 1
         x, weights, cfg = layer(64, 2, "relu")
-        kernels.moe_forward(x, weights, cfg, backend="cpu")
+        topk_moe.moe_forward(x, weights, cfg, backend="cpu")
         assert blas_threads() == [1] * len(blas_threads())  # the call left the caller's limit alone
     with threadpool_limits(limits=2, user_api="blas"):
         assert cpu.threads() == 2

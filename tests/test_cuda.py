@@ -2,12 +2,12 @@
 
 Where a GPU is present the tests run the "cuda" backend; elsewhere they run
 the same kernels, launchers and assertions on "cuda-emulated", the CPU
-emulator of kernels/cuda/emulator (results there are CPU emulation, never GPU
+emulator of kernels/topk_moe/cuda/emulator (results there are CPU emulation, never GPU
 results), at smaller sizes (EMULATED). Only what the emulator cannot do stays
 GPU-only, skipped with the reason: CUDA graphs and streams, and the 2^31
 element case (memory and time). cuBLAS has no emulation: the dense baseline's
 GEMMs are NumPy under the emulator (its activation kernel is emulated). Floats
-follow the one tolerance rule (`kernels.testing.assert_close_to_reference`):
+follow the one tolerance rule (`topk_moe.testing.assert_close_to_reference`):
 the plain implementation is the reference's own code run in the same dtype,
 float16 included, and routing is taken from the CUDA result (near-ties may
 legitimately differ from float64), while routing itself is compared on
@@ -31,11 +31,11 @@ import math
 import numpy as np
 import pytest
 
-import kernels
-from kernels import reference
-from kernels.backends import cuda_unavailable_reason, emulator_unavailable_reason
-from kernels.cuda.device import cupy_device, emulated_device
-from kernels.testing import (assert_close_to_reference, expected_dense_mlp, forward_with_experts, plain_dense_mlp,
+import topk_moe
+from topk_moe import reference
+from topk_moe.backends import cuda_unavailable_reason, emulator_unavailable_reason
+from topk_moe.cuda.device import cupy_device, emulated_device
+from topk_moe.testing import (assert_close_to_reference, expected_dense_mlp, forward_with_experts, plain_dense_mlp,
                              to_host)
 
 from conftest import MARGIN, assert_plan_equal, make_inputs, make_integer_inputs, routing_margin, softmax64
@@ -78,8 +78,8 @@ def emulator_builds():
     """On the emulator, build every variant the tests launch at once, one compiler
     per core, instead of one by one on first use (a cold cache costs ~7 s each)."""
     if EMULATED and REASON is None:
-        from kernels.cuda import expert_mlp, launch_config
-        from kernels.cuda.emulator import loader
+        from topk_moe.cuda import expert_mlp, launch_config
+        from topk_moe.cuda.emulator import loader
 
         builds = [("router.cu", launch_config.router_defines(E)) for E in E_VALUES + (5, 33, 1024)]
         builds += [("dispatch.cu", launch_config.dispatch_defines()), ("combine.cu", {}), ("activation.cu", {})]
@@ -94,11 +94,11 @@ def name_of(dtype) -> str:
 
 def weights_as(weights, dtype):
     cast = lambda a: None if a is None else np.asarray(a, dtype=dtype)  # noqa: E731
-    return kernels.MoEWeights(cast(weights.router), cast(weights.w1), cast(weights.w2), cast(weights.w3))
+    return topk_moe.MoEWeights(cast(weights.router), cast(weights.w1), cast(weights.w2), cast(weights.w3))
 
 
 def host_plan(plan):
-    return kernels.DispatchPlan(*(to_host(getattr(plan, f)) for f in ("counts", "offsets", "token", "row")))
+    return topk_moe.DispatchPlan(*(to_host(getattr(plan, f)) for f in ("counts", "offsets", "token", "row")))
 
 
 def experts_with_load(T, E, K, load, seed):
@@ -130,24 +130,24 @@ def experts_with_load(T, E, K, load, seed):
 def test_check_finite_false_is_only_for_cuda(backend):
     x, weights, cfg = make_inputs(5, 4, 3, 3, 2, activation="relu")
     with pytest.raises(ValueError, match="check_finite"):
-        kernels.route(x, weights.router, 2, backend=backend, check_finite=False)
+        topk_moe.route(x, weights.router, 2, backend=backend, check_finite=False)
     with pytest.raises(ValueError, match="check_finite"):
-        kernels.moe_forward(x, weights, cfg, backend=backend, check_finite=False)
+        topk_moe.moe_forward(x, weights, cfg, backend=backend, check_finite=False)
     with pytest.raises(TypeError, match="check_finite"):
-        kernels.route(x, weights.router, 2, backend=backend, check_finite="no")
+        topk_moe.route(x, weights.router, 2, backend=backend, check_finite="no")
     # the default keeps every backend's own check
     x[0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.route(x, weights.router, 2, backend=backend, check_finite=True)
+        topk_moe.route(x, weights.router, 2, backend=backend, check_finite=True)
 
 
 def test_cuda_availability_is_reported_with_a_reason():
     reason = cuda_unavailable_reason()
-    assert ("cuda" in kernels.available_backends()) == (reason is None)
+    assert ("cuda" in topk_moe.available_backends()) == (reason is None)
     if reason is not None:
         with pytest.raises(ValueError, match="'cuda' is not available here"):
-            kernels.route(np.zeros((1, 2)), np.zeros((2, 2)), 1, backend="cuda")
-    assert ("cuda-emulated" in kernels.available_backends()) == (emulator_unavailable_reason() is None)
+            topk_moe.route(np.zeros((1, 2)), np.zeros((2, 2)), 1, backend="cuda")
+    assert ("cuda-emulated" in topk_moe.available_backends()) == (emulator_unavailable_reason() is None)
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_route_matches_reference(T, E, k, dtype):
     D = 104 if T % 2 else 33
     renormalize = (T + k) % 2 == 0
     x, weights, _ = make_inputs(T, D, 8, E, k, dtype=dtype, seed=T + E)
-    routing = kernels.route(x, weights.router, k, renormalize=renormalize, backend=BACKEND)
+    routing = topk_moe.route(x, weights.router, k, renormalize=renormalize, backend=BACKEND)
     experts, got_weights, probs = (to_host(a) for a in (routing.experts, routing.weights, routing.probs))
     assert experts.dtype == np.int32 and experts.shape == (T, k)
     assert got_weights.dtype == np.dtype(dtype) and got_weights.shape == (T, k)
@@ -203,7 +203,7 @@ def test_route_matches_reference(T, E, k, dtype):
 def test_route_exact_ties_go_to_the_smaller_index(T, E, k, dtype):
     # integers in {-1, 0, 1}: logits are exact in any order and dtype, ties everywhere
     x, router = make_integer_inputs(T, 33, E, dtype=dtype, seed=T * E + k, low=-1, high=2)
-    routing = kernels.route(x, router, k, backend=BACKEND)
+    routing = topk_moe.route(x, router, k, backend=BACKEND)
     expected = reference.route(x.astype(np.float64), router.astype(np.float64), k, True)
     np.testing.assert_array_equal(to_host(routing.experts), expected.experts)
 
@@ -213,14 +213,14 @@ def test_route_exact_ties_go_to_the_smaller_index(T, E, k, dtype):
 @pytest.mark.parametrize("E", E_VALUES + (5, 33, 1024))
 def test_route_all_equal_logits(E, k):
     x = np.zeros((3, 7), dtype=np.float32)
-    routing = kernels.route(x, np.ones((7, E), dtype=np.float32), k, renormalize=False, backend=BACKEND)
+    routing = topk_moe.route(x, np.ones((7, E), dtype=np.float32), k, renormalize=False, backend=BACKEND)
     np.testing.assert_array_equal(to_host(routing.experts), np.tile(np.arange(k), (3, 1)))
     np.testing.assert_allclose(to_host(routing.probs), np.full((3, E), 1 / E), rtol=1e-6)
 
 
 @gpu_test
 def test_route_empty_batch():
-    routing = kernels.route(np.zeros((0, 9), np.float16), np.ones((9, 8), np.float16), 2, backend=BACKEND)
+    routing = topk_moe.route(np.zeros((0, 9), np.float16), np.ones((9, 8), np.float16), 2, backend=BACKEND)
     assert routing.experts.shape == (0, 2) and routing.weights.shape == (0, 2) and routing.probs.shape == (0, 8)
     assert routing.experts.dtype == np.int32 and routing.probs.dtype == np.float16
 
@@ -244,7 +244,7 @@ def capacity_for(case, T, K, E):
 def test_dispatch_plan_equals_reference(T, E, k, load, capacity):
     experts = experts_with_load(T, E, k, load, seed=T + 10 * E + k)
     C = capacity_for(capacity, T, k, E)
-    plan = kernels.dispatch(experts, E, capacity=C, backend=BACKEND)
+    plan = topk_moe.dispatch(experts, E, capacity=C, backend=BACKEND)
     for name in ("counts", "offsets", "token", "row"):
         assert isinstance(getattr(plan, name), xp.ndarray), name
     assert_plan_equal(host_plan(plan), reference.dispatch(experts.astype(np.int64), E, C))
@@ -256,13 +256,13 @@ def test_dispatch_takes_any_integer_dtype_on_host_or_device(dtype):
     experts = experts_with_load(300, 8, 2, "random", seed=1).astype(dtype)
     expected = reference.dispatch(experts.astype(np.int64), 8, 40)
     for given in (experts, xp.asarray(experts)):
-        assert_plan_equal(host_plan(kernels.dispatch(given, 8, capacity=40, backend=BACKEND)), expected)
+        assert_plan_equal(host_plan(topk_moe.dispatch(given, 8, capacity=40, backend=BACKEND)), expected)
 
 
 @gpu_test
 def test_dispatch_checks_expert_range_on_device_input():
     with pytest.raises(ValueError, match="experts"):
-        kernels.dispatch(xp.asarray(np.array([[0], [9]], np.int32)), 8, backend=BACKEND)
+        topk_moe.dispatch(xp.asarray(np.array([[0], [9]], np.int32)), 8, backend=BACKEND)
 
 
 @gpu_only("stream capture")
@@ -271,7 +271,7 @@ def test_dispatch_without_drops_never_waits_for_the_device(capacity):
     cupy = importlib.import_module("cupy")
     # stream capture fails on any synchronisation, so capturing proves there is none
     experts = cupy.asarray(experts_with_load(4097, 64, 2, "skewed", seed=3))
-    backend = kernels.backends.resolve("cuda")
+    backend = topk_moe.backends.resolve("cuda")
     backend.dispatch(experts, 64, capacity)  # compile and load outside the capture
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
@@ -298,8 +298,8 @@ def test_permute_gathers_rows_bitwise(dtype, D, offset):
     # the only access width that fits is a single element
     x = xp.empty(T * D + offset, dtype=dtype)[offset:].reshape(T, D)
     x[...] = xp.asarray(x_host)
-    plan = kernels.dispatch(experts_with_load(T, E, K, "skewed", seed=D), E, capacity=100, backend=BACKEND)
-    rows = kernels.permute(x, plan, backend=BACKEND)
+    plan = topk_moe.dispatch(experts_with_load(T, E, K, "skewed", seed=D), E, capacity=100, backend=BACKEND)
+    rows = topk_moe.permute(x, plan, backend=BACKEND)
     assert rows.dtype == np.dtype(dtype) and rows.shape == (plan.n_kept, D)
     np.testing.assert_array_equal(to_host(rows), x_host[to_host(plan.token)])
 
@@ -314,11 +314,11 @@ def test_combine_matches_reference(T, k, D, dtype):
     rng = np.random.default_rng(T + D + k)
     experts = experts_with_load(T, E, k, "skewed", seed=T)
     C = capacity_for(1.0, T, k, E)  # drops on the hot expert
-    plan = kernels.dispatch(experts, E, capacity=C, backend=BACKEND)
+    plan = topk_moe.dispatch(experts, E, capacity=C, backend=BACKEND)
     expert_out = rng.standard_normal((plan.n_kept, D)).astype(dtype)
     route_weights = rng.random((T, k)).astype(dtype)
-    routing = kernels.Routing(experts=experts, weights=route_weights, probs=None)
-    y = to_host(kernels.combine(expert_out, routing, plan, backend=BACKEND))
+    routing = topk_moe.Routing(experts=experts, weights=route_weights, probs=None)
+    y = to_host(topk_moe.combine(expert_out, routing, plan, backend=BACKEND))
     assert y.dtype == np.dtype(dtype) and y.shape == (T, D)
     row = to_host(plan.row)
     expected = reference.combine(expert_out.astype(np.float64), route_weights.astype(np.float64), row)
@@ -348,9 +348,9 @@ def expert_mlp_expected_and_plain(rows, offsets, weights, activation):
 def test_expert_mlp_matches_reference(T, E, load, activation, dtype):
     D, F, K = 104, 72, 2
     _, weights, _ = make_inputs(0, D, F, E, K, activation=activation, dtype=dtype, seed=E)
-    plan = kernels.dispatch(experts_with_load(T, E, K, load, seed=T), E, backend=BACKEND)
+    plan = topk_moe.dispatch(experts_with_load(T, E, K, load, seed=T), E, backend=BACKEND)
     rows = np.random.default_rng(T).standard_normal((plan.n_kept, D)).astype(dtype)
-    out = to_host(kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
+    out = to_host(topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
                                      activation=activation, backend=BACKEND))
     assert out.dtype == np.dtype(dtype) and out.shape == rows.shape
     expected, plain = expert_mlp_expected_and_plain(rows, to_host(plan.offsets), weights, activation)
@@ -370,11 +370,11 @@ EXPERT_MLP_VERSION_CASES = [  # (version, dtype) pairs each version takes
 def test_every_expert_mlp_version_matches_reference(T, E, D, F, activation, version, dtype):
     """The default rule picks one version per size (choose_version), so each
     version is forced here at decode-sized and GEMM-sized batches alike."""
-    from kernels.cuda.expert_mlp import grouped_mlp
+    from topk_moe.cuda.expert_mlp import grouped_mlp
 
     K = 2
     _, weights, _ = make_inputs(0, D, F, E, K, activation=activation, dtype=dtype, seed=E + T)
-    plan = kernels.dispatch(experts_with_load(T, E, K, "random", seed=T), E, backend=BACKEND)
+    plan = topk_moe.dispatch(experts_with_load(T, E, K, "random", seed=T), E, backend=BACKEND)
     rows = np.random.default_rng(T).standard_normal((plan.n_kept, D)).astype(dtype)
     device = lambda a: None if a is None else xp.asarray(a)  # noqa: E731
     out = to_host(grouped_mlp(xp.asarray(rows), plan.offsets, device(weights.w1), device(weights.w2),
@@ -391,7 +391,7 @@ def test_dense_mlp_matches_reference(T, D, F, activation, dtype):
     _, weights, _ = make_inputs(0, D, F, 1, 1, activation=activation, dtype=dtype, seed=T)
     x = np.random.default_rng(T).standard_normal((T, D)).astype(dtype)
     w3 = None if weights.w3 is None else weights.w3[0]
-    y = to_host(kernels.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation, backend=BACKEND))
+    y = to_host(topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation=activation, backend=BACKEND))
     assert y.dtype == np.dtype(dtype) and y.shape == (T, D)
     expected = expected_dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation)
     plain = plain_dense_mlp(x, weights.w1[0], weights.w2[0], w3, activation)
@@ -419,16 +419,16 @@ def test_moe_forward_matches_reference(size, k, activation, dtype):
     T, E, D, F, capacity_factor = size
     x, weights, cfg = make_inputs(T, D, F, E, k, activation=activation, dtype=dtype, seed=T + E + k,
                                   capacity_factor=capacity_factor, renormalize=(T + k) % 2 == 1)
-    out = kernels.moe_forward(x, weights, cfg, backend=BACKEND)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=BACKEND)
     y = to_host(out.y)
     assert y.dtype == np.dtype(dtype) and y.shape == (T, D)
 
     # the routing is route()'s, bit for bit, and the plan the reference's for those experts
-    routing = kernels.route(x, weights.router, k, renormalize=cfg.renormalize, backend=BACKEND)
+    routing = topk_moe.route(x, weights.router, k, renormalize=cfg.renormalize, backend=BACKEND)
     for name in ("experts", "weights", "probs"):
         np.testing.assert_array_equal(to_host(getattr(out.routing, name)), to_host(getattr(routing, name)))
     experts = to_host(out.routing.experts)
-    C = kernels.capacity(cfg, T)
+    C = topk_moe.capacity(cfg, T)
     assert_plan_equal(host_plan(out.plan), reference.dispatch(experts.astype(np.int64), E, C))
 
     expected = forward_with_experts(x, weights, cfg, experts, np.float64)
@@ -450,9 +450,9 @@ def test_all_dropped_token_gets_exactly_zero(dtype, k):
     D, E = 2, 2
     x = np.array([[1.0, 0.5], [2.0, -1.0], [0.5, 3.0], [1.5, 1.5]], dtype=dtype)
     router = np.array([[1.0, 0.0], [0.0, 0.0]], dtype=dtype)
-    cfg = kernels.MoEConfig(D, 3, E, k, activation="relu", capacity_factor=0.5 if k == 1 else 0.25)
-    assert kernels.capacity(cfg, len(x)) == 1
-    out = kernels.moe_forward(x, kernels.MoEWeights(router, np.ones((E, D, 3), dtype), np.ones((E, 3, D), dtype)),
+    cfg = topk_moe.MoEConfig(D, 3, E, k, activation="relu", capacity_factor=0.5 if k == 1 else 0.25)
+    assert topk_moe.capacity(cfg, len(x)) == 1
+    out = topk_moe.moe_forward(x, topk_moe.MoEWeights(router, np.ones((E, D, 3), dtype), np.ones((E, 3, D), dtype)),
                               cfg, backend=BACKEND)
     np.testing.assert_array_equal(to_host(out.plan.row)[1:], -1)
     np.testing.assert_array_equal(to_host(out.y)[1:], 0)
@@ -462,7 +462,7 @@ def test_all_dropped_token_gets_exactly_zero(dtype, k):
 @gpu_test
 def test_moe_forward_empty_batch():
     x, weights, cfg = make_inputs(0, 33, 47, 8, 2, dtype=np.float16, capacity_factor=1.0)
-    out = kernels.moe_forward(x, weights, cfg, backend=BACKEND)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=BACKEND)
     assert out.y.shape == (0, 33) and out.y.dtype == np.float16
     assert out.plan.token.shape == (0,) and to_host(out.plan.offsets).tolist() == [0] * 9
 
@@ -471,9 +471,9 @@ def test_moe_forward_empty_batch():
 @pytest.mark.parametrize("dtype", FLOATS, ids=name_of)
 def test_repeated_runs_are_bitwise_identical(dtype):
     x, weights, cfg = make_inputs(T_LARGE, 104, 72, 8, 2, dtype=dtype, seed=5, capacity_factor=1.25)
-    x, weights = xp.asarray(x), kernels.MoEWeights(*(xp.asarray(a) for a in (weights.router, weights.w1,
+    x, weights = xp.asarray(x), topk_moe.MoEWeights(*(xp.asarray(a) for a in (weights.router, weights.w1,
                                                                                weights.w2, weights.w3)))
-    runs = [kernels.moe_forward(x, weights, cfg, backend=BACKEND) for _ in range(3)]
+    runs = [topk_moe.moe_forward(x, weights, cfg, backend=BACKEND) for _ in range(3)]
     first = runs[0]
     for other in runs[1:]:
         np.testing.assert_array_equal(to_host(other.y).view(np.uint8), to_host(first.y).view(np.uint8))
@@ -492,8 +492,8 @@ def test_batch_invariance(dtype):
     T, D, F, E, K = 640, 104, 72, 8, 2
     x, weights, cfg = make_inputs(T, D, F, E, K, dtype=dtype, seed=9)
     subset = np.random.default_rng(0).permutation(T)[:320]  # other neighbours, another order
-    whole = kernels.moe_forward(x, weights, cfg, backend=BACKEND)
-    part = kernels.moe_forward(np.ascontiguousarray(x[subset]), weights, cfg, backend=BACKEND)
+    whole = topk_moe.moe_forward(x, weights, cfg, backend=BACKEND)
+    part = topk_moe.moe_forward(np.ascontiguousarray(x[subset]), weights, cfg, backend=BACKEND)
     for name in ("experts", "weights", "probs"):
         np.testing.assert_array_equal(to_host(getattr(part.routing, name)),
                                       to_host(getattr(whole.routing, name))[subset], err_msg=name)
@@ -509,15 +509,15 @@ def test_dropless_moe_forward_in_a_cuda_graph(dtype):
     T, D, F, E, K = 257, 104, 72, 8, 2
     x_host, weights, cfg = make_inputs(T, D, F, E, K, dtype=dtype, seed=13)
     x = cupy.asarray(x_host)
-    weights = kernels.MoEWeights(*(cupy.asarray(a) for a in (weights.router, weights.w1, weights.w2, weights.w3)))
-    eager = to_host(kernels.moe_forward(x, weights, cfg, backend=BACKEND, check_finite=False).y)
+    weights = topk_moe.MoEWeights(*(cupy.asarray(a) for a in (weights.router, weights.w1, weights.w2, weights.w3)))
+    eager = to_host(topk_moe.moe_forward(x, weights, cfg, backend=BACKEND, check_finite=False).y)
     next_x_host = np.random.default_rng(14).standard_normal((T, D)).astype(dtype)
-    next_eager = to_host(kernels.moe_forward(cupy.asarray(next_x_host), weights, cfg, backend=BACKEND).y)
+    next_eager = to_host(topk_moe.moe_forward(cupy.asarray(next_x_host), weights, cfg, backend=BACKEND).y)
 
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
-        captured = kernels.moe_forward(x, weights, cfg, backend=BACKEND, check_finite=False)
+        captured = topk_moe.moe_forward(x, weights, cfg, backend=BACKEND, check_finite=False)
         graph = stream.end_capture()
     graph.launch(stream)
     stream.synchronize()
@@ -549,23 +549,23 @@ def test_64_bit_indexing_past_two_to_the_31_elements():
     for start in range(0, T, chunk):  # every row different: x[t] = column + shift[t]
         cupy.add(column, token_shift[start:start + chunk], out=x[start:start + chunk])
     experts = (cupy.arange(T, dtype=cupy.int32) % 2)[:, None]  # expert 0: even tokens, 1: odd
-    plan = kernels.dispatch(experts, 2, backend=BACKEND)
-    rows = kernels.permute(x, plan, backend=BACKEND)
+    plan = topk_moe.dispatch(experts, 2, backend=BACKEND)
+    rows = topk_moe.permute(x, plan, backend=BACKEND)
     for parity, block in ((0, rows[:(T + 1) // 2]), (1, rows[(T + 1) // 2:])):
         source = x[parity::2]  # rows of expert 0 are the even tokens in order, then expert 1's odd ones
         assert block.shape == source.shape
         for start in range(0, block.shape[0], chunk):
             assert bool(cupy.array_equal(block[start:start + chunk], source[start:start + chunk])), \
                 f"permute: expert {parity}, rows {start}:{start + chunk}"
-    ones = kernels.Routing(experts=experts, weights=cupy.ones((T, 1), cupy.float16), probs=None)
-    y = kernels.combine(rows, ones, plan, backend=BACKEND)  # weight 1: y == x exactly
+    ones = topk_moe.Routing(experts=experts, weights=cupy.ones((T, 1), cupy.float16), probs=None)
+    y = topk_moe.combine(rows, ones, plan, backend=BACKEND)  # weight 1: y == x exactly
     del rows
     for start in range(0, T, chunk):
         assert bool(cupy.array_equal(y[start:start + chunk], x[start:start + chunk])), f"combine {start}"
     del y
     router = cupy.asarray((rng.standard_normal((D, 8)) / math.sqrt(D)).astype(np.float16))
-    whole = kernels.route(x, router, 2, backend=BACKEND)
-    last = kernels.route(x[-64:], router, 2, backend=BACKEND)  # the same tokens alone
+    whole = topk_moe.route(x, router, 2, backend=BACKEND)
+    last = topk_moe.route(x[-64:], router, 2, backend=BACKEND)  # the same tokens alone
     np.testing.assert_array_equal(to_host(whole.probs)[-64:], to_host(last.probs))
     np.testing.assert_array_equal(to_host(whole.experts)[-64:], to_host(last.experts))
 
@@ -584,17 +584,17 @@ def test_non_finite_input_raises(dtype, bad):
     router_bad = weights.router.copy()
     router_bad[3, 6] = bad
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.route(x_bad, weights.router, 2, backend=BACKEND)
+        topk_moe.route(x_bad, weights.router, 2, backend=BACKEND)
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.route(x, router_bad, 2, backend=BACKEND)
+        topk_moe.route(x, router_bad, 2, backend=BACKEND)
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.moe_forward(x_bad, weights, cfg, backend=BACKEND)
+        topk_moe.moe_forward(x_bad, weights, cfg, backend=BACKEND)
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.route(x[:0], router_bad, 2, backend=BACKEND)  # no token reads the router: checked apart
+        topk_moe.route(x[:0], router_bad, 2, backend=BACKEND)  # no token reads the router: checked apart
     with pytest.raises(ValueError, match="non-finite"):
-        kernels.dense_mlp(x_bad, weights.w1[0], weights.w2[0], weights.w3[0], activation="swiglu", backend=BACKEND)
+        topk_moe.dense_mlp(x_bad, weights.w1[0], weights.w2[0], weights.w3[0], activation="swiglu", backend=BACKEND)
     # skipping the check returns, with valid expert indices all the same
-    routing = kernels.route(x_bad, weights.router, 2, backend=BACKEND, check_finite=False)
+    routing = topk_moe.route(x_bad, weights.router, 2, backend=BACKEND, check_finite=False)
     experts = to_host(routing.experts)
     assert ((experts >= 0) & (experts < 8)).all() and (experts[:, 0] != experts[:, 1]).all()
 
@@ -615,13 +615,13 @@ def test_emulated_results_are_bitwise_equal_under_every_schedule(version, dtype)
     """Fibers in other orders, a warp running ahead to its next barrier, cp.async
     landing at issue instead of at the wait: a race or a missing wait would
     change bits between schedules."""
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda.emulator import loader
 
     T = 3 if version == "decode" else 150
     x, weights, cfg = make_inputs(T, 104, 72, 8, 2, dtype=dtype, seed=21, capacity_factor=1.25)
 
     def bits():
-        out = kernels.moe_forward(x, weights, cfg, backend=BACKEND)
+        out = topk_moe.moe_forward(x, weights, cfg, backend=BACKEND)
         return [to_host(a).view(np.uint8) for a in (out.y, out.routing.weights, out.routing.probs, out.plan.row)]
 
     first = bits()
@@ -633,10 +633,10 @@ def test_emulated_results_are_bitwise_equal_under_every_schedule(version, dtype)
 
 @emulator_only
 def test_every_kernel_of_the_sources_was_launched():
-    """Every extern "C" __global__ kernel of kernels/cuda/*.cu ran at least once
+    """Every extern "C" __global__ kernel of kernels/topk_moe/cuda/*.cu ran at least once
     in the tests above (the emulator's launch log, this process)."""
-    from kernels.cuda import build_report
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda import build_report
+    from topk_moe.cuda.emulator import loader
 
     defined = build_report.source_kernels()
     launched = set(loader.LAUNCHES)

@@ -1,4 +1,4 @@
-"""The CUDA sources build, without a GPU: nvcc compiles every kernels/cuda/*.cu
+"""The CUDA sources build, without a GPU: nvcc compiles every kernels/topk_moe/cuda/*.cu
 for sm_80 and sm_90 with the loader's options and -D variants, and ptxas
 reports no register spills; every kernel has a launcher and every launcher a
 kernel; the CuPy-free tools (loader text, launch constants, source hash, the
@@ -15,7 +15,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from kernels.cuda import build_report, launch_config, loader
+from topk_moe.cuda import build_report, launch_config, loader
 
 ARCHS = ("sm_80", "sm_90")
 NVCC = build_report.nvcc_path()
@@ -100,7 +100,7 @@ def test_every_kernel_has_a_launcher_and_every_launcher_a_kernel():
     defined = build_report.source_kernels()
     launched, problems = build_report.launcher_kernels()
     assert not problems, "\n".join(problems)
-    assert defined, "no kernels found in kernels/cuda/*.cu"
+    assert defined, "no kernels found in kernels/topk_moe/cuda/*.cu"
     assert defined - launched == set(), f"kernels without a launcher: {sorted(defined - launched)}"
     assert launched - defined == set(), f"launchers of missing kernels: {sorted(launched - defined)}"
 
@@ -169,7 +169,7 @@ def test_define_options_are_sorted_integers():
 
 
 def test_importing_the_tools_does_not_import_cupy():
-    code = ("import sys; import kernels.cuda.build_report, kernels.cuda.loader, kernels.cuda.launch_config; "
+    code = ("import sys; import topk_moe.cuda.build_report, topk_moe.cuda.loader, topk_moe.cuda.launch_config; "
             "assert 'cupy' not in sys.modules, 'imported cupy'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -208,10 +208,10 @@ def test_widest_access():
 
 def test_source_hash_by_hand(tmp_path):
     files = {
-        "kernels/api.py": b"print('api')\n",
-        "kernels/cuda/router.cu": b"// router\n",
-        "kernels/cuda/common.cuh": b"#pragma once\n",
-        "kernels/cuda/sub/extra.py": b"",
+        "kernels/topk_moe/api.py": b"print('api')\n",
+        "kernels/topk_moe/cuda/router.cu": b"// router\n",
+        "kernels/topk_moe/cuda/common.cuh": b"#pragma once\n",
+        "kernels/topk_moe/cuda/sub/extra.py": b"",
         "kernels/notes.txt": b"not hashed",
         "kernels/__pycache__/api.cpython-311.pyc": b"not hashed",
         "analysis/outside.py": b"not hashed",
@@ -221,19 +221,20 @@ def test_source_hash_by_hand(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
     expected = hashlib.sha256(
-        b"kernels/api.py\0print('api')\n\0"
-        b"kernels/cuda/common.cuh\0#pragma once\n\0"
-        b"kernels/cuda/router.cu\0// router\n\0"
-        b"kernels/cuda/sub/extra.py\0\0"
+        b"kernels/topk_moe/api.py\0print('api')\n\0"
+        b"kernels/topk_moe/cuda/common.cuh\0#pragma once\n\0"
+        b"kernels/topk_moe/cuda/router.cu\0// router\n\0"
+        b"kernels/topk_moe/cuda/sub/extra.py\0\0"
     ).hexdigest()
     assert build_report.source_hash(tmp_path) == expected
-    (tmp_path / "kernels/cuda/router.cu").write_bytes(b"// changed\n")
+    (tmp_path / "kernels/topk_moe/cuda/router.cu").write_bytes(b"// changed\n")
     assert build_report.source_hash(tmp_path) != expected
 
 
 def test_source_hash_of_this_repository_is_stable():
     assert build_report.source_hash() == build_report.source_hash()
     assert len(build_report.source_hash()) == 64
+    assert build_report.source_hash() != hashlib.sha256().hexdigest(), "the hash saw no file"
 
 
 def test_device_check_dry_run_prints_the_plan_and_the_hash(tmp_path, monkeypatch):
@@ -246,7 +247,7 @@ def test_device_check_dry_run_prints_the_plan_and_the_hash(tmp_path, monkeypatch
     text = output.getvalue()
     assert code == 0
     assert build_report.source_hash() in text
-    for step in ("pytest", "-m gpu", "tests/test_cuda.py", "memcheck", "racecheck", "kernels.cuda.smoke",
+    for step in ("pytest", "-m gpu", "tests/test_cuda.py", "memcheck", "racecheck", "topk_moe.cuda.smoke",
                  "gpu-tests"):
         assert step in text, step
     assert not (tmp_path / "results").exists(), "a dry run writes no records"
@@ -266,7 +267,7 @@ def test_device_check_records_a_run(tmp_path, monkeypatch):
     hash, the files under $OUT, the table last."""
     import json
 
-    import kernels.backends
+    import topk_moe.backends
     from analysis.measure import device_check
 
     junit = ('<testsuites><testsuite name="pytest" tests="10" failures="1" errors="0" skipped="2">'
@@ -285,7 +286,7 @@ def test_device_check_records_a_run(tmp_path, monkeypatch):
 
     import analysis.records
 
-    monkeypatch.setattr(kernels.backends, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(topk_moe.backends, "cuda_unavailable_reason", lambda: None)
     monkeypatch.setattr(device_check, "plan_steps", stand_in_steps)
     monkeypatch.setattr(analysis.records, "_gpu_details", lambda: {
         "name": "Test GPU 80GB", "compute_capability": "9.0", "driver": None,
@@ -313,10 +314,10 @@ def test_device_check_records_a_run(tmp_path, monkeypatch):
 
 
 def test_device_check_without_a_gpu_says_so(monkeypatch, tmp_path):
-    import kernels.backends
+    import topk_moe.backends
     from analysis.measure import device_check
 
-    monkeypatch.setattr(kernels.backends, "cuda_unavailable_reason", lambda: "no device in this test")
+    monkeypatch.setattr(topk_moe.backends, "cuda_unavailable_reason", lambda: "no device in this test")
     output = io.StringIO()
     with redirect_stdout(output):
         code = device_check.main(["--out", str(tmp_path / "out")])

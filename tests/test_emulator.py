@@ -1,4 +1,4 @@
-"""The CUDA emulator (kernels/cuda/emulator) against the definitions it implements.
+"""The CUDA emulator (kernels/topk_moe/cuda/emulator) against the definitions it implements.
 
 Each test builds tests/test_emulator_kernels.cu with the emulator, exactly as
 the real kernels are built, and checks one feature against an independent
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels.backends import emulator_unavailable_reason
+from topk_moe.backends import emulator_unavailable_reason
 
 REASON = emulator_unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the CUDA emulator can't run here: {REASON}")
@@ -25,19 +25,19 @@ SOURCE = Path(__file__).resolve().parent / "test_emulator_kernels.cu"
 
 
 def kernel(name):
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda.emulator import loader
 
     return loader.load_kernel(SOURCE, name)
 
 
 def device(a):
-    from kernels.cuda.emulator import arrays
+    from topk_moe.cuda.emulator import arrays
 
     return arrays.asarray(a)
 
 
 def empty(shape, dtype):
-    from kernels.cuda.emulator import arrays
+    from topk_moe.cuda.emulator import arrays
 
     return arrays.empty(shape, dtype)
 
@@ -260,7 +260,7 @@ def test_mma_m16n8k16_computes_a_times_b_plus_c():
 
 @pytest.mark.parametrize("copy_async", ["late", "eager"])
 def test_cp_async_groups_zero_fill_and_wait(copy_async):
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda.emulator import loader
 
     source = np.arange(1, 17, dtype=np.uint16)
     out = empty(24, np.uint16)
@@ -279,7 +279,7 @@ def test_cp_async_groups_zero_fill_and_wait(copy_async):
 
 
 def fault():
-    from kernels.cuda.emulator.loader import KernelFault
+    from topk_moe.cuda.emulator.loader import KernelFault
 
     return KernelFault
 
@@ -307,7 +307,7 @@ def test_a_misaligned_vector_load_names_its_line():
 
 @pytest.mark.parametrize("order", ["ascending", "descending"])
 def test_a_missing_barrier_reads_poison(order):
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda.emulator import loader
 
     out = empty(64, np.float32)
     with loader.schedule(order):
@@ -335,7 +335,7 @@ def test_arguments_must_have_the_kernels_c_types():
 
 
 def test_unknown_ptx_is_refused_at_build_time(tmp_path):
-    from kernels.cuda.emulator import build, rewrite
+    from topk_moe.cuda.emulator import build, rewrite
 
     source = tmp_path / "unknown.cu"
     source.write_text('extern "C" __global__ void k(float* a) {\n'
@@ -347,9 +347,9 @@ def test_unknown_ptx_is_refused_at_build_time(tmp_path):
 def test_rewrites_keep_every_line_where_it_was():
     """Only asm statements, __shared__ declarations and the blanked system include
     change, each within its own lines; everything else stays on its line."""
-    from kernels.cuda.emulator import rewrite
+    from topk_moe.cuda.emulator import rewrite
 
-    folder = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+    folder = Path(__file__).resolve().parent.parent / "kernels" / "topk_moe" / "cuda"
     for path in sorted(folder.glob("*.cu")) + sorted(folder.glob("*.cuh")):
         lines = path.read_text().splitlines()
         new_lines = rewrite.rewrite(path.read_text(), path.name).splitlines()

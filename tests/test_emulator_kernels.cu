@@ -1,5 +1,5 @@
 // Kernels that exercise one emulated CUDA feature each, for tests/test_emulator.py.
-// They are built by the emulator exactly as kernels/cuda/*.cu are (same rewrites,
+// They are built by the emulator exactly as kernels/topk_moe/cuda/*.cu are (same rewrites,
 // same header), so each test checks the path the real kernels take.
 
 // --- float16 conversions, both ways, through the PTX the kernels use ---------

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("altair", reason="the book extra is not installed (altair missing)")
 
 from analysis.chapters import kernels as chapter  # noqa: E402  (after the skip above)
-from kernels.cuda import build_report, expert_mlp, launch_config  # noqa: E402
+from topk_moe.cuda import build_report, expert_mlp, launch_config  # noqa: E402
 
 
 def fake_row(file, kernel, defines=None, registers=32, spill_stores=0, spill_loads=0, shared_bytes=0,
@@ -286,7 +286,7 @@ def test_full_width_shows_long_cells_whole():
     assert long_text in chapter.full_width(pd.DataFrame({"names": [long_text]})).to_html()
 
 
-@pytest.mark.skipif(__import__("kernels.backends", fromlist=["x"]).emulator_unavailable_reason() is not None,
+@pytest.mark.skipif(__import__("topk_moe.backends", fromlist=["x"]).emulator_unavailable_reason() is not None,
                     reason="the CUDA emulator can't run here (no C++ compiler)")
 def test_traffic_tables_from_the_traffic_command(tmp_path):
     """The chapter's traffic tables read the records analysis.measure.traffic writes:

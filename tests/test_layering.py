@@ -1,6 +1,6 @@
 """The packages' dependency rules, read from the source (an AST walk, nothing imported).
 
-- ``kernels`` imports nothing from ``analysis``;
+- ``topk_moe`` (the folder ``kernels/topk_moe``) imports nothing from ``analysis``;
 - the shared infrastructure (modules at ``analysis/`` top level) imports none
   of ``analysis.measure``, ``analysis.study``, ``analysis.chapters``;
 - ``analysis.measure`` and ``analysis.study`` never import ``analysis.chapters``;
@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("kernels", "analysis")
+#: package name -> its folder; a module's name is its path below the folder's parent.
+PACKAGES = {"topk_moe": REPO / "kernels" / "topk_moe", "analysis": REPO / "analysis"}
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
+def module_name(path: Path, folder: Path) -> str:
+    parts = list(path.relative_to(folder.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -28,7 +29,7 @@ def module_name(path: Path) -> str:
 
 def project_modules() -> dict:
     """Module name -> source path, for every .py under the project's packages."""
-    return {module_name(path): path for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))}
+    return {module_name(path, folder): path for folder in PACKAGES.values() for path in sorted(folder.rglob("*.py"))}
 
 
 def imported_modules(name: str, path: Path, known: dict) -> set:
@@ -63,8 +64,8 @@ def import_graph() -> dict:
 
 
 def layer(module: str) -> str:
-    """kernels, infrastructure, measure, study or chapters."""
-    if module == "kernels" or module.startswith("kernels."):
+    """kernels (the topk_moe package), infrastructure, measure, study or chapters."""
+    if module == "topk_moe" or module.startswith("topk_moe."):
         return "kernels"
     parts = module.split(".")
     if len(parts) >= 2 and parts[1] in ("measure", "study", "chapters"):
@@ -117,7 +118,7 @@ def find_cycle(graph: dict):
 def test_the_graph_sees_the_packages():
     graph = import_graph()
     assert {"analysis.records", "analysis.measure.sweep", "analysis.study.train", "analysis.chapters.accuracy",
-            "kernels.api"} <= set(graph)
+            "topk_moe.api"} <= set(graph)
     assert "analysis.measure.sweep_plan" in graph["analysis.measure.sweep"]
     assert "analysis.records" in graph["analysis.study.evaluation"]
 
@@ -135,8 +136,8 @@ def test_no_import_cycles():
      ["analysis.records (infrastructure) imports analysis.measure.sweep (measure)"]),
     ({"analysis.study.train": {"analysis.chapters.accuracy"}, "analysis.chapters.accuracy": set()},
      ["analysis.study.train (study) imports analysis.chapters.accuracy (chapters)"]),
-    ({"kernels.api": {"analysis.records"}, "analysis.records": set()},
-     ["kernels.api (kernels) imports analysis.records (infrastructure)"]),
+    ({"topk_moe.api": {"analysis.records"}, "analysis.records": set()},
+     ["topk_moe.api (kernels) imports analysis.records (infrastructure)"]),
     ({"analysis.chapters.routing": {"analysis.study.corpus", "analysis.records"},
       "analysis.study.corpus": set(), "analysis.records": set()}, []),
 ])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kernels
+import topk_moe
 from analysis.measure import memory
 
 #: Small allocations beyond the model that do not grow with T (index temporaries, views, Python
@@ -16,15 +16,15 @@ SLACK_BYTES = 96 * 1024
 
 def _arrays_of_the_layer(shape: memory.LayerShape) -> dict:
     """Every intermediate the CPU backend makes at ``shape``, run stage by stage."""
-    cfg = kernels.MoEConfig(shape.D, shape.F, shape.E, shape.k, activation=shape.activation)
-    weights = kernels.init_weights(cfg, seed=0, dtype=np.dtype(shape.dtype))
+    cfg = topk_moe.MoEConfig(shape.D, shape.F, shape.E, shape.k, activation=shape.activation)
+    weights = topk_moe.init_weights(cfg, seed=0, dtype=np.dtype(shape.dtype))
     x = np.random.default_rng(1).standard_normal((shape.T, shape.D)).astype(shape.dtype)
-    routing = kernels.route(x, weights.router, shape.k, backend="cpu")
-    plan = kernels.dispatch(routing.experts, shape.E, backend="cpu")
-    rows = kernels.permute(x, plan, backend="cpu")
-    expert_out = kernels.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
+    routing = topk_moe.route(x, weights.router, shape.k, backend="cpu")
+    plan = topk_moe.dispatch(routing.experts, shape.E, backend="cpu")
+    rows = topk_moe.permute(x, plan, backend="cpu")
+    expert_out = topk_moe.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3,
                                     activation=shape.activation, backend="cpu")
-    y = kernels.combine(expert_out, routing, plan, backend="cpu")
+    y = topk_moe.combine(expert_out, routing, plan, backend="cpu")
     return {"probs": routing.probs, "experts": routing.experts, "weights": routing.weights,
             "counts": plan.counts, "offsets": plan.offsets, "token": plan.token, "row": plan.row,
             "rows": rows, "expert_out": expert_out, "y": y}

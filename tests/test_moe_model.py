@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import testing
+import topk_moe
+from topk_moe import testing
 from analysis.study import corpus
 from analysis.study.moe_model import (ByteTransformer, MoELayer, ModelConfig, balance_loss, load_checkpoint,
                                 parameter_counts, round_to_checkpoint, save_checkpoint, to_kernels)
@@ -36,7 +36,7 @@ def test_the_torch_layer_equals_kernels_moe_forward(top_k, activation, backend):
     cfg, weights = to_kernels(layer)
     assert cfg.renormalize == (top_k == 2)
     x = h.numpy()
-    out = kernels.moe_forward(x, weights, cfg, backend=backend)
+    out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
     np.testing.assert_array_equal(out.routing.experts, routing.experts.numpy())
     np.testing.assert_allclose(out.routing.weights, routing.weights.numpy(), rtol=1e-5, atol=1e-7)
     expected = testing.expected_moe_forward(x, weights, cfg, out.routing)
@@ -52,8 +52,8 @@ def test_capacity_keeps_what_kernels_dispatch_keeps(top_k, capacity_factor):
     with torch.no_grad():
         y, routing, *_ = layer(h, capacity_factor=capacity_factor)
     cfg, weights = to_kernels(layer)
-    cfg = kernels.MoEConfig(**{**cfg.__dict__, "capacity_factor": capacity_factor})
-    out = kernels.moe_forward(h.numpy(), weights, cfg, backend="cpu")
+    cfg = topk_moe.MoEConfig(**{**cfg.__dict__, "capacity_factor": capacity_factor})
+    out = topk_moe.moe_forward(h.numpy(), weights, cfg, backend="cpu")
     np.testing.assert_array_equal(routing.kept.numpy(), np.asarray(out.plan.row) >= 0)
     assert not routing.kept.all()  # the case does drop something
     expected = testing.expected_moe_forward(h.numpy(), weights, cfg, out.routing)

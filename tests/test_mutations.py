@@ -1,4 +1,4 @@
-"""Mutation check: realistic GPU bugs injected into a copy of kernels/cuda, each
+"""Mutation check: realistic GPU bugs injected into a copy of kernels/topk_moe/cuda, each
 of which the CUDA tests (run on the emulator) must catch.
 
 Every mutant edits one line of one .cu file (the text must occur exactly once)
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import test_cuda as suite
-from kernels.cuda.emulator import mutants
+from topk_moe.cuda.emulator import mutants
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels" / "topk_moe" / "cuda"
 pytestmark = pytest.mark.skipif(not suite.EMULATED or suite.REASON is not None,
                                 reason="the mutation check runs on the CPU emulator (no GPU needed; "
                                        f"{suite.REASON or 'a GPU is present: run tests/test_cuda.py there'})")
@@ -80,9 +80,9 @@ def test_the_unmutated_kernels_pass_every_check():
 
 @pytest.mark.slow
 def test_every_mutant_is_caught(tmp_path):
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda.emulator import loader
 
-    from kernels.cuda import expert_mlp, launch_config
+    from topk_moe.cuda import expert_mlp, launch_config
 
     folders = [mutants.mutated_copy(tmp_path / f"mutant{i}", mutant) for i, mutant in enumerate(MUTANTS)]
     assert MAIN_VARIANT["router.cu"] == launch_config.router_defines(8)

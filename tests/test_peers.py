@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-import kernels
+import topk_moe
 from analysis.measure import peers
 
 pytest.importorskip("torch", reason="the peers need the torch extra")
@@ -17,10 +17,10 @@ pytest.importorskip("torch", reason="the peers need the torch extra")
 @pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_peers_match_the_layer(activation, k):
-    cfg = kernels.MoEConfig(32, 24, 6, k, activation=activation)
-    weights = kernels.init_weights(cfg, seed=2)
+    cfg = topk_moe.MoEConfig(32, 24, 6, k, activation=activation)
+    weights = topk_moe.init_weights(cfg, seed=2)
     x = np.random.default_rng(5).standard_normal((37, 32)).astype(np.float32)
-    expected = kernels.moe_forward(x, weights, cfg, backend="reference").y
+    expected = topk_moe.moe_forward(x, weights, cfg, backend="reference").y
     layer = peers.torch_layer(weights, cfg)
     x_torch = peers.as_torch(x)
     assert peers.relative_error(peers.hf_eager_moe(x_torch, layer), expected) < 1e-5
@@ -30,10 +30,10 @@ def test_peers_match_the_layer(activation, k):
 
 
 def test_an_expert_without_tokens_is_fine():
-    cfg = kernels.MoEConfig(16, 8, 4, 1)
-    weights = kernels.init_weights(cfg, seed=0)
+    cfg = topk_moe.MoEConfig(16, 8, 4, 1)
+    weights = topk_moe.init_weights(cfg, seed=0)
     x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)  # one token: one expert used
-    expected = kernels.moe_forward(x, weights, cfg, backend="reference").y
+    expected = topk_moe.moe_forward(x, weights, cfg, backend="reference").y
     layer = peers.torch_layer(weights, cfg)
     assert peers.relative_error(peers.hf_eager_moe(peers.as_torch(x), layer), expected) < 1e-5
 

@@ -15,8 +15,8 @@ import os
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-import kernels
-from kernels.testing import assert_close_to_reference, moe_term_scale, plain_moe_forward
+import topk_moe
+from topk_moe.testing import assert_close_to_reference, moe_term_scale, plain_moe_forward
 
 from conftest import (
     MARGIN,
@@ -69,25 +69,25 @@ def build(case):
 def test_plan_invariants_and_backends_agree(case):
     x, weights, cfg = build(case)
     T, E, K = case["T"], case["E"], case["K"]
-    C = kernels.capacity(cfg, T)
+    C = topk_moe.capacity(cfg, T)
     if case["capacity_factor"] is None:
         assert C is None
     else:
         assert C == int(np.ceil(case["capacity_factor"] * T * K / E))
 
     for backend in ("reference", "cpu"):
-        routing = kernels.route(x, weights.router, K, renormalize=case["renormalize"],
+        routing = topk_moe.route(x, weights.router, K, renormalize=case["renormalize"],
                                 backend=backend)
         assert routing.experts.shape == (T, K) and routing.experts.dtype == np.int32
         assert ((routing.experts >= 0) & (routing.experts < E)).all()
         if K == 2:
             assert (routing.experts[:, 0] != routing.experts[:, 1]).all()
-        plan = kernels.dispatch(routing.experts, E, capacity=C, backend=backend)
+        plan = topk_moe.dispatch(routing.experts, E, capacity=C, backend=backend)
         assert_plan_invariants(plan, routing.experts, E, C)
         assert_plan_equal(plan, spec_plan(routing.experts, E, C))
         # the same experts give the identical plan on the other backend
         other = "cpu" if backend == "reference" else "reference"
-        assert_plan_equal(kernels.dispatch(routing.experts, E, capacity=C, backend=other), plan)
+        assert_plan_equal(topk_moe.dispatch(routing.experts, E, capacity=C, backend=other), plan)
 
 
 @PROPERTY_SETTINGS
@@ -96,8 +96,8 @@ def test_cpu_routing_matches_reference_away_from_ties(case):
     x, weights, _ = build(case)
     K = case["K"]
     logits = x.astype(np.float64) @ weights.router.astype(np.float64)
-    ref = kernels.route(x, weights.router, K, renormalize=case["renormalize"], backend="reference")
-    cpu = kernels.route(x, weights.router, K, renormalize=case["renormalize"], backend="cpu")
+    ref = topk_moe.route(x, weights.router, K, renormalize=case["renormalize"], backend="reference")
+    cpu = topk_moe.route(x, weights.router, K, renormalize=case["renormalize"], backend="cpu")
     clear = routing_margin(logits, K) > MARGIN
     np.testing.assert_array_equal(ref.experts[clear], spec_route_choices(logits, K)[clear])
     np.testing.assert_array_equal(cpu.experts[clear], ref.experts[clear])
@@ -123,7 +123,7 @@ def test_cpu_routing_matches_reference_away_from_ties(case):
 @given(case=layer_cases())
 def test_cpu_forward_close_to_reference(case):
     x, weights, cfg = build(case)
-    cpu = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    cpu = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
     assert cpu.y.shape == x.shape and cpu.y.dtype == x.dtype
     expected, ref_plan = reference_from_routing(x, weights, cfg, cpu.routing)
     assert_plan_equal(cpu.plan, ref_plan)
@@ -139,7 +139,7 @@ def test_cpu_forward_close_to_reference(case):
 @given(case=layer_cases())
 def test_reference_forward_matches_formula(case):
     x, weights, cfg = build(case)
-    ref = kernels.moe_forward(x, weights, cfg, backend="reference")
+    ref = topk_moe.moe_forward(x, weights, cfg, backend="reference")
     assert ref.y.dtype == np.float64
     args = (x, weights.w1, weights.w2, weights.w3, cfg.activation,
             ref.routing.experts, ref.routing.weights, ref.plan.row)

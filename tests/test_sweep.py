@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-import kernels
-import kernels.cpu
-import kernels.testing
+import topk_moe
+import topk_moe.cpu
+import topk_moe.testing
 from analysis.measure import peers, roofline, skew, sweep, sweep_cells, sweep_plan
 from analysis import records
 
@@ -92,7 +92,7 @@ def test_cli_prints_tables_and_can_skip_writing(capsys, tmp_path):
 
 
 def test_gpu_plan_refuses_without_a_gpu(capsys):
-    if "cuda" in kernels.available_backends():
+    if "cuda" in topk_moe.available_backends():
         pytest.skip("a GPU is present")
     assert sweep_plan.default_plan_name() == "cpu-default"
     assert sweep.main(["--plan", "gpu-default", "--no-write"]) == 2
@@ -171,29 +171,29 @@ def test_validation_rows_spread_over_the_batch_within_the_budget():
 def test_a_row_subset_is_checked_exactly_as_the_whole_batch(max_rows):
     """The check's renumbered experts and reordered router give the whole
     batch's reference on those rows (a few rows use a few of the 8 experts)."""
-    cfg = kernels.MoEConfig(24, 40, 8, 2)
-    weights = kernels.init_weights(cfg, seed=2)
+    cfg = topk_moe.MoEConfig(24, 40, 8, 2)
+    weights = topk_moe.init_weights(cfg, seed=2)
     x = np.random.default_rng(3).standard_normal((500, 24)).astype(np.float32)
-    output = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    output = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
     checked = sweep_cells.check_moe_output(x, weights, cfg, output, name="cpu", max_rows=max_rows)
     rows = sweep_cells.validation_rows(500, roofline.moe_flops(1, 24, 40, 8, 2, "swiglu"), max_rows=max_rows)
-    whole = kernels.testing.expected_moe_forward(x, weights, cfg, output.routing)[rows]
+    whole = topk_moe.testing.expected_moe_forward(x, weights, cfg, output.routing)[rows]
     assert checked["validated_rows"] == len(rows) == min(max_rows, 500)
     assert checked["relative_error_vs_reference"] == pytest.approx(peers.relative_error(output.y[rows], whole),
                                                                    rel=1e-9)
 
 
 def test_the_check_catches_a_wrong_last_row_and_checks_every_row_under_a_capacity():
-    cfg = kernels.MoEConfig(16, 24, 4, 1)
-    weights = kernels.init_weights(cfg, seed=4)
+    cfg = topk_moe.MoEConfig(16, 24, 4, 1)
+    weights = topk_moe.init_weights(cfg, seed=4)
     x = np.random.default_rng(5).standard_normal((300, 16)).astype(np.float32)
-    output = kernels.moe_forward(x, weights, cfg, backend="cpu")
+    output = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
     wrong = output.y.copy()
     wrong[-1] *= 1.01
     with pytest.raises(sweep_cells.ValidationError, match="of 300 rows"):
         sweep_cells.check_moe_output(x, weights, cfg, dataclasses.replace(output, y=wrong), name="cpu")
     limited = dataclasses.replace(cfg, capacity_factor=0.5)  # drops: the rows are coupled
-    output = kernels.moe_forward(x, weights, limited, backend="cpu")
+    output = topk_moe.moe_forward(x, weights, limited, backend="cpu")
     assert sweep_cells.check_moe_output(x, weights, limited, output, name="cpu")["validated_rows"] == 300
 
 
@@ -302,13 +302,13 @@ def test_skew_distributions():
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_skewed_inputs_route_as_asked(k):
-    cfg = kernels.MoEConfig(256, 16, 8, k)
-    router = kernels.init_weights(cfg, seed=3).router
-    one_hot = kernels.route(skew.skewed_inputs("one-hot", 300, router, k, seed=1), router, k)
+    cfg = topk_moe.MoEConfig(256, 16, 8, k)
+    router = topk_moe.init_weights(cfg, seed=3).router
+    one_hot = topk_moe.route(skew.skewed_inputs("one-hot", 300, router, k, seed=1), router, k)
     assert np.all(one_hot.experts[:, 0] == 0)
-    half = kernels.route(skew.skewed_inputs("half-empty", 300, router, k, seed=1), router, k)
+    half = topk_moe.route(skew.skewed_inputs("half-empty", 300, router, k, seed=1), router, k)
     assert np.mean(half.experts < 4) > 0.99
-    uniform = kernels.route(skew.skewed_inputs("uniform", 800, router, k, seed=1), router, k)
+    uniform = topk_moe.route(skew.skewed_inputs("uniform", 800, router, k, seed=1), router, k)
     first_choices = np.bincount(uniform.experts[:, 0], minlength=8)
     assert first_choices.min() > 50  # every expert gets about 100 of 800
     x = skew.skewed_inputs("zipf-2.0", 5, router, k, seed=1, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""The emulator's memory-traffic counters (kernels/cuda/emulator/traffic.h, traffic.py)
+"""The emulator's memory-traffic counters (kernels/topk_moe/cuda/emulator/traffic.h, traffic.py)
 on kernels whose traffic is known by hand (tests/test_traffic_kernels.cu).
 
 Each pattern's expected count is worked out in the comment beside it from the
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels.backends import emulator_unavailable_reason
+from topk_moe.backends import emulator_unavailable_reason
 
 REASON = emulator_unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the CUDA emulator can't run here: {REASON}")
@@ -32,8 +32,8 @@ SOURCE = Path(__file__).resolve().parent / "test_traffic_kernels.cu"
 def traffic_builds():
     """Build the traffic flavour of every file these tests launch at once, one
     compiler per core (a cold cache costs ~10-40 s a file)."""
-    from kernels.cuda import expert_mlp, launch_config
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda import expert_mlp, launch_config
+    from topk_moe.cuda.emulator import loader
 
     loader.prebuild([("router.cu", launch_config.router_defines(4)), ("dispatch.cu", launch_config.dispatch_defines()),
                      ("combine.cu", {}), ("activation.cu", {}), ("expert_mlp.cu", expert_mlp.launch_defines("swiglu", True))],
@@ -42,16 +42,16 @@ def traffic_builds():
 
 
 def site_line(name: str) -> str:
-    """'kernels/cuda/test_traffic_kernels.cu:<line>' of the line marked `// site: name`."""
+    """'kernels/topk_moe/cuda/test_traffic_kernels.cu:<line>' of the line marked `// site: name`."""
     for number, text in enumerate(SOURCE.read_text(encoding="utf-8").splitlines(), start=1):
         if re.search(rf"// site: {name}$", text):
-            return f"kernels/cuda/{SOURCE.name}:{number}"
+            return f"kernels/topk_moe/cuda/{SOURCE.name}:{number}"
     raise AssertionError(f"no site {name} in {SOURCE.name}")
 
 
 def run(name, grid, block, *args):
     """The LaunchTraffic of one launch of kernel ``name``."""
-    from kernels.cuda.emulator import loader, traffic
+    from topk_moe.cuda.emulator import loader, traffic
 
     with traffic.counting() as launches:
         loader.load_kernel(SOURCE, name)(grid, block, args)
@@ -67,13 +67,13 @@ def site(launch, name, space, kind=None):
 
 
 def device(a):
-    from kernels.cuda.emulator import arrays
+    from topk_moe.cuda.emulator import arrays
 
     return arrays.asarray(a)
 
 
 def empty(n, dtype):
-    from kernels.cuda.emulator import arrays
+    from topk_moe.cuda.emulator import arrays
 
     return arrays.empty(n, dtype)
 
@@ -186,7 +186,7 @@ def test_shared_atomics_on_one_word_serialise(spread, wavefronts):
 
 
 def test_counts_are_the_same_under_every_schedule():
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda.emulator import loader
 
     def counts():
         return [run("read_divergent", (2,), (64,), device(np.arange(256, dtype=np.float32)), empty(128, np.float32)),
@@ -204,28 +204,28 @@ def test_counts_are_the_same_under_every_schedule():
 def test_a_real_kernel_counts_in_the_traffic_flavour_only():
     """combine.cu's permute: every row gathered once (its ideal), and the ordinary
     build of the same file stays uninstrumented (no traffic entry point)."""
-    import kernels
-    from kernels.cuda.emulator import build, loader, traffic
+    import topk_moe
+    from topk_moe.cuda.emulator import build, loader, traffic
 
     T, D, K = 64, 32, 2
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, D)).astype(np.float32)
     experts = np.stack([rng.permutation(4)[:K] for _ in range(T)]).astype(np.int32)
-    plan = kernels.dispatch(experts, 4, backend="cuda-emulated")
+    plan = topk_moe.dispatch(experts, 4, backend="cuda-emulated")
     with traffic.counting() as launches:
-        kernels.permute(x, plan, backend="cuda-emulated")
+        topk_moe.permute(x, plan, backend="cuda-emulated")
     (launch,) = [entry for entry in launches if entry.file == "combine.cu"]
     by_name = {a.name: a for a in launch.arrays}
     rows = by_name[max(by_name, key=lambda n: by_name[n].written_bytes)]
     assert rows.written_bytes == T * K * D * 4
-    assert all(s.line.startswith("kernels/cuda/combine.cu:") for s in launch.sites)
+    assert all(s.line.startswith("kernels/topk_moe/cuda/combine.cu:") for s in launch.sites)
     ordinary = loader._library("combine.cu", (), str(build.KERNEL_DIR))
     assert not hasattr(ordinary, "emu_traffic_begin")
 
 
 def test_the_traffic_command_counts_every_stage_of_the_layer_labelled_as_emulation(tmp_path):
     """analysis.measure.traffic at a tiny shape: one record per launch of every stage,
-    every site on a kernels/cuda line, labelled as CPU emulation, written by
+    every site on a kernels/topk_moe/cuda line, labelled as CPU emulation, written by
     analysis.records; permute and combine move each byte of their rows once."""
     from analysis import records
     from analysis.measure import traffic as command
@@ -236,7 +236,7 @@ def test_the_traffic_command_counts_every_stage_of_the_layer_labelled_as_emulati
     assert {r["stage"] for r in written} == {"route", "dispatch", "permute", "expert_mlp", "combine",
                                              "dense_activation"}
     assert all(r["measured_by"] == "cpu-emulation" and "not DRAM traffic" in r["label"] for r in written)
-    assert all(site["line"].startswith("kernels/cuda/") for r in written for site in r["sites"])
+    assert all(site["line"].startswith("kernels/topk_moe/cuda/") for r in written for site in r["sites"])
     moe = [r for r in written if r["params"]["layer"] == "moe"]
     assert all(r["params"]["k"] == 2 and r["routing_max_over_mean"] >= 1 for r in moe)
     (permute,) = [r for r in moe if r["stage"] == "permute"]
@@ -261,15 +261,15 @@ def test_16_byte_conflicts_count_within_a_quarter_warp(interleaved, wavefronts):
 def test_a_real_kernel_counts_the_same_under_every_schedule():
     """dispatch.cu (shared atomics, match_any, block scans) at a small size: the
     same counts per launch under each fiber order and cp.async landing."""
-    import kernels
-    from kernels.cuda.emulator import loader, traffic
+    import topk_moe
+    from topk_moe.cuda.emulator import loader, traffic
 
     rng = np.random.default_rng(1)
     experts = np.stack([rng.permutation(8)[:2] for _ in range(300)]).astype(np.int32)
 
     def counts():
         with traffic.counting() as launches:
-            kernels.dispatch(experts, 8, backend="cuda-emulated")
+            topk_moe.dispatch(experts, 8, backend="cuda-emulated")
         return [(launch.kernel, launch.sites, launch.arrays) for launch in launches]
 
     expected = counts()

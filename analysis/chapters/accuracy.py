@@ -9,7 +9,7 @@ is in analysis/study/evaluation.py, which this module re-exports.
 
 Also here: the inference-time experiments (top-k and capacity at inference, on
 a sample spread over every test file, with the causal per-position capacity),
-the cross-check of the trained MoE layers against ``kernels.moe_forward``, and
+the cross-check of the trained MoE layers against ``topk_moe.moe_forward``, and
 the test loss computed with every FFN replaced by the kernels.
 """
 
@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F_nn
 
-import kernels
-from kernels import testing
+import topk_moe
+from topk_moe import testing
 
 from analysis import records
 from analysis.display import Note
@@ -594,7 +594,7 @@ SIZABLE_FILE_CHUNKS = 20
 
 
 def cross_check_all(runs: pd.DataFrame, *, check_bytes: int, batch_size: int = 4) -> tuple:
-    """For the lowest seed of every arm: the MoE layers against kernels.moe_forward
+    """For the lowest seed of every arm: the MoE layers against topk_moe.moe_forward
     (kernels_cross_check) and the test loss through the kernels (loss_through_kernels).
     Returns (layer table, loss table), each with an `arm` column."""
     data = corpus.load_corpus()["test"]
@@ -791,12 +791,12 @@ def ffn_inputs(model: ByteTransformer, tokens: torch.Tensor) -> dict:
 
 def kernels_cross_check(model: ByteTransformer, tokens: torch.Tensor,
                         backends: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    """Every MoE layer of `model` run through kernels.moe_forward on each backend, on the
+    """Every MoE layer of `model` run through topk_moe.moe_forward on each backend, on the
     layer's real inputs for `tokens`, and PyTorch's own output, all against the float64
-    reference under the project's tolerance rule (kernels.testing): one row per layer and
+    reference under the project's tolerance rule (topk_moe.testing): one row per layer and
     implementation, with the error, the bound, whether it passed, the share of tokens
     routed as PyTorch routed them, and the largest difference from PyTorch's output."""
-    backends = list(backends or kernels.available_backends())
+    backends = list(backends or topk_moe.available_backends())
     rows = []
     for index, (h, torch_y) in ffn_inputs(model, tokens).items():
         layer = model.blocks[index].ffn
@@ -806,10 +806,10 @@ def kernels_cross_check(model: ByteTransformer, tokens: torch.Tensor,
         x = h.numpy().astype(np.float32)
         torch_y = torch_y.numpy()
         torch_experts = layer.route(h, layer.top_k, layer.renormalize)[0].numpy().astype(np.int32)
-        torch_routing = kernels.Routing(experts=torch_experts, weights=None, probs=None)
+        torch_routing = topk_moe.Routing(experts=torch_experts, weights=None, probs=None)
         implementations = [("pytorch", torch_y, torch_routing)]
         for backend in backends:
-            out = kernels.moe_forward(x, weights, cfg, backend=backend)
+            out = topk_moe.moe_forward(x, weights, cfg, backend=backend)
             implementations.append((backend, testing.to_host(out.y), out.routing))
         for name, y, routing in implementations:
             expected = testing.expected_moe_forward(x, weights, cfg, routing)
@@ -842,10 +842,10 @@ def kernels_ffn_override(model: ByteTransformer, backend: str):
         kind, *spec = layers[index]
         if kind == "moe":
             cfg, weights = spec
-            y = kernels.moe_forward(x, weights, cfg, backend=backend).y
+            y = topk_moe.moe_forward(x, weights, cfg, backend=backend).y
         else:
             activation, (w1, w2, w3) = spec
-            y = kernels.dense_mlp(x, w1, w2, w3, activation=activation, backend=backend)
+            y = topk_moe.dense_mlp(x, w1, w2, w3, activation=activation, backend=backend)
         return torch.from_numpy(np.ascontiguousarray(testing.to_host(y), dtype=np.float32))
 
     return override
@@ -856,7 +856,7 @@ def loss_through_kernels(model: ByteTransformer, data: np.ndarray, *, batch_size
                          backends: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """Test bits per byte with PyTorch's FFNs, then with every FFN replaced by the kernels
     on each backend; `difference` is kernels minus PyTorch, `passed` |difference| <= tolerance."""
-    backends = list(backends or kernels.available_backends())
+    backends = list(backends or topk_moe.available_backends())
     model.eval()
     windows = eval_windows(data, model.cfg.seq_len, batch_size, max_bytes)
 

@@ -1,7 +1,7 @@
 """Tables, numbers and charts for the correctness chapter (book/notebooks/correctness.ipynb).
 
 Everything here runs live on the CPU backends (``reference``, ``cpu``); the
-tolerance is the project's one rule, ``kernels.testing`` (a result may have at
+tolerance is the project's one rule, ``topk_moe.testing`` (a result may have at
 most twice the error of a plain implementation in its dtype, both against the
 float64 reference, plus a floor of a few ulps of the summed terms). Dimension
 letters as in the contract: T tokens, D model width, F expert hidden width,
@@ -21,8 +21,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-import kernels
-import kernels.testing
+import topk_moe
+import topk_moe.testing
 from analysis.display import Note
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
@@ -37,16 +37,16 @@ MEASURE_COLOURS = {"cpu error": "#0072B2", "plain error": "#009E73", "bound": "#
 class Case:
     """One dropless layer and its batch, in one dtype."""
 
-    cfg: kernels.MoEConfig
-    weights: kernels.MoEWeights
+    cfg: topk_moe.MoEConfig
+    weights: topk_moe.MoEWeights
     x: np.ndarray  # (T, D)
 
 
 def make_case(*, T: int, D: int, F: int, E: int, k: int, activation: str, seed: int,
               dtype="float32") -> Case:
-    """Weights from kernels.init_weights in `dtype`; x standard normal (seeded (seed, 1)), cast to `dtype`."""
-    cfg = kernels.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=k, activation=activation)
-    weights = kernels.init_weights(cfg, seed=seed, dtype=np.dtype(dtype))
+    """Weights from topk_moe.init_weights in `dtype`; x standard normal (seeded (seed, 1)), cast to `dtype`."""
+    cfg = topk_moe.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=k, activation=activation)
+    weights = topk_moe.init_weights(cfg, seed=seed, dtype=np.dtype(dtype))
     x = np.random.default_rng((seed, 1)).standard_normal((T, D)).astype(dtype)
     return Case(cfg=cfg, weights=weights, x=x)
 
@@ -65,10 +65,10 @@ def error_table(*, T: int, D: int, F: int, E: int, seeds: Sequence[int],
                 dtypes: Sequence[str] = DTYPES, backend: str = "cpu") -> pd.DataFrame:
     """One row per (dtype, k, activation): the backend's largest error (column "cpu
     error" for the cpu backend, "<backend> error" for another) against the float64
-    reference, the plain implementation's and the bound of kernels.testing, each the
+    reference, the plain implementation's and the bound of topk_moe.testing, each the
     largest over `seeds`; `passed` when every seed was within its bound.
 
-    The reference is routed like the cpu backend (kernels.testing's rule), so a
+    The reference is routed like the cpu backend (topk_moe.testing's rule), so a
     near-tie that picks another expert in float32 does not count as error here;
     routing agreement is measured separately (routing_agreement)."""
     rows = []
@@ -79,12 +79,12 @@ def error_table(*, T: int, D: int, F: int, E: int, seeds: Sequence[int],
                 passed = True
                 for seed in seeds:
                     case = make_case(T=T, D=D, F=F, E=E, k=k, activation=activation, seed=seed, dtype=dtype)
-                    out = kernels.moe_forward(case.x, case.weights, case.cfg, backend=backend)
-                    expected = kernels.testing.expected_moe_forward(case.x, case.weights, case.cfg, out.routing)
-                    plain = kernels.testing.plain_moe_forward(case.x, case.weights, case.cfg, out.routing)
-                    scale = kernels.testing.moe_term_scale(case.x, case.weights, case.cfg, out.routing.experts)
-                    case_bound = kernels.testing.error_bound(expected, plain, np.dtype(dtype), scale=scale)
-                    case_error = _max_abs(kernels.testing.to_host(out.y), expected)
+                    out = topk_moe.moe_forward(case.x, case.weights, case.cfg, backend=backend)
+                    expected = topk_moe.testing.expected_moe_forward(case.x, case.weights, case.cfg, out.routing)
+                    plain = topk_moe.testing.plain_moe_forward(case.x, case.weights, case.cfg, out.routing)
+                    scale = topk_moe.testing.moe_term_scale(case.x, case.weights, case.cfg, out.routing.experts)
+                    case_bound = topk_moe.testing.error_bound(expected, plain, np.dtype(dtype), scale=scale)
+                    case_error = _max_abs(topk_moe.testing.to_host(out.y), expected)
                     passed = passed and case_error <= case_bound
                     error = max(error, case_error)
                     plain_error = max(plain_error, _max_abs(plain, expected))
@@ -99,7 +99,7 @@ def assert_errors_within_bound(table: pd.DataFrame, what: str = "cpu backend") -
     """Fail the notebook (and so `make book`) when a case broke the tolerance rule."""
     failed = table.index[~table["passed"]].tolist()
     if failed:
-        raise AssertionError(f"{what} outside the kernels.testing bound: {failed}")
+        raise AssertionError(f"{what} outside the topk_moe.testing bound: {failed}")
 
 
 # ---------------------------------------------------------------- (a') the CUDA kernels under CPU emulation
@@ -110,9 +110,9 @@ EMULATED_DTYPES = ("float32", "float16")
 
 def emulated_error_table(*, T: int, D: int, F: int, E: int, seeds: Sequence[int]) -> Optional[pd.DataFrame]:
     """The error table of the real CUDA kernels run by the CPU emulator
-    (kernels/cuda/emulator, backend "cuda-emulated") in float32 and float16: CPU
+    (kernels/topk_moe/cuda/emulator, backend "cuda-emulated") in float32 and float16: CPU
     emulation, not GPU results. None where the emulator cannot run (no C++ compiler)."""
-    if EMULATED_BACKEND not in kernels.available_backends():
+    if EMULATED_BACKEND not in topk_moe.available_backends():
         return None
     table = error_table(T=T, D=D, F=F, E=E, seeds=seeds, dtypes=EMULATED_DTYPES, backend=EMULATED_BACKEND)
     return table.rename(columns={f"{EMULATED_BACKEND} error": "error (CPU emulation)"})
@@ -121,7 +121,7 @@ def emulated_error_table(*, T: int, D: int, F: int, E: int, seeds: Sequence[int]
 def emulated_error_text(table: Optional[pd.DataFrame]) -> str:
     """One sentence on the emulated cases, for the prose."""
     if table is None:
-        from kernels.backends import emulator_unavailable_reason
+        from topk_moe.backends import emulator_unavailable_reason
 
         return f"The CPU emulator of the CUDA kernels cannot run here: {emulator_unavailable_reason()}."
     worst = float(table["error / bound"].max())
@@ -173,9 +173,9 @@ def routing_agreement(*, T: int, D: int, E: int, k: int, seed: int) -> pd.DataFr
     in the float64 logits."""
     case = make_case(T=T, D=D, F=1, E=E, k=k, activation="relu", seed=seed, dtype="float32")
     router = case.weights.router
-    cpu = kernels.route(case.x, router, k, backend="cpu")
+    cpu = topk_moe.route(case.x, router, k, backend="cpu")
     x64, router64 = case.x.astype(np.float64), router.astype(np.float64)
-    reference = kernels.route(x64, router64, k, backend="reference")
+    reference = topk_moe.route(x64, router64, k, backend="reference")
     same = np.all(np.asarray(cpu.experts) == np.asarray(reference.experts), axis=1)
     return pd.DataFrame({"token": np.arange(T), "agree": same, "margin": top_k_margins(x64 @ router64, k)})
 
@@ -269,7 +269,7 @@ def determinism_table(*, T: int, D: int, F: int, E: int, seed: int, repeats: int
     rows = []
     for dtype in dtypes:
         case = make_case(T=T, D=D, F=F, E=E, k=k, activation=activation, seed=seed, dtype=dtype)
-        runs = [kernels.moe_forward(case.x, case.weights, case.cfg, backend="cpu") for _ in range(repeats)]
+        runs = [topk_moe.moe_forward(case.x, case.weights, case.cfg, backend="cpu") for _ in range(repeats)]
         first = runs[0]
         elements = bits = 0
         for run in runs[1:]:
@@ -297,7 +297,7 @@ def batch_invariance_table(*, T: int, D: int, F: int, E: int, seed: int, batch_s
     for dtype in dtypes:
         case = make_case(T=T, D=D, F=F, E=E, k=k, activation=activation, seed=seed, dtype=dtype)
         n_probes = min(probes, T)
-        alone = [np.asarray(kernels.moe_forward(case.x[p:p + 1], case.weights, case.cfg, backend="cpu").y)[0]
+        alone = [np.asarray(topk_moe.moe_forward(case.x[p:p + 1], case.weights, case.cfg, backend="cpu").y)[0]
                  for p in range(n_probes)]
         for n in batch_sizes:
             n = int(min(n, T))
@@ -305,7 +305,7 @@ def batch_invariance_table(*, T: int, D: int, F: int, E: int, seed: int, batch_s
             differing = 0
             for p in range(n_probes):
                 batch = np.ascontiguousarray(case.x[(p + np.arange(n)) % T])
-                y = np.asarray(kernels.moe_forward(batch, case.weights, case.cfg, backend="cpu").y)[0]
+                y = np.asarray(topk_moe.moe_forward(batch, case.weights, case.cfg, backend="cpu").y)[0]
                 difference = max(difference, _max_abs(y, alone[p]))
                 differing += _differing_bits(y, alone[p])[0]
             rows.append({"dtype": dtype, "batch size": n, "probe tokens": n_probes,

@@ -1,6 +1,6 @@
 """Tables, numbers and the chart of the Kernels chapter (book/notebooks/kernels.ipynb).
 
-The chapter explains the CUDA kernels of ``kernels/cuda`` without a GPU:
+The chapter explains the CUDA kernels of ``kernels/topk_moe/cuda`` without a GPU:
 everything here is read from the sources, from the launchers' constants and
 rules (``launch_config``, ``expert_mlp``; neither imports CuPy), from nvcc's
 resource report (``build_report.resource_report``), which needs nvcc but no
@@ -28,9 +28,9 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-import kernels as kernels_package
+import topk_moe as kernels_package
 from analysis.display import Note
-from kernels.cuda import build_report, expert_mlp, launch_config
+from topk_moe.cuda import build_report, expert_mlp, launch_config
 
 #: (kernel name prefix, family), the first match wins; the chapter's sections
 #: follow these families. A kernel matching none is "other", so that a new
@@ -307,7 +307,7 @@ def nvcc_release(nvcc: str) -> Optional[str]:
 
 
 def compiler_report(arch: str, *, files: Optional[Sequence[str]] = None) -> CompilerReport:
-    """nvcc's resource report of kernels/cuda for ``arch`` (every .cu file, or the
+    """nvcc's resource report of kernels/topk_moe/cuda for ``arch`` (every .cu file, or the
     named ``files``), or, where nvcc is absent, a CompilerReport with only a note.
     A failing compile raises build_report.BuildError: that is a bug, not a missing tool."""
     nvcc = build_report.nvcc_path()
@@ -432,21 +432,21 @@ def gpu_check_note(results_dir=None) -> str:
 
 def source_numbers() -> dict:
     """What the chapter describes, by glue name: the number of kernels and .cu files
-    in kernels/cuda, and the start of build_report.source_hash() that names them."""
+    in kernels/topk_moe/cuda, and the start of build_report.source_hash() that names them."""
     defined = build_report.source_kernels()
     return {"n_source_kernels": len(defined), "n_source_files": len({file for file, _ in defined}),
             "source_hash": build_report.source_hash()[:12]}
 
 
 def emulator_mutation_table(names: Optional[Sequence[str]] = None) -> Optional[pd.DataFrame]:
-    """CPU emulation: each realistic GPU bug of kernels.cuda.emulator.mutants injected
+    """CPU emulation: each realistic GPU bug of topk_moe.cuda.emulator.mutants injected
     into a copy of the kernels, run on the emulator, and what caught it (the tolerance
     rule, an exact plan, bitwise equality across schedules, or a fault the emulator
     raises). None where the emulator cannot run. These are CPU runs, not GPU runs.
     names: the mutants to run (default: all)."""
     if "cuda-emulated" not in kernels_package.available_backends():
         return None
-    from kernels.cuda.emulator import mutants
+    from topk_moe.cuda.emulator import mutants
 
     return pd.DataFrame(mutants.verify(names))
 
@@ -456,7 +456,7 @@ def emulator_numbers(table: Optional[pd.DataFrame]) -> dict:
     launched in this process (of those the sources define)."""
     if table is None:
         return {"emulated_mutants": 0, "emulated_mutants_caught": 0, "emulated_kernels_launched": 0}
-    from kernels.cuda.emulator import loader
+    from topk_moe.cuda.emulator import loader
 
     defined = build_report.source_kernels()
     return {"emulated_mutants": int(len(table)), "emulated_mutants_caught": int(table["caught"].sum()),
@@ -466,7 +466,7 @@ def emulator_numbers(table: Optional[pd.DataFrame]) -> dict:
 def emulator_note(table: Optional[pd.DataFrame]) -> str:
     if table is not None:
         return ""
-    from kernels.backends import emulator_unavailable_reason
+    from topk_moe.backends import emulator_unavailable_reason
 
     return f"The CPU emulator cannot run here: {emulator_unavailable_reason()}."
 

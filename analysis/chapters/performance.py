@@ -104,7 +104,7 @@ def chapter_data(device_kind: str, *, source: str = "auto", plan: Optional[str] 
 
 
 def _gpu_present() -> bool:
-    from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
+    from topk_moe.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
 
     return cuda_unavailable_reason() is None
 

@@ -265,7 +265,7 @@ def load_over_training_chart(load: pd.DataFrame, arms: Sequence[str] = MOE_ARMS)
 
 def drop_rate_table(collected: dict, factors: Sequence = accuracy.CAPACITY_FACTORS) -> pd.DataFrame:
     """Per (arm, seed, layer, capacity factor): the share of the layer's assignments that
-    kernels.dispatch would drop with that capacity, calls of one training batch each."""
+    topk_moe.dispatch would drop with that capacity, calls of one training batch each."""
     rows = []
     for (arm, seed), routing in collected.items():
         for layer, experts in enumerate(routing["experts"]):
@@ -289,7 +289,7 @@ def drop_rate_chart(drops: pd.DataFrame) -> alt.TopLevelMixin:
         y=alt.Y("drop_rate:Q", title="assignments dropped", axis=alt.Axis(format="%")),
         color=colour)
     return chart.properties(width=220, height=180).facet(column=alt.Column("layer:O", title="layer")).properties(
-        title="Drop rate against capacity factor (kernels.dispatch, one call per training batch)")
+        title="Drop rate against capacity factor (topk_moe.dispatch, one call per training batch)")
 
 
 def ablation_table(table: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:

@@ -16,8 +16,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-import kernels
-import kernels.testing
+import topk_moe
+import topk_moe.testing
 
 # Colour-blind-safe pair (Okabe-Ito): kept in blue, dropped in vermilion.
 STATUS_COLOURS = {"kept": "#0072B2", "dropped": "#D55E00"}
@@ -27,24 +27,24 @@ STATUS_COLOURS = {"kept": "#0072B2", "dropped": "#D55E00"}
 class Example:
     """One tiny MoE layer and a batch to push through it."""
 
-    cfg: kernels.MoEConfig
-    weights: kernels.MoEWeights
+    cfg: topk_moe.MoEConfig
+    weights: topk_moe.MoEWeights
     x: np.ndarray  # (T, D) float32
     capacity: Optional[int]  # C, or None when dropless
 
 
 def make_example(*, T: int, D: int, F: int, E: int, k: int, activation: str = "swiglu",
                  capacity_factor: Optional[float] = None, seed: int = 0) -> Example:
-    """The chapter's layer (kernels.init_weights) and a standard-normal batch x (T, D).
+    """The chapter's layer (topk_moe.init_weights) and a standard-normal batch x (T, D).
 
     x is drawn from its own stream, seeded by (seed, 1), so that it is not a
     copy of the first numbers init_weights drew from `seed`.
     """
-    cfg = kernels.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=k,
+    cfg = topk_moe.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=k,
                             activation=activation, capacity_factor=capacity_factor)
-    weights = kernels.init_weights(cfg, seed=seed)
+    weights = topk_moe.init_weights(cfg, seed=seed)
     x = np.random.default_rng((seed, 1)).standard_normal((T, D)).astype(np.float32)
-    return Example(cfg=cfg, weights=weights, x=x, capacity=kernels.capacity(cfg, T))
+    return Example(cfg=cfg, weights=weights, x=x, capacity=topk_moe.capacity(cfg, T))
 
 
 def describe_capacity(capacity: Optional[int]) -> str:
@@ -74,7 +74,7 @@ def config_table(example: Example) -> pd.DataFrame:
     ).set_index("parameter")
 
 
-def _assignments(routing: kernels.Routing, plan: kernels.DispatchPlan) -> pd.DataFrame:
+def _assignments(routing: topk_moe.Routing, plan: topk_moe.DispatchPlan) -> pd.DataFrame:
     """Every assignment (t, j) in j-major order: token, j, expert, weight, row (-1: dropped)."""
     experts = np.asarray(routing.experts)
     T, K = experts.shape
@@ -90,7 +90,7 @@ def _assignments(routing: kernels.Routing, plan: kernels.DispatchPlan) -> pd.Dat
     })
 
 
-def routing_table(routing: kernels.Routing) -> pd.DataFrame:
+def routing_table(routing: topk_moe.Routing) -> pd.DataFrame:
     """The router's decision for each token and choice j (token-major).
 
     prob is the softmax probability of the chosen expert; weight is what
@@ -111,7 +111,7 @@ def routing_table(routing: kernels.Routing) -> pd.DataFrame:
     }).set_index(["token", "j"])
 
 
-def weight_sum_error(routing: kernels.Routing) -> float:
+def weight_sum_error(routing: topk_moe.Routing) -> float:
     """Largest |sum_j weights[t, j] - 1| over tokens (0.0 for an empty batch)."""
     weights = np.asarray(routing.weights, dtype=np.float64)
     if weights.shape[0] == 0:
@@ -119,7 +119,7 @@ def weight_sum_error(routing: kernels.Routing) -> float:
     return float(np.max(np.abs(weights.sum(axis=1) - 1.0)))
 
 
-def plan_summary(routing: kernels.Routing, plan: kernels.DispatchPlan) -> pd.DataFrame:
+def plan_summary(routing: topk_moe.Routing, plan: topk_moe.DispatchPlan) -> pd.DataFrame:
     """Per expert: assignments routed to it, kept (plan.counts), dropped, and its
     rows offsets[e]:offsets[e+1] in the expert-sorted batch."""
     counts = np.asarray(plan.counts).astype(np.int64)
@@ -136,7 +136,7 @@ def plan_summary(routing: kernels.Routing, plan: kernels.DispatchPlan) -> pd.Dat
     }).set_index("expert")
 
 
-def plan_rows(routing: kernels.Routing, plan: kernels.DispatchPlan) -> pd.DataFrame:
+def plan_rows(routing: topk_moe.Routing, plan: topk_moe.DispatchPlan) -> pd.DataFrame:
     """The expert-sorted batch, one line per kept row: its expert, token and choice j."""
     kept = _assignments(routing, plan).query("row >= 0").sort_values("row", kind="stable")
     counts = np.asarray(plan.counts).astype(np.int64)
@@ -150,13 +150,13 @@ def plan_rows(routing: kernels.Routing, plan: kernels.DispatchPlan) -> pd.DataFr
     return table.set_index("row")
 
 
-def dropped_assignments(routing: kernels.Routing, plan: kernels.DispatchPlan) -> pd.DataFrame:
+def dropped_assignments(routing: topk_moe.Routing, plan: topk_moe.DispatchPlan) -> pd.DataFrame:
     """The assignments the capacity dropped (plan.row == -1), in j-major order."""
     dropped = _assignments(routing, plan).query("row < 0")
     return dropped[["token", "j", "expert", "weight", "row"]].reset_index(drop=True)
 
 
-def dispatch_numbers(routing: kernels.Routing, plan: kernels.DispatchPlan) -> dict:
+def dispatch_numbers(routing: topk_moe.Routing, plan: topk_moe.DispatchPlan) -> dict:
     """Counts for the chapter's prose, as plain Python numbers (glue shows their repr)."""
     row = np.asarray(plan.row)
     T, K = row.shape
@@ -170,7 +170,7 @@ def dispatch_numbers(routing: kernels.Routing, plan: kernels.DispatchPlan) -> di
     }
 
 
-def expert_load(routing: kernels.Routing, plan: kernels.DispatchPlan) -> pd.DataFrame:
+def expert_load(routing: topk_moe.Routing, plan: topk_moe.DispatchPlan) -> pd.DataFrame:
     """Tokens routed to each expert, split into kept and dropped (long form, for the chart)."""
     summary = plan_summary(routing, plan)
     wide = pd.DataFrame({
@@ -212,10 +212,10 @@ def _max_abs_difference(a, b) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
-def formula_output(example: Example, routing: kernels.Routing, plan: kernels.DispatchPlan) -> np.ndarray:
+def formula_output(example: Example, routing: topk_moe.Routing, plan: topk_moe.DispatchPlan) -> np.ndarray:
     """y written straight from the contract, one token at a time:
     y[t] = sum over kept j of weights[t, j] * expert_{experts[t, j]}(x[t]),
-    each expert evaluated with kernels.dense_mlp on the reference backend."""
+    each expert evaluated with topk_moe.dense_mlp on the reference backend."""
     w = example.weights
     T, K = np.asarray(routing.experts).shape
     y = np.zeros(example.x.shape, dtype=np.float64)
@@ -224,16 +224,16 @@ def formula_output(example: Example, routing: kernels.Routing, plan: kernels.Dis
             if plan.row[t, j] < 0:
                 continue
             e = int(routing.experts[t, j])
-            out = kernels.dense_mlp(example.x[t:t + 1], w.w1[e], w.w2[e],
+            out = topk_moe.dense_mlp(example.x[t:t + 1], w.w1[e], w.w2[e],
                                     None if w.w3 is None else w.w3[e],
                                     activation=example.cfg.activation, backend="reference")
             y[t] += float(routing.weights[t, j]) * np.asarray(out, dtype=np.float64)[0]
     return y
 
 
-def forward_checks(example: Example, routing: kernels.Routing, plan: kernels.DispatchPlan,
-                   rows, y, forward: kernels.MoEOutput) -> pd.DataFrame:
-    """The stage-by-stage results against kernels.moe_forward and the contract's formula.
+def forward_checks(example: Example, routing: topk_moe.Routing, plan: topk_moe.DispatchPlan,
+                   rows, y, forward: topk_moe.MoEOutput) -> pd.DataFrame:
+    """The stage-by-stage results against topk_moe.moe_forward and the contract's formula.
 
     One line per check: what is compared, the largest difference (0 for
     integer arrays that must match exactly) and whether it passed.
@@ -261,12 +261,12 @@ def forward_checks(example: Example, routing: kernels.Routing, plan: kernels.Dis
         ("y = 0 for tokens whose every assignment was dropped",
          _max_abs_difference(np.asarray(y)[fully_dropped], np.zeros((int(fully_dropped.sum()), x.shape[1])))),
     ]
-    # The project's one tolerance rule (kernels.testing): both sides are the
+    # The project's one tolerance rule (topk_moe.testing): both sides are the
     # float64 reference, so only its floor applies, a few ulps of the terms
     # summed into y; they may differ by summation order.
-    allowed = kernels.testing.error_bound(
+    allowed = topk_moe.testing.error_bound(
         forward.y, forward.y, np.float64,
-        scale=kernels.testing.moe_term_scale(example.x, example.weights, example.cfg, routing.experts),
+        scale=topk_moe.testing.moe_term_scale(example.x, example.weights, example.cfg, routing.experts),
     )
     table = pd.DataFrame(checks, columns=["check", "max abs difference"])
     table["passed"] = table["max abs difference"] <= allowed

@@ -2,8 +2,8 @@
 
 For each activation, each token count T and each k, on the same inputs, it times
 
-- our MoE layer, ``kernels.moe_forward(backend="cpu")``;
-- our dense MLP (``kernels.dense_mlp(backend="cpu")``) of width K·F, the same
+- our MoE layer, ``topk_moe.moe_forward(backend="cpu")``;
+- our dense MLP (``topk_moe.dense_mlp(backend="cpu")``) of width K·F, the same
   active FLOPs as the MoE's experts, and of width E·F, the same parameters;
 - the PyTorch eager MoE a user would write, the Hugging Face loop
   (``peers.hf_eager_moe``), and the grouped-GEMM layer (``peers.grouped_mm_moe``)
@@ -68,8 +68,8 @@ from typing import Optional
 import numpy
 from tqdm import tqdm
 
-import kernels
-import kernels.cpu
+import topk_moe
+import topk_moe.cpu
 from analysis import intervals, records
 from analysis.measure import peers, roofline, sweep_cells, timing
 
@@ -187,8 +187,8 @@ def token_sets(T: int, D: int, dtype: numpy.dtype, count: int, seed: int) -> lis
     return [rng.standard_normal((T, D), dtype=numpy.float64).astype(dtype) for _ in range(count)]
 
 
-def layer_config(config: BenchConfig, activation: str, K: int) -> kernels.MoEConfig:
-    return kernels.MoEConfig(config.d_model, config.d_ff, config.n_experts, K, activation=activation)
+def layer_config(config: BenchConfig, activation: str, K: int) -> topk_moe.MoEConfig:
+    return topk_moe.MoEConfig(config.d_model, config.d_ff, config.n_experts, K, activation=activation)
 
 
 def expert_bytes(config: BenchConfig, activation: str) -> int:
@@ -245,12 +245,12 @@ class InputCache:
         return self.tokens[:count]
 
     def moe_sets(self, activation: str, T: int, count: int) -> list[tuple]:
-        """[(x, kernels.MoEWeights)] * count: the layer's weights (seed
+        """[(x, topk_moe.MoEWeights)] * count: the layer's weights (seed
         ``config.seed``) and copies of them in fresh memory."""
         tokens = self.token_sets(activation, T, count)
         if not self.moe_weights:
             cfg = layer_config(self.config, activation, 1)
-            self.moe_weights = [kernels.init_weights(cfg, seed=self.config.seed, dtype=self.config.dtype)]
+            self.moe_weights = [topk_moe.init_weights(cfg, seed=self.config.seed, dtype=self.config.dtype)]
         while len(self.moe_weights) < count:
             self.moe_weights.append(copy_weights(self.moe_weights[0]))
         return list(zip(tokens, self.moe_weights[:count]))
@@ -274,19 +274,19 @@ class InputCache:
         return items[:count]
 
 
-def copy_weights(weights: kernels.MoEWeights) -> kernels.MoEWeights:
+def copy_weights(weights: topk_moe.MoEWeights) -> topk_moe.MoEWeights:
     """The same weights in fresh memory."""
     def copy(array):
         return None if array is None else array.copy()
 
-    return kernels.MoEWeights(router=copy(weights.router), w1=copy(weights.w1), w2=copy(weights.w2),
+    return topk_moe.MoEWeights(router=copy(weights.router), w1=copy(weights.w1), w2=copy(weights.w2),
                               w3=copy(weights.w3))
 
 
 def dense_weights(D: int, width: int, activation: str, dtype: numpy.dtype, seed: int):
     """(w1, w2, w3) of a dense MLP of hidden width ``width``, drawn like one
-    expert (``kernels.init_weights`` with one expert), so scales match the MoE."""
-    single_expert = kernels.init_weights(kernels.MoEConfig(D, width, 1, 1, activation=activation),
+    expert (``topk_moe.init_weights`` with one expert), so scales match the MoE."""
+    single_expert = topk_moe.init_weights(topk_moe.MoEConfig(D, width, 1, 1, activation=activation),
                                          seed=seed, dtype=dtype)
     w3 = None if single_expert.w3 is None else single_expert.w3[0]
     return single_expert.w1[0], single_expert.w2[0], w3
@@ -318,7 +318,7 @@ def moe_reference_rows(x, weights, cfg) -> tuple[numpy.ndarray, numpy.ndarray]:
     T = x.shape[0]
     rows = sweep_cells.validation_rows(T, roofline.moe_flops(1, cfg.d_model, cfg.d_ff, cfg.n_experts,
                                                              cfg.top_k, cfg.activation))
-    return rows, kernels.moe_forward(x[rows], weights, cfg, backend="reference").y
+    return rows, topk_moe.moe_forward(x[rows], weights, cfg, backend="reference").y
 
 
 def measure_moe(config: BenchConfig, activation: str, T: int, K: int, inputs: InputCache) -> dict:
@@ -326,16 +326,16 @@ def measure_moe(config: BenchConfig, activation: str, T: int, K: int, inputs: In
     cfg = layer_config(config, activation, K)
     count = moe_rotation_count(config, activation, T, K)
     sets = inputs.moe_sets(activation, T, count)
-    first = kernels.moe_forward(*sets[0], cfg, backend="cpu")
+    first = topk_moe.moe_forward(*sets[0], cfg, backend="cpu")
     # Nothing wrong is timed: the project's one tolerance rule against the
     # float64 reference, routed the same way; it raises, and the run stops.
     checked = sweep_cells.check_moe_output(*sets[0], cfg, first, name=f"cpu moe_forward {activation} T={T} k={K}")
     # The experts each input set routes to: the weights a call must read (decode's floor).
-    touched = [numpy.unique(kernels.route(x, w.router, K, backend="cpu").experts).size for x, w in sets]
-    measured = timing.time_within_budget(lambda x, w: kernels.moe_forward(x, w, cfg, backend="cpu"), sets,
+    touched = [numpy.unique(topk_moe.route(x, w.router, K, backend="cpu").experts).size for x, w in sets]
+    measured = timing.time_within_budget(lambda x, w: topk_moe.moe_forward(x, w, cfg, backend="cpu"), sets,
                                          budget(config))
     kept = int(first.plan.offsets[-1])
-    return {"timing": measured.as_dict(), "rotation_sets": count, "threads": kernels.cpu.threads(),
+    return {"timing": measured.as_dict(), "rotation_sets": count, "threads": topk_moe.cpu.threads(),
             "flops": roofline.moe_flops(T, config.d_model, config.d_ff, config.n_experts, K, activation,
                                         kept_assignments=kept),
             "kept_assignments": kept,
@@ -348,14 +348,14 @@ def measure_dense(config: BenchConfig, activation: str, T: int, width: int, inpu
     sets = inputs.dense_sets(activation, T, width, count)
 
     def dense(x, w1, w2, w3):
-        return kernels.dense_mlp(x, w1, w2, w3, activation=activation, backend="cpu")
+        return topk_moe.dense_mlp(x, w1, w2, w3, activation=activation, backend="cpu")
 
     x, w1, w2, w3 = sets[0]
     rows = sweep_cells.validation_rows(T, roofline.dense_flops(1, config.d_model, width, activation))
-    expected = kernels.dense_mlp(x[rows], w1, w2, w3, activation=activation, backend="reference")
+    expected = topk_moe.dense_mlp(x[rows], w1, w2, w3, activation=activation, backend="reference")
     error = check_rows_against(f"cpu dense_mlp width {width} {activation} T={T}", dense(*sets[0]), expected, rows)
     measured = timing.time_within_budget(dense, sets, budget(config))
-    return {"timing": measured.as_dict(), "rotation_sets": count, "threads": kernels.cpu.threads(),
+    return {"timing": measured.as_dict(), "rotation_sets": count, "threads": topk_moe.cpu.threads(),
             "flops": roofline.dense_flops(T, config.d_model, width, activation),
             "validated_rows": int(len(rows)), "relative_error_vs_reference": error}
 
@@ -403,7 +403,7 @@ def measure_torch_dense(config: BenchConfig, activation: str, T: int, width: int
 
     x, w1, w2, w3 = sets[0]
     rows = sweep_cells.validation_rows(T, roofline.dense_flops(1, config.d_model, width, activation))
-    expected = kernels.dense_mlp(x[rows], w1, w2, w3, activation=activation, backend="reference")
+    expected = topk_moe.dense_mlp(x[rows], w1, w2, w3, activation=activation, backend="reference")
     with torch.inference_mode():
         error = check_rows_against(f"torch dense width {width} {activation} T={T}", dense(*args_sets[0]),
                                    expected, rows)
@@ -417,13 +417,13 @@ def measure_ceilings(config: BenchConfig) -> dict:
     """This machine's SGEMM rate and copy bandwidth, as our kernels can reach them.
 
     SGEMM: the better of NumPy's ``matmul`` of two n x n matrices on BLAS's
-    threads (``roofline.sgemm_rate``) and ``kernels.cpu.threads()`` single-
+    threads (``roofline.sgemm_rate``) and ``topk_moe.cpu.threads()`` single-
     threaded n x n products at once, one per worker thread, as the cpu backend
     runs its blocks. Copy: ``roofline.copy_bandwidth`` (bytes read plus written).
     """
     dtype = numpy.dtype(config.dtype)
     multithreaded = roofline.sgemm_rate(n=config.sgemm_n, dtype=dtype)
-    workers = kernels.cpu.threads()
+    workers = topk_moe.cpu.threads()
     per_worker = concurrent_sgemm_rate(config.sgemm_n, dtype, workers)
     return {"sgemm_flop_per_s": max(multithreaded, per_worker), "sgemm_blas_threads_flop_per_s": multithreaded,
             "sgemm_one_per_worker_flop_per_s": per_worker, "threads": workers,

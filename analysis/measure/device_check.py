@@ -8,7 +8,7 @@ On a machine with a CUDA device it runs, in order:
 1. ``pytest -m gpu`` over the test files that hold gpu-marked tests (the CUDA
    backend against the reference), read from its JUnit XML: passed, failed,
    errors, skipped;
-2. compute-sanitizer's memcheck and racecheck on ``python -m kernels.cuda.smoke``;
+2. compute-sanitizer's memcheck and racecheck on ``python -m topk_moe.cuda.smoke``;
 3. Nsight Compute's memory counters (global requests and sectors, shared
    wavefronts and bank conflicts, DRAM bytes; ``analysis.measure.utilisation``)
    for every kernel of one layer at the shape whose requests the CPU emulator
@@ -27,7 +27,7 @@ Unless the tests were skipped, it then appends a record of kind ``gpu-tests`` to
 (through ``analysis.records.write_records``, which adds the device, the UTC
 time, the commit from git or ``$MOE_GIT_COMMIT``, and the versions) carrying
 the counts, each sanitizer's verdict and ``source_hash``, the hash of the
-``kernels`` sources (``kernels.cuda.build_report.source_hash``) that names the
+``kernels`` sources (``topk_moe.cuda.build_report.source_hash``) that names the
 code even where there is no git checkout. Logs, the XML and the record go to
 ``$OUT`` when it is set (else ``--out``, else a temporary folder): at most
 eight flat files. A short table is printed last. Exit status: 0 when every
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from kernels.cuda.build_report import REPO_ROOT, cuda_tool_path, source_hash
+from topk_moe.cuda.build_report import REPO_ROOT, cuda_tool_path, source_hash
 
 KIND = "gpu-tests"
 #: The shape of the committed emulated traffic counts (analysis.measure.traffic).
@@ -110,7 +110,7 @@ def plan_steps(args, log_dir: Path) -> list:
         for tool in SANITIZER_TOOLS:
             steps.append(Step(
                 tool,
-                [sanitizer, "--tool", tool, "--error-exitcode", "1", python, "-m", "kernels.cuda.smoke"],
+                [sanitizer, "--tool", tool, "--error-exitcode", "1", python, "-m", "topk_moe.cuda.smoke"],
                 f"{tool}.log", args.sanitizer_timeout,
             ))
     if not args.skip_traffic_ncu:
@@ -214,7 +214,7 @@ def main(argv: Optional[list] = None) -> int:
             print("no analysis/measure/sweep.py here: the benchmark step is left out")
         return 0
 
-    from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
+    from topk_moe.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
 
     reason = cuda_unavailable_reason()
     if reason is not None:

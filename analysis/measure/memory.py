@@ -23,7 +23,7 @@ N the kept assignments (T k without a capacity) and every index int64 except
 The dense MLP of hidden width F' (K F at equal active FLOPs, E F at equal
 parameters) has ``hidden`` (T, F') (and its gate) and ``y`` (T, D).
 
-A layer run stage by stage (``kernels.moe_forward`` on the CUDA backend) holds
+A layer run stage by stage (``topk_moe.moe_forward`` on the CUDA backend) holds
 routing, plan, rows and expert_out until it returns, so its peak of named
 arrays is all of them plus the larger of the transient hidden activations
 (live during the expert MLPs) and y (``peak_bytes``); the CUDA backend makes
@@ -168,7 +168,7 @@ NONE = Temporaries()
 
 
 def cpu_temporaries(activation: str) -> Temporaries:
-    """The CPU backend (kernels/cpu.py), bounded from above: one hidden-sized
+    """The CPU backend (kernels/topk_moe/cpu.py), bounded from above: one hidden-sized
     temporary for gelu and swiglu, K outputs' worth for combine (the ``combine``
     stage's gathers; the fused ``moe_forward`` adds into y and needs none)."""
     return Temporaries(0 if activation == "relu" else 1, True)
@@ -209,10 +209,10 @@ def dense_peak_bytes(T: int, D: int, F_dense: int, dtype: str = "float32", activ
 
 
 def _layer_inputs(shape: LayerShape, seed: int = 0):
-    import kernels  # noqa: PLC0415
+    import topk_moe  # noqa: PLC0415
 
-    cfg = kernels.MoEConfig(shape.D, shape.F, shape.E, shape.k, activation=shape.activation)
-    weights = kernels.init_weights(cfg, seed=seed, dtype=numpy.dtype(shape.dtype))
+    cfg = topk_moe.MoEConfig(shape.D, shape.F, shape.E, shape.k, activation=shape.activation)
+    weights = topk_moe.init_weights(cfg, seed=seed, dtype=numpy.dtype(shape.dtype))
     x = numpy.random.default_rng(seed + 1).standard_normal((shape.T, shape.D)).astype(shape.dtype)
     return cfg, weights, x
 
@@ -229,13 +229,13 @@ def measure_peak(shape: LayerShape, arm: str = "moe", backend: str = "cpu", *, d
                  seed: int = 0) -> Measured:
     """Bytes allocated at the peak of one call of the layer, above what was allocated before it.
 
-    ``arm``: "moe" runs ``kernels.moe_forward`` at ``shape``; "dense" runs
-    ``kernels.dense_mlp`` of hidden width ``dense_width`` on the same tokens.
+    ``arm``: "moe" runs ``topk_moe.moe_forward`` at ``shape``; "dense" runs
+    ``topk_moe.dense_mlp`` of hidden width ``dense_width`` on the same tokens.
     ``backend``: "cpu" (tracemalloc) or "cuda" (CuPy's memory pool, see the module
     docstring). The layer runs once untraced first, so that one-time costs (imports,
     caches, compiled kernels) are not counted.
     """
-    import kernels  # noqa: PLC0415
+    import topk_moe  # noqa: PLC0415
 
     if arm not in ("moe", "dense"):
         raise ValueError(f"arm: expected 'moe' or 'dense', got {arm!r}")
@@ -255,13 +255,13 @@ def measure_peak(shape: LayerShape, arm: str = "moe", backend: str = "cpu", *, d
         def call(xp):
             arrays = [None if w is None else xp.asarray(w) for w in dense_weights]
             tokens = xp.asarray(x)
-            return lambda: kernels.dense_mlp(tokens, *arrays, activation=shape.activation, backend=backend)
+            return lambda: topk_moe.dense_mlp(tokens, *arrays, activation=shape.activation, backend=backend)
     else:
         def call(xp):
-            arrays = kernels.MoEWeights(*(None if w is None else xp.asarray(w)
+            arrays = topk_moe.MoEWeights(*(None if w is None else xp.asarray(w)
                                           for w in (weights.router, weights.w1, weights.w2, weights.w3)))
             tokens = xp.asarray(x)
-            return lambda: kernels.moe_forward(tokens, arrays, cfg, backend=backend)
+            return lambda: topk_moe.moe_forward(tokens, arrays, cfg, backend=backend)
     if backend == "cuda":  # pragma: no cover - needs a GPU
         import cupy  # noqa: PLC0415
 

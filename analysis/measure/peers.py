@@ -1,6 +1,6 @@
 """The MoE layers a user would otherwise run, in PyTorch, on the same inputs.
 
-Two peers, each the same layer as ``kernels.moe_forward`` (dropless, top-k
+Two peers, each the same layer as ``topk_moe.moe_forward`` (dropless, top-k
 with renormalised weights, no biases):
 
 - ``hf_eager_moe``: the Hugging Face Mixtral block's eager loop. Route with a
@@ -16,7 +16,7 @@ with renormalised weights, no biases):
   peer computes in bfloat16 there whatever the layer's dtype (its records say
   so); on the CPU it takes float32.
 
-On the GPU the dense baselines need no peer: ``kernels.dense_mlp(backend="cuda")``
+On the GPU the dense baselines need no peer: ``topk_moe.dense_mlp(backend="cuda")``
 is cuBLAS through CuPy. On the CPU, ``torch_dense_mlp`` is PyTorch's dense MLP
 (MKL or oneDNN on PyTorch's OpenMP threads), the dense layer a user would write.
 
@@ -108,7 +108,7 @@ class TorchLayer:
 
 
 def torch_layer(weights, cfg, dtype: Optional[str] = None) -> TorchLayer:
-    """``kernels.MoEWeights`` as a ``TorchLayer`` on the arrays' device."""
+    """``topk_moe.MoEWeights`` as a ``TorchLayer`` on the arrays' device."""
     convert = lambda a: None if a is None else as_torch(a, dtype)  # noqa: E731
     return TorchLayer(router=convert(weights.router), w1=convert(weights.w1), w2=convert(weights.w2),
                       w3=convert(weights.w3), activation=cfg.activation, top_k=cfg.top_k,
@@ -137,7 +137,7 @@ def _activate(hidden, gate, activation: str):
 
 def torch_dense_mlp(x, w1, w2, w3, activation: str):
     """y (T, D): the dense MLP in PyTorch, ``act(x @ w1) @ w2`` (swiglu:
-    ``(silu(x @ w1) * (x @ w3)) @ w2``), as ``kernels.dense_mlp`` computes it."""
+    ``(silu(x @ w1) * (x @ w3)) @ w2``), as ``topk_moe.dense_mlp`` computes it."""
     gate = x @ w3 if w3 is not None else None
     return _activate(x @ w1, gate, activation) @ w2
 

@@ -2,7 +2,7 @@
 
 A real router's load is whatever its training left it; to time a whole
 ``moe_forward`` under a *known* skew, the sweep keeps the router (random, as
-``kernels.init_weights`` draws it) and builds the tokens instead. Each token t
+``topk_moe.init_weights`` draws it) and builds the tokens instead. Each token t
 draws its K target experts e_1 (from the skew's distribution) and e_2 (from
 the same distribution over the other experts), and becomes
 

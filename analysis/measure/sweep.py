@@ -213,14 +213,14 @@ def nvml_row(device, preset: str, T: int, k: int, dtype: str) -> dict:
     reason = utilisation.nvml_unavailable_reason()
     if reason is not None or device.name != "cuda":
         return utilisation.empty_nvml_row(reason or "no GPU: NVML has nothing to sample")
-    import kernels  # noqa: PLC0415
+    import topk_moe  # noqa: PLC0415
 
     shape = sweep_plan.PRESETS[preset]
     cfg = shape.config(k)
     try:
         weights = sweep_cells.device_weights(cfg, dtype, seed=0)
         x = sweep_cells.make_tokens("uniform", T, weights.router, k, dtype=dtype, device="cuda", seed=0)
-        row = utilisation.nvml_during(lambda: kernels.moe_forward(x, weights, cfg, backend="cuda", check_finite=False),
+        row = utilisation.nvml_during(lambda: topk_moe.moe_forward(x, weights, cfg, backend="cuda", check_finite=False),
                                       seconds=2.0, synchronize=device.synchronize)
     except Exception as error:
         row = utilisation.empty_nvml_row(f"NVML sampling failed: {type(error).__name__}: {error}")
@@ -445,7 +445,7 @@ def parse_plan(argv) -> tuple:
 def main(argv=None) -> int:
     plan, args = parse_plan(argv)
     if plan.device == "cuda":
-        from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415
+        from topk_moe.backends import cuda_unavailable_reason  # noqa: PLC0415
 
         reason = cuda_unavailable_reason()
         if reason is not None:

@@ -8,7 +8,7 @@ inputs and measures it. A cell is (layer shape, dtype, T, k, skew); per cell:
   the backend module's own function on inputs made by the stage before (the
   public ``kernels.*`` functions check their arguments, and ``dispatch``'s
   range check reads the experts back, which is not the kernel's time);
-- the whole layer, ``kernels.moe_forward`` (``check_finite=False`` on the
+- the whole layer, ``topk_moe.moe_forward`` (``check_finite=False`` on the
   GPU, so it never waits for the host), eagerly and, for small T on the GPU,
   as CUDA-graph replays;
 - the peers (``analysis.measure.peers``), checked against the layer's output first;
@@ -46,11 +46,11 @@ from typing import Any, Callable, Optional
 
 import numpy
 
-import kernels
-import kernels.testing
+import topk_moe
+import topk_moe.testing
 from analysis.measure import peers, roofline, skew, timing
 from analysis import records
-from kernels.backends import resolve
+from topk_moe.backends import resolve
 
 #: On the GPU, the whole layer is also timed as CUDA-graph replays up to this T.
 GRAPH_MAX_TOKENS = 64
@@ -127,13 +127,13 @@ class Device:
 # ---------------------------------------------------------------- inputs
 
 
-def device_weights(cfg: kernels.MoEConfig, dtype: str, *, seed: int, device: str = "cuda") -> kernels.MoEWeights:
-    """Random weights at ``kernels.init_weights``'s scale (standard deviation
+def device_weights(cfg: topk_moe.MoEConfig, dtype: str, *, seed: int, device: str = "cuda") -> topk_moe.MoEWeights:
+    """Random weights at ``topk_moe.init_weights``'s scale (standard deviation
     1/sqrt(fan-in)). On the GPU the expert matrices are drawn there (a
     Mixtral layer is 2.8 GB in float16; drawing it on the host in float64
     would take 11 GB and most of a minute); the router is drawn on the host."""
     if device == "cpu":
-        return kernels.init_weights(cfg, seed=seed, dtype=dtype)
+        return topk_moe.init_weights(cfg, seed=seed, dtype=dtype)
     import cupy  # noqa: PLC0415
 
     D, F, E = cfg.d_model, cfg.d_ff, cfg.n_experts
@@ -144,7 +144,7 @@ def device_weights(cfg: kernels.MoEConfig, dtype: str, *, seed: int, device: str
         drawn *= 1.0 / math.sqrt(fan_in)
         return drawn.astype(dtype)
 
-    return kernels.MoEWeights(router=cupy.asarray(router.astype(dtype)),
+    return topk_moe.MoEWeights(router=cupy.asarray(router.astype(dtype)),
                               w1=matrix((E, D, F), D, 1), w2=matrix((E, F, D), F, 2),
                               w3=matrix((E, D, F), D, 3) if cfg.has_gate else None)
 
@@ -152,7 +152,7 @@ def device_weights(cfg: kernels.MoEConfig, dtype: str, *, seed: int, device: str
 def device_dense_weights(D: int, width: int, activation: str, dtype: str, *, seed: int,
                          device: str = "cuda") -> tuple:
     """(w1 (D, width), w2 (width, D), w3 or None) of a dense MLP, drawn like one expert."""
-    single = device_weights(kernels.MoEConfig(D, width, 1, 1, activation=activation), dtype,
+    single = device_weights(topk_moe.MoEConfig(D, width, 1, 1, activation=activation), dtype,
                             seed=seed, device=device)
     return single.w1[0], single.w2[0], None if single.w3 is None else single.w3[0]
 
@@ -171,8 +171,8 @@ def weight_copies(weights, count: int, device: Device) -> list:
     if device.name == "cuda":
         return [weights] * count
     copy = lambda a: None if a is None else a.copy()  # noqa: E731
-    if isinstance(weights, kernels.MoEWeights):
-        return [weights] + [kernels.MoEWeights(copy(weights.router), copy(weights.w1), copy(weights.w2),
+    if isinstance(weights, topk_moe.MoEWeights):
+        return [weights] + [topk_moe.MoEWeights(copy(weights.router), copy(weights.w1), copy(weights.w2),
                                                copy(weights.w3)) for _ in range(count - 1)]
     return [weights] + [tuple(copy(a) for a in weights) for _ in range(count - 1)]
 
@@ -210,11 +210,11 @@ def _host_rows(a, rows) -> numpy.ndarray:
     return numpy.asarray(a)[rows]
 
 
-def check_moe_output(x, weights: kernels.MoEWeights, cfg: kernels.MoEConfig, output: kernels.MoEOutput, *,
+def check_moe_output(x, weights: topk_moe.MoEWeights, cfg: topk_moe.MoEConfig, output: topk_moe.MoEOutput, *,
                      name: str, max_rows: int = VALIDATION_MAX_ROWS,
                      max_plain_flops: float = VALIDATION_MAX_PLAIN_FLOPS) -> dict:
-    """Check ``output = kernels.moe_forward(x, weights, cfg, backend=...)`` (NumPy or
-    CuPy) by the project's one tolerance rule (``kernels.testing``): at most
+    """Check ``output = topk_moe.moe_forward(x, weights, cfg, backend=...)`` (NumPy or
+    CuPy) by the project's one tolerance rule (``topk_moe.testing``): at most
     twice the error of a plain implementation in the same dtype, both against
     the float64 reference, routed as the tested backend routed (near-ties may
     route differently in low precision, and that is not an error).
@@ -231,7 +231,7 @@ def check_moe_output(x, weights: kernels.MoEWeights, cfg: kernels.MoEConfig, out
     Returns ``{"validated_rows", "relative_error_vs_reference"}`` for the
     records; raises ``ValidationError`` with the rule's numbers.
     """
-    experts_all = kernels.testing.to_host(output.routing.experts)
+    experts_all = topk_moe.testing.to_host(output.routing.experts)
     T, K = experts_all.shape
     D, F, E = cfg.d_model, cfg.d_ff, cfg.n_experts
     if cfg.capacity_factor is None:
@@ -245,18 +245,18 @@ def check_moe_output(x, weights: kernels.MoEWeights, cfg: kernels.MoEConfig, out
     renumbered = numpy.empty(E, dtype=numpy.int64)
     renumbered[order] = numpy.arange(E)
     experts = renumbered[experts].astype(numpy.int32)
-    compact = kernels.MoEWeights(
-        router=kernels.testing.to_host(weights.router)[:, order],
+    compact = topk_moe.MoEWeights(
+        router=topk_moe.testing.to_host(weights.router)[:, order],
         w1=_host_rows(weights.w1, used), w2=_host_rows(weights.w2, used),
         w3=None if weights.w3 is None else _host_rows(weights.w3, used))
-    routing = kernels.Routing(experts=experts, weights=None, probs=None)  # only the choices are used
+    routing = topk_moe.Routing(experts=experts, weights=None, probs=None)  # only the choices are used
     x_rows, y_rows = _host_rows(x, rows), _host_rows(output.y, rows)
-    expected = kernels.testing.expected_moe_forward(x_rows, compact, cfg, routing)
+    expected = topk_moe.testing.expected_moe_forward(x_rows, compact, cfg, routing)
     try:
-        kernels.testing.assert_close_to_reference(
-            y_rows, expected, kernels.testing.plain_moe_forward(x_rows, compact, cfg, routing),
+        topk_moe.testing.assert_close_to_reference(
+            y_rows, expected, topk_moe.testing.plain_moe_forward(x_rows, compact, cfg, routing),
             name=f"{name} ({len(rows)} of {T} rows)",
-            scale=kernels.testing.moe_term_scale(x_rows, compact, cfg, experts))
+            scale=topk_moe.testing.moe_term_scale(x_rows, compact, cfg, experts))
     except AssertionError as failure:
         raise ValidationError(str(failure)) from None
     return {"validated_rows": int(len(rows)), "relative_error_vs_reference": peers.relative_error(y_rows, expected)}
@@ -329,8 +329,8 @@ class Layer:
     def itemsize(self) -> int:
         return numpy.dtype(self.dtype).itemsize
 
-    def config(self, k: int) -> kernels.MoEConfig:
-        return kernels.MoEConfig(self.D, self.F, self.E, k, activation=self.activation)
+    def config(self, k: int) -> topk_moe.MoEConfig:
+        return topk_moe.MoEConfig(self.D, self.F, self.E, k, activation=self.activation)
 
     def weight_sets(self, count: int) -> list:
         if len(self.copies) < count:
@@ -384,7 +384,7 @@ def measure_moe(layer: Layer, T: int, k: int, skew_name: str, what: frozenset, c
     x_sets = [make_tokens(skew_name, T, layer.weights.router, k, dtype=layer.dtype, device=device.name,
                           seed=layer.seed * 1000 + index) for index in range(count)]
 
-    forward = kernels.moe_forward(x_sets[0], weight_sets[0], cfg, backend=device.name, **device.check)
+    forward = topk_moe.moe_forward(x_sets[0], weight_sets[0], cfg, backend=device.name, **device.check)
     # Before anything is timed; a ValidationError ends the cell (the sweep reports it).
     checked = check_moe_output(x_sets[0], weight_sets[0], cfg, forward,
                                name=f"{device.name} moe_forward, {layer.name} {layer.dtype} T={T} k={k} {skew_name}")
@@ -428,7 +428,7 @@ def measure_moe(layer: Layer, T: int, k: int, skew_name: str, what: frozenset, c
               list(zip(outs, routings, plans)), stage_costs["combine"])
         del routings, plans, rows, outs
 
-    moe_call = lambda x, w: kernels.moe_forward(x, w, cfg, backend=device.name, **device.check)  # noqa: E731
+    moe_call = lambda x, w: topk_moe.moe_forward(x, w, cfg, backend=device.name, **device.check)  # noqa: E731
     if "end_to_end" in what:
         timed("moe", "end_to_end", moe_call, list(zip(x_sets, weight_sets)), whole_layer)
     if "graph" in what and device.name == "cuda" and T <= GRAPH_MAX_TOKENS:
@@ -468,7 +468,7 @@ def measure_peers(layer: Layer, T: int, k: int, cfg, x_sets: list, expected_y, c
             valid = error <= PEER_ERROR_LIMIT  # False for NaN too
             if not valid:
                 report(where, ValidationError(
-                    f"relative error {error:.2e} against kernels.moe_forward exceeds {PEER_ERROR_LIMIT:g}: "
+                    f"relative error {error:.2e} against topk_moe.moe_forward exceeds {PEER_ERROR_LIMIT:g}: "
                     f"timed, but its record is marked invalid and left out of the tables and charts"))
             measured = device.time(lambda x: function(x, torch_weights), [(x,) for x in x_torch])
         except Exception as failure:
@@ -530,7 +530,7 @@ def _gemms_only(xp, x, weights, hidden):
 
 def load_layer(name: str, D: int, F: int, E: int, activation: str, dtype: str, device: Device,
                seed: int = 0) -> Layer:
-    cfg = kernels.MoEConfig(D, F, E, 1, activation=activation)
+    cfg = topk_moe.MoEConfig(D, F, E, 1, activation=activation)
     weights = device_weights(cfg, dtype, seed=seed, device=device.name)
     return Layer(name=name, D=D, F=F, E=E, activation=activation, dtype=dtype, device=device,
                  weights=weights, seed=seed)

@@ -23,9 +23,9 @@ class Shape:
     activation: str = "swiglu"
 
     def config(self, k: int):
-        import kernels  # noqa: PLC0415
+        import topk_moe  # noqa: PLC0415
 
-        return kernels.MoEConfig(self.d_model, self.d_ff, self.n_experts, k, activation=self.activation)
+        return topk_moe.MoEConfig(self.d_model, self.d_ff, self.n_experts, k, activation=self.activation)
 
 
 PRESETS = {
@@ -113,7 +113,7 @@ PLANS = {
 
 
 def default_plan_name() -> str:
-    from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
+    from topk_moe.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
 
     return "gpu-default" if cuda_unavailable_reason() is None else "cpu-default"
 

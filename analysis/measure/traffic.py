@@ -3,7 +3,7 @@
     python -m analysis.measure.traffic --T 256 --D 512 --F 1024 --E 8 --k 1 2
 
 runs the whole MoE layer through the cuda backend's launchers on the emulator
-(``cuda-emulated``), with the traffic counters of kernels/cuda/emulator/traffic.h,
+(``cuda-emulated``), with the traffic counters of kernels/topk_moe/cuda/emulator/traffic.h,
 and appends one record per kernel launch to ``results/cpu-<cpu>/traffic.jsonl``
 (``analysis.records``). Each record holds the stage and kernel, the layer's shape,
 k, dtype, the routing skew (largest expert load over the mean), per access site
@@ -12,8 +12,8 @@ wavefronts against the minimum, and per array argument the distinct bytes
 (the ideal: each byte read once, written once) and distinct sectors.
 
 ``--sources DIR --sources-label NAME`` counts the .cu files of another folder
-(e.g. a commit's kernels/cuda, exported with ``git archive``) instead of
-kernels/cuda: how a fix's counts before and after are recorded side by side.
+(e.g. a commit's kernels/topk_moe/cuda, exported with ``git archive``) instead of
+kernels/topk_moe/cuda: how a fix's counts before and after are recorded side by side.
 
 For the dense baseline at equal active FLOPs (hidden width k F) only the
 activation kernel is ours: its two GEMMs are cuBLAS on a GPU and NumPy in the
@@ -61,7 +61,7 @@ def stage_of(file: str, kernel: str) -> str:
 
 
 def launch_record(launch, index: int, params: dict, extra: dict) -> dict:
-    """One tidy record of one counted launch (kernels.cuda.emulator.traffic.LaunchTraffic)."""
+    """One tidy record of one counted launch (topk_moe.cuda.emulator.traffic.LaunchTraffic)."""
     global_sites = [s for s in launch.sites if s.space == "global"]
     shared_sites = [s for s in launch.sites if s.space == "shared"]
     ideal = sum(a.read_bytes + a.written_bytes for a in launch.arrays)
@@ -104,32 +104,32 @@ def count_layer(T: int, D: int, F: int, E: int, k: int, dtype: str = "float16", 
                 seed: int = 0, sources=None, sources_label: str = "working tree") -> list:
     """Records of every launch of one MoE layer and of the dense activation at
     equal active FLOPs (hidden k F), counted on the emulator; the kernels of
-    folder ``sources`` (named ``sources_label``) instead of kernels/cuda if given."""
-    from kernels.cuda.emulator import loader
+    folder ``sources`` (named ``sources_label``) instead of kernels/topk_moe/cuda if given."""
+    from topk_moe.cuda.emulator import loader
 
     with loader.kernel_sources(sources) if sources else contextlib.nullcontext():
         return _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label)
 
 
 def _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label) -> list:
-    import kernels
-    from kernels.cuda.emulator import traffic
+    import topk_moe
+    from topk_moe.cuda.emulator import traffic
 
-    cfg = kernels.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=k, activation=activation)
-    weights = kernels.init_weights(cfg, seed=seed, dtype=np.dtype(dtype))
+    cfg = topk_moe.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=k, activation=activation)
+    weights = topk_moe.init_weights(cfg, seed=seed, dtype=np.dtype(dtype))
     x = np.random.default_rng(seed).standard_normal((T, D)).astype(dtype)
     with traffic.counting() as launches:
-        output = kernels.moe_forward(x, weights, cfg, backend="cuda-emulated")
+        output = topk_moe.moe_forward(x, weights, cfg, backend="cuda-emulated")
     skew = routing_skew(output.plan, E, T * k)
     params = {"T": T, "D": D, "F": F, "E": E, "k": k, "dtype": dtype, "activation": activation, "seed": seed,
               "layer": "moe", "sources": sources_label}
     out = [launch_record(launch, i, params, {"routing_max_over_mean": skew, "dense_gemms": None})
            for i, launch in enumerate(launches)]
 
-    dense = kernels.MoEConfig(d_model=D, d_ff=k * F, n_experts=1, top_k=1, activation=activation)
-    dense_weights = kernels.init_weights(dense, seed=seed, dtype=np.dtype(dtype))
+    dense = topk_moe.MoEConfig(d_model=D, d_ff=k * F, n_experts=1, top_k=1, activation=activation)
+    dense_weights = topk_moe.init_weights(dense, seed=seed, dtype=np.dtype(dtype))
     with traffic.counting() as launches:
-        kernels.dense_mlp(x, dense_weights.w1[0], dense_weights.w2[0],
+        topk_moe.dense_mlp(x, dense_weights.w1[0], dense_weights.w2[0],
                           None if dense_weights.w3 is None else dense_weights.w3[0],
                           activation=activation, backend="cuda-emulated")
     params = dict(params, layer="dense", F_dense=k * F)
@@ -162,7 +162,7 @@ def parse(argv):
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--activation", default="swiglu", choices=("relu", "gelu", "swiglu"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sources", default=None, help="count the .cu files of this folder (default kernels/cuda)")
+    parser.add_argument("--sources", default=None, help="count the .cu files of this folder (default kernels/topk_moe/cuda)")
     parser.add_argument("--sources-label", default="working tree", help="the name records give --sources")
     parser.add_argument("--results-dir", default=None, help="results folder (default: the repository's results/)")
     parser.add_argument("--no-write", action="store_true", help="print the summary only")

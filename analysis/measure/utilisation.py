@@ -136,7 +136,7 @@ def ncu_report_folder(ncu: str) -> Optional[str]:
 
 
 def gpu_unavailable_reason() -> Optional[str]:
-    from kernels.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
+    from topk_moe.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
 
     return cuda_unavailable_reason()
 
@@ -329,7 +329,7 @@ class _AnnotatedLaunches:
     backend's modules look ``get_kernel`` up at call time, so replacing that
     name in them is enough; the originals come back on exit."""
 
-    MODULES = ("kernels.cuda.backend", "kernels.cuda.expert_mlp")
+    MODULES = ("topk_moe.cuda.backend", "topk_moe.cuda.expert_mlp")
 
     def __init__(self, annotate):
         self.annotate = annotate
@@ -375,7 +375,7 @@ def _layer(preset: str, tokens: int, top_k: int, dtype: str):
     if key not in _LAYERS:
         import cupy  # noqa: PLC0415
 
-        import kernels  # noqa: PLC0415
+        import topk_moe  # noqa: PLC0415
         from analysis.measure import sweep_cells  # noqa: PLC0415
         from analysis.measure.sweep_plan import PRESETS  # noqa: PLC0415
 
@@ -385,7 +385,7 @@ def _layer(preset: str, tokens: int, top_k: int, dtype: str):
         x = sweep_cells.make_tokens("uniform", tokens, weights.router, top_k, dtype=dtype, device="cuda", seed=0)
         dense = sweep_cells.device_dense_weights(shape.d_model, top_k * shape.d_ff, shape.activation, dtype,
                                                  seed=1)
-        kernels.moe_forward(x, weights, cfg, backend="cuda", check_finite=False)
+        topk_moe.moe_forward(x, weights, cfg, backend="cuda", check_finite=False)
         _dense_gemms(cupy, x, dense, shape.activation, annotate=None)
         cupy.cuda.Device().synchronize()
         _LAYERS[key] = (cfg, weights, x, dense, shape.activation)
@@ -433,11 +433,11 @@ def _profile_main(args) -> int:
     configs = [(args.preset, args.tokens, k, args.dtype) for k in args.k]
 
     def profile_moe_layer(preset, tokens, top_k, dtype):
-        import kernels  # noqa: PLC0415
+        import topk_moe  # noqa: PLC0415
 
         cfg, weights, x, dense, activation = _layer(preset, tokens, top_k, dtype)
         with _AnnotatedLaunches(nsight.annotate):
-            kernels.moe_forward(x, weights, cfg, backend="cuda", check_finite=False)
+            topk_moe.moe_forward(x, weights, cfg, backend="cuda", check_finite=False)
         _dense_gemms(cupy, x, dense, activation, annotate=nsight.annotate)
 
     for config in configs:  # inputs and kernels ready before ncu looks

@@ -1,7 +1,7 @@
 """A small byte-level decoder-only transformer whose FFN is dense or a top-k MoE layer.
 
 The MoE layer follows the kernels contract (book/contract.md) so that
-its trained weights load into ``kernels.MoEWeights`` unchanged:
+its trained weights load into ``topk_moe.MoEWeights`` unchanged:
 
     router (D, E), w1 and w3 (E, D, F), w2 (E, F, D), no biases;
     logits = h @ router; probs = softmax(logits);
@@ -14,7 +14,7 @@ the router probability, so the router gets a gradient through the output.
 With renormalisation that weight would always be 1.0 and the router would
 learn only from the balancing loss. k = 2 renormalises (the contract's
 default, GShard and Mixtral). The choice is part of the model config and
-travels with each checkpoint into ``kernels.MoEConfig``.
+travels with each checkpoint into ``topk_moe.MoEConfig``.
 
 Every arm uses the same expert MLP, SwiGLU ``(silu(h @ w1) * (h @ w3)) @ w2``,
 the dense FFN included: it is the contract's default activation, it is what
@@ -25,7 +25,7 @@ Capacity applies only when asked (inference experiments); training is
 dropless. With a capacity factor, a call with T tokens keeps at most
 C = ceil(capacity_factor * T * K / E) assignments per expert, taken in the
 contract's j-major order (all first choices in token order, then all second
-choices), exactly as ``kernels.dispatch`` does. Which tokens form one call is
+choices), exactly as ``topk_moe.dispatch`` does. Which tokens form one call is
 the capacity scope (``CAPACITY_SCOPES``):
 
 - ``"position"`` (the default for the whole model): each position of the batch
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F_nn
 from torch import nn
 
-import kernels
+import topk_moe
 
 FFN_KINDS = ("dense", "moe")
 #: Which tokens share one capacity (see the module docstring).
@@ -107,12 +107,12 @@ def default_renormalize(top_k: int) -> bool:
 
 
 def expert_capacity(capacity_factor: Optional[float], n_tokens: int, top_k: int, n_experts: int) -> Optional[int]:
-    """C, by kernels.capacity itself, so the PyTorch layer drops exactly what the kernels drop."""
+    """C, by topk_moe.capacity itself, so the PyTorch layer drops exactly what the kernels drop."""
     if capacity_factor is None:
         return None
     # d_model and d_ff don't enter the capacity; 1 satisfies MoEConfig's checks.
-    cfg = kernels.MoEConfig(1, 1, n_experts, top_k, capacity_factor=capacity_factor)
-    return kernels.capacity(cfg, n_tokens)
+    cfg = topk_moe.MoEConfig(1, 1, n_experts, top_k, capacity_factor=capacity_factor)
+    return topk_moe.capacity(cfg, n_tokens)
 
 
 def _activate(hidden: torch.Tensor, gate: Optional[torch.Tensor], activation: str) -> torch.Tensor:
@@ -139,7 +139,7 @@ class LayerRouting:
 
 
 class DenseFFN(nn.Module):
-    """act(h @ w1) @ w2, or (silu(h @ w1) * (h @ w3)) @ w2: kernels.dense_mlp's layout."""
+    """act(h @ w1) @ w2, or (silu(h @ w1) * (h @ w3)) @ w2: topk_moe.dense_mlp's layout."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str):
         super().__init__()
@@ -217,12 +217,12 @@ class MoELayer(nn.Module):
 
 def kept_mask(experts: torch.Tensor, n_experts: int, capacity: Optional[int], *, calls: int = 1) -> torch.Tensor:
     """(T, K) bool: assignment (t, j) is among the first `capacity` arrivals at its expert
-    within its call, arrivals ordered j-major (kernels.dispatch's rule).
+    within its call, arrivals ordered j-major (topk_moe.dispatch's rule).
 
     The T tokens form ``calls`` calls of T / calls tokens each, token t in call
     t % calls, in increasing t within the call. With (batch, position) flattened
     and calls = S, call s holds position s of every sequence (the causal scope);
-    calls = 1 is one call of all T tokens, exactly kernels.dispatch on them.
+    calls = 1 is one call of all T tokens, exactly topk_moe.dispatch on them.
     """
     if capacity is None:
         return torch.ones_like(experts, dtype=torch.bool)
@@ -405,14 +405,14 @@ def _float32_numpy(parameter: Optional[torch.Tensor]) -> Optional[np.ndarray]:
 
 
 def to_kernels(layer: MoELayer):
-    """(kernels.MoEConfig, kernels.MoEWeights) holding this layer's weights as float32 NumPy."""
-    import kernels
+    """(topk_moe.MoEConfig, topk_moe.MoEWeights) holding this layer's weights as float32 NumPy."""
+    import topk_moe
 
     D, E = layer.router.shape
     F = layer.w1.shape[2]
-    cfg = kernels.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=layer.top_k,
+    cfg = topk_moe.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=layer.top_k,
                             activation=layer.activation, renormalize=bool(layer.renormalize))
-    weights = kernels.MoEWeights(router=_float32_numpy(layer.router), w1=_float32_numpy(layer.w1),
+    weights = topk_moe.MoEWeights(router=_float32_numpy(layer.router), w1=_float32_numpy(layer.w1),
                                  w2=_float32_numpy(layer.w2), w3=_float32_numpy(layer.w3))
     return cfg, weights
 

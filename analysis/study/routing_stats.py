@@ -223,9 +223,9 @@ def drop_rate(experts, n_experts: int, capacity_factor: Optional[float], tokens_
 
     The N positions are cut into consecutive calls of ``tokens_per_call`` tokens (a
     training batch); each call keeps at most C = ceil(capacity_factor * T * K / E)
-    assignments per expert, j-major (``kernels.dispatch``). None: dropless.
+    assignments per expert, j-major (``topk_moe.dispatch``). None: dropless.
     """
-    import kernels
+    import topk_moe
 
     experts = np.asarray(experts, dtype=np.int32)
     N, K = experts.shape
@@ -234,7 +234,7 @@ def drop_rate(experts, n_experts: int, capacity_factor: Optional[float], tokens_
     dropped = 0
     for start in range(0, N, tokens_per_call):
         chunk = experts[start:start + tokens_per_call]
-        cfg = kernels.MoEConfig(d_model=1, d_ff=1, n_experts=n_experts, top_k=K, capacity_factor=capacity_factor)
-        plan = kernels.dispatch(chunk, n_experts, capacity=kernels.capacity(cfg, chunk.shape[0]), backend="cpu")
+        cfg = topk_moe.MoEConfig(d_model=1, d_ff=1, n_experts=n_experts, top_k=K, capacity_factor=capacity_factor)
+        plan = topk_moe.dispatch(chunk, n_experts, capacity=topk_moe.capacity(cfg, chunk.shape[0]), backend="cpu")
         dropped += int(np.count_nonzero(np.asarray(plan.row) < 0))
     return dropped / (N * K)

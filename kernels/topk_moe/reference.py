@@ -2,8 +2,8 @@
 
 This file is the specification. It favours clarity over speed (loops over
 tokens and assignments are fine) and computes in whatever float dtype it is
-handed; the public functions in `kernels` hand it float64, so reference
-results are float64. `kernels.testing` runs the same code on float32 inputs to
+handed; the public functions in `topk_moe` hand it float64, so reference
+results are float64. `topk_moe.testing` runs the same code on float32 inputs to
 learn how much error a plain low-precision implementation makes.
 
 Letters: T tokens, D model width, F expert hidden width, E experts, K experts

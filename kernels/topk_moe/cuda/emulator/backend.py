@@ -1,6 +1,6 @@
 """The ``cuda-emulated`` backend: the CUDA kernels on the CPU, for testing: slow.
 
-The real launchers of the cuda backend (``kernels.cuda.stages``), bound to the
+The real launchers of the cuda backend (``topk_moe.cuda.stages``), bound to the
 emulated device: arrays are guarded NumPy buffers (``arrays``) and kernels are
 the same ``.cu`` files built by the host C++ compiler (``loader``). So the
 launchers' grids, block sizes, shared-memory sizes and argument types are the

@@ -1,11 +1,11 @@
-"""A CPU emulator of the CUDA that kernels/cuda/*.cu use, so the real kernels run
+"""A CPU emulator of the CUDA that kernels/topk_moe/cuda/*.cu use, so the real kernels run
 (slowly) where there is no GPU: in `make test` and on any laptop.
 
 - ``cuda_emulator.h``: the runtime, force-included into each rewritten file
   (fibers for threads, warp collectives, shared memory, __half, inline PTX).
 - ``rewrite.py``: the mechanical, line-preserving source rewrites.
 - ``build.py``: the host compiler build, cached outside the repository.
-- ``loader.py``: ``get_kernel``, the emulated twin of ``kernels.cuda.loader``,
+- ``loader.py``: ``get_kernel``, the emulated twin of ``topk_moe.cuda.loader``,
   launching kernels on NumPy arrays through ctypes, with faults as errors.
 - ``arrays.py``: the array module of the emulated device (guarded, poisoned
   NumPy buffers), the twin of CuPy for the backend's launchers.
@@ -15,6 +15,6 @@
   requests, global sectors and shared wavefronts against their minimum, and the
   distinct bytes of each array (analysis.measure.traffic records them).
 
-This file imports nothing, so ``kernels.backends`` can ask about the emulator
+This file imports nothing, so ``topk_moe.backends`` can ask about the emulator
 cheaply.
 """

@@ -2,7 +2,7 @@
 
 ``Stages(device)`` holds the contract's stages (route, dispatch, permute,
 expert_mlp, combine, dense_mlp) as launches of the raw CUDA kernels of this
-folder; ``device`` (kernels.cuda.device) supplies the array module and the
+folder; ``device`` (topk_moe.cuda.device) supplies the array module and the
 kernel loader: CuPy and NVRTC on a GPU (backend.py), guarded NumPy buffers and
 the host C++ compiler under the emulator (emulator/backend.py). Each launcher
 checks nothing more than the API has, allocates, launches, returns.

@@ -2,11 +2,11 @@
 kernels of this folder (router.cu, dispatch.cu, combine.cu, activation.cu,
 expert_mlp.cu) and, for the dense baseline, cuBLAS.
 
-Same module interface as ``kernels.cpu``; the public functions in
-``kernels.api`` check the arguments once and call these. The launchers live in
+Same module interface as ``topk_moe.cpu``; the public functions in
+``topk_moe.api`` check the arguments once and call these. The launchers live in
 ``stages.py``, written once for the two devices; this module binds them to
 CuPy (arrays on the current stream) and NVRTC (``loader``). The emulated twin
-is ``kernels.cuda.emulator.backend``.
+is ``topk_moe.cuda.emulator.backend``.
 
 Non-finite input: the router kernel raises a device flag when a logit is not
 finite; ``route`` reads the flag back (one synchronisation) and raises
@@ -30,7 +30,7 @@ name = "cuda"
 float_dtypes = (np.dtype(np.float32), np.dtype(np.float16))
 
 #: ``route`` checks x and router for NaN and infinity on the device (and takes
-#: ``check_finite``); ``kernels.api`` leaves that check to it.
+#: ``check_finite``); ``topk_moe.api`` leaves that check to it.
 checks_finite_on_device = True
 
 _stages = Stages(cupy_device())

@@ -1,12 +1,12 @@
 """Which backend runs a call: "reference", "cpu", "cuda" or "cuda-emulated".
 
 `backend=None` means the MOE_BACKEND environment variable if set, else "cpu".
-The CUDA backend is imported only when asked for, so importing `kernels`
+The CUDA backend is imported only when asked for, so importing `topk_moe`
 never imports CuPy and never touches a GPU.
 
 "cuda-emulated" is the CUDA kernels on the CPU, for testing: slow. The same
 `.cu` files and launchers as "cuda", built by the host C++ compiler and run by
-kernels/cuda/emulator (cuBLAS, used by the dense baseline's GEMMs, is NumPy
+kernels/topk_moe/cuda/emulator (cuBLAS, used by the dense baseline's GEMMs, is NumPy
 there). It is available wherever a C++ compiler is; its results are CPU results.
 """
 
@@ -24,18 +24,18 @@ ENV_VARIABLE = "MOE_BACKEND"
 #: The module of each backend. The CUDA backend lives in a sub-package whose
 #: __init__ imports nothing, so its CuPy-free tools (nvcc's build report)
 #: import without CuPy; its backend module imports CuPy at the top.
-BACKEND_MODULES = {"reference": "kernels.reference", "cpu": "kernels.cpu", "cuda": "kernels.cuda.backend",
-                   "cuda-emulated": "kernels.cuda.emulator.backend"}
+BACKEND_MODULES = {"reference": "topk_moe.reference", "cpu": "topk_moe.cpu", "cuda": "topk_moe.cuda.backend",
+                   "cuda-emulated": "topk_moe.cuda.emulator.backend"}
 
 
 def cuda_unavailable_reason() -> Optional[str]:
     """None when the CUDA backend can run here, else why it cannot."""
     try:
         backend_found = importlib.util.find_spec(BACKEND_MODULES["cuda"]) is not None
-    except ModuleNotFoundError:  # the kernels.cuda package itself is missing
+    except ModuleNotFoundError:  # the topk_moe.cuda package itself is missing
         backend_found = False
     if not backend_found:
-        return "the CUDA backend (kernels/cuda) is not part of this build"
+        return "the CUDA backend (kernels/topk_moe/cuda) is not part of this build"
     if importlib.util.find_spec("cupy") is None:
         return "CuPy is not installed (pip install -e '.[cuda12]' or '.[cuda13]')"
     try:
@@ -56,7 +56,7 @@ def emulator_unavailable_reason() -> Optional[str]:
     except ModuleNotFoundError:
         found = False
     if not found:
-        return "the CUDA emulator (kernels/cuda/emulator) is not part of this build"
+        return "the CUDA emulator (kernels/topk_moe/cuda/emulator) is not part of this build"
     from .cuda.emulator.build import compiler  # noqa: PLC0415 - imports nothing heavy
 
     if compiler() is None:

@@ -1,4 +1,4 @@
-"""The kernel loader of the emulated device: the twin of kernels/cuda/loader.py.
+"""The kernel loader of the emulated device: the twin of kernels/topk_moe/cuda/loader.py.
 
     kernel = get_kernel("router.cu", "router_top2_f32", N_EXPERTS=64, ROUTER_TOKENS=8)
     kernel((blocks,), (threads,), (x, router, numpy.int64(T), ...), shared_mem=0)
@@ -127,7 +127,7 @@ class EmulatedKernel:
         if code[0] in "fiuv" and code not in _SCALAR_TYPES:
             info = arrays.guarded_buffer(value)
             if info is None:
-                raise TypeError(f"{where}: expected an emulator device array (kernels.cuda.emulator.arrays), "
+                raise TypeError(f"{where}: expected an emulator device array (topk_moe.cuda.emulator.arrays), "
                                 f"got {type(value).__name__}")
             kinds = {"f": "f", "i": "iu"}.get(code[0])  # unsigned and vector pointees are raw bytes
             if kinds and (value.dtype.kind not in kinds or value.dtype.itemsize != int(code[1:])):
@@ -155,7 +155,7 @@ def _kernel(file: str, name: str, options: tuple, kernel_dir: str = str(build.KE
 
 
 def get_kernel(file: str, name: str, **defines) -> EmulatedKernel:
-    """The emulated kernel ``name`` of ``file`` (in kernels/cuda, or the folder of
+    """The emulated kernel ``name`` of ``file`` (in kernels/topk_moe/cuda, or the folder of
     ``kernel_sources``) built with ``-D`` ``defines``; the traffic flavour inside
     ``traffic.counting()``."""
     return _kernel(file, name, define_options(**defines), _settings["kernel_dir"], traffic.active())
@@ -164,7 +164,7 @@ def get_kernel(file: str, name: str, **defines) -> EmulatedKernel:
 @contextlib.contextmanager
 def kernel_sources(folder):
     """Build the kernels launched inside from the .cu files of ``folder`` instead
-    of kernels/cuda (the mutation check runs the backend on mutated copies)."""
+    of kernels/topk_moe/cuda (the mutation check runs the backend on mutated copies)."""
     saved = _settings["kernel_dir"]
     _settings["kernel_dir"] = str(Path(folder).resolve())
     try:
@@ -195,5 +195,5 @@ def load_kernel(path, name: str, **defines) -> EmulatedKernel:
 
 
 def kernels_of(file: str) -> list:
-    """The extern "C" __global__ kernels of a kernels/cuda file."""
+    """The extern "C" __global__ kernels of a kernels/topk_moe/cuda file."""
     return rewrite.kernel_names((build.KERNEL_DIR / file).read_text(encoding="utf-8"))

@@ -1,4 +1,4 @@
-"""Builds a rewritten kernels/cuda `.cu` file into a shared library with the host
+"""Builds a rewritten kernels/topk_moe/cuda `.cu` file into a shared library with the host
 C++ compiler, cached outside the repository.
 
 The cache key is a hash of everything that decides the binary: the rewritten
@@ -9,7 +9,7 @@ counters of traffic.h: GCC's ThreadSanitizer instrumentation compiled in (a hook
 call before every load and store), debug line tables for the access sites, no
 sanitizer runtime linked; it has its own cache key, so ordinary emulated runs
 keep the fast build. The cache folder is
-``$MOE_EMULATOR_CACHE``, else ``~/.cache/moe-kernels-emulator``; a build writes
+``$MOE_EMULATOR_CACHE``, else ``~/.cache/topk-moe-emulator``; a build writes
 to a temporary name and renames, so parallel test processes never read half a
 library.
 """
@@ -69,7 +69,7 @@ def _compiler_version(path: str) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOE_EMULATOR_CACHE") or Path.home() / ".cache" / "moe-kernels-emulator")
+    return Path(os.environ.get("MOE_EMULATOR_CACHE") or Path.home() / ".cache" / "topk-moe-emulator")
 
 
 def rewritten_sources(file: str, kernel_dir: Path = KERNEL_DIR) -> dict:
@@ -81,7 +81,7 @@ def rewritten_sources(file: str, kernel_dir: Path = KERNEL_DIR) -> dict:
             continue
         text = (kernel_dir / name).read_text(encoding="utf-8")
         # `#line` makes compiler errors and sanitizer faults name the real file.
-        sources[name] = f'#line 1 "kernels/cuda/{name}"\n' + rewrite.rewrite(text, name)
+        sources[name] = f'#line 1 "kernels/topk_moe/cuda/{name}"\n' + rewrite.rewrite(text, name)
         pending.extend(rewrite.local_includes(text))
     return sources
 

@@ -1,13 +1,13 @@
 """Memory traffic of emulated launches, counted: the requests each kernel makes.
 
     with traffic.counting() as launches:
-        kernels.moe_forward(x, weights, cfg, backend="cuda-emulated")
+        topk_moe.moe_forward(x, weights, cfg, backend="cuda-emulated")
     for launch in launches: launch.sites, launch.arrays
 
 Inside ``counting()`` the emulator's loader builds and runs the "traffic" flavour
 of each kernel file (build.py: GCC's ThreadSanitizer instrumentation calls the
 hooks of traffic.h before every load and store; no sanitizer runtime). Each
-launch adds one ``LaunchTraffic``: per access site (the kernels/cuda source line,
+launch adds one ``LaunchTraffic``: per access site (the kernels/topk_moe/cuda source line,
 global and shared memory apart) the warp-wide requests, the 32-byte sectors
 they touch against the minimum (global) and the shared-memory wavefronts
 against the minimum (bank conflicts); per array argument the distinct bytes
@@ -45,7 +45,7 @@ _collectors: list = []
 class Site:
     """One access site of a launch: all warp-wide requests of one instruction."""
 
-    line: str            # "kernels/cuda/<file>:<line>" (innermost kernels/cuda frame)
+    line: str            # "kernels/topk_moe/cuda/<file>:<line>" (innermost kernels/topk_moe/cuda frame)
     space: str           # global or shared
     kind: str            # read, write, atomic or ldmatrix
     access_bytes: int    # bytes one lane accesses
@@ -135,8 +135,8 @@ def _addr2line_cache(library_path: str) -> dict:
 
 
 def source_lines(library_path: str, offsets: tuple) -> dict:
-    """{offset: "kernels/cuda/<file>:<line>"}: the innermost inlined frame of each
-    instruction that lies in a kernels/cuda source (not the emulator's header)."""
+    """{offset: "kernels/topk_moe/cuda/<file>:<line>"}: the innermost inlined frame of each
+    instruction that lies in a kernels/topk_moe/cuda source (not the emulator's header)."""
     cache = _addr2line_cache(library_path)
     missing = sorted({o for o in offsets if o not in cache})
     if missing:
@@ -152,10 +152,10 @@ def source_lines(library_path: str, offsets: tuple) -> dict:
             elif current is not None:
                 frames[current].append(text.split(" (discriminator")[0].strip())
         for offset in missing:
-            # `#line` names each source kernels/cuda/<file> (addr2line may prefix a folder);
-            # the emulator's own header lives in kernels/cuda/emulator/.
-            names = [f[f.rindex("kernels/cuda/"):] for f in frames.get(offset, []) if "kernels/cuda/" in f]
-            chosen = next((f for f in names if not f.startswith("kernels/cuda/emulator/")), None)
+            # `#line` names each source kernels/topk_moe/cuda/<file> (addr2line may prefix a folder);
+            # the emulator's own header lives in kernels/topk_moe/cuda/emulator/.
+            names = [f[f.rindex("kernels/topk_moe/cuda/"):] for f in frames.get(offset, []) if "kernels/topk_moe/cuda/" in f]
+            chosen = next((f for f in names if not f.startswith("kernels/topk_moe/cuda/emulator/")), None)
             cache[offset] = chosen or "(emulator)"
     return {o: cache[o] for o in offsets}
 

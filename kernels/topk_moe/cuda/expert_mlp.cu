@@ -1,6 +1,6 @@
 // expert_mlp.cu: the experts of an MoE layer, every expert in one launch per GEMM.
 //
-// Rows arrive grouped by expert (kernels.dispatch + permute): expert e owns rows
+// Rows arrive grouped by expert (topk_moe.dispatch + permute): expert e owns rows
 // offsets[e]:offsets[e+1] of `rows` (N, D). Expert e computes
 //     hidden = act(rows @ w1[e])                      relu | gelu   (ACTIVATION 0 | 1)
 //     hidden = silu(rows @ w1[e]) * (rows @ w3[e])    swiglu        (ACTIVATION 2)

@@ -1,4 +1,4 @@
-"""Launchers for kernels/cuda/expert_mlp.cu: every expert's MLP, one launch per GEMM.
+"""Launchers for kernels/topk_moe/cuda/expert_mlp.cu: every expert's MLP, one launch per GEMM.
 
     rows (N, D) in expert order, offsets (E+1,) int64 on the device
     hidden = act(rows @ w1[e])  or  silu(rows @ w1[e]) * (rows @ w3[e])   (N, F)
@@ -22,7 +22,7 @@ and that rounded hidden is GEMM2's tensor-core input. `out` is rounded once.
 float32 runs FFMA throughout, so its error stays that of a plain float32 GEMM.
 
 Where the arrays live and who compiles the kernels is the `device` argument
-(kernels.cuda.device): CuPy and NVRTC by default, or the CPU emulator. CuPy is
+(topk_moe.cuda.device): CuPy and NVRTC by default, or the CPU emulator. CuPy is
 imported on the first call, not at import (as in `loader`), so that nvcc-only
 tools can read COMPILE_DEFINES without it.
 
@@ -107,7 +107,7 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
     offsets[E] = N (read on the device only); w1, w3 (E, D, F); w2 (E, F, D);
     activation "relu" | "gelu" | "swiglu" (w3 required exactly for swiglu).
     float32 or float16, all the same dtype; out has that dtype. version: None (see
-    `choose_version`) or one of VERSIONS. device: kernels.cuda.device.Device
+    `choose_version`) or one of VERSIONS. device: topk_moe.cuda.device.Device
     (default: CuPy's).
     """
     if activation not in ACTIVATIONS:
@@ -175,7 +175,7 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
 
     launch = {"v1": _launch_v1, "v2": _launch_v2, "v3": _launch_v3, "decode": _launch_decode}[version]
     tile_starts = launch(device, rows, offsets, w1, w2, w3, hidden, out, defines)
-    if device.capturing():  # a replay writes them again: keep them alive (see kernels.cuda.stages)
+    if device.capturing():  # a replay writes them again: keep them alive (see topk_moe.cuda.stages)
         from .device import GRAPH_KEEPALIVE  # noqa: PLC0415
 
         GRAPH_KEEPALIVE.extend(a for a in (hidden, tile_starts, offsets, w3) if a is not None)

@@ -1,5 +1,5 @@
 """nvcc's resource report of the CUDA kernels, the kernel-to-launcher map, and
-the source hash of the ``kernels`` package. No CuPy and no GPU: this runs
+the source hash of the ``topk_moe`` package (folder ``kernels``). No CuPy and no GPU: this runs
 wherever nvcc is installed (tests/test_cuda_build.py; the book's Kernels
 chapter shows ``resource_report()``).
 
@@ -27,7 +27,7 @@ from typing import Iterable, Optional
 from .launch_config import build_variants
 from .loader import BASE_OPTIONS, KERNEL_DIR, define_options
 
-REPO_ROOT = KERNEL_DIR.parent.parent
+REPO_ROOT = KERNEL_DIR.parent.parent.parent  # kernels/topk_moe/cuda -> the repository
 #: Options CuPy appends to every NVRTC compile after ours (flush float32
 #: subnormals to zero), so nvcc's report is of the code that runs.
 CUPY_IMPLICIT_OPTIONS = ("-ftz=true",)

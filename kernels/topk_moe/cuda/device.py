@@ -5,7 +5,7 @@ A ``Device`` bundles them for the launchers (``stages.Stages``, ``expert_mlp``):
 - ``xp``: the array module, CuPy on a GPU, ``emulator.arrays`` (guarded NumPy
   buffers) on the emulator; the launchers call only ``empty``, ``zeros``,
   ``asarray``, ``ascontiguousarray``, ``isfinite``, ``matmul`` and dtypes on it;
-- ``get_kernel``: ``kernels.cuda.loader.get_kernel`` (CuPy's NVRTC) or
+- ``get_kernel``: ``topk_moe.cuda.loader.get_kernel`` (CuPy's NVRTC) or
   ``emulator.loader.get_kernel`` (the host C++ compiler), same signature, and
   kernels called the same way.
 
@@ -24,7 +24,7 @@ import numpy
 
 
 #: Arrays that launches captured into a CUDA graph write to but no result holds
-#: (kernels.cuda.stages, expert_mlp): kept alive while the graph may replay.
+#: (topk_moe.cuda.stages, expert_mlp): kept alive while the graph may replay.
 GRAPH_KEEPALIVE: list = []
 
 
@@ -48,7 +48,7 @@ def cupy_device() -> Device:
     from . import loader
 
     def get_kernel(file: str, name: str, **defines):
-        # Looked up at each call, so a tool may wrap kernels.cuda.loader.get_kernel
+        # Looked up at each call, so a tool may wrap topk_moe.cuda.loader.get_kernel
         # (Nsight ranges per kernel, analysis.measure.utilisation) for every launcher.
         return vars(loader)["get_kernel"](file, name, **defines)
 

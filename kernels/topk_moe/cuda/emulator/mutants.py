@@ -1,7 +1,7 @@
-"""Realistic GPU bugs, each a one-line edit of a kernels/cuda file, and quick
+"""Realistic GPU bugs, each a one-line edit of a kernels/topk_moe/cuda file, and quick
 checks that must catch them when the kernels run on the emulator.
 
-tests/test_mutations.py injects each mutant into a copy of kernels/cuda and runs
+tests/test_mutations.py injects each mutant into a copy of kernels/topk_moe/cuda and runs
 the bodies of tests/test_cuda.py on it; the Kernels chapter runs ``verify``,
 which uses the lighter ``CHECKS`` here (the one tolerance rule, exact plans,
 bitwise equality across schedules). Both are CPU emulation, not GPU runs.
@@ -75,7 +75,7 @@ MUTANTS = (
 
 
 def mutated_copy(folder: Path, mutant: Mutant) -> Path:
-    """kernels/cuda's .cu and .cuh files in ``folder``, with ``mutant`` applied."""
+    """kernels/topk_moe/cuda's .cu and .cuh files in ``folder``, with ``mutant`` applied."""
     shutil.copytree(KERNEL_DIR, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__", "emulator"))
     text = (folder / mutant.file).read_text(encoding="utf-8")
     if text.count(mutant.original) != 1:

@@ -1,7 +1,7 @@
 """The CUDA backend: CuPy launching the raw CUDA kernels in this folder.
 
-The backend module itself is ``kernels.cuda.backend`` (it imports CuPy at its
-top, and ``kernels.backends`` imports it only when ``backend="cuda"`` is asked
+The backend module itself is ``topk_moe.cuda.backend`` (it imports CuPy at its
+top, and ``topk_moe.backends`` imports it only when ``backend="cuda"`` is asked
 for). This package file imports nothing, so that the parts that need no GPU,
 ``build_report`` (nvcc's resource report, the source hash) and
 ``launch_config`` (the kernels' compile-time constants), import without CuPy.

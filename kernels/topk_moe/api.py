@@ -64,9 +64,9 @@ def _route(impl, x, router, k: int, renormalize: bool, check_finite: bool, on_de
 
 def _check_weights(weights: MoEWeights, cfg: MoEConfig) -> None:
     if not isinstance(cfg, MoEConfig):
-        raise TypeError(f"cfg: expected a kernels.MoEConfig, got {type(cfg).__name__}")
+        raise TypeError(f"cfg: expected a topk_moe.MoEConfig, got {type(cfg).__name__}")
     if not isinstance(weights, MoEWeights):
-        raise TypeError(f"weights: expected a kernels.MoEWeights, got {type(weights).__name__}")
+        raise TypeError(f"weights: expected a topk_moe.MoEWeights, got {type(weights).__name__}")
     D, F, E = cfg.d_model, cfg.d_ff, cfg.n_experts
     checks.check_shape("router", weights.router, (D, E), "(D, E)")
     checks.check_shape("w1", weights.w1, (E, D, F), "(E, D, F)")
@@ -97,7 +97,7 @@ def init_weights(cfg: MoEConfig, *, seed: int = 0, dtype: Any = np.float32) -> M
     the same seed gives the same weights in every dtype up to rounding.
     """
     if not isinstance(cfg, MoEConfig):
-        raise TypeError(f"cfg: expected a kernels.MoEConfig, got {type(cfg).__name__}")
+        raise TypeError(f"cfg: expected a topk_moe.MoEConfig, got {type(cfg).__name__}")
     dtype = np.dtype(dtype)
     if not np.issubdtype(dtype, np.floating):
         raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
@@ -160,7 +160,7 @@ def dispatch(experts, n_experts: int, *, capacity: Optional[int] = None,
 
 def _check_plan(plan: DispatchPlan, n_experts: Optional[int] = None) -> None:
     if not isinstance(plan, DispatchPlan):
-        raise TypeError(f"plan: expected a kernels.DispatchPlan, got {type(plan).__name__}")
+        raise TypeError(f"plan: expected a topk_moe.DispatchPlan, got {type(plan).__name__}")
     if n_experts is not None:
         checks.check_shape("plan.offsets", plan.offsets, (n_experts + 1,), "(E+1,)")
 

@@ -1,6 +1,6 @@
 """The array module of the emulated device: NumPy arrays in guarded, poisoned buffers.
 
-It stands where CuPy stands for the real device (``xp`` in kernels.cuda.device):
+It stands where CuPy stands for the real device (``xp`` in topk_moe.cuda.device):
 ``empty`` gives an array whose bytes are 0xff (NaN for floats, -1 for integers)
 until a kernel writes them, as uninitialised device memory would be garbage, and
 every buffer is fenced by GUARD_BYTES on each side. Before each launch the

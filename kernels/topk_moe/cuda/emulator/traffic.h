@@ -10,7 +10,7 @@
 //     (registered by the loader), shared when it lies in the shared arena; every
 //     other address (fiber stacks, the emulator's own data) is ignored;
 //   - the access site is the instruction (program counter) that calls the hook; the
-//     loader maps it to the kernels/cuda source line with addr2line;
+//     loader maps it to the kernels/topk_moe/cuda source line with addr2line;
 //   - GROUPING: a warp-wide request is the n-th execution of a site by each lane of
 //     one warp within one block (n counted per thread). Lanes that run a loop fewer
 //     times simply are not in the later requests, as on a GPU after divergence.

@@ -1,7 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer:
 
-    compute-sanitizer --tool memcheck  python -m kernels.cuda.smoke
-    compute-sanitizer --tool racecheck python -m kernels.cuda.smoke
+    compute-sanitizer --tool memcheck  python -m topk_moe.cuda.smoke
+    compute-sanitizer --tool racecheck python -m topk_moe.cuda.smoke
 
 Each kernel family runs on small, odd shapes that take every code path (each
 router layout, capacity drops, every permute access width, vector and scalar
@@ -19,8 +19,8 @@ import sys
 import cupy
 import numpy as np
 
-import kernels
-from kernels import reference, testing
+import topk_moe
+from topk_moe import reference, testing
 
 
 def _host(a) -> np.ndarray:
@@ -43,7 +43,7 @@ def _inputs(T, D, F, E, dtype, seed, activation="swiglu"):
     w1 = (rng.standard_normal((E, D, F)) / np.sqrt(D)).astype(dtype)
     w2 = (rng.standard_normal((E, F, D)) / np.sqrt(F)).astype(dtype)
     w3 = (rng.standard_normal((E, D, F)) / np.sqrt(D)).astype(dtype) if activation == "swiglu" else None
-    return x, kernels.MoEWeights(router, w1, w2, w3)
+    return x, topk_moe.MoEWeights(router, w1, w2, w3)
 
 
 def run(checks: Checks) -> None:
@@ -54,7 +54,7 @@ def run(checks: Checks) -> None:
                 rng = np.random.default_rng(E + k)
                 x = rng.integers(-2, 3, size=(37, 33)).astype(dtype)
                 router = rng.integers(-2, 3, size=(33, E)).astype(dtype)
-                routing = kernels.route(x, router, k, backend="cuda")
+                routing = topk_moe.route(x, router, k, backend="cuda")
                 expected = reference.route(x.astype(np.float64), router.astype(np.float64), k, True)
                 checks.expect(np.array_equal(_host(routing.experts), expected.experts),
                               f"route E={E} k={k} {np.dtype(dtype).name}: experts")
@@ -63,20 +63,20 @@ def run(checks: Checks) -> None:
     rng = np.random.default_rng(0)
     experts = np.stack([rng.permutation(7)[:2] for _ in range(300)]).astype(np.int32)
     for capacity in (None, 50, 0):
-        plan = kernels.dispatch(experts, 7, capacity=capacity, backend="cuda")
+        plan = topk_moe.dispatch(experts, 7, capacity=capacity, backend="cuda")
         expected = reference.dispatch(experts, 7, capacity)
         same = all(np.array_equal(_host(getattr(plan, f)), getattr(expected, f))
                    for f in ("counts", "offsets", "token", "row"))
         checks.expect(same, f"dispatch capacity={capacity}: plan")
 
     # permute at every access width, combine vector and scalar
-    plan = kernels.dispatch(experts, 7, capacity=50, backend="cuda")
+    plan = topk_moe.dispatch(experts, 7, capacity=50, backend="cuda")
     for dtype, D in ((np.float16, 104), (np.float16, 100), (np.float32, 33), (np.float16, 33)):
         x = np.random.default_rng(D).standard_normal((300, D)).astype(dtype)
-        rows = kernels.permute(x, plan, backend="cuda")
+        rows = topk_moe.permute(x, plan, backend="cuda")
         checks.expect(np.array_equal(_host(rows), x[_host(plan.token)]), f"permute {np.dtype(dtype).name} D={D}")
-        routing = kernels.Routing(experts=experts, weights=np.full((300, 2), 0.5, dtype=dtype), probs=None)
-        y = kernels.combine(rows, routing, plan, backend="cuda")
+        routing = topk_moe.Routing(experts=experts, weights=np.full((300, 2), 0.5, dtype=dtype), probs=None)
+        y = topk_moe.combine(rows, routing, plan, backend="cuda")
         expected = reference.combine(_host(rows).astype(np.float64), np.full((300, 2), 0.5), _host(plan.row))
         checks.expect(np.allclose(_host(y), expected, rtol=1e-2, atol=1e-2),
                       f"combine {np.dtype(dtype).name} D={D}")
@@ -86,13 +86,13 @@ def run(checks: Checks) -> None:
         for dtype in (np.float32, np.float16):
             for T in (3, 200):  # few rows per expert (decode) and many (grouped GEMMs)
                 x, weights = _inputs(T, 40, 24, 6, dtype, T, activation)
-                cfg = kernels.MoEConfig(40, 24, 6, 2, activation=activation, capacity_factor=1.0 if T > 3 else None)
-                out = kernels.moe_forward(x, weights, cfg, backend="cuda")
+                cfg = topk_moe.MoEConfig(40, 24, 6, 2, activation=activation, capacity_factor=1.0 if T > 3 else None)
+                out = topk_moe.moe_forward(x, weights, cfg, backend="cuda")
                 expected = testing.forward_with_experts(x, weights, cfg, out.routing.experts, np.float64)
                 scale = float(np.abs(expected).max()) or 1.0
                 error = float(np.abs(_host(out.y).astype(np.float64) - expected).max())
                 checks.expect(error <= 2e-2 * scale, f"moe_forward {activation} {np.dtype(dtype).name} T={T}")
-            y = kernels.dense_mlp(x, weights.w1[0], weights.w2[0], None if weights.w3 is None else weights.w3[0],
+            y = topk_moe.dense_mlp(x, weights.w1[0], weights.w2[0], None if weights.w3 is None else weights.w3[0],
                                   activation=activation, backend="cuda")
             expected = reference.mlp(x.astype(np.float64), weights.w1[0].astype(np.float64),
                                      weights.w2[0].astype(np.float64),
@@ -103,12 +103,12 @@ def run(checks: Checks) -> None:
 
     # empty batch, and the non-finite flag
     x, weights = _inputs(0, 40, 24, 6, np.float32, 1)
-    out = kernels.moe_forward(x, weights, kernels.MoEConfig(40, 24, 6, 2), backend="cuda")
+    out = topk_moe.moe_forward(x, weights, topk_moe.MoEConfig(40, 24, 6, 2), backend="cuda")
     checks.expect(out.y.shape == (0, 40), "moe_forward T=0")
     x, weights = _inputs(9, 40, 24, 6, np.float32, 2)
     x[4, 7] = np.nan
     try:
-        kernels.route(x, weights.router, 2, backend="cuda")
+        topk_moe.route(x, weights.router, 2, backend="cuda")
         checks.expect(False, "route raises on NaN")
     except ValueError as error:
         checks.expect("non-finite" in str(error), "route raises on NaN")

@@ -1,4 +1,4 @@
-// cuda_emulator.h: the CUDA features of kernels/cuda/*.cu, for the host C++ compiler.
+// cuda_emulator.h: the CUDA features of kernels/topk_moe/cuda/*.cu, for the host C++ compiler.
 //
 // Force-included (g++ -include) into each .cu file after rewrite.py's mechanical,
 // line-preserving rewrites (asm statements -> calls of the ptx_* functions below,

@@ -127,7 +127,7 @@ def _helpers(count: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_size < count:
             if _pool is not None:
                 _pool.shutdown(wait=True)
-            _pool, _pool_size = ThreadPoolExecutor(max_workers=count, thread_name_prefix="kernels-cpu"), count
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=count, thread_name_prefix="topk-moe-cpu"), count
         return _pool
 
 
