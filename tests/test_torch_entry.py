@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="topk_moe.torch needs torch (pip install -e '.[torch]')")
 
+import topk_moe  # noqa: E402
 import topk_moe.torch as moe_torch  # noqa: E402
 
 
@@ -59,3 +60,216 @@ def test_as_array_refuses_bfloat16_and_non_tensors():
         moe_torch.as_array(torch.ones(2, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="expected a torch.Tensor, got ndarray"):
         moe_torch.as_array(np.ones(2))
+
+
+# ---------------------------------------------------------------------------
+# The contract's functions on tensors
+
+
+def _layer(T=9, D=16, F=24, E=4, K=2, seed=3):
+    cfg = topk_moe.MoEConfig(D, F, E, K)
+    weights = moe_torch.init_weights(cfg, seed=seed)
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((T, D)).astype(np.float32))
+    return x, weights, cfg
+
+
+def _numpy_weights(weights):
+    return topk_moe.MoEWeights(*(None if t is None else t.numpy() for t in
+                                 (weights.router, weights.w1, weights.w2, weights.w3)))
+
+
+def test_init_weights_are_the_numpy_weights_as_tensors():
+    cfg = topk_moe.MoEConfig(8, 12, 3, 1)
+    tensors = moe_torch.init_weights(cfg, seed=5, dtype=torch.float64)
+    arrays = topk_moe.init_weights(cfg, seed=5, dtype=np.float64)
+    for name in ("router", "w1", "w2", "w3"):
+        np.testing.assert_array_equal(getattr(tensors, name).numpy(), getattr(arrays, name))
+    with pytest.raises(TypeError, match="dtype: expected torch.float16, torch.float32 or torch.float64"):
+        moe_torch.init_weights(cfg, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda-emulated"])
+def test_each_function_on_tensors_equals_the_numpy_call(backend):
+    """Same numbers, to the bit, as topk_moe on the NumPy views; every result a tensor."""
+    if backend == "cuda-emulated":
+        from topk_moe.backends import emulator_unavailable_reason
+
+        if emulator_unavailable_reason() is not None:
+            pytest.skip(f"cuda-emulated: {emulator_unavailable_reason()}")
+    x, weights, cfg = _layer()
+    arrays = _numpy_weights(weights)
+
+    routing = moe_torch.route(x, weights.router, 2, backend=backend)
+    expected_routing = topk_moe.route(x.numpy(), arrays.router, 2, backend=backend)
+    for name in ("experts", "weights", "probs"):
+        assert isinstance(getattr(routing, name), torch.Tensor)
+        np.testing.assert_array_equal(getattr(routing, name).numpy(), np.asarray(getattr(expected_routing, name)))
+    assert routing.experts.dtype == torch.int32
+
+    plan = moe_torch.dispatch(routing.experts, cfg.n_experts, capacity=4, backend=backend)
+    expected_plan = topk_moe.dispatch(expected_routing.experts, cfg.n_experts, capacity=4, backend=backend)
+    for name in ("counts", "offsets", "token", "row"):
+        assert getattr(plan, name).dtype == torch.int64
+        np.testing.assert_array_equal(getattr(plan, name).numpy(), np.asarray(getattr(expected_plan, name)))
+    assert plan.n_kept == expected_plan.n_kept
+
+    rows = moe_torch.permute(x, plan, backend=backend)
+    expected_rows = topk_moe.permute(x.numpy(), expected_plan, backend=backend)
+    np.testing.assert_array_equal(rows.numpy(), np.asarray(expected_rows))
+
+    out = moe_torch.expert_mlp(rows, plan, weights.w1, weights.w2, weights.w3, backend=backend)
+    expected_out = topk_moe.expert_mlp(expected_rows, expected_plan, arrays.w1, arrays.w2, arrays.w3, backend=backend)
+    np.testing.assert_array_equal(out.numpy(), np.asarray(expected_out))
+
+    y = moe_torch.combine(out, routing, plan, backend=backend)
+    expected_y = topk_moe.combine(expected_out, expected_routing, expected_plan, backend=backend)
+    np.testing.assert_array_equal(y.numpy(), np.asarray(expected_y))
+
+    layer = moe_torch.moe_forward(x, weights, cfg, backend=backend)
+    expected_layer = topk_moe.moe_forward(x.numpy(), arrays, cfg, backend=backend)
+    assert isinstance(layer, topk_moe.MoEOutput) and isinstance(layer.plan.token, torch.Tensor)
+    np.testing.assert_array_equal(layer.y.numpy(), np.asarray(expected_layer.y))
+    assert layer.y.device == x.device
+
+    dense = moe_torch.dense_mlp(x, weights.w1[0], weights.w2[0], activation="gelu", backend=backend)
+    expected_dense = topk_moe.dense_mlp(x.numpy(), arrays.w1[0], arrays.w2[0], activation="gelu", backend=backend)
+    np.testing.assert_array_equal(dense.numpy(), np.asarray(expected_dense))
+
+
+def test_the_cpu_backend_gets_the_tensors_memory_and_its_result_is_the_tensor(monkeypatch):
+    """No copy of activations or weights on the way in, none of y on the way out."""
+    from topk_moe import cpu
+
+    seen = {}
+    original = cpu.moe_forward
+
+    def spy(x, router, w1, w2, w3, *rest):
+        seen.update(x=x, router=router, w1=w1, w2=w2, w3=w3)
+        result = original(x, router, w1, w2, w3, *rest)
+        seen["y"] = result[0]
+        return result
+
+    monkeypatch.setattr(cpu, "moe_forward", spy)
+    x, weights, cfg = _layer(T=33)
+    out = moe_torch.moe_forward(x, weights, cfg, backend="cpu")
+    tensors = {"x": x, "router": weights.router, "w1": weights.w1, "w2": weights.w2, "w3": weights.w3}
+    for name, tensor in tensors.items():
+        assert seen[name].ctypes.data == tensor.data_ptr(), name
+        assert np.shares_memory(seen[name], tensor.numpy()), name
+    assert out.y.data_ptr() == seen["y"].ctypes.data
+
+
+def test_a_layer_on_non_contiguous_tensors_equals_the_contiguous_one():
+    x, weights, cfg = _layer(T=8)
+    wide = torch.zeros(8, 2 * cfg.d_model)
+    wide[:, ::2] = x
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous()
+    np.testing.assert_array_equal(moe_torch.moe_forward(strided, weights, cfg).y.numpy(),
+                                  moe_torch.moe_forward(x, weights, cfg).y.numpy())
+
+
+def test_bad_input_is_named():
+    x, weights, cfg = _layer()
+    with pytest.raises(ValueError, match="backend: expected a host backend .* for CPU tensors, got 'cuda'"):
+        moe_torch.moe_forward(x, weights, cfg, backend="cuda")
+    with pytest.raises(TypeError, match="weights: expected a topk_moe.MoEWeights of tensors, got dict"):
+        moe_torch.moe_forward(x, {}, cfg)
+    with pytest.raises(TypeError, match="weights.w1: expected a torch.Tensor, got ndarray"):
+        moe_torch.moe_forward(x, topk_moe.MoEWeights(weights.router, weights.w1.numpy(), weights.w2, weights.w3), cfg)
+    with pytest.raises(ValueError, match="x: expected D columns"):  # the contract's own checks still run
+        moe_torch.moe_forward(x[:, :5], weights, cfg)
+    with pytest.raises(TypeError, match=r"router: expected dtype float64 \(the dtype of x\)"):
+        moe_torch.moe_forward(x.double(), weights, cfg)
+
+
+def test_the_environment_backend_is_named_when_it_cannot_take_cpu_tensors(monkeypatch):
+    monkeypatch.setenv("MOE_BACKEND", "cuda")
+    x, weights, cfg = _layer()
+    with pytest.raises(ValueError, match=r"backend \(from \$MOE_BACKEND\): expected a host backend"):
+        moe_torch.route(x, weights.router, 2)
+
+
+def test_requires_grad_is_refused_under_grad_mode_and_fine_under_inference_mode():
+    x, weights, cfg = _layer()
+    x.requires_grad_(True)
+    with pytest.raises(ValueError, match="x: expected a tensor that does not require grad"):
+        moe_torch.moe_forward(x, weights, cfg)
+    with torch.inference_mode():
+        y = moe_torch.moe_forward(x, weights, cfg).y
+    assert not y.requires_grad
+
+
+# ---------------------------------------------------------------------------
+# MoELayer
+
+
+def test_moe_layer_holds_its_weights_as_buffers_and_keeps_the_input_shape():
+    x, weights, cfg = _layer(T=12)
+    layer = moe_torch.MoELayer(weights, cfg)
+    assert {name for name, _ in layer.named_buffers()} == {"router", "w1", "w2", "w3"}
+    assert layer.w1.data_ptr() == weights.w1.data_ptr()  # held, not copied
+    hidden = x.reshape(3, 4, cfg.d_model)
+    with torch.no_grad():
+        y = layer(hidden)
+    assert y.shape == hidden.shape and y.dtype == hidden.dtype
+    np.testing.assert_array_equal(y.reshape(12, -1).numpy(), moe_torch.moe_forward(x, weights, cfg).y.numpy())
+    layer64 = moe_torch.MoELayer(weights, cfg, backend="reference")
+    with torch.no_grad():
+        assert layer64(hidden).dtype == torch.float32  # the reference's float64 comes back in the input's dtype
+
+
+def test_moe_layer_is_inference_only():
+    x, weights, cfg = _layer()
+    layer = moe_torch.MoELayer(weights, cfg)
+    x.requires_grad_(True)
+    with pytest.raises(ValueError, match="MoELayer is inference only"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == x.shape
+    with pytest.raises(ValueError, match="backend: expected None or one of"):
+        moe_torch.MoELayer(weights, cfg, backend="gpu")
+
+
+# ---------------------------------------------------------------------------
+# CUDA: DLPack on the current torch stream (GPU only)
+
+
+def _cuda_skip_reason():
+    from topk_moe.backends import cuda_unavailable_reason
+
+    if not torch.cuda.is_available():
+        return f"needs a CUDA build of torch and a GPU (torch {torch.__version__} sees no CUDA device)"
+    return cuda_unavailable_reason()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_skip_reason() is not None,
+                    reason=f"the DLPack path to CuPy needs a GPU: {_cuda_skip_reason()}")
+def test_cuda_tensors_go_through_dlpack_without_copies_on_a_side_stream():
+    import cupy
+
+    from topk_moe.testing import assert_close_to_reference, expected_moe_forward, moe_term_scale, plain_moe_forward
+
+    x, weights, cfg = _layer(T=257, D=64, F=96, E=8)
+    host_arrays = _numpy_weights(weights)
+    x = x.cuda()
+    weights = topk_moe.MoEWeights(*(t.cuda() for t in (weights.router, weights.w1, weights.w2, weights.w3)))
+    array = moe_torch.as_array(x)
+    assert isinstance(array, cupy.ndarray) and array.data.ptr == x.data_ptr()
+    back = moe_torch.as_tensor(array, x.device)
+    assert back.data_ptr() == x.data_ptr() and back.device == x.device
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x_on_side = x * 1.0  # written on the side stream: the layer must be ordered after it
+        out = moe_torch.moe_forward(x_on_side, weights, cfg)
+    torch.cuda.synchronize()
+    assert out.y.device == x.device and out.routing.experts.device == x.device
+
+    host_x = x.cpu().numpy()
+    routing = topk_moe.Routing(*(t.cpu().numpy() for t in (out.routing.experts, out.routing.weights,
+                                                          out.routing.probs)))
+    assert_close_to_reference(out.y.cpu().numpy(), expected_moe_forward(host_x, host_arrays, cfg, routing),
+                              plain_moe_forward(host_x, host_arrays, cfg, routing),
+                              scale=moe_term_scale(host_x, host_arrays, cfg, routing.experts))

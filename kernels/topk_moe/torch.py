@@ -16,12 +16,23 @@ that silently has none would be wrong.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch  # the real torch: absolute import, this module is topk_moe.torch
 
-__all__ = ["as_array", "as_tensor"]
+from . import api
+from .api import capacity
+from .backends import DEFAULT_BACKEND, ENV_VARIABLE, KNOWN_BACKENDS
+from .types import DispatchPlan, MoEConfig, MoEOutput, MoEWeights, Routing
+
+__all__ = [
+    "as_array", "as_tensor",
+    "init_weights", "route", "dispatch", "permute", "expert_mlp", "combine", "moe_forward", "dense_mlp",
+    "capacity", "MoELayer", "MoEConfig", "MoEWeights", "Routing", "DispatchPlan", "MoEOutput",
+]
 
 
 def _check_tensor(name: str, tensor: Any) -> "torch.Tensor":
@@ -112,3 +123,279 @@ def as_tensor(array: Any, device: Optional[Any] = None) -> "torch.Tensor":
         if tensor.device != expected:
             raise ValueError(f"device: expected the array to live on {expected}, got an array on {tensor.device}")
     return tensor
+
+
+# -- the contract's functions on tensors ---------------------------------------
+
+def _device_of(arguments: dict) -> "torch.device":
+    """The one device of all tensor arguments (ValueError when they differ)."""
+    devices = {name: t.device for name, t in arguments.items() if t is not None}
+    first_name, first_device = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first_device:
+            raise ValueError(
+                f"{name}: expected a tensor on {first_device} (the device of {first_name}), got one on {device}"
+            )
+    return first_device
+
+
+def _backend_for(device: "torch.device", backend: Optional[str]) -> Optional[str]:
+    """The backend a call on ``device`` runs: results come back on the tensors' own device.
+
+    CUDA tensors run on "cuda" (the default for them). CPU tensors run on a host
+    backend: ``backend``, or $MOE_BACKEND, or "cpu", as in ``topk_moe``; "cuda"
+    would return CUDA results for CPU tensors, so it is refused.
+    """
+    if device.type == "cuda":
+        if backend not in (None, "cuda"):
+            raise ValueError(
+                f"backend: expected 'cuda' (or None) for tensors on {device}, got {backend!r} "
+                f"(the other backends run on the host: move the tensors to the CPU for them)"
+            )
+        return "cuda"
+    source = "backend"
+    name = backend
+    if name is None:
+        name = os.environ.get(ENV_VARIABLE) or DEFAULT_BACKEND
+        source = f"backend (from ${ENV_VARIABLE})" if os.environ.get(ENV_VARIABLE) else "backend"
+    if name == "cuda":
+        raise ValueError(
+            f"{source}: expected a host backend ('reference', 'cpu' or 'cuda-emulated') for CPU tensors, "
+            f"got 'cuda' (move the tensors to a CUDA device to run the cuda backend)"
+        )
+    return backend
+
+
+def _results_as_tensors(result: Any, device: "torch.device") -> Any:
+    """The backend's result with every array field made a tensor (no copy)."""
+    if isinstance(result, (Routing, DispatchPlan, MoEOutput)):
+        fields = {f.name: _results_as_tensors(getattr(result, f.name), device) for f in dataclasses.fields(result)}
+        return type(result)(**fields)
+    return as_tensor(result, device)
+
+
+def _arrays(**arguments: Any) -> dict:
+    return {name: None if t is None else as_array(t, name) for name, t in arguments.items()}
+
+
+def _weights_as_arrays(weights: MoEWeights) -> dict:
+    if not isinstance(weights, MoEWeights):
+        raise TypeError(f"weights: expected a topk_moe.MoEWeights of tensors, got {type(weights).__name__}")
+    return {"weights.router": weights.router, "weights.w1": weights.w1,
+            "weights.w2": weights.w2, "weights.w3": weights.w3}
+
+
+def _plan_tensors(plan: DispatchPlan) -> dict:
+    if not isinstance(plan, DispatchPlan):
+        raise TypeError(f"plan: expected a topk_moe.DispatchPlan, got {type(plan).__name__}")
+    return {f"plan.{f.name}": getattr(plan, f.name) for f in dataclasses.fields(plan)}
+
+
+def _plan_from(arrays: dict) -> DispatchPlan:
+    return DispatchPlan(**{name[len("plan."):]: a for name, a in arrays.items() if name.startswith("plan.")})
+
+
+def route(x, router, k: int, *, renormalize: bool = True, backend: Optional[str] = None,
+          check_finite: bool = True) -> Routing:
+    """``topk_moe.route`` on tensors: x (T, D), router (D, E) -> Routing of tensors on x's device."""
+    tensors = {"x": x, "router": router}
+    device = _device_of({name: _check_tensor(name, t) for name, t in tensors.items()})
+    backend = _backend_for(device, backend)
+    with cuda_stream(device):
+        a = _arrays(**tensors)
+        result = api.route(a["x"], a["router"], k, renormalize=renormalize, backend=backend,
+                           check_finite=check_finite)
+        return _results_as_tensors(result, device)
+
+
+def dispatch(experts, n_experts: int, *, capacity: Optional[int] = None,
+             backend: Optional[str] = None) -> DispatchPlan:
+    """``topk_moe.dispatch`` on tensors: experts (T, K) int32 -> DispatchPlan of int64 tensors."""
+    device = _check_tensor("experts", experts).device
+    backend = _backend_for(device, backend)
+    with cuda_stream(device):
+        result = api.dispatch(as_array(experts, "experts"), n_experts, capacity=capacity, backend=backend)
+        return _results_as_tensors(result, device)
+
+
+def permute(x, plan: DispatchPlan, *, backend: Optional[str] = None):
+    """``topk_moe.permute`` on tensors: row i of the result is x[plan.token[i]]. -> (N, D)"""
+    tensors = {"x": x, **_plan_tensors(plan)}
+    device = _device_of({name: _check_tensor(name, t) for name, t in tensors.items()})
+    backend = _backend_for(device, backend)
+    with cuda_stream(device):
+        a = _arrays(**tensors)
+        return as_tensor(api.permute(a["x"], _plan_from(a), backend=backend), device)
+
+
+def expert_mlp(rows, plan: DispatchPlan, w1, w2, w3=None, *, activation: str = "swiglu",
+               backend: Optional[str] = None):
+    """``topk_moe.expert_mlp`` on tensors: rows (N, D), w1 and w3 (E, D, F), w2 (E, F, D) -> (N, D)."""
+    tensors = {"rows": rows, "w1": w1, "w2": w2, "w3": w3, **_plan_tensors(plan)}
+    device = _device_of({name: None if t is None else _check_tensor(name, t) for name, t in tensors.items()})
+    backend = _backend_for(device, backend)
+    with cuda_stream(device):
+        a = _arrays(**tensors)
+        result = api.expert_mlp(a["rows"], _plan_from(a), a["w1"], a["w2"], a["w3"],
+                                activation=activation, backend=backend)
+        return as_tensor(result, device)
+
+
+def combine(expert_out, routing: Routing, plan: DispatchPlan, *, backend: Optional[str] = None):
+    """``topk_moe.combine`` on tensors: y[t] = sum over kept j of weights[t, j] * expert_out[row[t, j]]."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing: expected a topk_moe.Routing, got {type(routing).__name__}")
+    tensors = {"expert_out": expert_out, "routing.experts": routing.experts, "routing.weights": routing.weights,
+               "routing.probs": routing.probs, **_plan_tensors(plan)}
+    device = _device_of({name: _check_tensor(name, t) for name, t in tensors.items()})
+    backend = _backend_for(device, backend)
+    with cuda_stream(device):
+        a = _arrays(**tensors)
+        arrays_routing = Routing(experts=a["routing.experts"], weights=a["routing.weights"], probs=a["routing.probs"])
+        return as_tensor(api.combine(a["expert_out"], arrays_routing, _plan_from(a), backend=backend), device)
+
+
+def moe_forward(x, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str] = None,
+                check_finite: bool = True) -> MoEOutput:
+    """``topk_moe.moe_forward`` on tensors: the whole layer. x (T, D) and a MoEWeights of
+    tensors on one device -> MoEOutput of tensors there (y in the backend's dtype)."""
+    tensors = {"x": x, **_weights_as_arrays(weights)}
+    device = _device_of({name: None if t is None else _check_tensor(name, t) for name, t in tensors.items()})
+    backend = _backend_for(device, backend)
+    with cuda_stream(device):
+        a = _arrays(**tensors)
+        array_weights = MoEWeights(router=a["weights.router"], w1=a["weights.w1"], w2=a["weights.w2"],
+                                   w3=a["weights.w3"])
+        result = api.moe_forward(a["x"], array_weights, cfg, backend=backend, check_finite=check_finite)
+        return _results_as_tensors(result, device)
+
+
+def dense_mlp(x, w1, w2, w3=None, *, activation: str = "relu", backend: Optional[str] = None):
+    """``topk_moe.dense_mlp`` on tensors: x (T, D), w1 and w3 (D, F), w2 (F, D) -> (T, D)."""
+    tensors = {"x": x, "w1": w1, "w2": w2, "w3": w3}
+    device = _device_of({name: None if t is None else _check_tensor(name, t) for name, t in tensors.items()})
+    backend = _backend_for(device, backend)
+    with cuda_stream(device):
+        a = _arrays(**tensors)
+        return as_tensor(api.dense_mlp(a["x"], a["w1"], a["w2"], a["w3"], activation=activation,
+                                       backend=backend), device)
+
+
+_TORCH_TO_NUMPY_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def init_weights(cfg: MoEConfig, *, seed: int = 0, dtype: "torch.dtype" = torch.float32,
+                 device: Any = "cpu") -> MoEWeights:
+    """``topk_moe.init_weights`` as tensors: the same numbers for the same seed, on ``device``."""
+    if dtype not in _TORCH_TO_NUMPY_FLOATS:
+        raise TypeError(f"dtype: expected torch.float16, torch.float32 or torch.float64, got {dtype}")
+    arrays = api.init_weights(cfg, seed=seed, dtype=_TORCH_TO_NUMPY_FLOATS[dtype])
+    device = torch.device(device)
+
+    def tensor(a):
+        return None if a is None else torch.from_numpy(a).to(device)
+
+    return MoEWeights(router=tensor(arrays.router), w1=tensor(arrays.w1), w2=tensor(arrays.w2), w3=tensor(arrays.w3))
+
+
+# -- the layer as a torch module -------------------------------------------------
+
+class MoELayer(torch.nn.Module):
+    """The contract's MoE layer as a ``torch.nn.Module``, for inference.
+
+    ``MoELayer(weights, cfg, backend=None)`` holds ``weights`` (a MoEWeights of
+    tensors in the contract's layout) as buffers, so ``.to(device)`` and
+    ``state_dict()`` carry them, and computes ``moe_forward`` on the input's
+    device (see ``_backend_for`` for the backend). ``forward`` takes
+    hidden states (..., D) and returns (..., D) in their dtype.
+
+    Inference only: with grad mode on and an input that requires grad, forward
+    raises ValueError (the backends compute no gradient; a result silently
+    without one would train nothing). Run it under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (``generate`` does).
+
+    ``MoELayer.from_hf(block)`` replaces a transformers sparse MoE block.
+    """
+
+    def __init__(self, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str] = None,
+                 returns_router_logits: bool = False, jitter_noise: float = 0.0):
+        super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg: expected a topk_moe.MoEConfig, got {type(cfg).__name__}")
+        arguments = _weights_as_arrays(weights)
+        for name, tensor in arguments.items():
+            if tensor is not None:
+                _check_tensor(name, tensor)
+        _device_of(arguments)
+        if backend is not None and backend not in KNOWN_BACKENDS:
+            raise ValueError(f"backend: expected None or one of {KNOWN_BACKENDS}, got {backend!r}")
+        self.cfg = cfg
+        self.backend = backend
+        self.returns_router_logits = bool(returns_router_logits)
+        self.jitter_noise = float(jitter_noise)
+        for name in ("router", "w1", "w2", "w3"):
+            tensor = getattr(weights, name)
+            self.register_buffer(name, None if tensor is None else tensor.detach())
+
+    @classmethod
+    def from_hf(cls, block: "torch.nn.Module", backend: Optional[str] = None) -> "MoELayer":
+        """A drop-in for a transformers sparse MoE block: same forward signature
+        (``forward(hidden_states)``) and return value as the block.
+
+        Reads Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE blocks of transformers 5.x
+        (fused ``gate_up_proj``/``down_proj`` experts; they return the output
+        tensor) and of 4.x (per-expert ``w1``/``w2``/``w3`` or
+        ``gate_proj``/``up_proj``/``down_proj`` linears; they return
+        ``(output, router_logits)``), keeping the block's renormalisation rule
+        (``norm_topk_prob``; Mixtral always renormalises). The weights are
+        copied once, into the contract's layout, on the block's device.
+
+        Unsupported, with an error naming it: Qwen2-MoE's shared expert, top-k
+        other than 1 or 2, activations other than SiLU-gated, biases, bfloat16
+        weights, router jitter (raised by forward in training mode, where
+        Mixtral applies it). Router logits are not recorded by transformers'
+        ``output_router_logits`` hooks, which watch the replaced router module.
+        """
+        from .hf import read_block  # noqa: PLC0415 - transformers layouts, read only here
+
+        reading = read_block(block)
+        layer = cls(reading.weights, reading.cfg, backend=backend,
+                    returns_router_logits=reading.returns_router_logits, jitter_noise=reading.jitter_noise)
+        layer.train(block.training)
+        return layer
+
+    @property
+    def weights(self) -> MoEWeights:
+        """The buffers as a MoEWeights (views, no copy)."""
+        return MoEWeights(router=self.router, w1=self.w1, w2=self.w2, w3=self.w3)
+
+    def forward(self, hidden_states: "torch.Tensor"):
+        if self.training and self.jitter_noise > 0:
+            raise ValueError(
+                f"MoELayer: router jitter (jitter_noise={self.jitter_noise}) is applied in training mode, "
+                f"which topk_moe does not support; call model.eval() for inference"
+            )
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states: expected a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "hidden_states: MoELayer is inference only (topk_moe computes no gradients), got an input that "
+                "requires grad while grad mode is on; run the model under torch.no_grad() or "
+                "torch.inference_mode()"
+            )
+        shape = hidden_states.shape
+        if hidden_states.ndim < 1 or shape[-1] != self.cfg.d_model:
+            raise ValueError(f"hidden_states: expected shape (..., D) with D = {self.cfg.d_model}, got {tuple(shape)}")
+        x = hidden_states.reshape(-1, self.cfg.d_model)
+        y = moe_forward(x, self.weights, self.cfg, backend=self.backend).y
+        if y.dtype != hidden_states.dtype:  # the reference backend computes and returns float64
+            y = y.to(hidden_states.dtype)
+        y = y.reshape(shape)
+        if self.returns_router_logits:  # transformers 4.x blocks returned (output, router_logits)
+            return y, x @ self.router.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"d_model={c.d_model}, d_ff={c.d_ff}, n_experts={c.n_experts}, top_k={c.top_k}, "
+                f"activation={c.activation!r}, renormalize={c.renormalize}, backend={self.backend!r}")
