@@ -11,15 +11,27 @@ load before CUDA starts, and its 0.9 releases re-run the calling script under
 annotates every kernel launch of one ``moe_forward`` (each CUDA-backend kernel
 becomes its own ``nsight.annotate`` range, named after the kernel) and each
 cuBLAS GEMM of the dense baseline at equal active FLOPs, and asks ``ncu`` for
-``NCU_METRICS`` per annotation: SM throughput, DRAM throughput, achieved
+``NCU_METRICS`` per annotation, one nsight-python call per k (the router's
+kernel is named after k, and nsight-python wants the same ranges in every
+configuration of one call): SM throughput, DRAM throughput, achieved
 occupancy and tensor-pipe activity, each as % of its peak, the kernel's
 duration, and the memory requests the CPU emulator also counts
 (``analysis.measure.traffic``): global load/store requests and sectors, shared
 wavefronts and bank conflicts, DRAM bytes, so that a first GPU run puts
 measured counts beside the emulated ones (same kernels; the emulated counts
 have no caches and come from the host compiler's code, the measured ones from
-nvcc's). Clocks are left as the card has them (``clock_control="none"``);
+nvcc's). cp.async (LDGSTS) and ldmatrix (LDSM), v3's way to global and shared
+memory, are counted in fields of their own. Where cuBLAS splits one GEMM into
+several kernels, their durations and counts are summed and the percentages
+weighted by duration (``kernel_combiner``). Clocks are left as the card has them (``clock_control="none"``);
 caches are flushed before each kernel replay (``ncu``'s default).
+
+nsight-python 0.9 re-runs the script as ``ncu ... python <path>/utilisation.py
+<arguments>``, in the profiled process's environment: a script, not ``-m``, so
+``profiling_environment`` puts the repository root (``analysis``), the folder
+of ``topk_moe`` and ncu's own Python module on ``PYTHONPATH``, and ncu's
+folder on ``PATH``, before nsight-python starts. The profiled process exits 0
+when it measured every k, 1 when profiling failed, 2 when a tool is missing.
 
 **Over a sustained loop, NVML through nvidia-ml-py.** ``nvml_during`` calls a
 function again and again for a few seconds while a thread samples GPU
@@ -46,7 +58,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from analysis.measure.processes import TIMED_OUT, run_logged
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # analysis/measure/utilisation.py -> the repository
+
+#: Exit statuses of the profiled process (``python -m analysis.measure.utilisation``).
+EXIT_MEASURED, EXIT_FAILED, EXIT_TOOLS_MISSING = 0, 1, 2
 
 #: The fields of an Nsight Compute record and the ncu metric for each; where a
 #: field lists several, the first the installed ncu knows for the chip is used
@@ -68,10 +85,16 @@ NCU_METRICS = {
     "global_load_sectors": ("l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",),
     "global_store_requests": ("l1tex__t_requests_pipe_lsu_mem_global_op_st.sum",),
     "global_store_sectors": ("l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum",),
+    # cp.async (LDGSTS: global to shared without registers), v3's operand loads.
+    "global_ldgsts_requests": ("l1tex__t_requests_pipe_lsu_mem_global_op_ldgsts.sum",),
+    "global_ldgsts_sectors": ("l1tex__t_sectors_pipe_lsu_mem_global_op_ldgsts.sum",),
     "shared_load_wavefronts": ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",),
     "shared_store_wavefronts": ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",),
     "shared_load_bank_conflicts": ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",),
     "shared_store_bank_conflicts": ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",),
+    # ldmatrix (LDSM): v3 reads its tensor-core fragments from shared memory this way.
+    "shared_ldsm_wavefronts": ("l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ldsm.sum",),
+    "shared_ldsm_bank_conflicts": ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ldsm.sum",),
     "dram_bytes": ("dram__bytes.sum",),
 }
 NCU_FIELDS = tuple(NCU_METRICS)
@@ -133,6 +156,30 @@ def ncu_report_folder(ncu: str) -> Optional[str]:
         if (folder / "ncu_report.py").is_file():
             return str(folder)
     return None
+
+
+def kernels_folder() -> str:
+    """The folder that holds the ``topk_moe`` package (kernels/ in a checkout)."""
+    spec = importlib.util.find_spec("topk_moe")
+    if spec is not None and spec.origin:
+        return str(Path(spec.origin).resolve().parent.parent)
+    return str(REPO_ROOT / "kernels")
+
+
+def profiling_environment(ncu: Optional[str], base: Optional[dict] = None) -> dict:
+    """``base`` (default: this process's environment) with what the profiled
+    process and nsight-python's re-run of it under ``ncu`` need: ncu's folder
+    first on PATH (nsight-python runs plain ``ncu``), and on PYTHONPATH the
+    repository root (``analysis``), the folder of ``topk_moe`` and ncu's
+    ``ncu_report`` module, ahead of what was there."""
+    environment = dict(os.environ if base is None else base)
+    environment["PYTHONUNBUFFERED"] = "1"
+    if ncu:
+        environment["PATH"] = os.pathsep.join([str(Path(ncu).parent), environment.get("PATH", "")])
+    folders = [str(REPO_ROOT), kernels_folder()] + ([ncu_report_folder(ncu)] if ncu and ncu_report_folder(ncu) else [])
+    present = [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(folders + present))
+    return environment
 
 
 def gpu_unavailable_reason() -> Optional[str]:
@@ -276,18 +323,11 @@ def profile_kernels(preset: str, tokens: int, top_ks: tuple, dtype: str, *, time
     work = Path(work_dir or tempfile.mkdtemp(prefix="moe-ncu-"))
     work.mkdir(parents=True, exist_ok=True)
     output = work / "kernels.json"
-    environment = dict(os.environ, PYTHONUNBUFFERED="1")
-    environment["PATH"] = os.pathsep.join([str(Path(ncu).parent), environment.get("PATH", "")])
-    python_path = [str(REPO_ROOT)] + ([ncu_report_folder(ncu)] if ncu_report_folder(ncu) else [])
-    environment["PYTHONPATH"] = os.pathsep.join(python_path + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p])
     command = [sys.executable, "-m", "analysis.measure.utilisation", "--preset", preset, "--tokens", str(tokens),
                "--dtype", dtype, "--out", str(output), "--work-dir", str(work), "--k", *map(str, top_ks)]
     log = work / "profile.log"
-    try:
-        with open(log, "w", encoding="utf-8") as log_file:
-            done = subprocess.run(command, cwd=REPO_ROOT, env=environment, stdout=log_file,
-                                  stderr=subprocess.STDOUT, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    returncode = run_logged(command, log, timeout_s=timeout_s, env=profiling_environment(ncu), cwd=REPO_ROOT)
+    if returncode == TIMED_OUT:
         return [empty_ncu_row(f"Nsight Compute profiling stopped after {timeout_s:.0f} s (log: {log})",
                               **identity(k)) for k in top_ks]
     if output.is_file():
@@ -295,7 +335,7 @@ def profile_kernels(preset: str, tokens: int, top_ks: tuple, dtype: str, *, time
         if rows:
             return rows
     tail = log.read_text(encoding="utf-8", errors="replace")[-600:] if log.is_file() else ""
-    return [empty_ncu_row(f"Nsight Compute profiling failed (exit {done.returncode}, log {log}): {tail}",
+    return [empty_ncu_row(f"Nsight Compute profiling failed (exit {returncode}, log {log}): {tail}",
                           **identity(k)) for k in top_ks]
 
 
@@ -304,8 +344,10 @@ def profile_kernels(preset: str, tokens: int, top_ks: tuple, dtype: str, *, time
 
 def chosen_metrics(ncu: Optional[str], compute_capability: Optional[str]) -> dict:
     """{field: ncu metric}: for each field the first candidate that
-    ``ncu --query-metrics`` lists for this chip (the first candidate where ncu
-    cannot be asked)."""
+    ``ncu --query-metrics`` lists for this chip; a field none of whose
+    candidates it lists is left out (nsight-python stops at an unknown metric,
+    so one would cost every row). Where ncu cannot be asked, the first
+    candidate of every field."""
     known: set = set()
     chip = NCU_CHIPS.get(compute_capability or "")
     if ncu and chip:
@@ -317,38 +359,46 @@ def chosen_metrics(ncu: Optional[str], compute_capability: Optional[str]) -> dic
             known = set()
     chosen = {}
     for field, candidates in NCU_METRICS.items():
-        base_names = [candidate.split(".")[0] for candidate in candidates]
-        available = [c for c, base in zip(candidates, base_names) if base in known]
-        chosen[field] = (available or candidates)[0]
+        available = [c for c in candidates if c.split(".")[0] in known]
+        if available or not known:
+            chosen[field] = (available or candidates)[0]
+    chosen["duration_s"] = NCU_METRICS["duration_s"][0]  # always: kernel_combiner weights by it
     return chosen
 
 
 class _AnnotatedLaunches:
-    """While active, every kernel the CUDA backend launches through its loader
-    runs inside ``annotate(<kernel name>)``: one Nsight range per kernel. The
-    backend's modules look ``get_kernel`` up at call time, so replacing that
-    name in them is enough; the originals come back on exit."""
+    """While active, every kernel the CUDA backend launches runs inside
+    ``annotate(<kernel name>)``: one Nsight range per kernel launch.
 
-    MODULES = ("topk_moe.cuda.backend", "topk_moe.cuda.expert_mlp")
+    Every launcher gets its kernels from ``Device.get_kernel``, which for CuPy
+    (``topk_moe.cuda.device.cupy_device``) looks up ``get_kernel`` in
+    ``topk_moe.cuda.loader`` at each call; replacing that one name reaches
+    every launcher. The original comes back on exit. nsight-python wants each
+    range name once per run, so a kernel launched again in one run gets
+    ``name#2``, ``name#3``."""
+
+    MODULE = "topk_moe.cuda.loader"
 
     def __init__(self, annotate):
         self.annotate = annotate
-        self.saved: list = []
+        self.saved = None
+        self.launches: dict = {}
 
     def __enter__(self):
-        for module_name in self.MODULES:
-            module = importlib.import_module(module_name)
-            original = getattr(module, "get_kernel", None)
-            if original is None:
-                continue
-            self.saved.append((module, original))
-            setattr(module, "get_kernel", self._wrap(original))
+        module = importlib.import_module(self.MODULE)
+        self.saved = (module, module.get_kernel)
+        module.get_kernel = self._wrap(module.get_kernel)
         return self
 
     def __exit__(self, *exc):
-        for module, original in self.saved:
-            module.get_kernel = original
+        module, original = self.saved
+        module.get_kernel = original
         return False
+
+    def range_name(self, name: str) -> str:
+        self.launches[name] = self.launches.get(name, 0) + 1
+        count = self.launches[name]
+        return name if count == 1 else f"{name}#{count}"
 
     def _wrap(self, get_kernel):
         annotate = self.annotate
@@ -357,7 +407,7 @@ class _AnnotatedLaunches:
             kernel = get_kernel(file, name, **defines)
 
             def launch(*args, **kwargs):
-                with annotate(name):
+                with annotate(self.range_name(name)):
                     return kernel(*args, **kwargs)
 
             return launch
@@ -413,61 +463,99 @@ def _dense_gemms(cupy, x, dense, activation: str, annotate) -> None:
 
 
 def _profile_main(args) -> int:
-    """The profiled process (see ``profile_kernels``): writes its rows to ``--out``."""
+    """The profiled process (see ``profile_kernels``): writes its rows to ``--out``;
+    exit status EXIT_MEASURED, EXIT_FAILED or EXIT_TOOLS_MISSING."""
     identity = lambda k: {"top_k": k, "kernel": None, "stage": None}  # noqa: E731
+
+    def finish(rows: list, status: int) -> int:
+        Path(args.out).write_text(json.dumps(rows), encoding="utf-8")
+        return status
+
+    reason = profiler_unavailable_reason()
+    if reason is not None:
+        return finish([empty_ncu_row(reason, **identity(k)) for k in args.k], EXIT_TOOLS_MISSING)
     ncu = find_ncu()
-    if ncu and ncu_report_folder(ncu) and ncu_report_folder(ncu) not in sys.path:
-        sys.path.append(ncu_report_folder(ncu))
+    # nsight-python re-runs this file as a script under plain ``ncu`` with a copy
+    # of this environment: it must find ncu, analysis and topk_moe there too.
+    os.environ.update(profiling_environment(ncu))
+    report_folder = ncu_report_folder(ncu) if ncu else None
+    if report_folder and report_folder not in sys.path:
+        sys.path.append(report_folder)
+    import topk_moe  # noqa: F401, PLC0415 - the profiled function needs both; fail here, before ncu
+    from analysis.measure import sweep_cells  # noqa: F401, PLC0415
     try:
         import nsight  # before CUDA starts: nsight-python 1.x attaches ncu at import
     except Exception as error:
         rows = [empty_ncu_row(f"nsight-python does not import: {type(error).__name__}: {error}",
                               **identity(k)) for k in args.k]
-        Path(args.out).write_text(json.dumps(rows), encoding="utf-8")
-        return 0
+        return finish(rows, EXIT_TOOLS_MISSING)
     import cupy  # noqa: PLC0415
 
     capability = str(cupy.cuda.Device().compute_capability)  # CuPy says "90" for 9.0
     capability = f"{capability[:-1]}.{capability[-1]}"
-    metrics = chosen_metrics(ncu, capability)
-    configs = [(args.preset, args.tokens, k, args.dtype) for k in args.k]
+    rerun = "NSPY_NCU_PROFILE" in os.environ  # nsight-python's re-run under ncu: it only runs the function
+    metrics = chosen_metrics(None if rerun else ncu, capability)
 
     def profile_moe_layer(preset, tokens, top_k, dtype):
-        import topk_moe  # noqa: PLC0415
-
+        # made and warmed up (kernels compiled) on the first call, outside any range
         cfg, weights, x, dense, activation = _layer(preset, tokens, top_k, dtype)
         with _AnnotatedLaunches(nsight.annotate):
             topk_moe.moe_forward(x, weights, cfg, backend="cuda", check_finite=False)
         _dense_gemms(cupy, x, dense, activation, annotate=nsight.annotate)
 
-    for config in configs:  # inputs and kernels ready before ncu looks
-        _layer(*config)
-    decorated = nsight.analyze.kernel(
-        configs=configs, runs=1, metrics=list(metrics.values()),
-        combine_kernel_metrics=larger,  # only where cuBLAS splits one GEMM into several kernels
-        clock_control="none", cache_control="all", replay_mode="kernel",
-        output_prefix=str(Path(args.work_dir) / "nsight-"),
-    )(profile_moe_layer)
-    try:
-        frame = decorated().to_dataframe()
-        rows = rows_from_frame(frame, metrics)
-    except Exception as error:  # ncu refused a metric, the report did not parse, ...
-        rows = [empty_ncu_row(f"Nsight Compute profiling failed: {type(error).__name__}: {error}",
-                              **identity(k)) for k in args.k]
-    Path(args.out).write_text(json.dumps(rows), encoding="utf-8")
-    return 0
+    rows, failed = [], False
+    for k in args.k:  # one call per k: the router's kernel (router_top1_*, router_top2_*) is named after k
+        decorated = nsight.analyze.kernel(
+            configs=[(args.preset, args.tokens, k, args.dtype)], runs=1, metrics=list(metrics.values()),
+            combine_kernel_metrics=kernel_combiner(metrics),
+            clock_control="none", cache_control="all", replay_mode="kernel",
+            output_prefix=str(Path(args.work_dir) / f"nsight-k{k}-"),
+        )(profile_moe_layer)
+        try:
+            result = decorated()
+            if result is None:  # this is ncu's re-run for another k: nothing to profile here
+                continue
+            rows.extend(rows_from_frame(result.to_dataframe(), metrics))
+        except Exception as error:  # ncu refused a metric, the report did not parse, ...
+            failed = True
+            rows.append(empty_ncu_row(f"Nsight Compute profiling failed: {type(error).__name__}: {error}",
+                                      **identity(k)))
+    return finish(rows, EXIT_FAILED if failed or not rows else EXIT_MEASURED)
 
 
-def larger(first: float, second: float) -> float:
-    """How nsight-python merges the metrics of several kernels in one range
-    (a cuBLAS GEMM split in two): the busier one. A plain two-argument
-    function, as nsight-python 0.9 checks."""
-    return max(first, second)
+def kernel_combiner(metrics: dict) -> Callable:
+    """How nsight-python merges the kernels of one range (cuBLAS may split a
+    GEMM in several): it reduces, pairwise, the arrays of metric values in the
+    order of ``metrics``. Durations, requests, sectors, wavefronts, conflicts
+    and bytes add up; a percentage of peak becomes the duration-weighted mean
+    (the pair's duration is their sum, so a left fold over any number of kernels
+    weights each by its own duration). Two positional arguments, as
+    nsight-python 0.9 checks (``co_argcount == 2``)."""
+    fields = list(metrics)
+    duration = fields.index("duration_s")
+    percentages = [i for i, field in enumerate(fields) if field.endswith("_pct")]
+
+    def combine(first, second):
+        import numpy  # noqa: PLC0415
+
+        first = numpy.asarray(first, dtype=numpy.float64)
+        second = numpy.asarray(second, dtype=numpy.float64)
+        combined = first + second
+        weights = (first[duration], second[duration])
+        total = weights[0] + weights[1]
+        for i in percentages:
+            combined[i] = ((first[i] * weights[0] + second[i] * weights[1]) / total if total > 0
+                           else (first[i] + second[i]) / 2)
+        return combined
+
+    return combine
 
 
 def rows_from_frame(frame, metrics: dict) -> list:
     """nsight-python's long table (one line per annotation, config and metric)
-    as one row per (k, kernel) with our field names; durations in seconds."""
+    as one row per (k, kernel) with our field names; durations in seconds.
+    ``kernel_names`` lists the kernels ncu saw in the range (``a|b`` where
+    several were combined), ``kernels`` counts them."""
     field_of_metric = {metric: field for field, metric in metrics.items()}
     value_column = next(c for c in ("AvgValue", "Value", "MeanValue") if c in frame.columns)
     k_column = "top_k" if "top_k" in frame.columns else None
@@ -478,9 +566,10 @@ def rows_from_frame(frame, metrics: dict) -> list:
             continue
         k = int(line[k_column]) if k_column else None
         kernel = str(line["Annotation"])
+        names = str(line.get("Kernel", kernel))
         row = rows.setdefault((k, kernel), {"top_k": k, "kernel": kernel, "stage": kernel_stage(kernel),
                                             **{field: None for field in NCU_FIELDS},
-                                            "kernel_names": str(line.get("Kernel", kernel)),
+                                            "kernel_names": names, "kernels": len(names.split("|")),
                                             "tool": "nsight-python+ncu", "message": None})
         value = float(line[value_column])
         field = field_of_metric[metric]
