@@ -91,16 +91,21 @@ def choose_version(largest_expert_rows: int, n_experts: int, dtype, arch: int = 
     return "v2"
 
 
-def largest_expert_rows(offsets, n_rows: int, device) -> int:
+def largest_expert_rows(offsets, n_rows: int, device, bound=None) -> int:
     """max over e of offsets[e+1] - offsets[e]: read from the device (one wait),
-    except under CUDA graph capture, where no wait is allowed and N bounds it."""
+    except under CUDA graph capture, where no wait is allowed: then the least of
+    N and ``bound``, an upper bound the caller knows (a layer's T: a token picks
+    each expert at most once, so no expert gets more than T of its T * k rows).
+    With the bound, a decode-sized batch (T <= DECODE_ROWS) picks decode under
+    capture as it does eagerly, so a graph times the kernels an eager call runs."""
     if device.capturing() or n_rows == 0:
-        return n_rows
+        return n_rows if bound is None else min(n_rows, int(bound))
     counts = device.to_host(offsets)
     return int(numpy.diff(counts).max()) if counts.size > 1 else 0
 
 
-def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, device=None):
+def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, device=None,
+                max_expert_rows=None):
     """out (N, D): expert e's MLP on rows offsets[e]:offsets[e+1], all experts at once.
 
     rows (N, D); offsets (E+1,) int64 with offsets[0] = 0, non-decreasing,
@@ -108,7 +113,9 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
     activation "relu" | "gelu" | "swiglu" (w3 required exactly for swiglu).
     float32 or float16, all the same dtype; out has that dtype. version: None (see
     `choose_version`) or one of VERSIONS. device: topk_moe.cuda.device.Device
-    (default: CuPy's).
+    (default: CuPy's). max_expert_rows: None or an upper bound of any expert's
+    row count that the caller knows (T for a layer); used only under CUDA graph
+    capture, where the counts can't be read (see `largest_expert_rows`).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {activation!r}")
@@ -138,6 +145,9 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
         raise ValueError(f"offsets: expected ({n_experts + 1},), got {tuple(offsets.shape)}")
     if n_experts == 0 and n_rows > 0:
         raise ValueError(f"w1: expected at least one expert for {n_rows} rows, got E = 0")
+    bad_bound = isinstance(max_expert_rows, bool) or not isinstance(max_expert_rows, (int, numpy.integer))
+    if max_expert_rows is not None and (bad_bound or max_expert_rows < 0):
+        raise ValueError(f"max_expert_rows: expected None or an integer >= 0, got {max_expert_rows!r}")
     if max(n_rows, d_model, d_ff) >= INT32_LIMIT:
         raise ValueError(f"rows, w1: N, D and F must each be below 2**31, got {n_rows}, {d_model}, {d_ff}")
 
@@ -147,7 +157,7 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
         device = cupy_device()
     arch = device.arch()
     if version is None:
-        version = choose_version(largest_expert_rows(offsets, n_rows, device), n_experts, dtype, arch)
+        version = choose_version(largest_expert_rows(offsets, n_rows, device, max_expert_rows), n_experts, dtype, arch)
     if version not in VERSIONS:
         raise ValueError(f"version: expected None or one of {VERSIONS}, got {version!r}")
     if dtype not in VERSION_DTYPES[version]:
@@ -166,6 +176,7 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
         out.fill(0)
         return out
 
+    given = (rows, offsets, w1, w2, w3)
     rows, w1, w2 = (xp.ascontiguousarray(xp.asarray(a)) for a in (rows, w1, w2))
     offsets = xp.ascontiguousarray(xp.asarray(offsets, dtype=numpy.int64))
     w3 = w1 if w3 is None else xp.ascontiguousarray(xp.asarray(w3))  # w1 stands in: relu, gelu never read it
@@ -175,11 +186,25 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
 
     launch = {"v1": _launch_v1, "v2": _launch_v2, "v3": _launch_v3, "decode": _launch_decode}[version]
     tile_starts = launch(device, rows, offsets, w1, w2, w3, hidden, out, defines)
-    if device.capturing():  # a replay writes them again: keep them alive (see topk_moe.cuda.stages)
+    if device.capturing():
+        # A replay writes hidden and tile_starts again and reads the arrays made
+        # here: keep them alive (see topk_moe.cuda.stages). Only what this call
+        # made: the caller's own arrays (the weights above all; w3 is w1 for
+        # relu and gelu) stay the caller's to hold, not the process's.
         from .device import GRAPH_KEEPALIVE  # noqa: PLC0415
 
-        GRAPH_KEEPALIVE.extend(a for a in (hidden, tile_starts, offsets, w3) if a is not None)
+        GRAPH_KEEPALIVE.extend(made_here([hidden, tile_starts, rows, offsets, w1, w2, w3], given))
     return out
+
+
+def made_here(arrays, given) -> list:
+    """The arrays of ``arrays`` that are none of ``given`` (the caller's own), each once."""
+    found: list = []
+    for array in arrays:
+        if array is not None and all(array is not other for other in given) \
+                and all(array is not other for other in found):
+            found.append(array)
+    return found
 
 
 def vector_loads_allowed(dtype, d_model: int, d_ff: int, addresses) -> bool:
