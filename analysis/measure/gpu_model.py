@@ -712,6 +712,10 @@ def main(argv=None) -> int:
                   f"{record['shared_bytes']:6d} B shared: {record['blocks_per_sm']:2d} blocks/SM, "
                   f"occupancy {record['occupancy']:.0%} ({record['limiter']})")
     print(f"Sector excess from the emulator's traffic records: {excess or 'none found (1 assumed)'}")
+    for k, found in sorted(study.items()):
+        print(f"Touched experts, k = {k}, T = 1, 4, 16, 64: uniform "
+              + ", ".join(f"{touched_experts(T, uniform_shares(8, k)):.2f}" for T in (1, 4, 16, 64))
+              + "; the study's routing " + ", ".join(f"{study_touched(T, found):.2f}" for T in (1, 4, 16, 64)))
     for record in sanity:
         print(f"vLLM PR #24700 on H100, T = {record['tokens']:5d}: published {record['published_s'] * 1e6:6.0f} us, "
               f"floor {record['floor_s'] * 1e6:6.1f} us, published / floor = {record['published_over_floor']:.2f}")
