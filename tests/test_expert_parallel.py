@@ -231,11 +231,35 @@ def test_mixtral_model():
     assert by_key[2, 4096]["bytes_per_layer"] == 2 * by_key[1, 4096]["bytes_per_layer"]
     # Decode reads one expert's weights: memory-bound, 3·D·F·2 bytes over HBM.
     assert by_key[1, 1]["expert_bound"] == "memory"
-    assert by_key[1, 1]["expert_floor_s"] > 3 * 4096 * 14336 * 2 / 3.35e12
+    assert by_key[1, 1]["expert_floor_s"] > 3 * 4096 * 14336 * 2 / measure.H100.hbm_bytes_per_s
     # Prefill is compute-bound: at least 2·N·D·F·3 FLOPs at 989 TFLOP/s, N = T·k rows on the GPU's expert.
     prefill = by_key[2, 4096]
     assert prefill["expert_bound"] == "compute"
-    assert prefill["expert_floor_s"] >= 2 * 4096 * 2 * 4096 * 14336 * 3 / 989e12
+    assert prefill["expert_floor_s"] >= 2 * 4096 * 2 * 4096 * 14336 * 3 / measure.H100.tensor_flop_per_s
     for link in ("NVLink (H100 SXM)", "InfiniBand NDR"):
         assert prefill[f"{link} / experts"] == pytest.approx(prefill[f"{link} s"] / prefill["expert_floor_s"])
     assert prefill["InfiniBand NDR s"] == pytest.approx(9 * prefill["NVLink (H100 SXM) s"])  # 450 / 50 GB/s
+
+
+# ---------------------------------------------------------------------------
+# The chapter's parameters
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"source": "cluster"}, "source: expected 'auto', 'records' or 'live', got 'cluster'"),
+    ({"ranks": [3]}, "ranks: expected integers >= 2 that divide E = 8, got [3]"),
+    ({"tokens": [-1]}, "tokens: expected integers >= 0 (tokens per rank), got [-1]"),
+    ({"top_k": [3]}, "top_k: expected values 1 or 2 (at most E), got [3]"),
+    ({"shape": [8, 8]}, "shape: expected three positive integers (D, F, E), got [8, 8]"),
+    ({"repeats": 0}, "repeats: expected an integer >= 1, got 0"),
+])
+def test_chapter_parameters(change, message):
+    pytest.importorskip("altair", reason="the book extra is not installed")
+    from analysis.chapters import expert_parallel as chapter
+
+    good = dict(source="auto", results_dir=None, ranks=[2, 4], tokens=[0, 16], top_k=[1, 2], shape=[8, 8, 8],
+                repeats=3)
+    chapter.validate_parameters(**good)
+    with pytest.raises(ValueError) as error:
+        chapter.validate_parameters(**dict(good, **change))
+    assert str(error.value) == message

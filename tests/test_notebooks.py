@@ -64,6 +64,11 @@ TINY_PARAMETERS = {
         pytest.param({"T": 33, "D": 8, "F": 12, "E": 4, "seeds": [0], "routing_T": 257, "repeats": 2,
                       "batch_sizes": [2, 33], "probes": 2}, id="tiny-live"),
     ],
+    # Two processes spawned from the kernel, a tiny layer, two timed calls per phase (seconds).
+    "expert_parallel": [
+        pytest.param({"source": "live", "ranks": [2], "tokens": [8], "top_k": [1, 2], "shape": [8, 8, 4],
+                      "repeats": 2}, id="live-tiny"),
+    ],
     # The committed results/ (whatever is there, or the note that there is none).
     "provenance": [
         pytest.param({}, id="default-results"),

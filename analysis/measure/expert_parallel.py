@@ -23,7 +23,8 @@ network costs.
 sends per all-to-all, ``T_r · K · D · 2 · (P-1)/P`` (uniform routing, nothing
 dropped), over the per-GPU bandwidth of NVLink or InfiniBand NDR, beside the
 floor of the expert GEMMs on an H100 from the roofline formulas
-(``roofline.stage_costs``). Its numbers are "predicted (model)", never measured.
+(``roofline.stage_costs``) and the H100 SXM's datasheet peaks in
+``gpu_model.DEVICES`` (the GPU prediction's numbers). Its numbers are "predicted (model)", never measured.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from analysis import records
-from analysis.measure import roofline
+from analysis.measure import gpu_model, roofline
 from analysis.measure.bench_cpu import thread_environment
 from analysis.measure.timing import time_function
 
@@ -372,11 +373,9 @@ LINKS = {
                    "as in a DGX H100 (8 ConnectX-7 for 8 GPUs), so 50 GB/s each way"),
     },
 }
-#: The H100 SXM's ceilings the expert GEMM floor divides by.
-H100_BF16_DENSE_FLOP_PER_S = 989e12
-H100_HBM_BYTES_PER_S = 3.35e12
-H100_SOURCE = ("NVIDIA H100 Tensor Core GPU datasheet (H100 SXM): BF16 Tensor Core 1,979 TFLOPS with "
-               "sparsity, so 989 TFLOPS dense; HBM3 3.35 TB/s")
+#: The GPU whose expert GEMM floor the exchange is set against: issue 21's
+#: datasheet numbers (dense BF16/FP16 tensor peak, HBM bandwidth), one source for both models.
+H100 = gpu_model.DEVICES["H100 SXM"]
 MODEL_LABEL = "predicted (model)"
 
 
@@ -391,7 +390,8 @@ def mixtral_model(tokens_per_gpu: Sequence[int] = (1, 16, 128, 1024, 4096, 16384
     over the one-way link bandwidth, a bandwidth-only floor: no latency, no
     congestion, no overlap with compute. The expert floor is the roofline of
     ``expert_gemm1`` + ``expert_gemm2`` for those rows and one expert's weights
-    on an H100. Every number is labelled ``MODEL_LABEL``."""
+    (compulsory bytes, no launch overhead) at the H100 SXM's datasheet peaks
+    as ``gpu_model.DEVICES`` holds them. Every number is labelled ``MODEL_LABEL``."""
     from topk_moe.expert_parallel import expected_row_bytes
 
     D, F, E = MIXTRAL["d_model"], MIXTRAL["d_ff"], MIXTRAL["n_experts"]
@@ -403,11 +403,11 @@ def mixtral_model(tokens_per_gpu: Sequence[int] = (1, 16, 128, 1024, 4096, 16384
             costs = roofline.stage_costs(T, D, F, E, k, MIXTRAL["activation"], MODEL_ITEMSIZE,
                                          kept_assignments=T * k, experts_used=1)
             expert_s = roofline.pipeline_roofline_seconds(
-                [costs["expert_gemm1"], costs["expert_gemm2"]], H100_BF16_DENSE_FLOP_PER_S, H100_HBM_BYTES_PER_S)
+                [costs["expert_gemm1"], costs["expert_gemm2"]], H100.tensor_flop_per_s, H100.hbm_bytes_per_s)
             row = {"label": MODEL_LABEL, "top_k": k, "tokens_per_gpu": T, "bytes_per_all_to_all": one_way,
                    "bytes_per_layer": 2 * one_way, "expert_floor_s": expert_s,
                    "expert_bound": roofline.bound(costs["expert_gemm1"] + costs["expert_gemm2"],
-                                                  H100_BF16_DENSE_FLOP_PER_S, H100_HBM_BYTES_PER_S)}
+                                                  H100.tensor_flop_per_s, H100.hbm_bytes_per_s)}
             for link, spec in LINKS.items():
                 seconds = 2 * one_way / spec["bytes_per_s"]
                 row[f"{link} s"] = seconds
