@@ -17,6 +17,7 @@ help:
 	@echo "make sweep-cpu  the benchmark sweep on this CPU (SWEEP_THREADS=1 on a shared machine), writes results/"
 	@echo "make gpu-wheels download the wheels a GPU machine lacks (nsight-python 0.9 and its needs) into .whl/"
 	@echo "make device-check PY=python3  on a GPU machine: gpu tests, compute-sanitizer, the GPU sweep, records"
+	@echo "make device-check DRY=1       the same run rehearsed on this CPU (emulator, stand-in tools; no GPU result)"
 	@echo "make train-cpu  train the accuracy study's cpu preset (all arms, 3 seeds; ~1 h on 2 cores, resumable), then score on the whole test split"
 	@echo "make train-gpu  the same with the larger gpu preset on a CUDA device"
 	@echo "make setup      create .venv and install the project (done by the others)"
@@ -67,9 +68,11 @@ gpu-wheels:
 # run it there as `make device-check PY=python3`. Nothing is installed there:
 # PYTHONPATH puts topk_moe (kernels/) and analysis (the root) on the path, and
 # every step's subprocess inherits it. Pass options in DEVICE_CHECK_ARGS
-# (--deadline-s, --skip-tests, ...: python -m analysis.measure.device_check --help).
+# (--deadline-s, --steps sweep, ...: python -m analysis.measure.device_check --help).
+# DRY=1 rehearses the whole run on this CPU (cuda-emulated backend, stand-ins for
+# compute-sanitizer and ncu, records in a temporary folder): no GPU result.
 device-check:
-	PYTHONPATH=$(CURDIR)/kernels:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m analysis.measure.device_check $(DEVICE_CHECK_ARGS)
+	PYTHONPATH=$(CURDIR)/kernels:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m analysis.measure.device_check $(if $(DRY),--rehearse) $(DEVICE_CHECK_ARGS)
 
 # Training, then the whole-test-split scores the Accuracy chapter reads (accuracy-rescore
 # records); both skip what is done already, so an interrupted run resumes.

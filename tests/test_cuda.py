@@ -536,6 +536,7 @@ def test_64_bit_indexing_past_two_to_the_31_elements():
     """permute, combine and the router on float16 arrays of N * D > 2**31
     elements (4.4 GB each): a 32-bit row * width product would wrap for every
     row past 2**31 / D = 262144. Checked whole, in chunks smaller than 2**31."""
+    cupy = importlib.import_module("cupy")
     D = 8192
     T = 2**31 // D + 4097  # 266241 tokens, 2.18e9 elements
     free, _ = cupy.cuda.runtime.memGetInfo()

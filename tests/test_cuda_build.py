@@ -1,17 +1,15 @@
 """The CUDA sources build, without a GPU: nvcc compiles every kernels/topk_moe/cuda/*.cu
 for sm_80 and sm_90 with the loader's options and -D variants, and ptxas
 reports no register spills; every kernel has a launcher and every launcher a
-kernel; the CuPy-free tools (loader text, launch constants, source hash, the
-device check's dry run) work here.
+kernel; the CuPy-free tools (loader text, launch constants, source hash) work
+here. The device check's tests are in tests/test_device_check.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import subprocess
 import sys
-from contextlib import redirect_stdout
 
 import pytest
 
@@ -235,100 +233,3 @@ def test_source_hash_of_this_repository_is_stable():
     assert build_report.source_hash() == build_report.source_hash()
     assert len(build_report.source_hash()) == 64
     assert build_report.source_hash() != hashlib.sha256().hexdigest(), "the hash saw no file"
-
-
-def test_device_check_dry_run_prints_the_plan_and_the_hash(tmp_path, monkeypatch):
-    from analysis.measure import device_check
-
-    monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    output = io.StringIO()
-    with redirect_stdout(output):
-        code = device_check.main(["--dry-run", "--results-dir", str(tmp_path / "results")])
-    text = output.getvalue()
-    assert code == 0
-    assert build_report.source_hash() in text
-    for step in ("pytest", "-m gpu", "tests/test_cuda.py", "memcheck", "racecheck", "topk_moe.cuda.smoke",
-                 "gpu-tests"):
-        assert step in text, step
-    assert not (tmp_path / "results").exists(), "a dry run writes no records"
-    assert not (tmp_path / "out").exists(), "a dry run writes no logs"
-
-
-def test_device_check_dry_run_as_a_module():
-    done = subprocess.run([sys.executable, "-m", "analysis.measure.device_check", "--dry-run"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "source_hash" in done.stdout and "'cupy'" not in done.stderr
-
-
-def test_device_check_records_a_run(tmp_path, monkeypatch):
-    """The whole non-dry path with stand-in steps: counts from the JUnit XML,
-    sanitizer verdicts from their logs, one gpu-tests record with the source
-    hash, the files under $OUT, the table last."""
-    import json
-
-    import topk_moe.backends
-    from analysis.measure import device_check
-
-    junit = ('<testsuites><testsuite name="pytest" tests="10" failures="1" errors="0" skipped="2">'
-             '</testsuite></testsuites>')
-
-    def stand_in_steps(args, log_dir):
-        python = sys.executable
-        write_xml = f"open({str(log_dir / 'gpu-tests.xml')!r}, 'w').write({junit!r})"
-        return [
-            device_check.Step("gpu-tests", [python, "-c", write_xml], "pytest-gpu.log", 60),
-            device_check.Step("memcheck", [python, "-c", "print('========= ERROR SUMMARY: 0 errors')"],
-                              "memcheck.log", 60),
-            device_check.Step("racecheck", [python, "-c", "print('========= ERROR SUMMARY: 3 errors'); exit(1)"],
-                              "racecheck.log", 60),
-        ]
-
-    import analysis.records
-
-    monkeypatch.setattr(topk_moe.backends, "cuda_unavailable_reason", lambda: None)
-    monkeypatch.setattr(device_check, "plan_steps", stand_in_steps)
-    monkeypatch.setattr(analysis.records, "_gpu_details", lambda: {
-        "name": "Test GPU 80GB", "compute_capability": "9.0", "driver": None,
-        "cuda_driver": "13.0", "cuda_runtime": "13.0"})
-    out = tmp_path / "out"
-    monkeypatch.setenv("OUT", str(out))
-    monkeypatch.delenv("MOE_GIT_COMMIT", raising=False)  # --commit sets it; restored after the test
-    output = io.StringIO()
-    with redirect_stdout(output):
-        code = device_check.main(["--results-dir", str(tmp_path / "results"), "--commit", "abc123"])
-    assert code == 1  # a failed test and racecheck errors
-    records = [json.loads(line) for line in (out / "gpu-tests.jsonl").read_text().splitlines()]
-    assert len(records) == 1
-    record = records[0]
-    assert record["kind"] == "gpu-tests" and record["device_kind"] == "gpu"
-    assert (record["passed"], record["failed"], record["errors"], record["skipped"]) == (7, 1, 0, 2)
-    assert record["memcheck"] == "clean" and record["racecheck"] == "3 errors"
-    assert record["source_hash"] == build_report.source_hash()
-    assert "utc" in record and "git_commit" in record
-    assert record["device"] == "Test GPU 80GB"
-    assert (tmp_path / "results" / "test-gpu-80gb" / "gpu-tests.jsonl").is_file()
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["gpu-tests.jsonl", "gpu-tests.xml", "memcheck.log", "pytest-gpu.log", "racecheck.log", "summary.txt"])
-    assert output.getvalue().rstrip().splitlines()[-1].startswith("source_hash")
-
-
-def test_device_check_without_a_gpu_says_so(monkeypatch, tmp_path):
-    import topk_moe.backends
-    from analysis.measure import device_check
-
-    monkeypatch.setattr(topk_moe.backends, "cuda_unavailable_reason", lambda: "no device in this test")
-    output = io.StringIO()
-    with redirect_stdout(output):
-        code = device_check.main(["--out", str(tmp_path / "out")])
-    assert code == 2 and "no device in this test" in output.getvalue()
-    assert not (tmp_path / "out").exists()
-
-
-def test_read_test_counts_falls_back_to_the_summary_line(tmp_path):
-    from analysis.measure import device_check
-
-    log = tmp_path / "pytest.log"
-    log.write_text("...\n== 3 failed, 120 passed, 5 skipped, 1 error in 80.0s ==\n")
-    counts = device_check.read_test_counts(tmp_path / "missing.xml", log)
-    assert counts == {"passed": 120, "failed": 3, "errors": 1, "skipped": 5}

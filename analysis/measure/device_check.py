@@ -2,81 +2,159 @@
 
     python -m analysis.measure.device_check            (make device-check PY=python3)
     python -m analysis.measure.device_check --dry-run  (prints the plan and the source hash)
+    python -m analysis.measure.device_check --rehearse (make device-check DRY=1: the whole run on the CPU)
+    python -m analysis.measure.device_check --steps sweep   (a second call: the sweep alone)
 
-On a machine with a CUDA device it runs, in order:
+On a machine with a CUDA device it runs these steps, in order (``STEPS``):
 
-1. ``pytest -m gpu`` over the test files that hold gpu-marked tests (the CUDA
-   backend against the reference), read from its JUnit XML: passed, failed,
-   errors, skipped;
-2. compute-sanitizer's memcheck and racecheck on ``python -m topk_moe.cuda.smoke``;
-3. Nsight Compute's memory counters (global requests and sectors, shared
-   wavefronts and bank conflicts, DRAM bytes; ``analysis.measure.utilisation``)
+1. ``gpu-tests``: ``pytest -m gpu`` over the test files that hold gpu-marked
+   tests (the CUDA backend against the reference), read from its JUnit XML:
+   passed, failed, errors, skipped;
+2. ``memcheck`` and ``racecheck``: compute-sanitizer on ``python -m topk_moe.cuda.smoke``,
+   each verdict read from the tool's own summary line (memcheck's ``ERROR
+   SUMMARY``, racecheck's ``RACECHECK SUMMARY``);
+3. ``traffic-ncu``: Nsight Compute's memory counters (``analysis.measure.utilisation``)
    for every kernel of one layer at the shape whose requests the CPU emulator
    counts (``analysis.measure.traffic``: preset "cpu", T = 256, k = 1 and 2,
-   float16), into ``traffic-ncu.json``, so the first GPU run compares measured
-   and emulated counts side by side;
-4. the benchmark sweep, ``python -m analysis.measure.sweep``, only where that module exists;
+   float16), into ``traffic-ncu.json``;
+4. ``sweep``: the benchmark sweep, ``python -m analysis.measure.sweep``.
 
-Each step gets at most the time left of ``--deadline-s`` (default 540 s, so
-one call fits the device tool's 10-minute limit with room to copy results
-back); the sweep is told to start no new cell once its share is nearly
-spent. ``--skip-tests --skip-sanitizer`` reruns the sweep alone in a second
-call.
+The time plan. Each step has a limit, and the limits plus ``MARGIN_S`` must fit
+in ``--deadline-s`` (default 540 s: one call fits the device tool's 10-minute
+limit with room to start and to copy results back); a plan that does not fit
+is refused before anything runs. The sweep's limit is its reserved share; it
+also gets whatever the earlier steps left unused, and is told to start no new
+cell ``SWEEP_WIND_DOWN_S`` before its end. Where its time is too short for its
+own Nsight Compute and NVML block (``SWEEP_UTILISATION_S``) it runs without
+it (``--no-utilisation``; the traffic-ncu step profiles in this call). A second
+call, ``--steps sweep``, gives the sweep the whole deadline.
 
-Unless the tests were skipped, it then appends a record of kind ``gpu-tests`` to ``results/<device>/gpu-tests.jsonl``
-(through ``analysis.records.write_records``, which adds the device, the UTC
-time, the commit from git or ``$MOE_GIT_COMMIT``, and the versions) carrying
-the counts, each sanitizer's verdict and ``source_hash``, the hash of the
-``kernels`` sources (``topk_moe.cuda.build_report.source_hash``) that names the
-code even where there is no git checkout. Logs, the XML and the record go to
-``$OUT`` when it is set (else ``--out``, else a temporary folder): at most
-eight flat files. A short table is printed last. Exit status: 0 when every
-test passed and both sanitizers were clean, 1 otherwise, 2 when there is no
-usable GPU.
+Each step runs as a child process in a process group of its own, with
+``PYTHONPATH`` naming the repository root (``analysis``) and the folder of
+``topk_moe``, so that every process it starts imports both, also where nothing
+is installed; at its limit the whole group is stopped
+(``analysis.measure.processes``), so no sanitizer target or profiled process
+keeps the GPU busy through the next step.
+
+Files. Logs and results go to ``$OUT`` when it is set (else ``--out``, else a
+temporary folder): at most ``OUT_FILE_LIMIT`` (8) flat files, the number the
+device tool brings back, checked before the run (``Step.files``) and after
+it. Scratch (pytest's XML, Nsight reports) goes to a temporary folder.
+Unless the tests were left out, a record of kind ``gpu-tests`` is appended to
+``results/<device>/gpu-tests.jsonl`` (``analysis.records.write_records``: the
+device, the UTC time, the commit from git or ``$MOE_GIT_COMMIT``, the
+versions) with the counts, each sanitizer's verdict, the other steps'
+outcomes, the table, and ``source_hash``, the hash of the kernel sources
+(``topk_moe.cuda.build_report.source_hash``) that names the code even where
+there is no git checkout; its line is copied to ``$OUT/gpu-tests.jsonl``. The
+table is printed last. Exit status: 0 when every step passed, 1 otherwise, 2
+when there is no usable GPU or the plan does not fit.
+
+The rehearsal (``--rehearse``) runs the same steps through the same plumbing
+on a machine without a GPU: the same subprocesses, environment, limits,
+record writing, files and table. The ``cuda-emulated`` backend stands in for
+the GPU (the gpu-marked tests run on it, as they do wherever there is no GPU,
+and so does the smoke script); the stand-in programs in
+``analysis/measure/standins`` replace compute-sanitizer and ncu (they check
+nothing and print the real tools' summary formats); the traffic-ncu step
+ends where the GPU is needed, with that reason; the sweep runs its
+``cpu-tiny`` plan. Records go to a temporary folder, marked
+``"rehearsal": true``. Nothing a rehearsal prints or writes is a GPU result.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from analysis.measure.processes import NOT_FOUND, TIMED_OUT, run_logged
 from topk_moe.cuda.build_report import REPO_ROOT, cuda_tool_path, source_hash
 
 KIND = "gpu-tests"
 #: The shape of the committed emulated traffic counts (analysis.measure.traffic).
 TRAFFIC_NCU_ARGS = ("--preset", "cpu", "--tokens", "256", "--k", "1", "2", "--dtype", "float16")
 SANITIZER_TOOLS = ("memcheck", "racecheck")
+#: Every step, in the order they run.
+STEPS = ("gpu-tests", "memcheck", "racecheck", "traffic-ncu", "sweep")
+#: Each step's limit in seconds; the sweep's is its reserved share. With
+#: MARGIN_S they add up to 525 s, under the default deadline of 540 s.
+DEFAULT_LIMITS_S = {"gpu-tests": 180, "memcheck": 45, "racecheck": 60, "traffic-ncu": 60, "sweep": 180}
+DEFAULT_DEADLINE_S = 540
+#: Seconds kept outside every step: starting Python, the record, the table.
+MARGIN_S = 15
+#: Files the device tool brings back from $OUT.
+OUT_FILE_LIMIT = 8
+#: Seconds the sweep keeps after its last new cell starts: the cell in flight,
+#: the summary tables and the records.
+SWEEP_WIND_DOWN_S = 90
+#: The sweep's own Nsight Compute and NVML block runs before its budget is
+#: first checked: ceilings (~30 s), profile_kernels (its 150 s limit), NVML
+#: (~5 s), with the wind-down after. Below this limit the sweep runs without it.
+SWEEP_UTILISATION_S = 300
+#: Where the stand-ins for compute-sanitizer and ncu live (rehearsal only).
+STANDINS = Path(__file__).resolve().parent / "standins"
+#: The gpu-marked tests a rehearsal runs on the emulator: a few quick ones of
+#: each stage and the whole layer, plus the GPU-only ones, which skip with
+#: their reason (the skipped count goes through the same XML).
+REHEARSAL_PYTEST_ARGS = ("-k", "test_route_empty_batch or test_moe_forward_empty_batch or "
+                         "test_repeated_runs_are_bitwise_identical or test_dropless_moe_forward_in_a_cuda_graph "
+                         "or test_64_bit_indexing")
+REHEARSAL_SWEEP_ARGS = ("--plan", "cpu-tiny", "--quiet")
+REHEARSAL_LABEL = "REHEARSAL on the CPU (cuda-emulated backend, stand-in tools): no GPU result"
 
 
-@dataclass
+@dataclasses.dataclass
 class Step:
+    """One step: a command, its log (several steps may share one; each reads
+    its own part), its limit, and the other files it leaves in the log folder."""
+
     name: str
     command: list
     log: str
     timeout_s: int
-    outcome: dict = field(default_factory=dict)
+    files: tuple = ()
+    #: (command, limit_s) -> the command to run with that limit, for a step told its time (the sweep).
+    fit: Optional[Callable] = None
+    outcome: dict = dataclasses.field(default_factory=dict)
+
+    def command_for_limit(self) -> list:
+        return self.fit(list(self.command), self.timeout_s) if self.fit else list(self.command)
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What a step's reader makes of its run: the fields for the record, one
+    line for the table, and whether the step passed."""
+
+    outcome: dict
+    summary: str
+    ok: bool
 
 
 def newest_gpu_check(results_dir=None) -> tuple:
     """(the newest committed ``gpu-tests`` record, whether it was made with the
     kernels sources here), or (None, False) where there is none. The chapters
-    that report on GPU verification read it through this one function."""
+    that report on GPU verification read it through this one function;
+    rehearsal records (CPU emulation) never count."""
     from analysis import records  # noqa: PLC0415
 
     try:
-        found = records.read_records(KIND, results_dir=results_dir)
+        found = [record for record in records.read_records(KIND, results_dir=results_dir)
+                 if not record.get("rehearsal")]
     except FileNotFoundError:
+        return None, False
+    if not found:
         return None, False
     record = max(found, key=lambda item: item.get("utc", ""))
     return record, record.get("source_hash") == source_hash()
@@ -90,57 +168,117 @@ def gpu_test_files() -> list:
                   if "mark.gpu" in path.read_text(encoding="utf-8", errors="replace"))
 
 
-#: Seconds the sweep keeps after its last new cell starts: the cell in flight,
-#: the summary tables and the records.
-SWEEP_WIND_DOWN_S = 90
+def kernels_folder() -> Path:
+    """The folder holding the ``topk_moe`` package (kernels/ in a checkout)."""
+    spec = importlib.util.find_spec("topk_moe")
+    if spec is not None and spec.origin:
+        return Path(spec.origin).resolve().parent.parent
+    return REPO_ROOT / "kernels"
 
 
-def plan_steps(args, log_dir: Path) -> list:
+def step_environment(rehearse: bool, log_dir: Path, base: Optional[dict] = None) -> dict:
+    """The environment of every step: ``base`` (this process's) with the
+    repository root and the folder of ``topk_moe`` first on PYTHONPATH, so
+    every process a step starts (pytest, the sanitizer's target, ncu's re-run
+    of a script) imports ``analysis`` and ``topk_moe``; OUT set to the log
+    folder (the sweep copies its records there); unbuffered output. A
+    rehearsal puts the stand-ins first on PATH and says so in
+    ``MOE_DEVICE_CHECK_REHEARSAL``."""
+    environment = dict(os.environ if base is None else base)
+    folders = [str(REPO_ROOT), str(kernels_folder())]
+    present = [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(folders + present))
+    environment["PYTHONUNBUFFERED"] = "1"
+    environment["OUT"] = str(log_dir)
+    if rehearse:
+        environment["PATH"] = os.pathsep.join([str(STANDINS), environment.get("PATH", "")])
+        environment["MOE_DEVICE_CHECK_REHEARSAL"] = "1"
+    else:
+        environment.pop("MOE_DEVICE_CHECK_REHEARSAL", None)
+    return environment
+
+
+def selected_steps(args) -> list:
+    """The steps asked for, in STEPS order: ``--steps`` less the ``--skip-*`` ones;
+    the sweep only where analysis/measure/sweep.py exists."""
+    wanted = STEPS if args.steps is None else tuple(name.strip() for name in args.steps.split(",") if name.strip())
+    unknown = [name for name in wanted if name not in STEPS]
+    if unknown:
+        raise ValueError(f"--steps: expected names from {', '.join(STEPS)}, got {', '.join(unknown)}")
+    skipped = {"gpu-tests": args.skip_tests, "memcheck": args.skip_sanitizer, "racecheck": args.skip_sanitizer,
+               "traffic-ncu": args.skip_traffic_ncu, "sweep": args.skip_bench}
+    have_sweep = importlib.util.find_spec("analysis.measure.sweep") is not None
+    return [name for name in STEPS if name in wanted and not skipped[name] and (name != "sweep" or have_sweep)]
+
+
+def step_limits(args) -> dict:
+    return {"gpu-tests": args.tests_timeout, "memcheck": args.memcheck_timeout,
+            "racecheck": args.racecheck_timeout, "traffic-ncu": args.traffic_ncu_timeout,
+            "sweep": args.sweep_timeout}
+
+
+def plan_steps(args, log_dir: Path, scratch: Optional[Path] = None) -> list:
+    """The steps of this call, each with its command, log, limit and files."""
+    scratch = scratch or Path(tempfile.gettempdir())
     python = sys.executable
+    limits = step_limits(args)
+    names = selected_steps(args)
+    only_sweep = names == ["sweep"]
     steps = []
-    if not args.skip_tests:
-        steps.append(Step(
-            "gpu-tests",
-            [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-             f"--junitxml={log_dir / 'gpu-tests.xml'}", *gpu_test_files(), *shlex.split(args.pytest_args)],
-            "pytest-gpu.log", args.tests_timeout,
-        ))
-    if not args.skip_sanitizer:
-        sanitizer = cuda_tool_path("compute-sanitizer") or "compute-sanitizer"
-        for tool in SANITIZER_TOOLS:
-            steps.append(Step(
-                tool,
-                [sanitizer, "--tool", tool, "--error-exitcode", "1", python, "-m", "topk_moe.cuda.smoke"],
-                f"{tool}.log", args.sanitizer_timeout,
-            ))
-    if not args.skip_traffic_ncu:
-        steps.append(Step(
-            "traffic-ncu",
-            [python, "-m", "analysis.measure.utilisation", *TRAFFIC_NCU_ARGS, "--out",
-             str(log_dir / "traffic-ncu.json")],
-            "traffic-ncu.log", args.traffic_ncu_timeout,
-        ))
-    if not args.skip_bench and importlib.util.find_spec("analysis.measure.sweep") is not None:
-        steps.append(Step("sweep", [python, "-m", "analysis.measure.sweep", *shlex.split(args.sweep_args)],
-                          "sweep.log", args.sweep_timeout))
+    for name in names:
+        if name == "gpu-tests":
+            extra = list(REHEARSAL_PYTEST_ARGS) if args.rehearse and not args.pytest_args else []
+            steps.append(Step(name, [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                                     "--continue-on-collection-errors", f"--junitxml={scratch / 'gpu-tests.xml'}",
+                                     *gpu_test_files(), *extra, *shlex.split(args.pytest_args)],
+                              "pytest-gpu.log", limits[name]))
+        elif name in SANITIZER_TOOLS:
+            sanitizer = (str(STANDINS / "compute-sanitizer") if args.rehearse
+                         else cuda_tool_path("compute-sanitizer") or "compute-sanitizer")
+            smoke = [python, "-m", "topk_moe.cuda.smoke"] + (["--backend", "cuda-emulated"] if args.rehearse else [])
+            steps.append(Step(name, [sanitizer, "--tool", name, "--error-exitcode", "1", *smoke],
+                              "sanitizer.log", limits[name]))
+        elif name == "traffic-ncu":
+            steps.append(Step(name, [python, "-m", "analysis.measure.utilisation", *TRAFFIC_NCU_ARGS,
+                                     "--out", str(log_dir / "traffic-ncu.json"), "--work-dir", str(scratch / "ncu")],
+                              "traffic-ncu.log", limits[name], files=("traffic-ncu.json",)))
+        else:
+            limit = args.deadline_s - MARGIN_S if only_sweep else limits[name]
+            rehearsal = list(REHEARSAL_SWEEP_ARGS) + ["--results-dir", str(scratch / "results")] \
+                if args.rehearse else []
+            steps.append(Step(name, [python, "-m", "analysis.measure.sweep", *rehearsal,
+                                     *shlex.split(args.sweep_args)],
+                              "sweep.log", limit, files=("sweep.jsonl",), fit=sweep_command))
     return steps
 
 
-def _run(step: Step, log_dir: Path) -> int:
-    environment = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_dir / step.log, "w", encoding="utf-8") as log:
-        log.write("$ " + shlex.join(step.command) + "\n")
-        log.flush()
-        try:
-            done = subprocess.run(step.command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                  env=environment, timeout=step.timeout_s)
-            return done.returncode
-        except subprocess.TimeoutExpired:
-            log.write(f"\n[device_check] stopped after {step.timeout_s} s\n")
-            return 124
-        except FileNotFoundError as error:
-            log.write(f"\n[device_check] cannot run: {error}\n")
-            return 127
+def out_files(steps: list, record: bool) -> list:
+    """The file names the steps (and the record) leave in the log folder."""
+    names = []
+    for step in steps:
+        for name in (step.log, *step.files):
+            if name not in names:
+                names.append(name)
+    if record:
+        names.append(f"{KIND}.jsonl")
+    return names
+
+
+def check_plan(steps: list, deadline_s: int, record: bool) -> None:
+    """ValueError unless the limits and MARGIN_S fit the deadline and at most
+    OUT_FILE_LIMIT files come back."""
+    total = sum(step.timeout_s for step in steps) + MARGIN_S
+    if total > deadline_s:
+        parts = " + ".join(f"{step.name} {step.timeout_s}" for step in steps)
+        raise ValueError(f"the step limits ({parts}) and the {MARGIN_S} s margin add up to {total} s, "
+                         f"over the {deadline_s} s deadline: lower a limit or leave a step out")
+    files = out_files(steps, record)
+    if len(files) > OUT_FILE_LIMIT:
+        raise ValueError(f"{len(files)} files would come back ({', '.join(files)}), over the device tool's "
+                         f"{OUT_FILE_LIMIT}: let steps share a log")
+
+
+# ---------------------------------------------------------------- reading the steps' results
 
 
 def read_test_counts(xml_path: Path, log_path: Path) -> dict:
@@ -159,30 +297,109 @@ def read_test_counts(xml_path: Path, log_path: Path) -> dict:
             "skipped": count("skipped")}
 
 
-def sanitizer_verdict(returncode: int, log_path: Path) -> str:
-    text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.exists() else ""
-    summary = re.search(r"ERROR SUMMARY: (\d+) error", text)
-    if returncode == 127:
+#: memcheck (and initcheck, synccheck) end with this line ...
+_ERROR_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) errors?")
+#: ... racecheck with this one, and without an ERROR SUMMARY when it is clean.
+_RACECHECK_SUMMARY = re.compile(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)")
+
+
+def sanitizer_verdict(returncode: int, text: str) -> str:
+    """"clean", "<n> errors", "<n> warnings", "timed out", "not run (...)" or
+    "failed (exit n)", from compute-sanitizer's exit status and its output (a
+    log's text, or a Path to it)."""
+    if isinstance(text, Path):
+        text = text.read_text(encoding="utf-8", errors="replace") if text.exists() else ""
+    if returncode == NOT_FOUND:
         return "not run (compute-sanitizer missing)"
-    if returncode == 124:
+    if returncode == TIMED_OUT:
         return "timed out"
-    if returncode == 0 and summary and int(summary.group(1)) == 0:
+    errors = [int(n) for n in _ERROR_SUMMARY.findall(text)]
+    races = [tuple(map(int, found)) for found in _RACECHECK_SUMMARY.findall(text)]
+    # a racecheck that found hazards may print both lines: the larger count, not their sum
+    error_count = max(sum(errors), sum(race[1] for race in races))
+    warning_count = sum(race[2] for race in races)
+    if error_count > 0:
+        return f"{error_count} errors"
+    if warning_count > 0:
+        return f"{warning_count} warnings"
+    if returncode == 0 and (errors or races):
         return "clean"
-    if summary and int(summary.group(1)) > 0:
-        return f"{summary.group(1)} errors"
     return f"failed (exit {returncode})"
 
 
-def _print_table(rows: list) -> None:
+def read_gpu_tests(step: Step, returncode: int, text: str, scratch: Path, log_dir: Path) -> Verdict:
+    counts = read_test_counts(scratch / "gpu-tests.xml", log_dir / step.log)
+    counts["returncode"] = returncode
+    summary = "{passed} passed, {failed} failed, {errors} errors, {skipped} skipped".format(**counts)
+    if returncode == TIMED_OUT:
+        summary += f" (stopped at its {step.timeout_s} s limit)"
+    ok = counts["failed"] == 0 and counts["errors"] == 0 and counts["passed"] > 0 and returncode == 0
+    return Verdict(counts, summary, ok)
+
+
+def read_sanitizer(step: Step, returncode: int, text: str, scratch: Path, log_dir: Path) -> Verdict:
+    verdict = sanitizer_verdict(returncode, text)
+    smoke = re.search(r"smoke: (\d+) failed", text)
+    summary = verdict + (f"; smoke checks: {smoke.group(1)} failed" if smoke else "")
+    return Verdict({"verdict": verdict, "returncode": returncode}, summary, verdict == "clean")
+
+
+def read_traffic_ncu(step: Step, returncode: int, text: str, scratch: Path, log_dir: Path,
+                     rehearse: bool = False) -> Verdict:
+    from analysis.measure import utilisation  # noqa: PLC0415
+
+    rows = []
+    path = log_dir / "traffic-ncu.json"
+    if path.is_file():
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            rows = []
+    measured = [row for row in rows if row.get("message") is None]
+    messages = sorted({row["message"] for row in rows if row.get("message")})
+    outcome = {"returncode": returncode, "kernels_measured": len(measured), "messages": messages}
+    if returncode == 0 and measured:
+        return Verdict(outcome, f"{len(measured)} kernel ranges measured", True)
+    why = messages[0] if messages else f"exit {returncode}"
+    if returncode == TIMED_OUT:
+        why = f"stopped at its {step.timeout_s} s limit"
+    if rehearse and returncode == utilisation.EXIT_TOOLS_MISSING:  # the expected end on a CPU
+        return Verdict(outcome, f"not measured, as expected without a GPU: {why}", True)
+    return Verdict(outcome, f"not measured (exit {returncode}): {why}", False)
+
+
+def read_exit_status(step: Step, returncode: int, text: str, scratch: Path, log_dir: Path) -> Verdict:
+    summary = "ok" if returncode == 0 else (f"stopped at its {step.timeout_s} s limit" if returncode == TIMED_OUT
+                                            else f"exit {returncode}")
+    return Verdict({"returncode": returncode}, summary, returncode == 0)
+
+
+#: How each step's result is read; a new step adds its reader here.
+READERS: dict = {"gpu-tests": read_gpu_tests, "memcheck": read_sanitizer, "racecheck": read_sanitizer,
+                 "traffic-ncu": read_traffic_ncu, "sweep": read_exit_status}
+
+
+def _print_table(rows: list, title: Optional[str] = None) -> None:
     width = max(len(name) for name, _ in rows)
-    print("\n" + "step".ljust(width) + "  result")
+    print()
+    if title:
+        print(title)
+    print("step".ljust(width) + "  result")
     for name, result in rows:
         print(name.ljust(width) + "  " + result)
 
 
-def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.measure.device_check", description=__doc__.split("\n\n")[0])
+# ---------------------------------------------------------------- the run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis.measure.device_check",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="print what would run and the source hash; run nothing")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="run every step on this CPU: cuda-emulated for the GPU, stand-ins for "
+                             "compute-sanitizer and ncu, records in a temporary folder")
+    parser.add_argument("--steps", default=None, help=f"comma-separated steps to run (default: all of {','.join(STEPS)})")
     parser.add_argument("--out", default=None, help="folder for logs (default: $OUT, else a temporary folder)")
     parser.add_argument("--results-dir", default=None, help="results root (default: $MOE_RESULTS_DIR or results/)")
     parser.add_argument("--commit", default=None, help="the commit to record where there is no git ($MOE_GIT_COMMIT)")
@@ -192,94 +409,163 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--skip-tests", action="store_true", help="no pytest and no gpu-tests record")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--skip-traffic-ncu", action="store_true", help="no Nsight Compute memory counters")
-    parser.add_argument("--traffic-ncu-timeout", type=int, default=120)
-    parser.add_argument("--deadline-s", type=int, default=540, help="time for all the steps together")
-    parser.add_argument("--tests-timeout", type=int, default=300)
-    parser.add_argument("--sanitizer-timeout", type=int, default=60)
-    parser.add_argument("--sweep-timeout", type=int, default=420)
-    args = parser.parse_args(argv)
+    parser.add_argument("--deadline-s", type=int, default=DEFAULT_DEADLINE_S, help="time for all the steps together")
+    parser.add_argument("--tests-timeout", type=int, default=DEFAULT_LIMITS_S["gpu-tests"])
+    parser.add_argument("--memcheck-timeout", type=int, default=DEFAULT_LIMITS_S["memcheck"])
+    parser.add_argument("--racecheck-timeout", type=int, default=DEFAULT_LIMITS_S["racecheck"])
+    parser.add_argument("--traffic-ncu-timeout", type=int, default=DEFAULT_LIMITS_S["traffic-ncu"])
+    parser.add_argument("--sweep-timeout", type=int, default=DEFAULT_LIMITS_S["sweep"],
+                        help="the sweep's reserved share; it also gets what earlier steps leave unused")
+    return parser
 
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rehearse = args.rehearse
     out = args.out or os.environ.get("OUT")
     log_dir = Path(out) if out else None
     digest = source_hash()
-    steps = plan_steps(args, log_dir or Path("<a temporary folder>"))
+    try:
+        steps = plan_steps(args, log_dir or Path("<a temporary folder>"), Path("<scratch>"))
+        record_wanted = any(step.name == "gpu-tests" for step in steps)
+        check_plan(steps, args.deadline_s, record_wanted)
+    except ValueError as error:
+        print(f"device_check: {error}")
+        return 2
 
     if args.dry_run:
         print(f"source_hash {digest}")
-        print(f"logs to {log_dir or 'a temporary folder'}; a {KIND!r} record to "
+        print(f"logs to {log_dir or 'a temporary folder'} ({len(out_files(steps, record_wanted))} files: "
+              f"{', '.join(out_files(steps, record_wanted))}); a {KIND!r} record to "
               f"{args.results_dir or os.environ.get('MOE_RESULTS_DIR') or REPO_ROOT / 'results'}/<device>/{KIND}.jsonl")
         for step in steps:
-            print(f"would run [{step.name}, {step.timeout_s} s, log {step.log}]: {shlex.join(step.command)}")
+            print(f"would run [{step.name}, {step.timeout_s} s, log {step.log}]: {shlex.join(step.command_for_limit())}")
+        print(f"limits {sum(step.timeout_s for step in steps)} s + margin {MARGIN_S} s "
+              f"within the {args.deadline_s} s deadline")
         if importlib.util.find_spec("analysis.measure.sweep") is None:
             print("no analysis/measure/sweep.py here: the benchmark step is left out")
         return 0
 
-    from topk_moe.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
+    if rehearse:
+        from topk_moe.backends import emulator_unavailable_reason  # noqa: PLC0415
 
-    reason = cuda_unavailable_reason()
-    if reason is not None:
-        print(f"device_check: no usable GPU here: {reason}")
-        return 2
+        reason = emulator_unavailable_reason()
+        if reason is not None:
+            print(f"device_check --rehearse: the CUDA emulator can't run here: {reason}")
+            return 2
+    else:
+        from topk_moe.backends import cuda_unavailable_reason  # noqa: PLC0415 - imports CuPy where present
+
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            print(f"device_check: no usable GPU here: {reason}")
+            return 2
     if args.commit:
         os.environ["MOE_GIT_COMMIT"] = args.commit
+    scratch = Path(tempfile.mkdtemp(prefix="device-check-rehearsal-" if rehearse else "device-check-scratch-"))
     if log_dir is None:
-        log_dir = Path(tempfile.mkdtemp(prefix="device-check-"))
+        log_dir = scratch / "out"
     log_dir.mkdir(parents=True, exist_ok=True)
-    steps = plan_steps(args, log_dir)
+    results_dir = scratch / "results" if rehearse else args.results_dir
+    steps = plan_steps(args, log_dir, scratch)
+    environment = step_environment(rehearse, log_dir)
+    if rehearse:
+        print(f"[device_check] {REHEARSAL_LABEL}; records and scratch in {scratch}", flush=True)
 
-    table = []
+    table, passed = run_steps(steps, args, log_dir, scratch, environment)
+    by_name = {step.name: step.outcome for step in steps}
+
+    if "gpu-tests" in by_name:
+        path = write_record(args, steps, table, digest, log_dir, results_dir, rehearse)
+        table.append(("record", str(path)))
+    files = sorted(p.name for p in log_dir.iterdir())
+    files_ok = len(files) <= OUT_FILE_LIMIT and all(p.is_file() for p in log_dir.iterdir())
+    table.append(("files", f"{len(files)} in {log_dir}" + ("" if files_ok else f": over {OUT_FILE_LIMIT}, "
+                                                                               f"{', '.join(files)}")))
+    table.append(("source_hash", digest[:16] + "..."))
+    _print_table(table, REHEARSAL_LABEL if rehearse else None)
+    return 0 if passed and files_ok else 1
+
+
+def run_steps(steps: list, args, log_dir: Path, scratch: Path, environment: dict) -> tuple:
+    """Run each step inside the deadline; ([(name, summary)], all passed)."""
+    table, passed = [], True
     started = time.monotonic()
-    for step in steps:
-        remaining = int(args.deadline_s - (time.monotonic() - started))
-        if remaining < 20:
-            step.outcome = {"returncode": None, "verdict": "not run (deadline)", "passed": 0, "failed": 0,
-                            "errors": 0, "skipped": 0}
-            table.append((step.name, "not run: the deadline was reached"))
-            continue
-        step.timeout_s = min(step.timeout_s, remaining)
-        if step.name == "sweep" and "--budget-s" not in step.command:
-            step.command += ["--budget-s", str(max(30, step.timeout_s - SWEEP_WIND_DOWN_S))]
-        print(f"[device_check] {step.name} (at most {step.timeout_s} s): {shlex.join(step.command)}", flush=True)
-        returncode = _run(step, log_dir)
-        if step.name == "gpu-tests":
-            step.outcome = read_test_counts(log_dir / "gpu-tests.xml", log_dir / step.log)
-            step.outcome["returncode"] = returncode
-            table.append((step.name, "{passed} passed, {failed} failed, {errors} errors, {skipped} skipped"
-                          .format(**step.outcome)))
-        elif step.name in SANITIZER_TOOLS:
-            step.outcome = {"verdict": sanitizer_verdict(returncode, log_dir / step.log)}
-            table.append((step.name, step.outcome["verdict"]))
+    for index, step in enumerate(steps):
+        reserved_later = sum(later.timeout_s for later in steps[index + 1:])
+        available = int(args.deadline_s - MARGIN_S - (time.monotonic() - started) - reserved_later)
+        if step.name == "sweep":  # its reserved share, and whatever the steps before it left unused
+            step.timeout_s = available
         else:
-            step.outcome = {"returncode": returncode}
-            table.append((step.name, "ok" if returncode == 0 else f"exit {returncode}"))
+            step.timeout_s = min(step.timeout_s, available)
+        if step.timeout_s < 10:
+            step.outcome = {"returncode": None, "verdict": "not run (deadline)"}
+            table.append((step.name, "not run: the deadline was reached"))
+            passed = False
+            continue
+        command = step.command_for_limit()
+        print(f"[device_check] {step.name} (at most {step.timeout_s} s): {shlex.join(command)}", flush=True)
+        log_path = log_dir / step.log
+        start_of_part = log_path.stat().st_size if log_path.exists() else 0
+        shared = any(other.log == step.log for other in steps[:index])
+        returncode = run_logged(command, log_path, timeout_s=step.timeout_s, env=environment, cwd=REPO_ROOT,
+                                append=shared)
+        with open(log_path, encoding="utf-8", errors="replace") as log:
+            log.seek(start_of_part if shared else 0)
+            text = log.read()
+        if text.startswith("$ "):  # the command line run_logged wrote first is not the tool's output
+            text = text.partition("\n")[2]
+        reader: Callable = READERS.get(step.name, read_exit_status)
+        if reader is read_traffic_ncu:
+            verdict = read_traffic_ncu(step, returncode, text, scratch, log_dir, rehearse=args.rehearse)
+        else:
+            verdict = reader(step, returncode, text, scratch, log_dir)
+        step.outcome = verdict.outcome
+        table.append((step.name, verdict.summary + ("" if not args.rehearse or step.name not in SANITIZER_TOOLS
+                                                     else " (stand-in: checks nothing)")))
+        passed = passed and verdict.ok
+    return table, passed
+
+
+def sweep_command(command: list, limit_s: int) -> list:
+    """The sweep told its budget (start no cell in the last SWEEP_WIND_DOWN_S),
+    and without its utilisation block where the limit is too short for it
+    (SWEEP_UTILISATION_S): that block runs before the sweep first checks its
+    budget, so it could outlast the limit before any record is written."""
+    if "--budget-s" not in command:
+        command += ["--budget-s", str(max(10, limit_s - SWEEP_WIND_DOWN_S))]
+    if limit_s < SWEEP_UTILISATION_S and "--no-utilisation" not in command:
+        command.append("--no-utilisation")
+    return command
+
+
+def write_record(args, steps: list, table: list, digest: str, log_dir: Path, results_dir, rehearse: bool) -> Path:
+    """Append the gpu-tests record; copy its line to the log folder."""
+    from analysis.records import write_records  # noqa: PLC0415
 
     by_name = {step.name: step.outcome for step in steps}
-    clean = all(by_name[tool]["verdict"] == "clean" for tool in SANITIZER_TOOLS if tool in by_name)
-    if "gpu-tests" not in by_name:  # a sweep-only call: no test outcome to record
-        _print_table(table)
-        return 0 if clean and all(o.get("returncode") in (0, None) for o in by_name.values()
-                                  if "returncode" in o) else 1
     tests = by_name["gpu-tests"]
     record = {
-        "params": {"pytest_args": args.pytest_args, "sanitizer_tools": [] if args.skip_sanitizer else
-                   list(SANITIZER_TOOLS), "sweep": "sweep" in by_name, "sweep_args": args.sweep_args},
+        "params": {"pytest_args": args.pytest_args, "sanitizer_tools": [t for t in SANITIZER_TOOLS if t in by_name],
+                   "sweep": "sweep" in by_name, "sweep_args": args.sweep_args, "deadline_s": args.deadline_s,
+                   "limits_s": {step.name: step.timeout_s for step in steps}},
         "passed": tests["passed"], "failed": tests["failed"], "errors": tests["errors"],
         "skipped": tests["skipped"],
         **{tool: by_name[tool]["verdict"] for tool in SANITIZER_TOOLS if tool in by_name},
+        "traffic_ncu": by_name.get("traffic-ncu"),
         "sweep_exit": by_name["sweep"]["returncode"] if "sweep" in by_name else None,
+        "table": [list(row) for row in table],
         "source_hash": digest,
+        "rehearsal": rehearse,
+        "backend": "cuda-emulated" if rehearse else "cuda",
     }
-    from analysis.records import write_records  # noqa: PLC0415
-
-    path = write_records(KIND, [record], device_kind="gpu", results_dir=args.results_dir)
+    if rehearse:
+        record["note"] = REHEARSAL_LABEL
+    path = write_records(KIND, [record], device_kind="cpu" if rehearse else "gpu", results_dir=results_dir)
     last_line = path.read_text(encoding="utf-8").splitlines()[-1]
     (log_dir / f"{KIND}.jsonl").write_text(last_line + "\n", encoding="utf-8")
-    table.append(("record", str(path)))
-    table.append(("source_hash", digest[:16] + "..."))
-    (log_dir / "summary.txt").write_text("\n".join(f"{name}\t{result}" for name, result in table) + "\n",
-                                         encoding="utf-8")
-    _print_table(table)
-    return 0 if tests["failed"] == 0 and tests["errors"] == 0 and tests["passed"] > 0 and clean else 1
+    return path
 
 
 if __name__ == "__main__":
