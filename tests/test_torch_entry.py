@@ -273,3 +273,38 @@ def test_cuda_tensors_go_through_dlpack_without_copies_on_a_side_stream():
     assert_close_to_reference(out.y.cpu().numpy(), expected_moe_forward(host_x, host_arrays, cfg, routing),
                               plain_moe_forward(host_x, host_arrays, cfg, routing),
                               scale=moe_term_scale(host_x, host_arrays, cfg, routing.experts))
+
+
+# ---------------------------------------------------------------------------
+# The overhead measurement (analysis.measure.torch_overhead), at tiny sizes
+
+
+def test_the_overhead_measurement_writes_its_records(tmp_path):
+    from analysis import records
+    from analysis.measure import torch_overhead
+
+    lines = []
+    written = torch_overhead.run("tiny", tokens=(1, 5), top_k=1, rounds=2, repeats=2, results_dir=tmp_path,
+                                 echo=lines.append)
+    found = records.read_records(torch_overhead.RECORD_KIND, results_dir=tmp_path)
+    assert len(found) == len(written) == 2 * len(torch_overhead.ENTRIES)
+    assert {(r["params"]["tokens"], r["entry"]) for r in found} == {(T, e) for T in (1, 5)
+                                                                   for e in torch_overhead.ENTRIES}
+    for record in found:
+        assert record["kind"] == "torch-overhead" and record["rounds"] == 2
+        assert record["numpy_median_s"] > 0 and record["torch_median_s"] > 0
+        assert record["overhead_p20_s"] <= record["overhead_median_s"] <= record["overhead_p80_s"]
+        assert record["overhead_median_s"] == pytest.approx(record["overhead_fraction"] * record["numpy_median_s"])
+        assert record["params"]["machine"].startswith(("shared", "idle"))
+    assert lines[-1].startswith("wrote 4 records to ")
+
+
+def test_the_overhead_of_a_round_is_the_torch_median_minus_the_numpy_median():
+    from analysis.measure import torch_overhead
+
+    medians = {"numpy": [10.0, 20.0, 30.0], "torch-function": [11.0, 23.0, 32.0], "moe-layer": [15.0, 25.0, 35.0]}
+    function, layer = torch_overhead.to_records(medians, {"tokens": 1})
+    assert function["entry"] == "torch-function" and function["overhead_median_s"] == 2.0
+    assert function["numpy_median_s"] == 20.0 and function["torch_median_s"] == 23.0
+    assert function["overhead_fraction"] == 0.1
+    assert layer["overhead_median_s"] == 5.0 and layer["params"] == {"tokens": 1, "entry": "moe-layer"}

@@ -16,7 +16,6 @@ that silently has none would be wrong.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from typing import Any, Iterator, Optional
 
@@ -49,7 +48,7 @@ def _check_tensor(name: str, tensor: Any) -> "torch.Tensor":
             f"{name}: expected float32, float16 or float64, got torch.bfloat16 "
             f"(no topk_moe backend takes bfloat16: NumPy and CuPy have no bfloat16 dtype)"
         )
-    if tensor.device.type not in ("cpu", "cuda"):
+    if not (tensor.is_cpu or tensor.is_cuda):
         raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on {tensor.device}")
     return tensor
 
@@ -85,8 +84,10 @@ def as_array(tensor: "torch.Tensor", name: str = "tensor") -> Any:
     is on (ValueError), bfloat16 (TypeError), other devices (ValueError).
     ``name`` is the argument named in those messages.
     """
-    tensor = _check_tensor(name, tensor).detach()
-    if tensor.device.type == "cpu":
+    tensor = _check_tensor(name, tensor)
+    if tensor.requires_grad:  # only under no_grad or inference mode, here
+        tensor = tensor.detach()
+    if tensor.is_cpu:
         return tensor.numpy()
     import cupy  # noqa: PLC0415 - only where a CUDA tensor arrives
 
@@ -127,14 +128,19 @@ def as_tensor(array: Any, device: Optional[Any] = None) -> "torch.Tensor":
 
 # -- the contract's functions on tensors ---------------------------------------
 
-def _device_of(arguments: dict) -> "torch.device":
-    """The one device of all tensor arguments (ValueError when they differ)."""
-    devices = {name: t.device for name, t in arguments.items() if t is not None}
-    first_name, first_device = next(iter(devices.items()))
-    for name, device in devices.items():
-        if device != first_device:
+def _checked_device(tensors: dict) -> "torch.device":
+    """Check every tensor argument (None: absent) and return their one device
+    (ValueError when they differ)."""
+    first_name = first_device = None
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        _check_tensor(name, tensor)
+        if first_device is None:
+            first_name, first_device = name, tensor.device
+        elif tensor.device != first_device:
             raise ValueError(
-                f"{name}: expected a tensor on {first_device} (the device of {first_name}), got one on {device}"
+                f"{name}: expected a tensor on {first_device} (the device of {first_name}), got one on {tensor.device}"
             )
     return first_device
 
@@ -166,16 +172,40 @@ def _backend_for(device: "torch.device", backend: Optional[str]) -> Optional[str
     return backend
 
 
-def _results_as_tensors(result: Any, device: "torch.device") -> Any:
-    """The backend's result with every array field made a tensor (no copy)."""
-    if isinstance(result, (Routing, DispatchPlan, MoEOutput)):
-        fields = {f.name: _results_as_tensors(getattr(result, f.name), device) for f in dataclasses.fields(result)}
-        return type(result)(**fields)
-    return as_tensor(result, device)
+def _on_stream(device: "torch.device"):
+    """``cuda_stream(device)`` for CUDA tensors; for CPU ones nothing (and no cost)."""
+    return cuda_stream(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _arrays(**arguments: Any) -> dict:
-    return {name: None if t is None else as_array(t, name) for name, t in arguments.items()}
+def _tensor(array: Any) -> "torch.Tensor":
+    """A backend's result array as a tensor (no copy); the backend ran where the inputs live."""
+    if isinstance(array, np.ndarray) and array.flags.writeable:
+        return torch.from_numpy(array)
+    return as_tensor(array)
+
+
+def _routing_tensors(routing: Routing) -> Routing:
+    return Routing(experts=_tensor(routing.experts), weights=_tensor(routing.weights), probs=_tensor(routing.probs))
+
+
+def _plan_tensors_from(plan: DispatchPlan) -> DispatchPlan:
+    return DispatchPlan(counts=_tensor(plan.counts), offsets=_tensor(plan.offsets), token=_tensor(plan.token),
+                        row=_tensor(plan.row))
+
+
+def _view(tensor: "torch.Tensor") -> Any:
+    """as_array for a tensor already checked, inside ``_on_stream`` of its device."""
+    if tensor.requires_grad:  # only under no_grad or inference mode, once checked
+        tensor = tensor.detach()
+    if tensor.is_cpu:
+        return tensor.numpy()
+    import cupy  # noqa: PLC0415 - only where a CUDA tensor arrives
+
+    return cupy.from_dlpack(tensor)
+
+
+def _arrays(tensors: dict) -> dict:
+    return {name: None if t is None else _view(t) for name, t in tensors.items()}
 
 
 def _weights_as_arrays(weights: MoEWeights) -> dict:
@@ -188,7 +218,7 @@ def _weights_as_arrays(weights: MoEWeights) -> dict:
 def _plan_tensors(plan: DispatchPlan) -> dict:
     if not isinstance(plan, DispatchPlan):
         raise TypeError(f"plan: expected a topk_moe.DispatchPlan, got {type(plan).__name__}")
-    return {f"plan.{f.name}": getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    return {"plan.counts": plan.counts, "plan.offsets": plan.offsets, "plan.token": plan.token, "plan.row": plan.row}
 
 
 def _plan_from(arrays: dict) -> DispatchPlan:
@@ -199,46 +229,46 @@ def route(x, router, k: int, *, renormalize: bool = True, backend: Optional[str]
           check_finite: bool = True) -> Routing:
     """``topk_moe.route`` on tensors: x (T, D), router (D, E) -> Routing of tensors on x's device."""
     tensors = {"x": x, "router": router}
-    device = _device_of({name: _check_tensor(name, t) for name, t in tensors.items()})
+    device = _checked_device(tensors)
     backend = _backend_for(device, backend)
-    with cuda_stream(device):
-        a = _arrays(**tensors)
+    with _on_stream(device):
+        a = _arrays(tensors)
         result = api.route(a["x"], a["router"], k, renormalize=renormalize, backend=backend,
                            check_finite=check_finite)
-        return _results_as_tensors(result, device)
+        return _routing_tensors(result)
 
 
 def dispatch(experts, n_experts: int, *, capacity: Optional[int] = None,
              backend: Optional[str] = None) -> DispatchPlan:
     """``topk_moe.dispatch`` on tensors: experts (T, K) int32 -> DispatchPlan of int64 tensors."""
-    device = _check_tensor("experts", experts).device
+    device = _checked_device({"experts": experts})
     backend = _backend_for(device, backend)
-    with cuda_stream(device):
-        result = api.dispatch(as_array(experts, "experts"), n_experts, capacity=capacity, backend=backend)
-        return _results_as_tensors(result, device)
+    with _on_stream(device):
+        result = api.dispatch(_view(experts), n_experts, capacity=capacity, backend=backend)
+        return _plan_tensors_from(result)
 
 
 def permute(x, plan: DispatchPlan, *, backend: Optional[str] = None):
     """``topk_moe.permute`` on tensors: row i of the result is x[plan.token[i]]. -> (N, D)"""
     tensors = {"x": x, **_plan_tensors(plan)}
-    device = _device_of({name: _check_tensor(name, t) for name, t in tensors.items()})
+    device = _checked_device(tensors)
     backend = _backend_for(device, backend)
-    with cuda_stream(device):
-        a = _arrays(**tensors)
-        return as_tensor(api.permute(a["x"], _plan_from(a), backend=backend), device)
+    with _on_stream(device):
+        a = _arrays(tensors)
+        return _tensor(api.permute(a["x"], _plan_from(a), backend=backend))
 
 
 def expert_mlp(rows, plan: DispatchPlan, w1, w2, w3=None, *, activation: str = "swiglu",
                backend: Optional[str] = None):
     """``topk_moe.expert_mlp`` on tensors: rows (N, D), w1 and w3 (E, D, F), w2 (E, F, D) -> (N, D)."""
     tensors = {"rows": rows, "w1": w1, "w2": w2, "w3": w3, **_plan_tensors(plan)}
-    device = _device_of({name: None if t is None else _check_tensor(name, t) for name, t in tensors.items()})
+    device = _checked_device(tensors)
     backend = _backend_for(device, backend)
-    with cuda_stream(device):
-        a = _arrays(**tensors)
+    with _on_stream(device):
+        a = _arrays(tensors)
         result = api.expert_mlp(a["rows"], _plan_from(a), a["w1"], a["w2"], a["w3"],
                                 activation=activation, backend=backend)
-        return as_tensor(result, device)
+        return _tensor(result)
 
 
 def combine(expert_out, routing: Routing, plan: DispatchPlan, *, backend: Optional[str] = None):
@@ -247,12 +277,12 @@ def combine(expert_out, routing: Routing, plan: DispatchPlan, *, backend: Option
         raise TypeError(f"routing: expected a topk_moe.Routing, got {type(routing).__name__}")
     tensors = {"expert_out": expert_out, "routing.experts": routing.experts, "routing.weights": routing.weights,
                "routing.probs": routing.probs, **_plan_tensors(plan)}
-    device = _device_of({name: _check_tensor(name, t) for name, t in tensors.items()})
+    device = _checked_device(tensors)
     backend = _backend_for(device, backend)
-    with cuda_stream(device):
-        a = _arrays(**tensors)
+    with _on_stream(device):
+        a = _arrays(tensors)
         arrays_routing = Routing(experts=a["routing.experts"], weights=a["routing.weights"], probs=a["routing.probs"])
-        return as_tensor(api.combine(a["expert_out"], arrays_routing, _plan_from(a), backend=backend), device)
+        return _tensor(api.combine(a["expert_out"], arrays_routing, _plan_from(a), backend=backend))
 
 
 def moe_forward(x, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str] = None,
@@ -260,25 +290,25 @@ def moe_forward(x, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str
     """``topk_moe.moe_forward`` on tensors: the whole layer. x (T, D) and a MoEWeights of
     tensors on one device -> MoEOutput of tensors there (y in the backend's dtype)."""
     tensors = {"x": x, **_weights_as_arrays(weights)}
-    device = _device_of({name: None if t is None else _check_tensor(name, t) for name, t in tensors.items()})
+    device = _checked_device(tensors)
     backend = _backend_for(device, backend)
-    with cuda_stream(device):
-        a = _arrays(**tensors)
+    with _on_stream(device):
+        a = _arrays(tensors)
         array_weights = MoEWeights(router=a["weights.router"], w1=a["weights.w1"], w2=a["weights.w2"],
                                    w3=a["weights.w3"])
         result = api.moe_forward(a["x"], array_weights, cfg, backend=backend, check_finite=check_finite)
-        return _results_as_tensors(result, device)
+        return MoEOutput(y=_tensor(result.y), routing=_routing_tensors(result.routing),
+                         plan=_plan_tensors_from(result.plan))
 
 
 def dense_mlp(x, w1, w2, w3=None, *, activation: str = "relu", backend: Optional[str] = None):
     """``topk_moe.dense_mlp`` on tensors: x (T, D), w1 and w3 (D, F), w2 (F, D) -> (T, D)."""
     tensors = {"x": x, "w1": w1, "w2": w2, "w3": w3}
-    device = _device_of({name: None if t is None else _check_tensor(name, t) for name, t in tensors.items()})
+    device = _checked_device(tensors)
     backend = _backend_for(device, backend)
-    with cuda_stream(device):
-        a = _arrays(**tensors)
-        return as_tensor(api.dense_mlp(a["x"], a["w1"], a["w2"], a["w3"], activation=activation,
-                                       backend=backend), device)
+    with _on_stream(device):
+        a = _arrays(tensors)
+        return _tensor(api.dense_mlp(a["x"], a["w1"], a["w2"], a["w3"], activation=activation, backend=backend))
 
 
 _TORCH_TO_NUMPY_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -322,11 +352,7 @@ class MoELayer(torch.nn.Module):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg: expected a topk_moe.MoEConfig, got {type(cfg).__name__}")
-        arguments = _weights_as_arrays(weights)
-        for name, tensor in arguments.items():
-            if tensor is not None:
-                _check_tensor(name, tensor)
-        _device_of(arguments)
+        _checked_device(_weights_as_arrays(weights))
         if backend is not None and backend not in KNOWN_BACKENDS:
             raise ValueError(f"backend: expected None or one of {KNOWN_BACKENDS}, got {backend!r}")
         self.cfg = cfg
