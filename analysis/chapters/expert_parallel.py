@@ -68,8 +68,8 @@ class LoopbackView:
         return not self.records
 
 
-def loopback_view(source: str = "auto", results_dir=None, *, ranks=(2, 4), tokens=(128, 1024), top_k=(1, 2),
-                  shape=(256, 512, 8), repeats: int = 10) -> LoopbackView:
+def loopback_view(source: str = "auto", results_dir=None, *, ranks=(2, 4), tokens=(128, 1024, 4096),
+                  top_k=(1, 2), shape=(256, 512, 8), repeats: int = 15) -> LoopbackView:
     """``"records"``: the newest committed run on a CPU; ``"live"``: run
     ``measure.measure`` now with the given sizes (processes spawned from here);
     ``"auto"``: records where there are some, else live."""
@@ -173,6 +173,25 @@ def phase_chart(view: LoopbackView) -> alt.TopLevelMixin:
         color=alt.Color("phase:N", scale=charts.palette(PHASES), sort=list(PHASES), title="phase"),
         order=alt.Order("order:Q"),
     ).properties(width=420, title="Loopback, processes on one machine: time per phase")
+
+
+def exchange_chart(view: LoopbackView) -> alt.TopLevelMixin:
+    """Each row exchange and return (slowest rank's median) against the bytes
+    the busiest rank sent in it, k = 1 and 2 as colours, P as shapes, log-log."""
+    frame = _frame(view)
+    exchanged = frame[frame["phase"].isin(EXCHANGES)]
+    points = exchanged.groupby(KEYS + ["phase"]).agg(ms=("median_s", "max"), bytes=("bytes_sent", "max")).reset_index()
+    points["ms"] *= 1e3
+    points["k"] = "k = " + points["top_k"].astype(str)
+    points["P"] = "P = " + points["ranks"].astype(str)
+    points["phase"] = points["phase"].map({"row_exchange": "rows out", "return": "rows back"})
+    return alt.Chart(points).mark_point(filled=True, size=70).encode(
+        x=alt.X("bytes:Q", scale=alt.Scale(type="log"), title="bytes sent by the busiest rank"),
+        y=alt.Y("ms:Q", scale=alt.Scale(type="log"), title="time, slowest rank (ms)"),
+        color=alt.Color("k:N", scale=charts.palette(["k = 1", "k = 2"]), title=None),
+        shape=alt.Shape("P:N", title=None),
+        tooltip=["P", "k", "tokens_per_rank", "phase", "bytes", "ms"],
+    ).properties(width=360, height=240, title="Loopback: the two row all-to-alls against their bytes")
 
 
 def k_cost_frame(view: LoopbackView) -> pd.DataFrame:

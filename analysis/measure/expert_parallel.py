@@ -1,8 +1,10 @@
 """What expert parallelism costs: bytes and time per phase, counted and timed
 across processes, and the same cost at Mixtral's size as a model.
 
-    python -m analysis.measure.expert_parallel [--ranks 2 4] [--tokens 128 1024] [--top-k 1 2]
-                                              [--shape D F E] [--repeats 10] [--results-dir DIR]
+    python -m analysis.measure.expert_parallel [--ranks 2 4] [--tokens 128 1024 4096] [--top-k 1 2]
+                                              [--shape D F E] [--repeats 15] [--results-dir DIR]
+
+(the defaults shown; about two minutes on two cores)
 
 ``RankPool`` starts P worker processes once (torch.multiprocessing, spawn),
 joins them in one gloo group over loopback, and runs functions on the first
@@ -279,7 +281,7 @@ class MeasureConfig:
     """What ``measure`` runs: every (P, T_r, k) on one layer shape."""
 
     ranks: tuple = (2, 4)
-    tokens: tuple = (128, 1024)
+    tokens: tuple = (128, 1024, 4096)
     top_k: tuple = (1, 2)
     d_model: int = 256
     d_ff: int = 512
@@ -288,7 +290,7 @@ class MeasureConfig:
     dtype: str = "float32"
     capacity_factor: Optional[float] = None
     warmup: int = 2
-    repeats: int = 10
+    repeats: int = 15
     seed: int = 0
 
 
