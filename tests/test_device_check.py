@@ -289,7 +289,8 @@ def test_device_check_records_a_run(tmp_path, monkeypatch):
     assert record["source_hash"] == build_report.source_hash()
     assert "utc" in record and "git_commit" in record
     assert record["device"] == "Test GPU 80GB"
-    assert ["memcheck", "clean; smoke checks: 0 failed"] in record["table"]
+    assert record["table"][1][0] == "memcheck" and record["table"][1][1].startswith("clean; smoke checks: 0 failed")
+    assert set(record["seconds"]) == {"gpu-tests", "memcheck", "racecheck"}
     assert (tmp_path / "results" / "test-gpu-80gb" / "gpu-tests.jsonl").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["gpu-tests.jsonl", "pytest-gpu.log", "sanitizer.log"]
     assert output.getvalue().rstrip().splitlines()[-1].startswith("source_hash")
