@@ -190,6 +190,7 @@ def test_gpu_chapter_with_records_shows_every_section(results, tmp_path):
     text = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
     assert "## What this chapter will show" not in text
     assert "## The ceilings" in text and "## Time per stage" in text and "## Routing skew" in text
+    assert "## Predicted, not measured" in text and "## Prediction beside measurement" in text
     outputs = [o for cell in cells if cell.cell_type == "code" for o in cell.outputs]
     assert not any(o.output_type == "error" for o in outputs)
     assert sum("image/svg+xml" in o.get("data", {}) for o in outputs) >= 5
@@ -206,4 +207,108 @@ def test_gpu_chapter_without_records_shows_only_its_note(tmp_path):
     cells = nbformat.read(output, as_version=4).cells
     text = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
     assert "## What this chapter will show" in text and "make device-check PY=python3" in text
-    assert "## The ceilings" not in text and "{glue" not in text.split("## What this chapter will show")[1]
+    will_show = text.split("## What this chapter will show")[1].split("## Predicted, not measured")[0]
+    assert "## The ceilings" not in text and "{glue" not in will_show
+    # The prediction stays (it needs no GPU records) and says what it is; the side by side goes.
+    assert "## Predicted, not measured" in text and "## Prediction beside measurement" not in text
+    outputs = [o for cell in cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not any(o.output_type == "error" for o in outputs)
+
+
+# ---------------------------------------------------------------- the prediction (issue 21)
+
+
+def _model_records(root):
+    """Model records written as the model's command writes them, into ``root``/predicted-model."""
+    from analysis import records
+    from analysis.measure import gpu_model
+
+    rows = [{"file": "expert_mlp.cu", "kernel": "expert_mlp_v3_hidden_f16", "defines": {}, "registers": 126,
+             "shared_bytes": 38912, "spill_stores": 0, "spill_loads": 0},
+            {"file": "router.cu", "kernel": "router_top2_f16", "defines": {}, "registers": 43,
+             "shared_bytes": 1792, "spill_stores": 0, "spill_loads": 0}]
+    folder = gpu_model.predicted_root(root)
+    records.write_records(gpu_model.OCCUPANCY_KIND, [gpu_model.occupancy_record(r, a) for r in rows for a in (80, 90)],
+                          results_dir=folder)
+    records.write_records(gpu_model.PREDICTION_KIND, gpu_model.predictions({}, tokens=(1, 4096, 8192)),
+                          results_dir=folder)
+    records.write_records(gpu_model.SANITY_KIND, gpu_model.sanity_records(), results_dir=folder)
+
+
+def test_prediction_tables_and_charts_say_they_are_predicted(tmp_path):
+    _model_records(tmp_path)
+    prediction = gpu_performance.prediction_data(tmp_path)
+    assert not prediction.empty
+    note = gpu_performance.prediction_note(prediction, tmp_path)
+    assert "predicted (model), not measured" in note.title.lower() and "datasheet" in note.text
+    occupancy = gpu_performance.occupancy_frame(prediction)
+    row = occupancy.set_index("kernel").loc["expert_mlp_v3_hidden_f16"]
+    assert row["sm_90 blocks/SM"] == 2 and row["sm_90 limiter"] == "registers" and row["sm_90 occupancy (%)"] == 25
+    assert "predicted (model), not measured" in gpu_performance.occupancy_caption()
+    waves = gpu_performance.waves_frame(prediction)
+    assert set(waves["kernel"]) == {"expert_mlp_v3_hidden_f16", "router_top2_f16"}
+    assert (waves["H100 waves"] >= 1).all()
+    floors = gpu_performance.floors_frame(prediction, "mixtral")
+    assert {"MoE k = 1", "MoE k = 2", "dense, width 14336", "dense, width 28672"} == set(floors["series"])
+    for chart in (gpu_performance.layer_floor_chart(floors), gpu_performance.stage_floor_chart(floors),
+                  gpu_performance.roofline_chart(floors)):
+        svg = charts.to_svg(chart)
+        assert "<svg" in svg and "predicted (model), not measured" in svg
+    sentence = gpu_performance.k_change_sentence(floors)
+    assert "predicted (model), not measured" in sentence and "T = 8192" in sentence
+    numbers = gpu_performance.layer_change_numbers(floors)
+    assert 1.5 < numbers[1]["ratio"] < 2.1 and numbers[8192]["k2_bound"] == "compute"
+    sanity = gpu_performance.sanity_frame(prediction)
+    assert list(sanity["T"]) == [1, 8, 256, 1024] and (sanity["published / floor"] > 1).all()
+    assert "1.36 at T = 1" in gpu_performance.sanity_sentence(prediction)
+
+
+def test_prediction_without_model_records_says_how_to_make_them(tmp_path):
+    prediction = gpu_performance.prediction_data(tmp_path)
+    assert prediction.empty
+    assert "python -m analysis.measure.gpu_model" in gpu_performance.prediction_note(prediction, tmp_path).text
+    floors = gpu_performance.floors_frame(prediction)
+    assert "no model records" in charts.to_svg(gpu_performance.layer_floor_chart(floors))
+    assert gpu_performance.k_change_sentence(floors).startswith("The model's records hold no floors")
+    assert gpu_performance.sanity_frame(prediction).empty and gpu_performance.waves_frame(prediction).empty
+
+
+def test_effects_frame_from_the_committed_traffic_counts():
+    effects = gpu_performance.effects_frame(gpu_performance.prediction_data())
+    assert set(effects["device"]) == {"A100 SXM", "H100 SXM"}
+    v2 = effects[effects["inefficiency"].str.startswith("v2")].set_index("device")["stage slower by (%)"]
+    assert v2.to_dict() == pytest.approx({"A100 SXM": 100 * 96 / 4096, "H100 SXM": 100 * 96 / 2048})
+
+
+def test_a_synthetic_gpu_record_is_put_beside_the_prediction(tmp_path):
+    """GPU records (here one synthetic sweep file in a temporary results folder,
+    never committed) put measurement beside prediction."""
+    import json
+
+    _model_records(tmp_path)
+    folder = tmp_path / "nvidia-h100-80gb-hbm3"
+    folder.mkdir()
+    common = {"kind": "sweep", "utc": "2030-01-01T00:00:00Z", "device": "NVIDIA H100 80GB HBM3",
+              "compute_capability": "9.0", "run_id": "synthetic", "git_commit": "0" * 40, "git_dirty": False}
+    params = {"preset": "mixtral", "dtype": "float16", "tokens": 4096, "top_k": 2, "skew": "uniform"}
+    lines = [dict(common, measurement="time", implementation="moe", stage="expert_mlp", launch="eager",
+                  median_s=5e-3, p20_s=4.9e-3, p80_s=5.1e-3, params=params),
+             dict(common, measurement="ncu", kernel="expert_mlp_v3_hidden_f16", stage="expert_gemm1",
+                  achieved_occupancy_pct=23.0, sm_throughput_pct=80.0, dram_throughput_pct=20.0,
+                  tensor_pipe_pct=60.0, duration_s=2e-3, message=None, params=params)]
+    (folder / "sweep.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data = perf_chapters.chapter_data("gpu", source="records", results_dir=tmp_path)
+    assert data.source == "records"
+    prediction = gpu_performance.prediction_data(tmp_path)
+    beside = gpu_performance.measured_beside_predicted(prediction, data)
+    assert len(beside) == 1
+    row = beside.iloc[0]
+    floors = [r["floor_s"] for r in prediction.floors if r["device_model"] == "H100 SXM" and r["k"] == 2
+              and r["tokens"] == 4096 and r["params"]["preset"] == "mixtral" and r["params"]["routing"] == "uniform"
+              and r["stage"] in ("expert_gemm1", "expert_gemm2")]
+    assert row["predicted floor (µs)"] == pytest.approx(1e6 * sum(floors))
+    assert row["measured / predicted"] == pytest.approx(5e-3 / sum(floors)) and row["measured / predicted"] > 1
+    achieved = gpu_performance.occupancy_beside_achieved(prediction, data)
+    assert achieved.iloc[0].to_dict() == {"k": 2, "kernel": "expert_mlp_v3_hidden_f16", "arch": "sm_90",
+                                          "theoretical occupancy (%)": 25.0, "limiter": "registers",
+                                          "achieved occupancy (%)": 23.0}

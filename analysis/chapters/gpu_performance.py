@@ -7,13 +7,17 @@ goals as measured ratios, Nsight Compute per kernel and NVML over a loop.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
+from analysis import charts
 from analysis.chapters.performance import ChapterData, check_sweep_parameters, message_chart
-from analysis.measure import sweep
+from analysis.display import Note
+from analysis.measure import gpu_model, sweep
 
 
 def goals_frame(data: ChapterData, preset: Optional[str] = None, dtype: Optional[str] = None) -> pd.DataFrame:
@@ -86,3 +90,313 @@ def readable(frame: pd.DataFrame) -> pd.DataFrame:
     if any(name is not None for name in frame.index.names):
         frame = frame.reset_index()
     return frame.rename(columns=READABLE)
+
+
+# ---------------------------------------------------------------- the prediction (issue 21)
+#
+# What the model of analysis.measure.gpu_model expects on an A100 SXM and an
+# H100 SXM: read from its records under results/predicted-model/, never typed
+# in. Every table caption and chart title says "predicted (model), not measured".
+
+PREDICTED = gpu_model.LABEL
+#: T shown in the waves table and as the roofline chart's points.
+SHOWN_TOKENS = (1, 256, 8192)
+ROOFLINE_TOKENS = (1, 64, 4096, 32768)
+#: The prediction's stages as the sweep times them (the expert GEMMs are one call).
+MEASURED_STAGES = {"router": ("router",), "dispatch": ("dispatch",), "permute": ("permute",),
+                   "expert_mlp": ("expert_gemm1", "expert_gemm2"), "combine": ("combine",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The model's records: occupancy per kernel, floors per case, the published check."""
+
+    occupancy: list
+    floors: list
+    sanity: list
+    traffic: list  # the emulator's request counts, for the effects of item 5
+
+    @property
+    def empty(self) -> bool:
+        return not (self.occupancy or self.floors)
+
+
+def prediction_data(results_dir=None) -> Prediction:
+    return Prediction(gpu_model.read_kind(gpu_model.OCCUPANCY_KIND, results_dir),
+                      gpu_model.read_kind(gpu_model.PREDICTION_KIND, results_dir),
+                      gpu_model.read_kind(gpu_model.SANITY_KIND, results_dir),
+                      gpu_model.traffic_records(results_dir))
+
+
+def prediction_note(prediction: Prediction, results_dir=None) -> Note:
+    """Where the prediction comes from, in a visible box."""
+    folder = gpu_model.predicted_root(results_dir)
+    if prediction.empty:
+        return Note("Predicted (model), not measured", f"No model records were found under {folder.name}/. "
+                    "Run `python -m analysis.measure.gpu_model` to make them (nvcc, no GPU).")
+    found = prediction.floors + prediction.occupancy
+    utc = max(r["utc"] for r in found)[:10]
+    commits = sorted({str(r.get("git_commit"))[:12] for r in found})
+    devices = "; ".join(device.source for device in gpu_model.DEVICES.values())
+    return Note("Predicted (model), not measured", (
+        f"Nothing in this section ran on a GPU. `python -m analysis.measure.gpu_model` computed it on "
+        f"{utc} (commit {', '.join(commits)}; records in results/{folder.name}/) from nvcc's register and "
+        f"shared-memory report, the launchers' grids, the roofline's byte and FLOP formulas, the emulator's "
+        f"extra sectors and these datasheets: {devices}. Launch overhead: {gpu_model.LAUNCH_SOURCE}. "
+        f"{gpu_model.MMA_SYNC_NOTE}"))
+
+
+def occupancy_frame(prediction: Prediction) -> pd.DataFrame:
+    """One row per kernel: threads, and per architecture registers, shared bytes,
+    blocks per SM, occupancy (%) and the limiter."""
+    rows: dict = {}
+    for record in prediction.occupancy:
+        row = rows.setdefault(record["kernel"], {"kernel": record["kernel"],
+                                                 "threads": record["threads_per_block"]})
+        arch = f"sm_{record['arch']}"
+        row[f"{arch} registers"] = record["registers"]
+        row[f"{arch} shared (bytes)"] = record["shared_bytes"]
+        row[f"{arch} blocks/SM"] = record["blocks_per_sm"]
+        row[f"{arch} occupancy (%)"] = 100 * record["occupancy"]
+        row[f"{arch} limiter"] = record["limiter"]
+    return pd.DataFrame(list(rows.values()))
+
+
+def occupancy_caption() -> str:
+    return (f"Theoretical occupancy per kernel, {PREDICTED}: A100 is sm_80, H100 sm_90; shared bytes are "
+            "static plus the launcher's dynamic; the runtime's 1 KiB per block is in blocks/SM.")
+
+
+def waves_frame(prediction: Prediction, preset: str = "mixtral", tokens=SHOWN_TOKENS) -> pd.DataFrame:
+    """Blocks, waves and the last wave's fill of our kernels for k = 1, 2 and the
+    dense MLP's activation (uniform routing), A100 beside H100."""
+    rows = gpu_model.wave_rows(prediction.occupancy, preset, tokens)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    frame["case"] = [f"k = {k}" if k else f"dense, width {d}" for k, d in zip(frame["k"], frame["d_ff"])]
+    frame["device_model"] = frame["device_model"].str.replace(" SXM", "")
+    frame["last wave (%)"] = 100 * frame["last_wave_fill"]
+    wide = frame.pivot_table(index=["case", "tokens", "stage", "kernel", "working_blocks"], columns="device_model",
+                             values=["blocks_per_sm", "waves", "last wave (%)"], aggfunc="first", sort=False)
+    wide.columns = [f"{device} {name.replace('_', ' ')}" for name, device in wide.columns]
+    wide = wide.reset_index().rename(columns={"tokens": "T", "working_blocks": "blocks"})
+    order = [c for device in ("A100", "H100") for c in (f"{device} blocks per sm", f"{device} waves",
+                                                        f"{device} last wave (%)")]
+    return wide[["case", "T", "stage", "kernel", "blocks", *order]].rename(
+        columns={c: c.replace("blocks per sm", "blocks/SM") for c in order})
+
+
+def floors_frame(prediction: Prediction, preset: str = "mixtral") -> pd.DataFrame:
+    """The floor records of ``preset`` flattened, with a series label."""
+    rows = []
+    for record in prediction.floors:
+        params = record["params"]
+        if params["preset"] != preset:
+            continue
+        k, routing = record["k"], params["routing"]
+        if k:
+            series = f"MoE k = {k}" + (", the study's routing" if routing == "study" else "")
+        else:
+            series = f"dense, width {record['d_ff']}"
+        rows.append({"device_model": record["device_model"], "series": series, "k": k, "routing": routing,
+                     "d_ff": record["d_ff"], "tokens": record["tokens"], "stage": record["stage"],
+                     "floor_us": 1e6 * record["floor_s"], "bound": record["bound"], "bytes": record["bytes"],
+                     "flops": record["flops"], "version": params.get("version"),
+                     "touched_experts": params.get("touched_experts"),
+                     "memory_utilisation": record["predicted_utilisation"]["memory"],
+                     "compute_utilisation": record["predicted_utilisation"]["compute"]})
+    return pd.DataFrame(rows)
+
+
+def layer_floor_chart(frame: pd.DataFrame, preset: str = "mixtral") -> alt.TopLevelMixin:
+    """The layer's floor against T, k = 1 and 2 (uniform and the study's routing)
+    beside the dense MLPs, one panel per device."""
+    if frame.empty:
+        return message_chart(f"no model records: run python -m analysis.measure.gpu_model ({PREDICTED})")
+    layer = frame[frame["stage"] == "layer"]
+    return alt.Chart(layer).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2), title="tokens T"),
+        y=alt.Y("floor_us:Q", scale=alt.Scale(type="log"), title="floor per layer (µs)"),
+        color=alt.Color("series:N", title=None, scale=charts.palette(sorted(layer["series"].unique()))),
+        strokeDash=alt.StrokeDash("routing:N", title="routing"),
+        tooltip=["series", "tokens", "floor_us", "bound"],
+        column=alt.Column("device_model:N", title=None),
+    ).properties(width=260, height=220, title=f"{preset}: time floor per layer, {PREDICTED}")
+
+
+def stage_floor_chart(frame: pd.DataFrame, preset: str = "mixtral") -> alt.TopLevelMixin:
+    """Each stage's floor against T, uniform routing, k = 1 and 2 and dense, one panel per device and case."""
+    if frame.empty:
+        return message_chart(f"no model records: run python -m analysis.measure.gpu_model ({PREDICTED})")
+    stages = frame[(frame["stage"] != "layer") & (frame["routing"] != "study")
+                   & ((frame["k"] > 0) | (frame["d_ff"] == frame["d_ff"].min()))].copy()
+    stages["case"] = [f"k = {k}" if k else f"dense, width {d}" for k, d in zip(stages["k"], stages["d_ff"])]
+    return alt.Chart(stages).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2), title="tokens T"),
+        y=alt.Y("floor_us:Q", scale=alt.Scale(type="log"), title="floor (µs)"),
+        color=alt.Color("stage:N", title=None, scale=charts.palette(sorted(stages["stage"].unique()))),
+        tooltip=["stage", "tokens", "floor_us", "bound", "version"],
+        column=alt.Column("case:N", title=None), row=alt.Row("device_model:N", title=None),
+    ).properties(width=170, height=150, title=f"{preset}: time floor per stage, {PREDICTED}")
+
+
+def roofline_chart(frame: pd.DataFrame, preset: str = "mixtral", tokens=ROOFLINE_TOKENS) -> alt.TopLevelMixin:
+    """Where each stage sits on each device's roofline: its FLOPs per byte against
+    the FLOP rate it reaches at its floor, under min(peak, bandwidth x intensity)."""
+    if frame.empty:
+        return message_chart(f"no model records: run python -m analysis.measure.gpu_model ({PREDICTED})")
+    points = frame[(frame["stage"] != "layer") & (frame["routing"] != "study") & (frame["flops"] > 0)
+                   & frame["tokens"].isin(tokens) & ((frame["k"] > 0) | (frame["d_ff"] == frame["d_ff"].min()))].copy()
+    points["intensity"] = points["flops"] / points["bytes"]
+    points["tflop_per_s"] = points["flops"] / (points["floor_us"] * 1e-6) / 1e12
+    points["case"] = [f"k = {k}" if k else "dense" for k in points["k"]]
+    points["T"] = points["tokens"].astype(str)
+    lo, hi = max(points["intensity"].min() / 2, 0.1), points["intensity"].max() * 2
+    roofs = []
+    for device in gpu_model.DEVICES.values():
+        for intensity in np.geomspace(lo, hi, 60):
+            roofs.append({"device_model": device.model, "intensity": intensity,
+                          "tflop_per_s": min(device.tensor_flop_per_s, device.hbm_bytes_per_s * intensity) / 1e12})
+    x = alt.X("intensity:Q", scale=alt.Scale(type="log"), title="FLOPs per byte")
+    y = alt.Y("tflop_per_s:Q", scale=alt.Scale(type="log"), title="TFLOP/s at the floor")
+    roof = alt.Chart(pd.DataFrame(roofs)).mark_line(color="#000000", strokeDash=[4, 2]).encode(x=x, y=y)
+    dots = alt.Chart(points).mark_point(filled=True, size=60).encode(
+        x=x, y=y, color=alt.Color("stage:N", title=None, scale=charts.palette(sorted(points["stage"].unique()))),
+        shape=alt.Shape("case:N", title=None), tooltip=["stage", "case", "T", "intensity", "tflop_per_s", "bound"])
+    panels = [alt.layer(roof.transform_filter(alt.datum.device_model == model),
+                        dots.transform_filter(alt.datum.device_model == model)).properties(
+                  width=260, height=220, title=model)
+              for model in gpu_model.DEVICES]
+    return alt.hconcat(*panels).properties(
+        title=f"{preset}: stages on the roofline at T = {', '.join(map(str, tokens))}, {PREDICTED}")
+
+
+def sanity_frame(prediction: Prediction) -> pd.DataFrame:
+    """The published H100 times beside the model's floor at their shapes."""
+    rows = [{"T": r["tokens"], "published (µs)": 1e6 * r["published_s"], "floor (µs)": 1e6 * r["floor_s"],
+             "published / floor": r["published_over_floor"],
+             "floor below published": "yes" if r["floor_below_published"] else "NO: the model is wrong"}
+            for r in sorted(prediction.sanity, key=lambda r: r["tokens"])]
+    return pd.DataFrame(rows)
+
+
+def sanity_sentence(prediction: Prediction) -> str:
+    """The check in one sentence, with every ratio."""
+    if not prediction.sanity:
+        return "The model's records hold no sanity check yet."
+    rows = sorted(prediction.sanity, key=lambda r: r["tokens"])
+    ratios = ", ".join(f"{r['published_over_floor']:.2f} at T = {r['tokens']}" for r in rows)
+    below = all(r["floor_below_published"] for r in rows)
+    verdict = ("so the floor is below every published time, as a floor must be" if below else
+               "so the floor is above a published time somewhere: the model is wrong there")
+    return f"The published times over the model's floor are {ratios}, {verdict}."
+
+
+def effects_frame(prediction: Prediction) -> pd.DataFrame:
+    """Item 5: how much each inefficiency the emulator counted moves its stage's
+    floor (and the layer's), the largest over T, shapes and k, per device."""
+    excess = gpu_model.sector_excess(prediction.traffic)
+    rows = gpu_model.effects(excess, gpu_model.reread_factor(prediction.traffic),
+                             gpu_model.v2_bank_conflict_excess())
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame["at"] = [("all shapes" if preset == "any" else f"{preset}, k = {k}, T = {t}")
+                   for preset, k, t in zip(frame["preset"], frame["k"], frame["tokens"])]
+    worst = frame.loc[frame.groupby(["inefficiency", "device_model"], sort=False)["stage_change"].idxmax()]
+    worst = worst.assign(**{"stage slower by (%)": 100 * worst["stage_change"],
+                            "layer slower by (%)": 100 * worst["layer_change"].astype(float)})
+    return worst[["inefficiency", "device_model", "stage", "at", "stage slower by (%)", "layer slower by (%)"]] \
+        .rename(columns={"device_model": "device"})
+
+
+def layer_change_numbers(frame: pd.DataFrame, device_model: str = "H100 SXM") -> dict:
+    """The layer's floor for k = 1, k = 2 and the dense MLP at equal active FLOPs
+    at decode (T = 1) and at T = 8192 (uniform routing), and k = 2 over k = 1."""
+    if frame.empty:
+        return {}
+    layer = frame[(frame["stage"] == "layer") & (frame["device_model"] == device_model)
+                  & (frame["routing"] != "study")]
+    out = {}
+    for T in (1, 8192):
+        at = layer[layer["tokens"] == T].set_index("series")
+        k1, k2 = at.loc["MoE k = 1", "floor_us"], at.loc["MoE k = 2", "floor_us"]
+        dense_f = at.loc[f"dense, width {frame['d_ff'][frame['k'] > 0].iloc[0]}", "floor_us"]
+        out[T] = {"k1_us": float(k1), "k2_us": float(k2), "ratio": float(k2 / k1), "dense_us": float(dense_f),
+                  "k1_bound": at.loc["MoE k = 1", "bound"], "k2_bound": at.loc["MoE k = 2", "bound"]}
+    return out
+
+
+def k_change_sentence(frame: pd.DataFrame, preset: str = "mixtral", device_model: str = "H100 SXM") -> str:
+    """k = 1 -> 2 in the model's words: the layer's floor at decode and at T = 8192."""
+    numbers = layer_change_numbers(frame, device_model)
+    if not numbers:
+        return "The model's records hold no floors yet."
+    one, big = numbers[1], numbers[8192]
+    return (f"On the {device_model} ({preset} shape, float16, uniform routing), {PREDICTED}: going from k = 1 "
+            f"to k = 2 takes the layer's floor from {one['k1_us']:.0f} µs to {one['k2_us']:.0f} µs at T = 1 "
+            f"(×{one['ratio']:.2f}, {one['k2_bound']}-bound: twice the expert weights are read) and from "
+            f"{big['k1_us']:.0f} µs to {big['k2_us']:.0f} µs at T = 8192 (×{big['ratio']:.2f}, "
+            f"{big['k2_bound']}-bound: twice the expert FLOPs).")
+
+
+# ---------------------------------------------------------------- prediction beside measurement
+
+
+def _device_model(name: Optional[str]) -> Optional[str]:
+    """The model's device for a measured GPU's name (None when the model has none)."""
+    text = (name or "").upper()
+    for model in gpu_model.DEVICES:
+        if model.split()[0] in text:
+            return model
+    return None
+
+
+def measured_beside_predicted(prediction: Prediction, data: ChapterData) -> pd.DataFrame:
+    """Each measured MoE stage time (uniform routing, float16, eager launches)
+    beside the model's floor for the same device, shape, k, T and stage; empty
+    where nothing measured matches a prediction."""
+    floors = {}
+    for record in prediction.floors:
+        params = record["params"]
+        if params["routing"] == "uniform" and record["k"]:
+            key = (record["device_model"], params["preset"], record["k"], record["tokens"], record["stage"])
+            floors[key] = record["floor_s"]
+    rows = []
+    for record in data.records:
+        params = record.get("params") or {}
+        if (record.get("measurement") != "time" or record.get("implementation") != "moe"
+                or record.get("launch", "eager") != "eager" or params.get("skew", "uniform") != "uniform"
+                or params.get("dtype") != gpu_model.DTYPE or record.get("stage") not in MEASURED_STAGES):
+            continue
+        model = _device_model(record.get("device"))
+        keys = [(model, params.get("preset"), params.get("top_k"), params.get("tokens"), stage)
+                for stage in MEASURED_STAGES[record["stage"]]]
+        if model is None or not all(key in floors for key in keys):
+            continue
+        floor = sum(floors[key] for key in keys)
+        rows.append({"device": record.get("device"), "preset": params["preset"], "k": params["top_k"],
+                     "T": params["tokens"], "stage": record["stage"], "predicted floor (µs)": 1e6 * floor,
+                     "measured median (µs)": 1e6 * record["median_s"],
+                     "measured / predicted": record["median_s"] / floor})
+    return pd.DataFrame(rows)
+
+
+def occupancy_beside_achieved(prediction: Prediction, data: ChapterData) -> pd.DataFrame:
+    """Nsight Compute's achieved occupancy per kernel beside the theoretical one
+    for the measured GPU's architecture."""
+    theoretical = {(r["kernel"], r["arch"]): r for r in prediction.occupancy}
+    rows = []
+    for record in data.records:
+        if record.get("measurement") != "ncu" or record.get("achieved_occupancy_pct") is None:
+            continue
+        capability = str(record.get("compute_capability") or "").replace(".", "")
+        predicted = theoretical.get((record.get("kernel"), int(capability))) if capability.isdigit() else None
+        if predicted is None:
+            continue
+        rows.append({"k": (record.get("params") or {}).get("top_k"), "kernel": record["kernel"],
+                     "arch": f"sm_{predicted['arch']}",
+                     "theoretical occupancy (%)": 100 * predicted["occupancy"], "limiter": predicted["limiter"],
+                     "achieved occupancy (%)": record["achieved_occupancy_pct"]})
+    return pd.DataFrame(rows)

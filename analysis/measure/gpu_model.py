@@ -208,20 +208,25 @@ def shares_from_routing(experts, n_experts: int) -> np.ndarray:
 
 
 def study_shares(max_bytes: int = 1 << 14, results_dir=None) -> dict:
-    """{k: [shares of every (seed, layer)]} of the accuracy study's trained
-    moe-k1 and moe-k2 checkpoints on ``max_bytes`` test bytes (needs torch)."""
-    from analysis.chapters import accuracy
-    from analysis.chapters import routing as routing_chapter
+    """{k: [{"arm", "seed", "layer", "shares"} of every (seed, layer)]} of the
+    accuracy study's trained moe-k1 and moe-k2 checkpoints (preset cpu), routed
+    over ``max_bytes`` test bytes spread over every test file (needs torch)."""
+    from analysis.study import corpus, evaluation
+    from analysis.study.moe_model import load_checkpoint
 
-    runs = accuracy.runs_table(results_dir)
-    runs = runs[runs["arm"].isin(["moe-k1", "moe-k2"])]
-    collected = routing_chapter.collect_all(runs, max_bytes=max_bytes)
+    data = corpus.load_corpus()["test"]
+    root = records.results_root(results_dir)
     found: dict = {}
-    for (arm, seed), routing in sorted(collected.items()):
+    for record in evaluation.eval_records(results_dir, preset="cpu"):
+        params = record["params"]
+        if params["arm"] not in ("moe-k1", "moe-k2"):
+            continue
+        model, meta = load_checkpoint(root / params["checkpoint"])
+        routing = evaluation.collect_routing(model, data, batch_size=meta["batch_size"], max_bytes=max_bytes)
         for layer, experts in enumerate(routing["experts"]):
-            found.setdefault(routing["top_k"], []).append(
-                {"arm": arm, "seed": seed, "layer": layer,
-                 "shares": shares_from_routing(experts, routing["n_experts"]).tolist()})
+            found.setdefault(model.cfg.top_k, []).append(
+                {"arm": params["arm"], "seed": int(params["seed"]), "layer": layer,
+                 "shares": shares_from_routing(experts, model.cfg.n_experts).tolist()})
     return found
 
 
@@ -730,12 +735,14 @@ def main(argv=None) -> int:
     return 0
 
 
-#: v2's transposed A-tile store: shared wavefronts over the minimum, counted on
-#: the emulator (float32, T = 256, the study's CPU shape; see the report of issue 21).
+#: v2's transposed A-tile store: shared wavefronts over the minimum (a 4-way
+#: conflict on part of the store), as issue 21 quotes the emulator's count on the
+#: float32 path; no float32 ``traffic`` record is committed to read it from.
 V2_BANK_CONFLICT_EXCESS = 2.5
 
 
 def v2_bank_conflict_excess() -> float:
+    """Shared wavefronts over the minimum at v2's A-tile store (``V2_BANK_CONFLICT_EXCESS``)."""
     return V2_BANK_CONFLICT_EXCESS
 
 
