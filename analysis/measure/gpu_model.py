@@ -535,8 +535,8 @@ def _case_records(device, shape_name, shape, k, T, excess, routing, shares, stud
             # One share vector per (seed, layer): the floor of each, averaged, is
             # the expected floor; its touched experts the expected touched experts.
             extra = {"touched_experts": study_touched(T, study_k),
-                     "routing_source": "the accuracy study's moe-k%d checkpoints, every seed and layer" % k,
-                     "shares": [s["shares"] for s in study_k]}
+                     "routing_source": f"the accuracy study's moe-k{k} checkpoints: the mean over "
+                                       f"{len(study_k)} (seed, layer) share vectors (in the layer record)"}
         else:
             extra = {"touched_experts": touched_experts(T, shares), "routing_source": "uniform: k / E per expert"}
     rows, floors = [], []
@@ -560,9 +560,11 @@ def _case_records(device, shape_name, shape, k, T, excess, routing, shares, stud
     seconds = sum(f.seconds for f in floors)
     layer = layer_floor(floors)
     terms = {"memory": layer.memory_s, "compute": layer.compute_s, "launch": layer.launch_s}
+    layer_extra = dict(extra, note="the stages' floors summed")
+    if routing == "study":
+        layer_extra["shares"] = [s["shares"] for s in study_k]
     rows.append(prediction_record(device, shape_name, shape, "layer", k, T, layer, seconds,
-                                  max(terms, key=terms.get), routing or "none (dense)",
-                                  dict(extra, note="the stages' floors summed")))
+                                  max(terms, key=terms.get), routing or "none (dense)", layer_extra))
     return rows
 
 
