@@ -369,3 +369,14 @@ def test_profile_kernels_runs_from_the_repository_root():
     """REPO_ROOT is the checkout (it was analysis/, where `python -m analysis...` can't start)."""
     assert (utilisation.REPO_ROOT / "analysis" / "measure" / "utilisation.py").is_file()
     assert (utilisation.REPO_ROOT / "kernels" / "topk_moe").is_dir()
+
+
+def test_arguments_with_spaces_are_refused_before_ncu(tmp_path, monkeypatch):
+    """nsight-python 0.9 builds ncu's command as one shell string with the
+    script's arguments joined by spaces, unquoted: a path with a space would
+    split in the re-run."""
+    monkeypatch.setattr(utilisation, "profiler_unavailable_reason", lambda: None)
+    out = tmp_path / "rows.json"
+    code = utilisation.main(["--preset", "tiny", "--tokens", "4", "--k", "1", "--out", str(out),
+                             "--work-dir", str(tmp_path / "a folder")])
+    assert code == utilisation.EXIT_FAILED and "spaces" in json.loads(out.read_text())[0]["message"]

@@ -474,6 +474,10 @@ def _profile_main(args) -> int:
     reason = profiler_unavailable_reason()
     if reason is not None:
         return finish([empty_ncu_row(reason, **identity(k)) for k in args.k], EXIT_TOOLS_MISSING)
+    spaced = [argument for argument in args.arguments if not argument or any(c.isspace() for c in argument)]
+    if spaced:  # nsight-python 0.9 joins the arguments with spaces into a shell command, unquoted
+        message = f"--out, --work-dir: paths with spaces can't pass through nsight-python's re-run, got {spaced}"
+        return finish([empty_ncu_row(message, **identity(k)) for k in args.k], EXIT_FAILED)
     ncu = find_ncu()
     # nsight-python re-runs this file as a script under plain ``ncu`` with a copy
     # of this environment: it must find ncu, analysis and topk_moe there too.
@@ -590,7 +594,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--out", required=True, help="where the rows go (JSON)")
     parser.add_argument("--work-dir", default=tempfile.gettempdir(), help="nsight-python's report files")
-    return _profile_main(parser.parse_args(argv))
+    arguments = sys.argv[1:] if argv is None else [str(argument) for argument in argv]
+    args = parser.parse_args(arguments)
+    args.arguments = arguments  # as nsight-python will pass them to the re-run
+    return _profile_main(args)
 
 
 if __name__ == "__main__":
