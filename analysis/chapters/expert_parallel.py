@@ -80,21 +80,24 @@ def loopback_view(source: str = "auto", results_dir=None, *, ranks=(2, 4), token
                                 f"`python -m analysis.measure.expert_parallel` to measure them.", [])
         run = newest_run(record_io.read_records(measure.RECORD_KIND, results_dir=results_dir, device=folder))
         note = (f"The newest committed run, not measured while this chapter ran: "
-                f"{provenance_text(run[0], folder, measure.RECORD_KIND)}. {_setting(run[0])}")
+                f"{provenance_text(run[0], folder, measure.RECORD_KIND)}. {_setting(run)}")
         return LoopbackView(note, run)
     D, F, E = shape
     config = measure.MeasureConfig(ranks=tuple(ranks), tokens=tuple(tokens), top_k=tuple(top_k),
                                    d_model=D, d_ff=F, n_experts=E, repeats=repeats)
     rows = [dict(row, device="this machine") for row in measure.measure(config)]
-    note = f"Measured live while this chapter ran, at the sizes of its parameters. {_setting(rows[0])}"
+    note = f"Measured live while this chapter ran, at the sizes of its parameters. {_setting(rows)}"
     return LoopbackView(note, rows)
 
 
-def _setting(record: dict) -> str:
-    params = record["params"]
+def _setting(run: list) -> str:
+    """The run's layer and setting, in words (its P values, and the note of its largest P)."""
+    params = max((record["params"] for record in run), key=lambda p: p["ranks"])
+    ranks = " and ".join(str(p) for p in sorted({record["params"]["ranks"] for record in run}))
     return (f"Layer D = {params['d_model']}, F = {params['d_ff']}, E = {params['n_experts']}, "
             f"{params['activation']}, {params['dtype']}, capacity factor {params['capacity_factor']}; "
-            f"{params['transport']}, {params['threads_per_rank']} thread per rank; {params['note']}.")
+            f"P = {ranks}; {params['transport']}, {params['threads_per_rank']} thread per rank; "
+            f"at P = {params['ranks']}: {params['note']}.")
 
 
 def _frame(view: LoopbackView) -> pd.DataFrame:

@@ -336,7 +336,8 @@ def _records(config: MeasureConfig, P: int, T: int, k: int, results: list) -> li
               "capacity_factor": config.capacity_factor, "warmup": config.warmup, "repeats": config.repeats,
               "seed": config.seed, "transport": TRANSPORT, "threads_per_rank": THREADS_PER_RANK,
               "note": (f"{P} processes on one machine with {os.cpu_count()} cores, shared with other work "
-                       f"while this ran; loopback, not a network; a short run")}
+                       f"while this ran; loopback, not a network; a short run of {config.repeats} timed calls "
+                       f"per phase")}
     out = []
     for rank, result in enumerate(results):
         traffic = result["traffic"]
