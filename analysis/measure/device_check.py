@@ -148,6 +148,16 @@ class Verdict:
     ok: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What a step's reader may need besides its own run: the log folder (the
+    files that come back), the scratch folder, whether this is a rehearsal."""
+
+    log_dir: Path
+    scratch: Path
+    rehearse: bool
+
+
 def newest_gpu_check(results_dir=None) -> tuple:
     """(the newest committed ``gpu-tests`` record, whether it was made with the
     kernels sources here), or (None, False) where there is none. The chapters
@@ -333,8 +343,8 @@ def sanitizer_verdict(returncode: int, text: str) -> str:
     return f"failed (exit {returncode})"
 
 
-def read_gpu_tests(step: Step, returncode: int, text: str, scratch: Path, log_dir: Path) -> Verdict:
-    counts = read_test_counts(scratch / "gpu-tests.xml", log_dir / step.log)
+def read_gpu_tests(step: Step, returncode: int, text: str, context: RunContext) -> Verdict:
+    counts = read_test_counts(context.scratch / "gpu-tests.xml", context.log_dir / step.log)
     counts["returncode"] = returncode
     summary = "{passed} passed, {failed} failed, {errors} errors, {skipped} skipped".format(**counts)
     if returncode == TIMED_OUT:
@@ -343,19 +353,20 @@ def read_gpu_tests(step: Step, returncode: int, text: str, scratch: Path, log_di
     return Verdict(counts, summary, ok)
 
 
-def read_sanitizer(step: Step, returncode: int, text: str, scratch: Path, log_dir: Path) -> Verdict:
+def read_sanitizer(step: Step, returncode: int, text: str, context: RunContext) -> Verdict:
     verdict = sanitizer_verdict(returncode, text)
     smoke = re.search(r"smoke: (\d+) failed", text)
     summary = verdict + (f"; smoke checks: {smoke.group(1)} failed" if smoke else "")
+    if context.rehearse:
+        summary += " (stand-in: checks nothing)"
     return Verdict({"verdict": verdict, "returncode": returncode}, summary, verdict == "clean")
 
 
-def read_traffic_ncu(step: Step, returncode: int, text: str, scratch: Path, log_dir: Path,
-                     rehearse: bool = False) -> Verdict:
+def read_traffic_ncu(step: Step, returncode: int, text: str, context: RunContext) -> Verdict:
     from analysis.measure import utilisation  # noqa: PLC0415
 
     rows = []
-    path = log_dir / "traffic-ncu.json"
+    path = context.log_dir / "traffic-ncu.json"
     if path.is_file():
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -369,18 +380,19 @@ def read_traffic_ncu(step: Step, returncode: int, text: str, scratch: Path, log_
     why = messages[0] if messages else f"exit {returncode}"
     if returncode == TIMED_OUT:
         why = f"stopped at its {step.timeout_s} s limit"
-    if rehearse and returncode == utilisation.EXIT_TOOLS_MISSING:  # the expected end on a CPU
+    if context.rehearse and returncode == utilisation.EXIT_TOOLS_MISSING:  # the expected end on a CPU
         return Verdict(outcome, f"not measured, as expected without a GPU: {why}", True)
     return Verdict(outcome, f"not measured (exit {returncode}): {why}", False)
 
 
-def read_exit_status(step: Step, returncode: int, text: str, scratch: Path, log_dir: Path) -> Verdict:
+def read_exit_status(step: Step, returncode: int, text: str, context: RunContext) -> Verdict:
     summary = "ok" if returncode == 0 else (f"stopped at its {step.timeout_s} s limit" if returncode == TIMED_OUT
                                             else f"exit {returncode}")
     return Verdict({"returncode": returncode}, summary, returncode == 0)
 
 
-#: How each step's result is read; a new step adds its reader here.
+#: How each step's result is read: reader(step, returncode, the text of its
+#: part of the log, RunContext) -> Verdict. A new step adds its reader here.
 READERS: dict = {"gpu-tests": read_gpu_tests, "memcheck": read_sanitizer, "racecheck": read_sanitizer,
                  "traffic-ncu": read_traffic_ncu, "sweep": read_exit_status}
 
@@ -497,6 +509,7 @@ def main(argv: Optional[list] = None) -> int:
 def run_steps(steps: list, args, log_dir: Path, scratch: Path, environment: dict) -> tuple:
     """Run each step inside the deadline; ([(name, summary)], all passed)."""
     table, passed = [], True
+    context = RunContext(log_dir, scratch, args.rehearse)
     started = time.monotonic()
     for index, step in enumerate(steps):
         reserved_later = sum(later.timeout_s for later in steps[index + 1:])
@@ -525,13 +538,9 @@ def run_steps(steps: list, args, log_dir: Path, scratch: Path, environment: dict
         if text.startswith("$ "):  # the command line run_logged wrote first is not the tool's output
             text = text.partition("\n")[2]
         reader: Callable = READERS.get(step.name, read_exit_status)
-        if reader is read_traffic_ncu:
-            verdict = read_traffic_ncu(step, returncode, text, scratch, log_dir, rehearse=args.rehearse)
-        else:
-            verdict = reader(step, returncode, text, scratch, log_dir)
+        verdict = reader(step, returncode, text, context)
         step.outcome = {**verdict.outcome, "seconds": seconds, "limit_s": step.timeout_s}
-        table.append((step.name, verdict.summary + ("" if not args.rehearse or step.name not in SANITIZER_TOOLS
-                                                     else " (stand-in: checks nothing)") + f" [{seconds:.0f} s]"))
+        table.append((step.name, f"{verdict.summary} [{seconds:.0f} s]"))
         passed = passed and verdict.ok
     return table, passed
 
