@@ -231,6 +231,23 @@ def test_moe_layer_is_inference_only():
         moe_torch.MoELayer(weights, cfg, backend="gpu")
 
 
+def test_moe_layer_checks_its_shared_expert():
+    x, weights, cfg = _layer()
+    with pytest.raises(TypeError, match="shared_expert: expected None or a topk_moe.torch.SharedExpert, got dict"):
+        moe_torch.MoELayer(weights, cfg, shared_expert={})
+    dense = moe_torch.init_weights(topk_moe.MoEConfig(cfg.d_model, 40, 1, 1), seed=9)
+    shared = moe_torch.SharedExpert(w1=dense.w1[0], w2=dense.w2[0], w3=dense.w3[0], gate=torch.ones(cfg.d_model, 2))
+    with pytest.raises(ValueError, match=r"shared_expert.gate: expected shape \(D, 1\) = \(16, 1\), got \(16, 2\)"):
+        moe_torch.MoELayer(weights, cfg, shared_expert=shared)
+    shared = moe_torch.SharedExpert(w1=dense.w1[0], w2=dense.w2[0], w3=dense.w3[0], gate=torch.zeros(cfg.d_model, 1))
+    with torch.no_grad():
+        y = moe_torch.MoELayer(weights, cfg, shared_expert=shared)(x)
+    # a zero gate weighs the shared expert by sigmoid(0) = 1/2
+    expected = moe_torch.moe_forward(x, weights, cfg).y + 0.5 * moe_torch.dense_mlp(
+        x, dense.w1[0], dense.w2[0], dense.w3[0], activation="swiglu")
+    np.testing.assert_array_equal(y.numpy(), expected.numpy())
+
+
 # ---------------------------------------------------------------------------
 # CUDA: DLPack on the current torch stream (GPU only)
 
@@ -241,6 +258,45 @@ def _cuda_skip_reason():
     if not torch.cuda.is_available():
         return f"needs a CUDA build of torch and a GPU (torch {torch.__version__} sees no CUDA device)"
     return cuda_unavailable_reason()
+
+
+def test_cuda_stream_hands_cupy_torchs_current_stream_on_the_tensors_device(monkeypatch):
+    """The plumbing of the CUDA path without a GPU: CuPy (faked here) is put on the
+    tensor's device and wraps torch's current stream there, for the whole call."""
+    import types
+
+    events = []
+
+    class FakeContext:
+        def __init__(self, *key):
+            self.key = key
+
+        def __enter__(self):
+            events.append(("enter",) + self.key)
+
+        def __exit__(self, *exception):
+            events.append(("exit",) + self.key)
+            return False
+
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda index: FakeContext("device", index),
+        ExternalStream=lambda pointer, index: FakeContext("stream", pointer, index)))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=1000 + index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+
+    with moe_torch.cuda_stream(torch.device("cuda", 3)):
+        events.append("call")
+    assert events == [("enter", "device", 3), ("enter", "stream", 1003, 3), "call",
+                      ("exit", "stream", 1003, 3), ("exit", "device", 3)]
+    events.clear()
+    with moe_torch.cuda_stream("cuda"):  # no index: torch's current device
+        events.append("call")
+    assert events[1] == ("enter", "stream", 1001, 1)
+    events.clear()
+    with moe_torch.cuda_stream("cpu"):
+        events.append("call")
+    assert events == ["call"]
 
 
 @pytest.mark.gpu
@@ -308,3 +364,18 @@ def test_the_overhead_of_a_round_is_the_torch_median_minus_the_numpy_median():
     assert function["numpy_median_s"] == 20.0 and function["torch_median_s"] == 23.0
     assert function["overhead_fraction"] == 0.1
     assert layer["overhead_median_s"] == 5.0 and layer["params"] == {"tokens": 1, "entry": "moe-layer"}
+
+
+def test_the_readme_examples_run(monkeypatch):
+    """README's "Using the kernels": the NumPy block, then the torch block that continues it."""
+    from pathlib import Path
+
+    monkeypatch.delenv("MOE_BACKEND", raising=False)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Using the kernels", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    assert len(blocks) == 2 and "topk_moe.torch" in blocks[1]
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md (Using the kernels)", "exec"), namespace)
+    np.testing.assert_array_equal(namespace["y"].numpy(), namespace["out"].y)

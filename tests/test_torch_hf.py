@@ -1,14 +1,16 @@
-"""MoELayer.from_hf: a drop-in for the sparse MoE blocks of the installed transformers.
+"""MoELayer.from_hf: a drop-in for the sparse MoE blocks of the installed transformers
+(Mixtral, OLMoE, Qwen2-MoE with its shared expert, Qwen3-MoE).
 
 Tiny randomly initialised models (from configs: nothing is downloaded) have
 every sparse block replaced. Their logits must pass the project's tolerance
 rule (topk_moe.testing) with the original model in float64 as the reference
 and the original in float32 as the plain implementation, and 20 greedy
-tokens must be identical. The weights are drawn with a larger
-initializer_range than the default 0.02, so that the experts move the logits
-(at 0.02 a wrongly converted block changes them by less than 1e-2) and the
-greedy choices have margins far above the logits' error; the generation test
-asserts that margin, so a near-tie cannot make it pass or fail by luck.
+tokens must be identical. The weights are drawn with initializer_range 0.2
+instead of the default 0.02: at 0.02 the experts' part of the logits is under
+1% (swapping gate and up moves logits of about 0.4 by 3e-3), at 0.2 it is most
+of them (the swap moves logits of about 4 by 3.8). The generation test asserts
+that every greedy choice beats its runner-up by far more than the logits may
+differ, so a near-tie cannot make it pass or fail by luck.
 Transformers 4.x blocks (per-expert linears) cannot be installed beside 5.x:
 they are rebuilt here with the structure 4.x used.
 """
@@ -96,7 +98,7 @@ def _assert_logits_pass_the_rule(converted, model, ids):
     return error_bound(expected, plain, np.float32)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
 def test_a_converted_model_gives_the_same_logits_and_greedy_tokens(family):
     model = _model(family)
     converted = _converted(model)
@@ -116,7 +118,8 @@ def test_a_converted_model_gives_the_same_logits_and_greedy_tokens(family):
     assert ours.tolist() == original.sequences.tolist()
 
 
-@pytest.mark.parametrize("family, renormalize", [("mixtral", True), ("olmoe", False), ("qwen3_moe", True)])
+@pytest.mark.parametrize("family, renormalize", [("mixtral", True), ("olmoe", False), ("qwen2_moe", False),
+                                                 ("qwen3_moe", True)])
 def test_each_family_keeps_its_renormalisation_rule(family, renormalize):
     block = _sparse_blocks(_model(family))[0]
     assert MoELayer.from_hf(block).cfg.renormalize is renormalize
@@ -153,7 +156,7 @@ def test_negative_control_gate_and_up_swapped_fails_the_comparison():
         _assert_logits_pass_the_rule(_converted(model, swapped), model, _prompt())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
 def test_the_layer_has_the_blocks_forward_signature_and_return_value(family):
     block = _sparse_blocks(_model(family))[0]
     layer = MoELayer.from_hf(block)
@@ -212,8 +215,12 @@ class _SparseMoeBlock4(torch.nn.Module):
     """The 4.x sparse block's structure and forward (Mixtral's, with OLMoE's and
     Qwen's norm_topk_prob switch when ``norm_topk_prob`` is not None)."""
 
-    def __init__(self, expert_class, hidden=32, ffn=48, n_experts=4, top_k=2, norm_topk_prob=None):
+    def __init__(self, expert_class, hidden=32, ffn=48, n_experts=4, top_k=2, norm_topk_prob=None,
+                 shared_expert=False):
         super().__init__()
+        if shared_expert:  # Qwen2-MoE 4.x: a gated dense MLP added to the routed experts
+            self.shared_expert = _Qwen4Expert(hidden, 2 * ffn)
+            self.shared_expert_gate = torch.nn.Linear(hidden, 1, bias=False)
         self.top_k = top_k
         self.num_experts = n_experts
         if norm_topk_prob is not None:
@@ -236,6 +243,9 @@ class _SparseMoeBlock4(torch.nn.Module):
             idx, top_x = torch.where(expert_mask[expert_idx])
             current = self.experts[expert_idx](hidden_states[top_x]) * routing_weights[top_x, idx, None]
             final_hidden_states.index_add_(0, top_x, current.to(hidden_states.dtype))
+        if hasattr(self, "shared_expert"):
+            shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+            final_hidden_states = final_hidden_states + shared
         return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
 
 
@@ -244,21 +254,23 @@ class MixtralSparseMoeBlock(_SparseMoeBlock4):  # the 4.x class name: Mixtral al
         super().__init__(_Mixtral4Expert, **kwargs)
 
 
-@pytest.mark.parametrize("expert_class, norm_topk_prob", [
-    (None, None),  # Mixtral 4.x: w1/w2/w3, always renormalised
-    (_Qwen4Expert, False),  # OLMoE 4.x
-    (_Qwen4Expert, True),  # Qwen2-MoE / Qwen3-MoE 4.x (without the shared expert)
+@pytest.mark.parametrize("expert_class, norm_topk_prob, shared_expert", [
+    (None, None, False),  # Mixtral 4.x: w1/w2/w3, always renormalised
+    (_Qwen4Expert, False, False),  # OLMoE 4.x
+    (_Qwen4Expert, False, True),  # Qwen2-MoE 4.x, with its shared expert
+    (_Qwen4Expert, True, False),  # Qwen3-MoE 4.x
 ])
-def test_transformers_4_blocks_convert_with_their_return_value(expert_class, norm_topk_prob):
+def test_transformers_4_blocks_convert_with_their_return_value(expert_class, norm_topk_prob, shared_expert):
     torch.manual_seed(7)
     if expert_class is None:
         block = MixtralSparseMoeBlock()
     else:
-        block = _SparseMoeBlock4(expert_class, norm_topk_prob=norm_topk_prob)
+        block = _SparseMoeBlock4(expert_class, norm_topk_prob=norm_topk_prob, shared_expert=shared_expert)
     for parameter in block.parameters():  # weights that move the output, as the models above
         torch.nn.init.normal_(parameter, std=INITIALIZER_RANGE)
     layer = MoELayer.from_hf(block)
     assert layer.cfg.renormalize is (norm_topk_prob is not False)
+    assert (layer.shared_w1 is not None) is shared_expert
     hidden = torch.randn(3, 7, 32)
     with torch.no_grad():
         (ours, our_logits), (theirs, their_logits) = layer(hidden), block(hidden)
@@ -272,9 +284,22 @@ def test_transformers_4_blocks_convert_with_their_return_value(expert_class, nor
 # What is not supported says so
 
 
-def test_qwen2_moe_shared_expert_is_refused_by_name():
+def test_negative_control_qwen2_moe_without_its_shared_expert_fails_the_comparison():
+    model = _model("qwen2_moe")
+
+    def routed_experts_only(block):
+        layer = MoELayer.from_hf(block)
+        assert layer.shared_w1 is not None and layer.shared_gate.shape == (32, 1)
+        return MoELayer(layer.weights, layer.cfg)
+
+    with pytest.raises(AssertionError, match="logits: max error"):
+        _assert_logits_pass_the_rule(_converted(model, routed_experts_only), model, _prompt())
+
+
+def test_a_shared_expert_that_is_not_qwen2_moes_is_refused_by_name():
     block = _sparse_blocks(_model("qwen2_moe"))[0]
-    with pytest.raises(ValueError, match="Qwen2MoeSparseMoeBlock uses a shared expert"):
+    del block.shared_expert_gate
+    with pytest.raises(ValueError, match="uses a shared expert without .* shared_expert_gate"):
         MoELayer.from_hf(block)
 
 
@@ -321,3 +346,32 @@ def test_a_model_run_with_grad_mode_on_is_refused():
     model = _converted(_model("mixtral"))
     with pytest.raises(ValueError, match="MoELayer is inference only"):
         model(_prompt())  # the embeddings require grad, so the hidden states do
+
+
+# ---------------------------------------------------------------------------
+# The documentation's examples run
+
+
+def _python_blocks(markdown: str) -> list:
+    blocks, inside, lines = [], False, []
+    for line in markdown.splitlines():
+        if line.strip() == "```python":
+            inside, lines = True, []
+        elif line.strip() == "```" and inside:
+            inside = False
+            blocks.append("\n".join(lines))
+        elif inside:
+            lines.append(line)
+    return blocks
+
+
+def test_the_contract_example_from_pytorch_and_transformers_runs():
+    from pathlib import Path
+
+    contract = (Path(__file__).resolve().parents[1] / "book" / "contract.md").read_text(encoding="utf-8")
+    section = contract.split("## From PyTorch and transformers", 1)[1].split("\n## ", 1)[0]
+    (example,) = _python_blocks(section)
+    namespace = {}
+    exec(compile(example, "book/contract.md (From PyTorch and transformers)", "exec"), namespace)
+    assert all(isinstance(layer.mlp, MoELayer) for layer in namespace["model"].model.layers)
+    assert namespace["tokens"].shape == (1, 8 + 5)

@@ -16,15 +16,17 @@ bias-free (E, D) weight, ``block.gate.weight``):
   returns ``(output, router_logits)``.
 
 Renormalisation: the block's ``norm_topk_prob`` where it has one; Mixtral
-always renormalises and has none. Anything else a block holds (Qwen2-MoE's
-shared expert, biases, ...) is refused with an error that names it, never
-dropped silently.
+always renormalises and has none. Qwen2-MoE's shared expert (a dense SwiGLU
+MLP, ``shared_expert.gate_proj``/``up_proj``/``down_proj``, whose output is
+scaled by ``sigmoid(shared_expert_gate(x))`` and added) is read into a
+``SharedExpert``. Anything else a block holds (biases, ...) is refused with an
+error that names it, never dropped silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -33,6 +35,18 @@ from .types import MoEConfig, MoEWeights
 #: Activations of the gated experts, by the class name of transformers' act_fn:
 #: act(gate) * up with act = SiLU is the contract's "swiglu".
 _SILU_CLASSES = ("SiLU", "SiLUActivation")
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedExpert:
+    """Qwen2-MoE's shared expert in the contract's dense layout: w1 (gate) and
+    w3 (up) (D, F_shared), w2 (F_shared, D), and its gate (D, 1): the block adds
+    sigmoid(x @ gate) * dense_mlp(x, w1, w2, w3, activation="swiglu")."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: torch.Tensor
+    gate: torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +59,7 @@ class BlockReading:
     returns_router_logits: bool  # transformers 4.x blocks return (output, router_logits)
     jitter_noise: float  # Mixtral's router jitter, applied by the block in training mode only
     layout: str  # "fused gate_up_proj/down_proj" or "per-expert w1/w2/w3" or "per-expert gate/up/down_proj"
+    shared_expert: Optional[SharedExpert] = None
 
 
 def _block_name(block: Any) -> str:
@@ -157,28 +172,42 @@ def _read_per_expert(block: Any) -> tuple:
     for index, expert in enumerate(experts):
         _check_activation(block, expert.act_fn)
         for name, stack in ((gate_name, gates), (up_name, ups), (down_name, downs)):
-            linear = getattr(expert, name)
-            if getattr(linear, "bias", None) is not None:
-                _refuse(block, f"a bias in experts[{index}].{name}", "the contract's experts have no biases")
-            stack.append(linear.weight.detach().t())  # nn.Linear keeps (out, in): the contract wants (in, out)
+            stack.append(_linear_weight(block, f"experts[{index}].{name}", getattr(expert, name)))
             known.add(f"experts.{index}.{name}.weight")
     w1, w3, w2 = (_weight(torch.stack(stack)) for stack in (gates, ups, downs))
     return w1, w2, w3, activation, known, layout
 
 
+def _linear_weight(block: Any, name: str, linear: Any) -> torch.Tensor:
+    """An nn.Linear's weight transposed to (in, out), the contract's layout; biases refused."""
+    if getattr(linear, "bias", None) is not None:
+        _refuse(block, f"a bias in {name}", "the contract's MLPs have no biases")
+    return linear.weight.detach().t()
+
+
+def _read_shared_expert(block: Any, known: set) -> SharedExpert:
+    shared, gate = block.shared_expert, getattr(block, "shared_expert_gate", None)
+    if gate is None or not all(hasattr(shared, name) for name in ("gate_proj", "up_proj", "down_proj")):
+        _refuse(block, "a shared expert without gate_proj/up_proj/down_proj and a shared_expert_gate",
+                "only Qwen2-MoE's shared expert is read")
+    _check_activation(block, shared.act_fn)
+    parts = {name: _linear_weight(block, f"shared_expert.{name}", getattr(shared, name))
+             for name in ("gate_proj", "up_proj", "down_proj")}
+    known.update(f"shared_expert.{name}.weight" for name in parts)
+    known.add("shared_expert_gate.weight")
+    return SharedExpert(w1=_weight(parts["gate_proj"]), w2=_weight(parts["down_proj"]), w3=_weight(parts["up_proj"]),
+                        gate=_weight(_linear_weight(block, "shared_expert_gate", gate)))
+
+
 def read_block(block: Any) -> BlockReading:
     """The contract's weights and config for one transformers sparse MoE block.
 
-    ValueError names what is unsupported (a shared expert, router or expert
-    biases, top-k other than 1 or 2, an activation other than SiLU-gated,
+    ValueError names what is unsupported (router or expert biases, top-k other than 1 or 2, an activation other than SiLU-gated,
     any parameter the layouts above do not account for); TypeError for
     bfloat16 weights (no topk_moe backend takes bfloat16).
     """
     if not isinstance(block, torch.nn.Module):
         raise TypeError(f"block: expected a transformers sparse MoE block (a torch.nn.Module), got {type(block).__name__}")
-    if hasattr(block, "shared_expert"):
-        _refuse(block, "a shared expert (shared_expert, shared_expert_gate)",
-                "the contract's layer is the routed experts alone; Qwen2-MoE adds a gated dense MLP to them")
     experts = getattr(block, "experts", None)
     if experts is None:
         raise ValueError(f"block: expected a sparse MoE block with .experts and .gate, got {_block_name(block)}")
@@ -193,12 +222,16 @@ def read_block(block: Any) -> BlockReading:
                          f"per-expert linears, got {type(experts).__name__}")
     router_weight = _router_weight(block)
     known.add("gate.weight")
+    shared_expert = _read_shared_expert(block, known) if hasattr(block, "shared_expert") else None
     unknown = sorted(name for name, _ in block.named_parameters() if name not in known)
     unknown += sorted(name for name, _ in block.named_buffers())
     if unknown:
         _refuse(block, f"parameters or buffers the layouts do not account for ({', '.join(unknown)})",
                 "converting without them would change the block's output")
-    for name, tensor in (("gate.weight", router_weight), ("expert weights", w1)):
+    checked = [("gate.weight", router_weight), ("expert weights", w1)]
+    if shared_expert is not None:
+        checked.append(("shared expert weights", shared_expert.w1))
+    for name, tensor in checked:
         if tensor.dtype == torch.bfloat16:
             raise TypeError(f"block: {_block_name(block)}'s {name} are bfloat16, which no topk_moe backend takes "
                             f"(NumPy and CuPy have no bfloat16); convert the model to float32 or float16 first")
@@ -211,4 +244,5 @@ def read_block(block: Any) -> BlockReading:
                     activation=activation, renormalize=_renormalize(block, router))
     weights = MoEWeights(router=_weight(router_weight.t()), w1=w1, w2=w2, w3=w3)
     return BlockReading(weights=weights, cfg=cfg, returns_router_logits=returns_router_logits,
-                        jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0), layout=layout)
+                        jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0), layout=layout,
+                        shared_expert=shared_expert)

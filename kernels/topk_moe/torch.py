@@ -25,12 +25,13 @@ import torch  # the real torch: absolute import, this module is topk_moe.torch
 from . import api
 from .api import capacity
 from .backends import DEFAULT_BACKEND, ENV_VARIABLE, KNOWN_BACKENDS
+from .hf import SharedExpert, read_block
 from .types import DispatchPlan, MoEConfig, MoEOutput, MoEWeights, Routing
 
 __all__ = [
     "as_array", "as_tensor",
     "init_weights", "route", "dispatch", "permute", "expert_mlp", "combine", "moe_forward", "dense_mlp",
-    "capacity", "MoELayer", "MoEConfig", "MoEWeights", "Routing", "DispatchPlan", "MoEOutput",
+    "capacity", "MoELayer", "SharedExpert", "MoEConfig", "MoEWeights", "Routing", "DispatchPlan", "MoEOutput",
 ]
 
 
@@ -100,15 +101,16 @@ def as_array(tensor: "torch.Tensor", name: str = "tensor") -> Any:
 def as_tensor(array: Any, device: Optional[Any] = None) -> "torch.Tensor":
     """A torch tensor over the same memory as ``array``, no copy.
 
-    NumPy arrays become CPU tensors (``torch.from_numpy``); CuPy arrays become
+    NumPy arrays become CPU tensors (``torch.from_numpy``; a read-only array is
+    copied, since torch has no read-only tensors); CuPy arrays become
     CUDA tensors on their own device (``torch.from_dlpack``, on torch's current
     stream). ``device``, when given, is where the caller expects the result: a
     tensor that would land elsewhere is a ValueError rather than a silent copy.
     """
     if isinstance(array, np.ndarray):
         if not array.flags.writeable:
-            # torch.from_numpy warns on read-only memory and torch has no
-            # read-only tensors; a backend result is never shared, so copy it.
+            # torch has no read-only tensors (from_numpy would warn and hand out
+            # writable memory): such an array is copied. No backend returns one.
             array = array.copy()
         tensor = torch.from_numpy(array)
     elif hasattr(array, "__dlpack__") and hasattr(array, "__cuda_array_interface__"):
@@ -344,15 +346,30 @@ class MoELayer(torch.nn.Module):
     without one would train nothing). Run it under ``torch.no_grad()`` or
     ``torch.inference_mode()`` (``generate`` does).
 
+    ``shared_expert`` (a SharedExpert of tensors, Qwen2-MoE's) adds
+    ``sigmoid(x @ gate) * dense_mlp(x, w1, w2, w3, activation="swiglu")`` to the
+    routed experts' output: the dense MLP on the backend, the gate in torch.
+
     ``MoELayer.from_hf(block)`` replaces a transformers sparse MoE block.
     """
 
     def __init__(self, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str] = None,
-                 returns_router_logits: bool = False, jitter_noise: float = 0.0):
+                 shared_expert: Optional[SharedExpert] = None, returns_router_logits: bool = False,
+                 jitter_noise: float = 0.0):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg: expected a topk_moe.MoEConfig, got {type(cfg).__name__}")
-        _checked_device(_weights_as_arrays(weights))
+        tensors = _weights_as_arrays(weights)
+        if shared_expert is not None:
+            if not isinstance(shared_expert, SharedExpert):
+                raise TypeError(f"shared_expert: expected None or a topk_moe.torch.SharedExpert, "
+                                f"got {type(shared_expert).__name__}")
+            tensors.update({f"shared_expert.{name}": getattr(shared_expert, name)
+                            for name in ("w1", "w2", "w3", "gate")})
+            if shared_expert.gate.shape != (cfg.d_model, 1):
+                raise ValueError(f"shared_expert.gate: expected shape (D, 1) = ({cfg.d_model}, 1), "
+                                 f"got {tuple(shared_expert.gate.shape)}")
+        _checked_device(tensors)
         if backend is not None and backend not in KNOWN_BACKENDS:
             raise ValueError(f"backend: expected None or one of {KNOWN_BACKENDS}, got {backend!r}")
         self.cfg = cfg
@@ -362,6 +379,9 @@ class MoELayer(torch.nn.Module):
         for name in ("router", "w1", "w2", "w3"):
             tensor = getattr(weights, name)
             self.register_buffer(name, None if tensor is None else tensor.detach())
+        for name in ("w1", "w2", "w3", "gate"):
+            tensor = None if shared_expert is None else getattr(shared_expert, name)
+            self.register_buffer(f"shared_{name}", None if tensor is None else tensor.detach())
 
     @classmethod
     def from_hf(cls, block: "torch.nn.Module", backend: Optional[str] = None) -> "MoELayer":
@@ -376,16 +396,14 @@ class MoELayer(torch.nn.Module):
         (``norm_topk_prob``; Mixtral always renormalises). The weights are
         copied once, into the contract's layout, on the block's device.
 
-        Unsupported, with an error naming it: Qwen2-MoE's shared expert, top-k
-        other than 1 or 2, activations other than SiLU-gated, biases, bfloat16
+        Qwen2-MoE's shared expert is kept (see ``shared_expert``).
+        Unsupported, with an error naming it: top-k other than 1 or 2, activations other than SiLU-gated, biases, bfloat16
         weights, router jitter (raised by forward in training mode, where
         Mixtral applies it). Router logits are not recorded by transformers'
         ``output_router_logits`` hooks, which watch the replaced router module.
         """
-        from .hf import read_block  # noqa: PLC0415 - transformers layouts, read only here
-
         reading = read_block(block)
-        layer = cls(reading.weights, reading.cfg, backend=backend,
+        layer = cls(reading.weights, reading.cfg, backend=backend, shared_expert=reading.shared_expert,
                     returns_router_logits=reading.returns_router_logits, jitter_noise=reading.jitter_noise)
         layer.train(block.training)
         return layer
@@ -414,6 +432,10 @@ class MoELayer(torch.nn.Module):
             raise ValueError(f"hidden_states: expected shape (..., D) with D = {self.cfg.d_model}, got {tuple(shape)}")
         x = hidden_states.reshape(-1, self.cfg.d_model)
         y = moe_forward(x, self.weights, self.cfg, backend=self.backend).y
+        if self.shared_w1 is not None:  # Qwen2-MoE: routed experts + sigmoid(x @ gate) * shared expert
+            shared = dense_mlp(x, self.shared_w1, self.shared_w2, self.shared_w3, activation="swiglu",
+                               backend=self.backend)
+            y = y + torch.sigmoid(x @ self.shared_gate.to(x.dtype)).to(y.dtype) * shared
         if y.dtype != hidden_states.dtype:  # the reference backend computes and returns float64
             y = y.to(hidden_states.dtype)
         y = y.reshape(shape)
