@@ -276,7 +276,7 @@ def test_prediction_without_model_records_says_how_to_make_them(tmp_path):
 def test_effects_frame_from_the_committed_traffic_counts():
     effects = gpu_performance.effects_frame(gpu_performance.prediction_data())
     assert set(effects["device"]) == {"A100 SXM", "H100 SXM"}
-    v2 = effects[effects["inefficiency"].str.startswith("v2")].set_index("device")["stage slower by (%)"]
+    v2 = effects[effects["inefficiency"].str.startswith("v2")].set_index("device")["stage slower by, at most (%)"]
     assert v2.to_dict() == pytest.approx({"A100 SXM": 100 * 96 / 4096, "H100 SXM": 100 * 96 / 2048})
 
 

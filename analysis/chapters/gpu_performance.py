@@ -103,6 +103,10 @@ PREDICTED = gpu_model.LABEL
 SHOWN_TOKENS = (1, 256, 8192)
 ROOFLINE_TOKENS = (1, 64, 4096, 32768)
 #: The prediction's stages as the sweep times them (the expert GEMMs are one call).
+#: Stage -> the name the per-stage chart colours it by: a dense GEMM shares its expert GEMM's colour.
+STAGE_PARTS = {"router": "router", "dispatch": "dispatch", "permute": "permute", "expert_gemm1": "GEMM 1",
+               "dense_gemm1": "GEMM 1", "dense_activation": "activation (dense)", "expert_gemm2": "GEMM 2",
+               "dense_gemm2": "GEMM 2", "combine": "combine"}
 MEASURED_STAGES = {"router": ("router",), "dispatch": ("dispatch",), "permute": ("permute",),
                    "expert_mlp": ("expert_gemm1", "expert_gemm2"), "combine": ("combine",)}
 
@@ -177,14 +181,21 @@ def waves_frame(prediction: Prediction, preset: str = "mixtral", tokens=SHOWN_TO
     frame["case"] = [f"k = {k}" if k else f"dense, width {d}" for k, d in zip(frame["k"], frame["d_ff"])]
     frame["device_model"] = frame["device_model"].str.replace(" SXM", "")
     frame["last wave (%)"] = 100 * frame["last_wave_fill"]
-    wide = frame.pivot_table(index=["case", "tokens", "stage", "kernel", "working_blocks"], columns="device_model",
-                             values=["blocks_per_sm", "waves", "last wave (%)"], aggfunc="first", sort=False)
-    wide.columns = [f"{device} {name.replace('_', ' ')}" for name, device in wide.columns]
-    wide = wide.reset_index().rename(columns={"tokens": "T", "working_blocks": "blocks"})
-    order = [c for device in ("A100", "H100") for c in (f"{device} blocks per sm", f"{device} waves",
-                                                        f"{device} last wave (%)")]
-    return wide[["case", "T", "stage", "kernel", "blocks", *order]].rename(
-        columns={c: c.replace("blocks per sm", "blocks/SM") for c in order})
+    # Grid-stride kernels launch at most 32 blocks per SM: their grids differ between the devices.
+    wide = frame.pivot_table(index=["case", "tokens", "stage", "kernel"], columns="device_model",
+                             values=["working_blocks", "blocks_per_sm", "waves", "last wave (%)"], aggfunc="first",
+                             sort=False)
+    wide.columns = [f"{device} {name}" for name, device in wide.columns]
+    for column in wide.columns:
+        if not column.endswith("(%)"):
+            wide[column] = wide[column].astype("Int64")
+    names = {"working_blocks": "blocks", "blocks_per_sm": "blocks/SM", "waves": "waves",
+             "last wave (%)": "last wave (%)"}
+    order = [f"{device} {name}" for device in ("A100", "H100") for name in names]
+    wide = wide.reset_index().rename(columns={"tokens": "T"})
+    return wide[["case", "T", "stage", "kernel", *order]].rename(
+        columns={f"{device} {name}": f"{device} {label}" for device in ("A100", "H100")
+                 for name, label in names.items()})
 
 
 def floors_frame(prediction: Prediction, preset: str = "mixtral") -> pd.DataFrame:
@@ -219,7 +230,6 @@ def layer_floor_chart(frame: pd.DataFrame, preset: str = "mixtral") -> alt.TopLe
         x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2), title="tokens T"),
         y=alt.Y("floor_us:Q", scale=alt.Scale(type="log"), title="floor per layer (µs)"),
         color=alt.Color("series:N", title=None, scale=charts.palette(sorted(layer["series"].unique()))),
-        strokeDash=alt.StrokeDash("routing:N", title="routing"),
         tooltip=["series", "tokens", "floor_us", "bound"],
         column=alt.Column("device_model:N", title=None),
     ).properties(width=260, height=220, title=f"{preset}: time floor per layer, {PREDICTED}")
@@ -232,10 +242,11 @@ def stage_floor_chart(frame: pd.DataFrame, preset: str = "mixtral") -> alt.TopLe
     stages = frame[(frame["stage"] != "layer") & (frame["routing"] != "study")
                    & ((frame["k"] > 0) | (frame["d_ff"] == frame["d_ff"].min()))].copy()
     stages["case"] = [f"k = {k}" if k else f"dense, width {d}" for k, d in zip(stages["k"], stages["d_ff"])]
+    stages["part"] = stages["stage"].map(STAGE_PARTS).fillna(stages["stage"])
     return alt.Chart(stages).mark_line(point=True).encode(
         x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2), title="tokens T"),
         y=alt.Y("floor_us:Q", scale=alt.Scale(type="log"), title="floor (µs)"),
-        color=alt.Color("stage:N", title=None, scale=charts.palette(sorted(stages["stage"].unique()))),
+        color=alt.Color("part:N", title=None, scale=charts.palette(list(dict.fromkeys(STAGE_PARTS.values())))),
         tooltip=["stage", "tokens", "floor_us", "bound", "version"],
         column=alt.Column("case:N", title=None), row=alt.Row("device_model:N", title=None),
     ).properties(width=170, height=150, title=f"{preset}: time floor per stage, {PREDICTED}")
@@ -302,30 +313,51 @@ def effects_frame(prediction: Prediction) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    frame["at"] = [("all shapes" if preset == "any" else f"{preset}, k = {k}, T = {t}")
+    frame["at"] = [("all shapes" if preset == "any" else f"{preset}, k = {int(k)}, T = {int(t)}")
                    for preset, k, t in zip(frame["preset"], frame["k"], frame["tokens"])]
-    worst = frame.loc[frame.groupby(["inefficiency", "device_model"], sort=False)["stage_change"].idxmax()]
-    worst = worst.assign(**{"stage slower by (%)": 100 * worst["stage_change"],
-                            "layer slower by (%)": 100 * worst["layer_change"].astype(float)})
-    return worst[["inefficiency", "device_model", "stage", "at", "stage slower by (%)", "layer slower by (%)"]] \
-        .rename(columns={"device_model": "device"})
+    rows = []
+    for (name, device), group in frame.groupby(["inefficiency", "device_model"], sort=False):
+        stage = group.loc[group["stage_change"].idxmax()]
+        layer = group.dropna(subset=["layer_change"])
+        layer = layer.loc[layer["layer_change"].idxmax()] if not layer.empty else None
+        rows.append({"inefficiency": name, "device": device, "stage": stage["stage"],
+                     "stage slower by, at most (%)": 100 * stage["stage_change"], "where (stage)": stage["at"],
+                     "layer slower by, at most (%)": None if layer is None else 100 * layer["layer_change"],
+                     "where (layer)": "–" if layer is None else layer["at"]})
+    return pd.DataFrame(rows)
 
 
 def layer_change_numbers(frame: pd.DataFrame, device_model: str = "H100 SXM") -> dict:
     """The layer's floor for k = 1, k = 2 and the dense MLP at equal active FLOPs
-    at decode (T = 1) and at T = 8192 (uniform routing), and k = 2 over k = 1."""
+    with k = 1 (width F) at decode (T = 1) and at T = 8192 (uniform routing),
+    k = 2 over k = 1, and the expert GEMMs' touched experts and FLOPs behind it."""
     if frame.empty:
         return {}
-    layer = frame[(frame["stage"] == "layer") & (frame["device_model"] == device_model)
-                  & (frame["routing"] != "study")]
+    rows = frame[(frame["device_model"] == device_model) & (frame["routing"] != "study")]
+    width = rows.loc[rows["k"] > 0, "d_ff"].iloc[0]
     out = {}
     for T in (1, 8192):
-        at = layer[layer["tokens"] == T].set_index("series")
-        k1, k2 = at.loc["MoE k = 1", "floor_us"], at.loc["MoE k = 2", "floor_us"]
-        dense_f = at.loc[f"dense, width {frame['d_ff'][frame['k'] > 0].iloc[0]}", "floor_us"]
-        out[T] = {"k1_us": float(k1), "k2_us": float(k2), "ratio": float(k2 / k1), "dense_us": float(dense_f),
-                  "k1_bound": at.loc["MoE k = 1", "bound"], "k2_bound": at.loc["MoE k = 2", "bound"]}
+        at = rows[rows["tokens"] == T]
+        layer = at[at["stage"] == "layer"].set_index("series")
+        gemm = at[at["stage"] == "expert_gemm1"].set_index("k")
+        k1, k2 = layer.loc["MoE k = 1"], layer.loc["MoE k = 2"]
+        out[T] = {"k1_us": float(k1["floor_us"]), "k2_us": float(k2["floor_us"]),
+                  "ratio": float(k2["floor_us"] / k1["floor_us"]),
+                  "dense_us": float(layer.loc[f"dense, width {width}", "floor_us"]),
+                  "k1_bound": k1["bound"], "k2_bound": k2["bound"],
+                  "k1_touched": float(gemm.loc[1, "touched_experts"]),
+                  "k2_touched": float(gemm.loc[2, "touched_experts"]),
+                  "flops_ratio": float(k2["flops"] / k1["flops"])}
     return out
+
+
+def _why(numbers: dict) -> str:
+    if numbers["k2_bound"] == "memory":
+        return (f"memory-bound: the weights of {numbers['k2_touched']:.2f} experts are read instead of "
+                f"{numbers['k1_touched']:.2f}")
+    if numbers["k2_bound"] == "compute":
+        return f"compute-bound: {numbers['flops_ratio']:.2f} times the FLOPs"
+    return "launch-bound"
 
 
 def k_change_sentence(frame: pd.DataFrame, preset: str = "mixtral", device_model: str = "H100 SXM") -> str:
@@ -336,9 +368,8 @@ def k_change_sentence(frame: pd.DataFrame, preset: str = "mixtral", device_model
     one, big = numbers[1], numbers[8192]
     return (f"On the {device_model} ({preset} shape, float16, uniform routing), {PREDICTED}: going from k = 1 "
             f"to k = 2 takes the layer's floor from {one['k1_us']:.0f} µs to {one['k2_us']:.0f} µs at T = 1 "
-            f"(×{one['ratio']:.2f}, {one['k2_bound']}-bound: twice the expert weights are read) and from "
-            f"{big['k1_us']:.0f} µs to {big['k2_us']:.0f} µs at T = 8192 (×{big['ratio']:.2f}, "
-            f"{big['k2_bound']}-bound: twice the expert FLOPs).")
+            f"(×{one['ratio']:.2f}, {_why(one)}) and from {big['k1_us']:.0f} µs to {big['k2_us']:.0f} µs at "
+            f"T = 8192 (×{big['ratio']:.2f}, {_why(big)}).")
 
 
 # ---------------------------------------------------------------- prediction beside measurement
