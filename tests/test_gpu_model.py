@@ -214,3 +214,14 @@ def test_study_routing_averages_each_seed_and_layer():
     found = gpu_model.predictions({}, study, tokens=(3,), shapes=shape)
     routed = [r for r in found if r["k"] == 2 and r["params"]["routing"] == "study"]
     assert routed and all(math.isclose(r["params"]["touched_experts"], 2.75) for r in routed)
+
+
+@pytest.mark.slow
+def test_study_shares_come_from_the_trained_checkpoints():
+    pytest.importorskip("torch", reason="the checkpoints need the torch extra")
+    found = gpu_model.study_shares(max_bytes=1024)
+    assert sorted(found) == [1, 2]
+    for k, vectors in found.items():
+        assert len(vectors) >= 3  # every seed's every MoE layer
+        for vector in vectors:
+            assert len(vector["shares"]) == 8 and sum(vector["shares"]) == pytest.approx(k)
