@@ -95,3 +95,27 @@ def test_capture_keeps_alive_what_it_made_and_not_the_weights(monkeypatch, activ
     expert_mlp.grouped_mlp(rows, offsets, copies, w2[:, ::2, :], None if w3 is None else w3[:, :, ::2], activation,
                            device=captured, version="v1")
     assert sum(tuple(a.shape) == tuple(copies.shape) for a in keepalive) >= 1, "the copy of w1 must be kept"
+
+
+def test_moe_forward_hands_the_cuda_launcher_T_as_the_row_bound(monkeypatch):
+    """The bound reaches the launcher from the public layer: under a capture the
+    decode batch above runs decode kernels, as it does eagerly."""
+    import topk_moe
+    from topk_moe.cuda.emulator import backend as emulated_backend
+
+    bounds = []
+    real = emulated_backend.expert_mlp
+
+    def spy(*args, max_expert_rows=None, **kwargs):
+        bounds.append(max_expert_rows)
+        return real(*args, max_expert_rows=max_expert_rows, **kwargs)
+
+    monkeypatch.setattr(emulated_backend, "expert_mlp", spy)
+    cfg = topk_moe.MoEConfig(d_model=32, d_ff=32, n_experts=8, top_k=2, activation="relu")
+    weights = topk_moe.init_weights(cfg, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    topk_moe.moe_forward(x, weights, cfg, backend="cuda-emulated")
+    assert bounds == [4]
+    bounds.clear()
+    topk_moe.moe_forward(x, weights, cfg, backend="cpu")  # the host backends take no bound
+    assert bounds == []

@@ -225,6 +225,27 @@ def test_cuda_graphs_are_captured_once_per_set_then_replayed(fake_cupy):
     assert log[-1] == "exit stream"
 
 
+def test_a_graph_holds_the_scratch_its_launches_keep_and_the_process_does_not(fake_cupy):
+    """Launches under capture hand their scratch to topk_moe.cuda.device.keep_for_graph;
+    the capturer takes it right after each capture and holds it with that graph's
+    output, so nothing stays in the process-wide list (it held every captured
+    layer's arrays for the life of the process)."""
+    from topk_moe.cuda import device
+
+    stream = fake_cupy.cuda.Stream()
+
+    def call(index):
+        fake_cupy.last_call = index
+        if stream.is_capturing():
+            device.keep_for_graph([f"scratch {index}", None])
+        return f"out {index}"
+
+    graphs, outputs = timing._capture_graphs(fake_cupy, stream, call, [(0,), (1,)])
+    assert [graph.call for graph in graphs] == [0, 1]
+    assert outputs == [("out 0", ["scratch 0"]), ("out 1", ["scratch 1"])]
+    assert device.GRAPH_KEEPALIVE == []
+
+
 def test_a_call_that_cannot_be_captured_raises_graph_capture_error(fake_cupy):
     calls = []
 

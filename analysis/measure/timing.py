@@ -229,8 +229,12 @@ def _with_l2_flush(cupy, setup, flush_bytes: int):
 
 def _capture_graphs(cupy, stream, fn: Callable, argument_sets: list) -> tuple:
     """(graphs, outputs): one CUDA graph per argument set, each capturing one
-    call of ``fn``, and what each captured call returned, kept alive so that
-    no graph writes into memory the allocator has handed to something else."""
+    call of ``fn``, and for each what the captured call returned together with
+    the scratch arrays its launches write (topk_moe.cuda.device's keepalive),
+    both kept alive with the graphs so that no replay writes into memory the
+    allocator has handed to something else; they are freed with the graphs."""
+    from topk_moe.cuda.device import take_graph_keepalive  # noqa: PLC0415 - with CuPy only
+
     graphs, outputs = [], []
     for arguments in argument_sets:
         fn(*arguments)  # compiles, and leaves pool blocks for this stream to reuse
@@ -240,13 +244,16 @@ def _capture_graphs(cupy, stream, fn: Callable, argument_sets: list) -> tuple:
             outputs.append(fn(*arguments))
         except Exception as error:
             _abandon_capture(stream)
+            take_graph_keepalive()  # no graph will replay them
             raise GraphCaptureError(f"could not capture {getattr(fn, '__name__', fn)!r}: "
                                     f"{type(error).__name__}: {error}") from error
         try:
             graphs.append(stream.end_capture())
         except Exception as error:  # the capture was invalidated by a call inside fn
+            take_graph_keepalive()  # no graph will replay them
             raise GraphCaptureError(f"capture of {getattr(fn, '__name__', fn)!r} failed: "
                                     f"{type(error).__name__}: {error}") from error
+        outputs[-1] = (outputs[-1], take_graph_keepalive())
     stream.synchronize()
     return graphs, outputs
 

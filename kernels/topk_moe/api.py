@@ -231,7 +231,12 @@ def moe_forward(x, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str
     routing = _route(impl, x, router, cfg.top_k, cfg.renormalize, check_finite, on_device)
     plan = impl.dispatch(routing.experts, cfg.n_experts, expert_capacity)
     rows = impl.permute(x, plan)
-    expert_out = impl.expert_mlp(rows, plan.offsets, w1, w2, w3, cfg.activation)
+    if getattr(impl, "chooses_kernels_by_rows", False):
+        # Top-k picks k different experts, so no expert gets more than T rows: the
+        # bound the CUDA launcher needs under graph capture, where it cannot read counts.
+        expert_out = impl.expert_mlp(rows, plan.offsets, w1, w2, w3, cfg.activation, max_expert_rows=T)
+    else:
+        expert_out = impl.expert_mlp(rows, plan.offsets, w1, w2, w3, cfg.activation)
     y = impl.combine(expert_out, routing.weights, plan.row)
     return MoEOutput(y=y, routing=routing, plan=plan)
 

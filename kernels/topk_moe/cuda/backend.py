@@ -15,7 +15,8 @@ own check for this backend (``checks_finite_on_device``). With
 ``check_finite=False`` and a dropless plan, ``moe_forward`` waits for the
 device once, to read the largest expert's row count for the expert-MLP
 version (``expert_mlp.choose_version``); under CUDA graph capture it waits
-never (the version is then chosen from N alone), so it can be captured.
+never (the version is then chosen from min(N, T), T being a bound of any
+expert's rows), so it can be captured.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ float_dtypes = (np.dtype(np.float32), np.dtype(np.float16))
 #: ``route`` checks x and router for NaN and infinity on the device (and takes
 #: ``check_finite``); ``topk_moe.api`` leaves that check to it.
 checks_finite_on_device = True
+
+#: ``expert_mlp`` picks its kernel version by the busiest expert's rows and takes
+#: ``max_expert_rows``, their bound (``moe_forward`` passes T), for graph capture.
+chooses_kernels_by_rows = True
 
 _stages = Stages(cupy_device())
 to_compute = _stages.to_compute

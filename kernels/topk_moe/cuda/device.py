@@ -24,8 +24,25 @@ import numpy
 
 
 #: Arrays that launches captured into a CUDA graph write to but no result holds
-#: (topk_moe.cuda.stages, expert_mlp): kept alive while the graph may replay.
+#: (topk_moe.cuda.stages, expert_mlp), gathered during a capture until the
+#: capturer takes them (take_graph_keepalive) to hold beside its graph.
 GRAPH_KEEPALIVE: list = []
+
+
+def keep_for_graph(arrays) -> None:
+    """Add the arrays (None skipped) that the capture in progress must keep alive."""
+    GRAPH_KEEPALIVE.extend(a for a in arrays if a is not None)
+
+
+def take_graph_keepalive() -> list:
+    """The arrays gathered since the last call, and an empty list for the next
+    capture. Whoever captures a graph calls this right after ending the capture
+    and keeps the list as long as the graph may replay (analysis.measure.timing
+    keeps it with the graph's outputs), so the arrays die with the graph rather
+    than living for the rest of the process."""
+    taken = GRAPH_KEEPALIVE[:]
+    GRAPH_KEEPALIVE.clear()
+    return taken
 
 
 @dataclasses.dataclass(frozen=True)

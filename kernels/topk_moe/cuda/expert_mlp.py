@@ -191,9 +191,9 @@ def grouped_mlp(rows, offsets, w1, w2, w3, activation: str, *, version=None, dev
         # here: keep them alive (see topk_moe.cuda.stages). Only what this call
         # made: the caller's own arrays (the weights above all; w3 is w1 for
         # relu and gelu) stay the caller's to hold, not the process's.
-        from .device import GRAPH_KEEPALIVE  # noqa: PLC0415
+        from .device import keep_for_graph  # noqa: PLC0415
 
-        GRAPH_KEEPALIVE.extend(made_here([hidden, tile_starts, rows, offsets, w1, w2, w3], given))
+        keep_for_graph(made_here([hidden, tile_starts, rows, offsets, w1, w2, w3], given))
     return out
 
 

@@ -18,9 +18,13 @@ synchronisation) and raises ValueError, unless ``check_finite=False``.
 
 CUDA graphs: arrays a captured launch writes to but the result does not hold
 (the non-finite flag, dispatch scratch, hidden activations, tile starts) are
-appended to ``device.GRAPH_KEEPALIVE`` while a capture is in progress, so their
-memory stays valid for every replay of the graph (for the life of the process:
-CuPy gives no hook for a graph's release).
+gathered by ``device.keep_for_graph`` while a capture is in progress; the
+capturer takes them with ``device.take_graph_keepalive()`` after ending the
+capture and holds them with the graph, so their memory stays valid for every
+replay and is freed with the graph (CuPy gives no hook for a graph's release).
+Under capture the busiest expert's rows cannot be read back, so ``moe_forward``
+passes T as their bound (``expert_mlp(..., max_expert_rows=T)``): the graph
+then runs the kernel version an eager call would.
 
 Limits of this version: the router takes E <= 1024 (E logits per token live
 in registers), dispatch E <= 12288 (a counter per expert per warp in shared
@@ -35,7 +39,8 @@ import numpy as np
 
 from ..types import DispatchPlan, Routing
 from . import launch_config as config
-from .device import GRAPH_KEEPALIVE, Device
+from . import device as device_module
+from .device import Device
 
 _FLOAT16 = np.dtype(np.float16)
 NONFINITE_MESSAGE = (
@@ -52,7 +57,7 @@ class Stages:
     def keep_for_graph(self, *arrays) -> None:
         """Keep arrays a captured graph writes alive for as long as it may replay."""
         if self.device.capturing():
-            GRAPH_KEEPALIVE.extend(a for a in arrays if a is not None)
+            device_module.keep_for_graph(arrays)
 
     # -- the backend interface ----------------------------------------------
 
@@ -198,11 +203,14 @@ class Stages:
         )
         return rows
 
-    def expert_mlp(self, rows, offsets, w1, w2, w3, activation: str):
-        """Every expert on its rows offsets[e]:offsets[e+1] (expert_mlp.cu, grouped GEMMs)."""
+    def expert_mlp(self, rows, offsets, w1, w2, w3, activation: str, *, max_expert_rows=None):
+        """Every expert on its rows offsets[e]:offsets[e+1] (expert_mlp.cu, grouped GEMMs).
+        max_expert_rows: a bound of any expert's rows that the caller knows (a layer's T),
+        which chooses the kernel version under graph capture (see grouped_mlp)."""
         from .expert_mlp import grouped_mlp  # noqa: PLC0415 - its own module, loaded when first used
 
-        return grouped_mlp(rows, self._index_array(offsets), w1, w2, w3, activation, device=self.device)
+        return grouped_mlp(rows, self._index_array(offsets), w1, w2, w3, activation, device=self.device,
+                           max_expert_rows=max_expert_rows)
 
     def _combine_kernel(self, dtype: np.dtype, vector: bool):
         if dtype == _FLOAT16:

@@ -20,6 +20,10 @@ name = "cuda-emulated"
 float_dtypes = (np.dtype(np.float32), np.dtype(np.float16))
 checks_finite_on_device = True
 
+#: ``expert_mlp`` picks its kernel version by the busiest expert's rows and takes
+#: ``max_expert_rows``, their bound (``moe_forward`` passes T), for graph capture.
+chooses_kernels_by_rows = True
+
 _stages = Stages(emulated_device())
 to_compute = _stages.to_compute
 to_index = _stages.to_index
