@@ -107,6 +107,29 @@ def test_budget_stops_new_cells_and_says_so(tmp_path):
     assert len(summary) == 1 and len(summary[0]["skipped"]) == len(result.skipped)
 
 
+def test_nsight_starts_only_with_its_limit_left_and_after_the_ceilings_are_written(tmp_path, monkeypatch):
+    """The Nsight block runs before the first budget check and may take its whole
+    limit: with less of the budget left it is not started (and says so), and the
+    ceilings measured before it are already on disk either way."""
+    started = []
+
+    def fake_utilisation(plan, device, run):
+        started.append(sorted(p.name for p in tmp_path.rglob("sweep.jsonl")))
+        return []
+
+    monkeypatch.setattr(sweep, "measure_utilisation", fake_utilisation)
+    one = dataclasses.replace(sweep_plan.with_overrides(TINY, tokens=(2,), top_ks=(1,), skews=("uniform",)),
+                              utilisation=("tiny", 16, "float32"))
+    one = dataclasses.replace(one, blocks=one.blocks[:1])
+    sweep.run_sweep(dataclasses.replace(one, budget_s=sweep.UTILISATION_LIMIT_S + 60), progress=False,
+                    results_dir=tmp_path, echo=lambda message: None)
+    assert started == [["sweep.jsonl"]]  # started, with the ceilings already written
+    result = sweep.run_sweep(dataclasses.replace(one, budget_s=sweep.UTILISATION_LIMIT_S - 1), progress=False,
+                             results_dir=tmp_path, echo=lambda message: None)
+    assert len(started) == 1
+    assert any(p["what"] == "utilisation" and "not measured" in p["error"] for p in result.problems)
+
+
 def test_records_are_copied_to_out(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()

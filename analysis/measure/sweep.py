@@ -117,6 +117,11 @@ class _Run:
         return self.plan.budget_s is not None and time.perf_counter() - self.started > self.plan.budget_s
 
 
+#: The longest the Nsight Compute block may take (profile_kernels' limit); the
+#: sweep starts it only with at least this much of its time budget left.
+UTILISATION_LIMIT_S = 150.0
+
+
 def run_sweep(plan: sweep_plan.Plan, *, progress: bool = True, write: bool = True, results_dir=None,
               echo=print) -> SweepResult:
     """Measure everything ``plan`` asks for; records are written after each layer
@@ -128,13 +133,20 @@ def run_sweep(plan: sweep_plan.Plan, *, progress: bool = True, write: bool = Tru
     ceilings, ceiling_records = sweep_cells.measure_ceilings(device, dtypes, copy_bytes=plan.ceiling_copy_bytes,
                                                              gemm_n=plan.ceiling_gemm_n)
     run.add(ceiling_records)
+    run.flush()  # on disk before the Nsight block, which may run up to its own limit
     echo(f"[sweep] ceilings: copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s; GEMM " +
          ", ".join(f"{dtype} {rate / 1e9:.4g} GFLOP/s" for dtype, rate in ceilings.gemm_flop_per_s.items()))
 
     if plan.utilisation is not None:  # first: the cells after it stop at the time budget, it cannot
-        device.free()
-        run.add(measure_utilisation(plan, device, run))
-        run.flush()
+        left_s = None if plan.budget_s is None else plan.budget_s - (time.perf_counter() - run.started)
+        if left_s is not None and left_s < UTILISATION_LIMIT_S:
+            run.report("utilisation", RuntimeError(
+                f"not measured: {max(left_s, 0):.0f} s of the {plan.budget_s:.0f} s budget left, "
+                f"and Nsight Compute may take {UTILISATION_LIMIT_S:.0f} s"))
+        else:
+            device.free()
+            run.add(measure_utilisation(plan, device, run))
+            run.flush()
 
     todo = sweep_plan.cells(plan)
     layer = None
@@ -196,7 +208,7 @@ def measure_utilisation(plan: sweep_plan.Plan, device, run: _Run) -> list:
     top_ks = (1, 2)
     params = lambda k: {"preset": preset, "tokens": T, "top_k": k, "dtype": dtype, "skew": "uniform",  # noqa: E731
                         **dataclasses.asdict(sweep_plan.PRESETS[preset])}
-    rows = utilisation.profile_kernels(preset, T, top_ks, dtype, timeout_s=150.0)
+    rows = utilisation.profile_kernels(preset, T, top_ks, dtype, timeout_s=UTILISATION_LIMIT_S)
     found = []
     for row in rows:
         k = row.pop("top_k", None)
