@@ -1,7 +1,7 @@
 """What the PyTorch entry adds to a call: topk_moe.torch against the NumPy call, on the CPU.
 
     python -m analysis.measure.torch_overhead [--preset cpu] [--tokens 1 4096] [--top-k 2]
-                                              [--rounds 15] [--results-dir DIR]
+                                              [--rounds 21] [--results-dir DIR]
 
 Three ways to run the same layer on the same memory (the tensors are views of
 the NumPy arrays, so each call reads the very same bytes):
@@ -13,13 +13,15 @@ the NumPy arrays, so each call reads the very same bytes):
   on (1, T, D) hidden states (the module call, the reshape and the above).
 
 The calls alternate in rounds within one process: each round times the
-NumPy call, then each torch entry (``analysis.measure.timing.time_function``,
-``repeats`` calls each), so a burst of load from elsewhere on the machine
-hits the neighbours it is compared with. The overhead of an entry is, per
-round, its median minus the NumPy median of that round; a record gives the
-median over the rounds and their 20th and 80th percentiles. Each record's
-params say whether the machine was shared (load average at the start),
-since these numbers are a few microseconds and noise of that size is common.
+NumPy call and each torch entry, in reverse order every other round
+(``analysis.measure.timing.time_function``, ``repeats`` calls each: many for
+a small T, one for a large one), so a burst of load from elsewhere on the
+machine hits the neighbours it is compared with. The overhead of an entry
+is, per round, its median minus the NumPy median of that round; a record
+gives the median over the rounds and their 20th and 80th percentiles. Each
+record's params say whether the machine was shared (load average at the
+start): the overhead is microseconds, and at a large T the noise of a shared
+machine is far larger than that.
 Writes ``torch-overhead`` records (analysis.records.write_records).
 """
 
@@ -77,10 +79,16 @@ def measure(shape, tokens: int, top_k: int, *, rounds: int, repeats: int) -> dic
     if rounds < 1 or repeats < 1:
         raise ValueError(f"rounds, repeats: expected at least 1 each, got {rounds} and {repeats}")
     calls = _calls(shape, tokens, top_k)
+    for call in calls.values():  # warm-up once (first touch, BLAS threads), not in every round
+        call()
+        call()
     medians = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            medians[name].append(time_function(call, warmup=2, repeats=repeats).median_s)
+    names = list(calls)
+    for round_index in range(rounds):
+        # Every other round runs the calls in reverse, so that being first (or
+        # following a particular neighbour) favours none of them.
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            medians[name].append(time_function(calls[name], warmup=0, repeats=repeats).median_s)
     return medians
 
 
@@ -104,12 +112,13 @@ def to_records(medians: dict, params: dict) -> list:
     return found
 
 
-def run(preset: str = "cpu", tokens: Sequence[int] = (1, 4096), top_k: int = 2, *, rounds: int = 15,
+def run(preset: str = "cpu", tokens: Sequence[int] = (1, 4096), top_k: int = 2, *, rounds: int = 21,
         repeats: Optional[int] = None, results_dir=None, echo=print) -> list:
     """Measure each token count and write its ``torch-overhead`` records; return them.
 
-    ``repeats`` (calls per timing) defaults to 200 for T <= 16 and 10 above,
-    which keeps each round near a second on two cores.
+    ``repeats`` (calls per timing) defaults to 200 for T <= 16 and to 1
+    above: a large T's calls are then paired one to one, the NumPy call and
+    each torch entry back to back, which is as close as noise lets them be.
     """
     from analysis import records as record_io  # noqa: PLC0415
     from analysis.measure.sweep_plan import PRESETS  # noqa: PLC0415
@@ -122,7 +131,7 @@ def run(preset: str = "cpu", tokens: Sequence[int] = (1, 4096), top_k: int = 2, 
     cores = os.cpu_count()
     found = []
     for T in tokens:
-        calls_per_timing = repeats if repeats is not None else (200 if T <= 16 else 10)
+        calls_per_timing = repeats if repeats is not None else (200 if T <= 16 else 1)
         medians = measure(shape, T, top_k, rounds=rounds, repeats=calls_per_timing)
         params = {
             "preset": preset, "tokens": T, "top_k": top_k, "d_model": shape.d_model, "d_ff": shape.d_ff,
@@ -151,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--preset", default="cpu", help="layer shape (analysis.measure.sweep_plan.PRESETS)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4096])
     parser.add_argument("--top-k", type=int, default=2, choices=(1, 2))
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--repeats", type=int, default=None, help="calls per timing (default: by T)")
     parser.add_argument("--results-dir", default=None, help="where records go (default: results/)")
     args = parser.parse_args(argv)

@@ -80,7 +80,7 @@ def _check_activation(block: Any, act_fn: Any) -> str:
 
 def _weight(tensor: Any) -> torch.Tensor:
     """A detached, contiguous copy in the contract's layout: made once, at conversion."""
-    return tensor.detach().contiguous().clone()
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _router_weight(block: Any) -> torch.Tensor:
