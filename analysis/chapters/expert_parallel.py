@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import altair as alt
 import pandas as pd
