@@ -1,7 +1,7 @@
 """What the PyTorch entry adds to a call: topk_moe.torch against the NumPy call, on the CPU.
 
     python -m analysis.measure.torch_overhead [--preset cpu] [--tokens 1 4096] [--top-k 2]
-                                              [--rounds 21] [--results-dir DIR]
+                                              [--rounds 61] [--results-dir DIR]
 
 Three ways to run the same layer on the same memory (the tensors are views of
 the NumPy arrays, so each call reads the very same bytes):
@@ -112,11 +112,11 @@ def to_records(medians: dict, params: dict) -> list:
     return found
 
 
-def run(preset: str = "cpu", tokens: Sequence[int] = (1, 4096), top_k: int = 2, *, rounds: int = 21,
+def run(preset: str = "cpu", tokens: Sequence[int] = (1, 4096), top_k: int = 2, *, rounds: int = 61,
         repeats: Optional[int] = None, results_dir=None, echo=print) -> list:
     """Measure each token count and write its ``torch-overhead`` records; return them.
 
-    ``repeats`` (calls per timing) defaults to 200 for T <= 16 and to 1
+    ``repeats`` (calls per timing) defaults to 20 for T <= 16 and to 1
     above: a large T's calls are then paired one to one, the NumPy call and
     each torch entry back to back, which is as close as noise lets them be.
     """
@@ -131,7 +131,7 @@ def run(preset: str = "cpu", tokens: Sequence[int] = (1, 4096), top_k: int = 2, 
     cores = os.cpu_count()
     found = []
     for T in tokens:
-        calls_per_timing = repeats if repeats is not None else (200 if T <= 16 else 1)
+        calls_per_timing = repeats if repeats is not None else (20 if T <= 16 else 1)
         medians = measure(shape, T, top_k, rounds=rounds, repeats=calls_per_timing)
         params = {
             "preset": preset, "tokens": T, "top_k": top_k, "d_model": shape.d_model, "d_ff": shape.d_ff,
@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--preset", default="cpu", help="layer shape (analysis.measure.sweep_plan.PRESETS)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4096])
     parser.add_argument("--top-k", type=int, default=2, choices=(1, 2))
-    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--rounds", type=int, default=61)
     parser.add_argument("--repeats", type=int, default=None, help="calls per timing (default: by T)")
     parser.add_argument("--results-dir", default=None, help="where records go (default: results/)")
     args = parser.parse_args(argv)

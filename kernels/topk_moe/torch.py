@@ -337,9 +337,10 @@ class MoELayer(torch.nn.Module):
 
     ``MoELayer(weights, cfg, backend=None)`` holds ``weights`` (a MoEWeights of
     tensors in the contract's layout) as buffers, so ``.to(device)`` and
-    ``state_dict()`` carry them, and computes ``moe_forward`` on the input's
-    device (see ``_backend_for`` for the backend). ``forward`` takes
-    hidden states (..., D) and returns (..., D) in their dtype.
+    ``state_dict()`` carry them, and computes ``moe_forward`` where the input
+    lives: CUDA hidden states on the "cuda" backend, CPU ones on ``backend``
+    (None: $MOE_BACKEND, else "cpu"). ``forward`` takes hidden states
+    (..., D) and returns (..., D) in their dtype.
 
     Inference only: with grad mode on and an input that requires grad, forward
     raises ValueError (the backends compute no gradient; a result silently
