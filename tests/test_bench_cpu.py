@@ -246,3 +246,117 @@ def test_ratios_pair_the_times_of_one_round_and_give_an_interval():
     assert goal.met is True and goal.within_noise  # 1.097 <= 1.10, but the interval reaches past it
     assert "interval reaches across" in goal.line()
     assert bench_cpu.ratio_text(row, "moe_over_dense_active").startswith("1.10±")
+
+
+# ---------------------------------------------------------------- the shape grid (issue 24)
+
+
+def test_grid_points_are_a_latin_hypercube_over_the_issue_axes():
+    points = bench_cpu.grid_points()
+    assert len(points) == bench_cpu.GRID_POINTS == len(set(points)) == 30
+    assert points == bench_cpu.grid_points()  # a fixed seed
+    for axis, levels in bench_cpu.GRID_AXES.items():
+        values = [point.d_ff / point.d_model if axis == "ff_ratio" else getattr(point, axis) for point in points]
+        counts = [sum(1 for value in values if value == pytest.approx(level, abs=0.01)) for level in levels]
+        assert sum(counts) == 30 and max(counts) - min(counts) <= 1, (axis, counts)  # each level count/levels times
+    assert {(p.tokens, p.activation) for p in points} == {(T, a) for T in (1, 16, 256, 4096)
+                                                          for a in ("relu", "gelu", "swiglu")}
+    assert all(p.d_ff == round(p.d_model * r) for p in points for r in [p.d_ff / p.d_model])
+    other = bench_cpu.grid_points(seed=bench_cpu.GRID_SEED + 1)
+    assert other != points  # the seed decides the sample
+    with pytest.raises(ValueError, match="count: expected at least 1"):
+        bench_cpu.grid_points(0)
+
+
+def test_the_grid_caps_the_weight_copies_of_large_layers():
+    large = dataclasses.replace(bench_cpu.PRESETS["full"], d_model=1024, d_ff=3584, n_experts=64)
+    layer_bytes = 64 * bench_cpu.expert_bytes(large, "swiglu")
+    count = bench_cpu.moe_rotation_count(large, "swiglu", 1, 1)
+    assert count >= 1 and count * layer_bytes <= max(layer_bytes, bench_cpu.MAX_ROTATION_WEIGHT_BYTES)
+    # The one-shape run's layer is far under the cap: as many copies as before.
+    assert bench_cpu.moe_rotation_count(bench_cpu.PRESETS["full"], "swiglu", 1, 1) > 2
+
+
+TINY_POINTS = [bench_cpu.GridPoint(64, 128, 4, 2, "gelu", 2), bench_cpu.GridPoint(32, 112, 8, 300, "relu", 1)]
+
+
+@pytest.mark.parametrize("with_torch", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_TORCH, reason="the PyTorch implementations need the torch extra"))])
+def test_the_grid_run_writes_its_own_records_and_judges_its_targets(tmp_path, capsys, monkeypatch, with_torch):
+    monkeypatch.setattr(bench_cpu, "grid_points", lambda count: TINY_POINTS[:count])
+    argv = ["--grid", "--quick", "--grid-points", "2", "--results-dir", str(tmp_path)] + \
+        ([] if with_torch else ["--no-torch"])
+    assert bench_cpu.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Grid: 2 points" in printed and "Fixed cost of a T = 1 call by step" in printed
+
+    assert not list(tmp_path.glob(f"*/{bench_cpu.RECORD_KIND}.jsonl"))  # its own kind, its own file
+    written = records.read_records(bench_cpu.GRID_KIND, results_dir=tmp_path)
+    rounds = bench_cpu.PRESETS["quick"].rounds
+    timed = [r for r in written if r["measurement"] == "forward-time"]
+    implementations = {("moe", "cpu"), ("dense", "cpu")} | ({("moe", "torch-eager")} if with_torch else set())
+    for index, point in enumerate(TINY_POINTS):
+        for round_ in range(rounds):
+            found = {(r["implementation"], r["backend"]) for r in timed
+                     if r["grid_point"] == index and r["round"] == round_}
+            assert found == implementations
+            assert all(r["params"]["d_model"] == point.d_model for r in timed if r["grid_point"] == index)
+    reads = [r for r in written if r["measurement"] == "one-row-read-rate"]
+    assert {r["grid_point"] for r in reads} == {0} and len(reads) == rounds  # decode points only
+    assert reads[0]["params"]["d_ff"] == 128 and reads[0]["bytes_per_s"] > 0
+    dense = [r for r in timed if r["implementation"] == "dense" and r["grid_point"] == 0]
+    assert {r["dense_d_ff"] for r in dense} == {2 * 128}  # equal active FLOPs: width K·F
+
+    fixed = [r for r in written if r["measurement"] == "fixed-cost"]
+    assert sorted(r["params"]["top_k"] for r in fixed) == sorted([1, 2] * rounds)
+    for record in fixed:
+        assert list(record["steps_s"]) == list(bench_cpu.FIXED_COST_STEPS)
+        # The steps add up to the whole call by construction ("the rest" and "checks" are differences).
+        assert sum(record["steps_s"].values()) == pytest.approx(record["whole_s"])
+        assert all(record["steps_s"][step] > 0 for step in ("routing", "plan", "gather and store", "expert MLPs"))
+
+    rows = bench_cpu.grid_rows(written)
+    assert [row["grid_point"] for row in rows] == [0, 1] and all(row["rounds"] == rounds for row in rows)
+    assert rows[0]["moe_over_weight_floor"] is not None and rows[1]["moe_over_weight_floor"] is None
+    assert (rows[1]["moe_over_torch_eager"] is not None) == with_torch
+    goals = bench_cpu.grid_goals(rows)
+    assert goals[3].met is not None and "T=2" in goals[3].where  # decode judged at the T = 2 point
+    assert goals[2].met is None  # no T >= 4096 point
+    assert (goals[0].met is not None) == with_torch and (goals[1].met is not None) == with_torch
+    assert bench_cpu.format_grid(rows, bench_cpu.fixed_cost_rows(written)) in printed
+
+
+def _grid_row(index, tokens, eager=None, dense=None, floor=None):
+    row = {"grid_point": index, "tokens": tokens, "top_k": 1, "activation": "relu", "d_model": 256, "d_ff": 512,
+           "n_experts": 8, "rounds": 2}
+    for field, values in (("moe_over_torch_eager", eager), ("moe_over_dense_active", dense),
+                          ("moe_over_weight_floor", floor)):
+        if values is None:
+            row[field] = row[f"{field}_interval"] = row[f"{field}_rounds"] = None
+        else:
+            row[field], row[f"{field}_interval"] = bench_cpu.geometric_mean_interval(values)
+            row[f"{field}_rounds"] = values
+    return row
+
+
+def test_grid_goals_take_the_median_within_each_round_and_the_worst_point():
+    rows = [_grid_row(0, 1, floor=[1.2, 1.4]), _grid_row(1, 16, eager=[3.0, 3.0], floor=[1.6, 1.6]),
+            _grid_row(2, 256, eager=[0.8, 0.9]), _grid_row(3, 4096, eager=[0.7, 1.1], dense=[1.05, 1.07]),
+            _grid_row(4, 4096, eager=[0.85, 0.7], dense=[1.2, 1.0])]
+    median, worst, dense, decode = bench_cpu.grid_goals(rows)
+    # Round medians over the three T >= 256 points: median(0.8, 0.7, 0.85) = 0.8 and median(0.9, 1.1, 0.7) = 0.9.
+    assert median.worst == pytest.approx(np.sqrt(0.8 * 0.9)) and median.met and "3 points" in median.where
+    assert median.interval is not None and median.interval[0] < median.worst < median.interval[1]
+    assert worst.worst == pytest.approx(np.sqrt(0.7 * 1.1)) and "T=4096" in worst.where and worst.met
+    assert dense.worst == pytest.approx(np.sqrt(1.2 * 1.0)) and dense.met and dense.within_noise
+    assert decode.worst == pytest.approx(1.6) and not decode.met and "T=16" in decode.where  # T=16's loop not covered
+    assert "D=256 F=512 E=8" in decode.where
+
+
+def test_grid_refuses_the_one_shape_options(capsys):
+    with pytest.raises(SystemExit):
+        bench_cpu.parse_config(["--grid", "--tokens", "4"])
+    assert "the grid sets the shapes; drop tokens" in capsys.readouterr().err
+    config, arguments = bench_cpu.parse_config(["--grid"])
+    assert arguments.grid and config.rounds == bench_cpu.GRID_PRESET.rounds
+    assert config.seconds_per_measurement == bench_cpu.GRID_PRESET.seconds_per_measurement

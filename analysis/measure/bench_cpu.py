@@ -198,6 +198,11 @@ def expert_bytes(config: BenchConfig, activation: str) -> int:
 
 #: At most this many input sets (tiny test shapes would otherwise ask for thousands).
 MAX_ROTATION_SETS = 32
+#: And at most as many copies of the whole layer's weights as this many bytes
+#: hold (each worker holds its own): the grid's largest layers (E = 64,
+#: D = 1024, swiglu: 2.8 GB a copy) get one copy, which a call routing to
+#: many experts reads from memory anyway. The one-shape run (48 MB a copy) is not capped.
+MAX_ROTATION_WEIGHT_BYTES = 3 * 2**30
 
 
 def moe_rotation_count(config: BenchConfig, activation: str, T: int, K: int) -> int:
@@ -205,7 +210,8 @@ def moe_rotation_count(config: BenchConfig, activation: str, T: int, K: int) -> 
     min(E, T·K) experts, so decode, which touches few, gets many copies."""
     touched = min(config.n_experts, T * K) * expert_bytes(config, activation)
     needed = timing.sets_to_exceed_cache(T * config.d_model * numpy.dtype(config.dtype).itemsize + touched)
-    return min(needed, MAX_ROTATION_SETS)
+    layer_bytes = config.n_experts * expert_bytes(config, activation)
+    return max(1, min(needed, MAX_ROTATION_SETS, MAX_ROTATION_WEIGHT_BYTES // layer_bytes))
 
 
 def dense_rotation_count(config: BenchConfig, activation: str, T: int, width: int) -> int:
@@ -435,7 +441,7 @@ def measure_ceilings(config: BenchConfig) -> dict:
 FEW_ROWS = (1, 4, 16)
 
 
-def few_row_read_rates(D: int, F: int, dtype: numpy.dtype) -> dict:
+def few_row_read_rates(D: int, F: int, dtype: numpy.dtype, rows_counts: tuple = FEW_ROWS) -> dict:
     """{n: bytes of weights per second} for NumPy's ``(n, D) @ (D, F)`` on one
     BLAS thread with the (D, F) weights coming from memory (copies rotated past
     the last-level cache): the products a decode step makes, one per expert
@@ -447,7 +453,7 @@ def few_row_read_rates(D: int, F: int, dtype: numpy.dtype) -> dict:
     copies = [weight] + [weight.copy() for _ in range(timing.sets_to_exceed_cache(weight.nbytes) - 1)]
     rates = {}
     with threadpool_limits(limits=1, user_api="blas"):
-        for n in FEW_ROWS:
+        for n in rows_counts:
             rows = rng.standard_normal((n, D)).astype(dtype)
             out = numpy.empty((n, F), dtype=dtype)
             measured = timing.time_function(lambda w: numpy.matmul(rows, w, out=out),
@@ -487,15 +493,19 @@ def _serve(connection, config: BenchConfig) -> None:
     inputs = InputCache(config)
     functions = {"measure_moe": measure_moe, "measure_dense": measure_dense,
                  "measure_torch_moe": measure_torch_moe, "measure_torch_dense": measure_torch_dense,
-                 "measure_ceilings": measure_ceilings}
+                 "measure_ceilings": measure_ceilings, "measure_weight_read": measure_weight_read,
+                 "measure_fixed_cost": measure_fixed_cost}
     while True:
         request = connection.recv()
         if request is None:
             return
-        name, arguments = request
+        name, arguments, point = request
+        if point is not None and point != inputs.config:  # a grid point: its own shapes, its own inputs
+            inputs = InputCache(point)
         try:
             function = functions[name]
-            result = function(config) if name == "measure_ceilings" else function(config, *arguments, inputs)
+            result = function(inputs.config) if name == "measure_ceilings" else \
+                function(inputs.config, *arguments, inputs)
             connection.send(("ok", result))
         except Exception:  # reported to the driver, which stops the run
             connection.send(("error", traceback.format_exc()))
@@ -515,8 +525,10 @@ class Worker:
             self.process.start()
         child_end.close()
 
-    def call(self, name: str, *arguments) -> dict:
-        self.connection.send((name, arguments))
+    def call(self, name: str, *arguments, point: Optional[BenchConfig] = None) -> dict:
+        """``name(config, *arguments, inputs)`` in the worker; ``point``: the
+        configuration to use from now on (a grid point), else the last one."""
+        self.connection.send((name, arguments, point))
         status, result = self.connection.recv()
         if status == "error":
             raise RuntimeError(f"the {self.label} worker failed in {name}{arguments}:\n{result}")
@@ -944,6 +956,455 @@ def goal_report(rows: list[dict]) -> list[str]:
     return [goal.line() for goal in goals(rows)]
 
 
+# ---------------------------------------------------------------- the shape grid (issue 24)
+
+
+#: The grid's record kind: its own file, apart from the one-shape run's ``bench-cpu`` records.
+GRID_KIND = "bench-cpu-grid"
+#: The axes the grid samples (F is D times the ratio, rounded).
+GRID_AXES = {
+    "d_model": (256, 384, 512, 1024),
+    "ff_ratio": (2.0, 3.5),
+    "n_experts": (8, 16, 64),
+    "tokens": (1, 16, 256, 4096),
+    "activation": ("relu", "gelu", "swiglu"),
+    "top_k": (1, 2),
+}
+GRID_POINTS = 30
+#: The first seed (counting from 0) whose 30 points are all distinct and hold
+#: every (T, activation), (T, k) and (T, E) pair at least once, so that each
+#: target's rows (chosen by T) see every activation, k and E.
+GRID_SEED = 2
+#: The grid's targets (issue 24), each judged on the geometric means over the rounds.
+GRID_GOAL_MEDIAN_TO_EAGER = 0.9  # median over the T >= PEER_TOKENS points
+GRID_GOAL_WORST_TO_EAGER = 1.0  # worst of them
+GRID_GOAL_DECODE_OVER_FLOOR = 1.5  # T <= DECODE_TOKENS: MoE time / reading the touched weights at the GEMV rate
+
+#: The grid run's timing (the shapes come from each point). Three rounds of
+#: 30 points: about 15 minutes on 2 cores (see ``grid_estimate_s``).
+GRID_PRESET = dataclasses.replace(
+    PRESETS["full"], tokens=(), top_ks=(), activations=(), seconds_per_measurement=0.2, min_repeats=2,
+    max_repeats=10, rounds=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+    """One shape of the grid: the layer and the call."""
+
+    d_model: int
+    d_ff: int
+    n_experts: int
+    tokens: int
+    activation: str
+    top_k: int
+
+    def config(self, base: BenchConfig) -> BenchConfig:
+        """``base`` (timing, seeds, threads) at this point's shape."""
+        return dataclasses.replace(base, d_model=self.d_model, d_ff=self.d_ff, n_experts=self.n_experts,
+                                   tokens=(self.tokens,), top_ks=(self.top_k,), activations=(self.activation,))
+
+    def label(self) -> str:
+        return (f"{self.activation} T={self.tokens} k={self.top_k} D={self.d_model} F={self.d_ff} "
+                f"E={self.n_experts}")
+
+
+def grid_points(count: int = GRID_POINTS, seed: int = GRID_SEED) -> list[GridPoint]:
+    """``count`` points of ``GRID_AXES`` by a Latin hypercube with a fixed seed:
+    along every axis, the points' strata are a random permutation of 0..count-1,
+    stratum s taking level s * levels // count, so each level appears
+    count / levels times (give or take one) and the axes vary independently.
+    Sorted by (T, D, F, E, activation, k) so tables read in order."""
+    if count < 1:
+        raise ValueError(f"count: expected at least 1 grid point, got {count}")
+    rng = numpy.random.default_rng(seed)
+    columns = {axis: [levels[stratum * len(levels) // count] for stratum in rng.permutation(count)]
+               for axis, levels in GRID_AXES.items()}
+    points = {GridPoint(d_model=D, d_ff=int(round(D * ratio)), n_experts=E, tokens=T, activation=activation,
+                        top_k=K)
+              for D, ratio, E, T, activation, K in zip(*columns.values())}
+    return sorted(points, key=lambda p: (p.tokens, p.d_model, p.d_ff, p.n_experts, p.activation, p.top_k))
+
+
+def grid_estimate_s(points: list[GridPoint], rounds: int, *, flop_per_s: float = 60e9,
+                    call_overhead_s: float = 0.12) -> float:
+    """A rough duration of a grid run: each round times three layers of the
+    point's active FLOPs (ours, our dense, the PyTorch loop), each about
+    ``1 + max(2, repeats)`` calls at ``flop_per_s`` plus a fixed cost per
+    measurement (checks, input copies, the pause); an estimate, not a measurement."""
+    total = 0.0
+    for point in points:
+        flops = roofline.moe_flops(point.tokens, point.d_model, point.d_ff, point.n_experts, point.top_k,
+                                   point.activation)
+        call_s = flops / flop_per_s
+        repeats = max(2, min(10, int(0.2 / max(call_s, 1e-9))))
+        total += 3 * ((2 + repeats) * call_s + call_overhead_s)
+    return rounds * total + 60.0  # ceilings and the fixed-cost breakdown
+
+
+def measure_weight_read(config: BenchConfig, inputs: "InputCache") -> dict:
+    """The one-row GEMV rate at the config's (D, F) on one BLAS thread, the
+    weights coming from memory (``few_row_read_rates``): decode's floor."""
+    rate = few_row_read_rates(config.d_model, config.d_ff, numpy.dtype(config.dtype), (1,))[1]
+    return {"bytes_per_s": rate, "threads": 1}
+
+
+#: The steps of a T = 1 call, in the order it makes them (see ``measure_fixed_cost``).
+FIXED_COST_STEPS = ("checks", "blas pinning", "routing", "plan", "gather and store", "expert MLPs", "the rest")
+
+
+def measure_fixed_cost(config: BenchConfig, activation: str, K: int, inputs: "InputCache",
+                       repeats: int = 400) -> dict:
+    """Where the time of one T = 1 call goes, step by step, with hot caches
+    (the weights of the experts it touches stay in cache: this is the cost a
+    call pays besides reading them). Each step timed apart, its median over
+    ``repeats`` calls:
+
+    - the whole call, ``topk_moe.moe_forward(backend="cpu")``, and the
+      backend's own ``topk_moe.cpu.moe_forward``: the API's argument checks
+      (shapes, dtypes, the finite check) are the difference;
+    - BLAS pinning: entering and leaving ``cpu._pinned_blas``;
+    - routing (``cpu._route``) and the plan (``cpu.dispatch``);
+    - gather and store: the output and per-row weights (``cpu._TokenSums``),
+      the gather of the token's row and the weighted store into y;
+    - expert MLPs: the touched experts' GEMVs and activation alone;
+    - the rest: the backend's time less its measured steps (building and
+      running the tasks, the Python between them).
+    """
+    cpu = topk_moe.cpu
+    cfg = layer_config(config, activation, K)
+    x, weights = inputs.moe_sets(activation, 1, 1)[0]
+    router, w1, w2, w3 = weights.router, weights.w1, weights.w2, weights.w3
+
+    def median_s(function) -> float:
+        return timing.time_function(function, warmup=20, repeats=repeats).median_s
+
+    def backend():
+        return cpu.moe_forward(x, router, w1, w2, w3, activation, K, cfg.renormalize, None)
+
+    def pinning():
+        with cpu._pinned_blas():
+            pass
+
+    whole = median_s(lambda: topk_moe.moe_forward(x, weights, cfg, backend="cpu"))
+    backend_s = median_s(backend)
+    with cpu._pinned_blas() as workers:
+        routing = cpu._route(x, router, K, cfg.renormalize, workers)
+        plan = cpu.dispatch(routing.experts, cfg.n_experts, None)
+        bounds = plan.offsets.tolist()
+        touched = [e for e in range(cfg.n_experts) if bounds[e] < bounds[e + 1]]
+        rows = numpy.take(x, plan.token, axis=0)
+
+        def gather_and_store():
+            sums = cpu._TokenSums(plan, routing.weights, 1, x.shape[1])
+            for e in touched:
+                out = sums.buffer(bounds[e], bounds[e + 1])
+                cpu._rows(x, plan.token, bounds[e], bounds[e + 1], cpu._scratch.get("rows", out.shape, x.dtype))
+                sums.store(bounds[e], bounds[e + 1], out)
+
+        def expert_mlps():
+            out = cpu._scratch.get("fixed-cost-out", (1, x.shape[1]), x.dtype)
+            for e in touched:
+                cpu._mlp_into(rows[bounds[e]:bounds[e + 1]], w1[e], w2[e], None if w3 is None else w3[e],
+                              activation, out)
+
+        steps = {"routing": median_s(lambda: cpu._route(x, router, K, cfg.renormalize, workers)),
+                 "plan": median_s(lambda: cpu.dispatch(routing.experts, cfg.n_experts, None)),
+                 "gather and store": median_s(gather_and_store),
+                 "expert MLPs": median_s(expert_mlps)}
+    steps["blas pinning"] = median_s(pinning)
+    steps["checks"] = whole - backend_s
+    steps["the rest"] = backend_s - sum(steps[name] for name in ("blas pinning", "routing", "plan",
+                                                                 "gather and store", "expert MLPs"))
+    return {"whole_s": whole, "backend_s": backend_s, "steps_s": {name: steps[name] for name in FIXED_COST_STEPS},
+            "experts_touched": len(touched), "threads": cpu.threads()}
+
+
+def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = True) -> "GridResult":
+    """Every grid point ``base.rounds`` times over (round by round through the
+    points, so each point's rounds are minutes apart): our MoE, our dense MLP
+    at equal active FLOPs, the PyTorch eager loop, and for decode points the
+    one-row weight-read rate at the point's (D, F); then the fixed cost of a
+    T = 1 call at the one-shape bench's layer (``base``'s shape), k = 1 and 2.
+    The ceilings are measured at the start and end as in ``run_bench``."""
+    check_config(dataclasses.replace(base, tokens=(1,), top_ks=(1,), activations=("relu",)))
+    torch_reason, _ = torch_reasons(base)
+    per_point = 2 + (0 if torch_reason else 1)
+    total = 2 + base.rounds * sum(per_point + (p.tokens <= DECODE_TOKENS) for p in points) + 2 * base.rounds
+    shape = dataclasses.replace(base, tokens=(1,), top_ks=(1, 2), activations=("gelu",))
+    numpy_worker = Worker("NumPy", base)
+    torch_worker = None if torch_reason else Worker("PyTorch", base)
+    timed: list[dict] = []
+    fixed: list[dict] = []
+    last_worker = [None]
+
+    def on(worker: Worker, name: str, *arguments, point: BenchConfig) -> dict:
+        if last_worker[0] is not None and last_worker[0] is not worker:
+            time.sleep(base.pause_s)
+        last_worker[0] = worker
+        return worker.call(name, *arguments, point=point)
+
+    try:
+        with tqdm(total=total, desc="bench-cpu grid", unit="measurement", disable=not progress) as bar:
+            first_ceilings = on(numpy_worker, "measure_ceilings", point=shape)
+            bar.update()
+            for round_ in range(base.rounds):
+                for index, point in enumerate(points):
+                    config = point.config(base)
+                    bar.set_postfix_str(f"round {round_ + 1}/{base.rounds} {point.label()}")
+                    T, K, activation = point.tokens, point.top_k, point.activation
+                    common = {"grid_point": index, "round": round_, "point": dataclasses.asdict(point)}
+                    timed.append({"implementation": MOE_CPU, **common,
+                                  "result": on(numpy_worker, "measure_moe", activation, T, K, point=config)})
+                    timed.append({"implementation": DENSE_CPU, **common, "result": on(
+                        numpy_worker, "measure_dense", activation, T, K * point.d_ff, point=config)})
+                    bar.update(2)
+                    if T <= DECODE_TOKENS:
+                        timed.append({"implementation": ("weight-read", "cpu"), **common,
+                                      "result": on(numpy_worker, "measure_weight_read", point=config)})
+                        bar.update()
+                    if torch_worker is not None:
+                        timed.append({"implementation": TORCH_EAGER, **common, "result": on(
+                            torch_worker, "measure_torch_moe", "torch-eager", activation, T, K, point=config)})
+                        bar.update()
+                for K in (1, 2):
+                    bar.set_postfix_str(f"round {round_ + 1}/{base.rounds} fixed cost at T = 1, k = {K}")
+                    fixed.append({"round": round_, "top_k": K,
+                                  "result": on(numpy_worker, "measure_fixed_cost", "gelu", K, point=shape)})
+                    bar.update()
+            last_ceilings = on(numpy_worker, "measure_ceilings", point=shape)
+            bar.update()
+    finally:
+        numpy_worker.close()
+        if torch_worker is not None:
+            torch_worker.close()
+    ceilings = best_ceilings(first_ceilings, last_ceilings)
+    measurements = [grid_record(entry, base) for entry in timed]
+    fixed_records = [fixed_cost_record(entry, shape) for entry in fixed]
+    return GridResult(shape, points, ceilings, measurements, fixed_records,
+                      None if torch_reason is None else f"PyTorch: {torch_reason}")
+
+
+@dataclasses.dataclass
+class GridResult:
+    """A grid run: ``config`` is the one shape its ceilings and fixed-cost breakdown were measured at."""
+
+    config: BenchConfig
+    points: list
+    ceilings: dict
+    measurements: list[dict]
+    fixed_cost: list[dict]
+    torch_note: Optional[str] = None
+
+
+def grid_record(entry: dict, base: BenchConfig) -> dict:
+    """One grid measurement as a tidy ``bench-cpu-grid`` record."""
+    name, backend = entry["implementation"]
+    result, point = entry["result"], entry["point"]
+    params = {"tokens": point["tokens"], "d_model": point["d_model"], "d_ff": point["d_ff"],
+              "n_experts": point["n_experts"], "top_k": point["top_k"], "activation": point["activation"],
+              "dtype": base.dtype, "seed": base.seed, "capacity_factor": None}
+    record = {"implementation": name, "backend": backend, "grid_point": entry["grid_point"], "round": entry["round"],
+              "threads": result["threads"], "params": params}
+    if name == "weight-read":
+        return {**record, "measurement": "one-row-read-rate", "bytes_per_s": result["bytes_per_s"]}
+    extra = {key: value for key, value in result.items() if key not in ("timing", "flops", "rotation_sets", "threads")}
+    if name == "dense":
+        extra["dense_d_ff"] = point["top_k"] * point["d_ff"]
+        extra["compared_as"] = "equal active FLOPs"
+    return {**record, "measurement": "forward-time", **timing.Timing(**result["timing"]).as_dict(),
+            "flops": result["flops"], "rotation_sets": result["rotation_sets"], **extra}
+
+
+def fixed_cost_record(entry: dict, shape: BenchConfig) -> dict:
+    result = entry["result"]
+    return {"implementation": "moe", "backend": "cpu", "measurement": "fixed-cost", "round": entry["round"],
+            "whole_s": result["whole_s"], "backend_s": result["backend_s"], "steps_s": result["steps_s"],
+            "experts_touched": result["experts_touched"], "threads": result["threads"],
+            "params": {"tokens": 1, "d_model": shape.d_model, "d_ff": shape.d_ff, "n_experts": shape.n_experts,
+                       "top_k": entry["top_k"], "activation": "gelu", "dtype": shape.dtype}}
+
+
+def grid_to_records(result: GridResult) -> list[dict]:
+    """The ceilings (as the one-shape run writes them), the grid's measurements, the fixed-cost breakdown."""
+    shape_result = BenchResult(result.config, result.ceilings, [], [])
+    return [*ceiling_records(shape_result), *result.measurements, *result.fixed_cost]
+
+
+#: A grid row's ratios: (field, the time it divides the MoE's by).
+GRID_RATIOS = (("moe_over_torch_eager", "torch_eager_s"), ("moe_over_dense_active", "dense_active_s"),
+               ("moe_over_weight_floor", "weight_floor_s"))
+
+
+def grid_rows(found: list[dict]) -> list[dict]:
+    """One row per grid point: its shape, the MoE's time (median over the
+    rounds) and each ratio's geometric mean over the rounds with its 95%
+    interval (``<ratio>_interval``) and its per-round values
+    (``<ratio>_rounds``, in round order). A ratio is taken within a round. The
+    decode floor (T <= DECODE_TOKENS): the touched experts' weight bytes over
+    the one-row GEMV rate measured at the point's (D, F) in the same round."""
+    by_point: dict = {}
+    for record in found:
+        if "grid_point" in record:
+            by_point.setdefault(record["grid_point"], {}).setdefault(record["round"], {})[
+                (record["implementation"], record["backend"])] = record
+    rows = []
+    for index in sorted(by_point):
+        rounds = [by_point[index][round_] for round_ in sorted(by_point[index])]
+        moe = [measured.get(MOE_CPU) for measured in rounds]
+        if None in moe:
+            continue
+        params = moe[0]["params"]
+        row = {"grid_point": index, **{key: params[key] for key in ("tokens", "d_model", "d_ff", "n_experts",
+                                                                     "top_k", "activation")},
+               "rounds": len(rounds), "moe_s": float(numpy.median([m["median_s"] for m in moe]))}
+        for field, _ in GRID_RATIOS:
+            ratios = []
+            for measured, moe_record in zip(rounds, moe):
+                other = grid_baseline_s(field, measured, moe_record)
+                ratios.append(None if other is None else moe_record["median_s"] / other)
+            if None in ratios:
+                row[field], row[f"{field}_interval"], row[f"{field}_rounds"] = None, None, None
+            else:
+                row[field], row[f"{field}_interval"] = geometric_mean_interval(ratios)
+                row[f"{field}_rounds"] = ratios
+        rows.append(row)
+    return rows
+
+
+def grid_baseline_s(field: str, measured: dict, moe_record: dict) -> Optional[float]:
+    """The time a grid ratio divides the MoE's time by, in one round (None: not measured)."""
+    if field == "moe_over_torch_eager":
+        other = measured.get(TORCH_EAGER)
+        return None if other is None else other["median_s"]
+    if field == "moe_over_dense_active":
+        other = measured.get(DENSE_CPU)
+        return None if other is None else other["median_s"]
+    read = measured.get(("weight-read", "cpu"))
+    return None if read is None else moe_record["touched_weight_bytes"] / read["bytes_per_s"]
+
+
+def grid_goals(rows: list[dict]) -> list[Goal]:
+    """The grid's targets (issue 24): the PyTorch loop at the median and at
+    the worst of the T >= PEER_TOKENS points, our dense at equal active FLOPs
+    for T >= LARGE_TOKENS, decode against the weight-read floor. The median's
+    interval: the median over the points within each round, its geometric
+    mean and 95% interval over the rounds."""
+    def where(row):
+        return f"{row['activation']} T={row['tokens']} k={row['top_k']} D={row['d_model']} F={row['d_ff']} " \
+               f"E={row['n_experts']}"
+
+    def worst(name, field, covers, threshold, why_not):
+        covered = [row for row in rows if covers(row) and row[field] is not None]
+        if not covered:
+            return Goal(name, threshold, None, why_not, None)
+        row = max(covered, key=lambda row: row[field])
+        return Goal(name, threshold, row[field], where(row), row[field] <= threshold, row[f"{field}_interval"])
+
+    def median(name, field, covers, threshold, why_not):
+        covered = [row for row in rows if covers(row) and row[field] is not None]
+        if not covered:
+            return Goal(name, threshold, None, why_not, None)
+        per_round = [float(numpy.median(values)) for values in zip(*(row[f"{field}_rounds"] for row in covered))]
+        value, interval = geometric_mean_interval(per_round)
+        return Goal(name, threshold, value, f"median of {len(covered)} points", value <= threshold, interval)
+
+    def large(row):
+        return row["tokens"] >= PEER_TOKENS
+
+    return [
+        median(f"MoE / PyTorch eager loop <= {GRID_GOAL_MEDIAN_TO_EAGER} at the median, T >= {PEER_TOKENS}",
+               "moe_over_torch_eager", large, GRID_GOAL_MEDIAN_TO_EAGER,
+               f"no PyTorch loop timed at T >= {PEER_TOKENS}"),
+        worst(f"MoE / PyTorch eager loop <= {GRID_GOAL_WORST_TO_EAGER} at the worst, T >= {PEER_TOKENS}",
+              "moe_over_torch_eager", large, GRID_GOAL_WORST_TO_EAGER, f"no PyTorch loop timed at T >= {PEER_TOKENS}"),
+        worst(f"MoE / our dense at equal active FLOPs <= {GOAL_MAX_RATIO_TO_DENSE_ACTIVE} for T >= {LARGE_TOKENS}",
+              "moe_over_dense_active", lambda row: row["tokens"] >= LARGE_TOKENS, GOAL_MAX_RATIO_TO_DENSE_ACTIVE,
+              f"no T >= {LARGE_TOKENS} point in this run"),
+        worst(f"decode: MoE / reading the touched weights at the one-row GEMV rate <= {GRID_GOAL_DECODE_OVER_FLOOR}"
+              f" for T <= {DECODE_TOKENS}", "moe_over_weight_floor", lambda row: row["tokens"] <= DECODE_TOKENS,
+              GRID_GOAL_DECODE_OVER_FLOOR, f"no T <= {DECODE_TOKENS} point in this run"),
+    ]
+
+
+def fixed_cost_rows(found: list[dict]) -> list[dict]:
+    """Per k, each step of a T = 1 call: its median over the rounds, in microseconds, and its share of the whole call."""
+    by_k: dict = {}
+    for record in found:
+        if record.get("measurement") == "fixed-cost":
+            by_k.setdefault(record["params"]["top_k"], []).append(record)
+    rows = []
+    for K in sorted(by_k):
+        params = by_k[K][0]["params"]
+        shape = f"D={params['d_model']} F={params['d_ff']} E={params['n_experts']} {params['activation']}"
+        whole = float(numpy.median([r["whole_s"] for r in by_k[K]]))
+        for step in FIXED_COST_STEPS:
+            seconds = float(numpy.median([r["steps_s"][step] for r in by_k[K]]))
+            rows.append({"top_k": K, "shape": shape, "step": step, "us": seconds * 1e6, "share": seconds / whole})
+        rows.append({"top_k": K, "shape": shape, "step": "whole call", "us": whole * 1e6, "share": 1.0})
+    return rows
+
+
+#: The printed grid table's columns: (header, row field, kind).
+GRID_COLUMNS = (
+    ("#", "grid_point", "text"), ("act", "activation", "text"), ("T", "tokens", "text"), ("k", "top_k", "text"),
+    ("D", "d_model", "text"), ("F", "d_ff", "text"), ("E", "n_experts", "text"), ("moe ms", "moe_s", "ms"),
+    ("/torch loop", "moe_over_torch_eager", "ratio"), ("/dense K*F", "moe_over_dense_active", "ratio"),
+    ("/weight floor", "moe_over_weight_floor", "ratio"),
+)
+
+
+def format_grid(rows: list[dict], fixed: list[dict]) -> str:
+    """The grid table and the fixed-cost breakdown as ``main --grid`` prints them."""
+    def cell(row, field, kind):
+        value = row[field]
+        if value is None:
+            return "-"
+        if kind == "text":
+            return str(value)
+        if kind == "ms":
+            return f"{value * 1e3:.3g}"
+        return ratio_text(row, field)
+
+    lines = [tuple(header for header, _, _ in GRID_COLUMNS)]
+    lines += [tuple(cell(row, field, kind) for _, field, kind in GRID_COLUMNS) for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(GRID_COLUMNS))]
+    text = ["  ".join(c.rjust(width) for c, width in zip(line, widths)) for line in lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    text.append("\nFixed cost of a T = 1 call by step (hot caches), median over the rounds:")
+    for row in fixed:
+        text.append(f"  {row['shape']} k={row['top_k']}  {row['step']:<17} {row['us']:8.1f} us  "
+                    f"{100 * row['share']:5.1f}%")
+    return "\n".join(text)
+
+
+def main_grid(base: BenchConfig, arguments: argparse.Namespace) -> int:
+    """``--grid``: the shape grid, its targets and the fixed-cost breakdown."""
+    points = grid_points(arguments.grid_points)
+    provenance = records.provenance("cpu")
+    print(f"Device: {provenance['device']} ({provenance['cpu_count']} CPUs), BLAS: {provenance['blas']}, "
+          f"PyTorch: {provenance['torch']}; threads: {base.threads or 'as the environment leaves them'}")
+    print(f"Grid: {len(points)} points (Latin hypercube, seed {GRID_SEED}), {base.rounds} round(s); "
+          f"rough duration {grid_estimate_s(points, base.rounds) / 60:.0f} min (an estimate)")
+    started = time.perf_counter()
+    with thread_environment(base.threads):
+        result = run_grid(base, points)
+        path = None if arguments.no_write else records.write_records(
+            GRID_KIND, grid_to_records(result), device_kind="cpu", results_dir=arguments.results_dir)
+    if result.torch_note:
+        print(result.torch_note)
+    rows = grid_rows(result.measurements)
+    print(f"Wall time {time.perf_counter() - started:.0f} s. Each ratio: MoE time over the other's in the same "
+          f"round, geometric mean over the rounds" + (" ± the larger side of its 95% interval" if base.rounds > 1
+                                                      else ""))
+    print(format_grid(rows, fixed_cost_rows(result.fixed_cost)))
+    print()
+    for goal in grid_goals(rows):
+        print(goal.line())
+    if path is not None:
+        print(f"\nRecords appended to {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -976,12 +1437,28 @@ def parse_config(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespac
                         help="times every implementation is measured at each (activation, T); the ratios pair "
                              f"a round's times and their spread gives a 95%% interval (full: {full.rounds})")
     parser.add_argument("--no-torch", action="store_true", help="time only the NumPy implementations")
+    parser.add_argument("--grid", action="store_true",
+                        help=f"the shape grid instead of one shape: {GRID_POINTS} points (D, F/D, E, T, activation, "
+                             f"k) by a fixed-seed Latin hypercube, {GRID_PRESET.rounds} rounds, the fixed cost at "
+                             f"T = 1 by step; writes {GRID_KIND} records (--tokens, --k, --activations, --d-model, "
+                             "--d-ff and --n-experts do not apply; --quick: quick timing)")
+    parser.add_argument("--grid-points", type=int, default=GRID_POINTS,
+                        help=f"grid points to sample (default {GRID_POINTS}; fewer for a trial)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-write", action="store_true", help="print only; write no records")
     parser.add_argument("--results-dir", help="results folder (default: $MOE_RESULTS_DIR or <repo>/results)")
     arguments = parser.parse_args(argv)
 
+    if arguments.grid:
+        given = [name for name in ("tokens", "top_ks", "activations", "d_model", "d_ff", "n_experts")
+                 if getattr(arguments, name) is not None]
+        if given:
+            parser.error(f"--grid: the grid sets the shapes; drop {', '.join(given)}")
+        if arguments.grid_points < 1:
+            parser.error(f"--grid-points: expected at least 1, got {arguments.grid_points}")
     preset = PRESETS["quick" if arguments.quick else "full"]
+    if arguments.grid and not arguments.quick:
+        preset = GRID_PRESET
     overrides = {field: getattr(arguments, field)
                  for field in ("d_model", "d_ff", "n_experts", "dtype", "threads", "seconds_per_measurement",
                                "min_repeats", "max_repeats", "pause_s", "seed", "rounds")
@@ -996,7 +1473,8 @@ def parse_config(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespac
         overrides["min_repeats"] = min(preset.min_repeats, overrides["max_repeats"])
     config = dataclasses.replace(preset, **overrides)
     try:
-        check_config(config)
+        check_config(dataclasses.replace(config, tokens=(1,), top_ks=(1,), activations=("relu",))
+                     if arguments.grid else config)
     except ValueError as error:
         parser.error(str(error))
     return config, arguments
@@ -1004,6 +1482,8 @@ def parse_config(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespac
 
 def main(argv: list[str] | None = None) -> int:
     config, arguments = parse_config(argv)
+    if arguments.grid:
+        return main_grid(config, arguments)
     provenance = records.provenance("cpu")
     print(f"Device: {provenance['device']} ({provenance['cpu_count']} CPUs), BLAS: {provenance['blas']}, "
           f"PyTorch: {provenance['torch']}, last-level cache {timing.last_level_cache_bytes() // 2**20} MiB, "
