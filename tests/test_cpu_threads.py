@@ -12,18 +12,22 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import topk_moe
 import topk_moe.cpu as cpu
+from topk_moe.testing import assert_close_to_reference, expected_moe_forward, plain_moe_forward
 
 THREAD_COUNTS = (1, 2, 3)  # 3: more workers than this machine's two cores still gives the same bits
 
 #: Shapes that exercise every way the backend cuts work: one task on the
 #: calling thread (decode, GEMV rows), experts of a few rows on several workers,
-#: blocks of several activation slices (the last one short) and route and
-#: combine over several token blocks (T > TOKEN_BLOCK).
+#: many experts of a few rows grouped into fewer tasks (a token's two experts
+#: may fall in one group), blocks of several activation slices (the last one
+#: short) and route and combine over several token blocks (T > TOKEN_BLOCK).
 CASES = [
-    pytest.param(1, 1, id="T=1 k=1 (one task, GEMV)"),
-    pytest.param(5, 2, id="T=5 k=2 (a few rows per expert)"),
-    pytest.param(300, 2, id="T=300 k=2 (small row blocks)"),
-    pytest.param(cpu.TOKEN_BLOCK * 2 + 77, 2, id="T>2 token blocks k=2 (several row blocks)"),
+    pytest.param(1, 1, 4, id="T=1 k=1 (one task, GEMV)"),
+    pytest.param(5, 2, 4, id="T=5 k=2 (a few rows per expert)"),
+    pytest.param(16, 2, 64, id="T=16 k=2 E=64 (experts grouped into tasks)"),
+    pytest.param(200, 1, 24, id="T=200 k=1 E=24 (groups of a few experts)"),
+    pytest.param(300, 2, 4, id="T=300 k=2 (small row blocks)"),
+    pytest.param(cpu.TOKEN_BLOCK * 2 + 77, 2, 4, id="T>2 token blocks k=2 (several row blocks)"),
 ]
 
 
@@ -31,8 +35,8 @@ def blas_threads() -> list[int]:
     return [library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"]
 
 
-def layer(T: int, k: int, activation: str, seed: int = 3):
-    D, F, E = 136, 552, 4
+def layer(T: int, k: int, activation: str, seed: int = 3, E: int = 4):
+    D, F = 136, 552
     cfg = topk_moe.MoEConfig(D, F, E, k, activation=activation)
     weights = topk_moe.init_weights(cfg, seed=seed)
     x = np.random.default_rng(seed).standard_normal((T, D)).astype(np.float32)
@@ -40,9 +44,9 @@ def layer(T: int, k: int, activation: str, seed: int = 3):
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-@pytest.mark.parametrize("T, k", CASES)
-def test_moe_forward_is_bitwise_the_same_on_any_number_of_threads(T, k, activation):
-    x, weights, cfg = layer(T, k, activation)
+@pytest.mark.parametrize("T, k, E", CASES)
+def test_moe_forward_is_bitwise_the_same_on_any_number_of_threads(T, k, E, activation):
+    x, weights, cfg = layer(T, k, activation, E=E)
     outputs = {}
     for threads in THREAD_COUNTS:
         with threadpool_limits(limits=threads, user_api="blas"):
@@ -78,15 +82,15 @@ def test_dense_mlp_and_stages_are_bitwise_the_same_on_any_number_of_threads(T):
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-@pytest.mark.parametrize("T, k", CASES)
-def test_the_fused_layer_equals_its_stages(T, k, activation, capacity_factor):
+@pytest.mark.parametrize("T, k, E", CASES)
+def test_the_fused_layer_equals_its_stages(T, k, E, activation, capacity_factor):
     """moe_forward gathers, scales and adds into y inside its expert tasks;
     the stages (permute, expert_mlp, combine) run the same GEMMs on the same
     rows and the same products, so y is the same to the bit. For k = 2 even
     the sign of a zero agrees (both start from +0 and add the two rows, the
     fused layer in whichever order its workers finish); for k = 1 the fused
     layer writes each row, so a -0 stays -0 where combine's 0 + (-0) is +0."""
-    x, weights, _ = layer(T, k, activation)
+    x, weights, _ = layer(T, k, activation, E=E)
     cfg = topk_moe.MoEConfig(x.shape[1], weights.w1.shape[2], weights.w1.shape[0], k, activation=activation,
                             capacity_factor=capacity_factor)
     fused = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
@@ -99,6 +103,20 @@ def test_the_fused_layer_equals_its_stages(T, k, activation, capacity_factor):
         np.testing.assert_array_equal(fused.y.view(np.uint32), staged.view(np.uint32))
     if capacity_factor is not None and T > 1:
         assert (fused.plan.row < 0).any()  # some assignments were dropped, and the test covered them
+
+
+def test_grouped_experts_keep_both_rows_of_a_token():
+    """T = 16, k = 2, E = 64: the experts of a few rows each run in groups,
+    and a token whose two experts share a group gets both rows (an
+    ``y[token] += rows`` with a token twice would add one of them)."""
+    x, weights, cfg = layer(16, 2, "relu", E=64)
+    fused = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
+    bounds = fused.plan.offsets.tolist()
+    small = sum(1 for e in range(64) if bounds[e] < bounds[e + 1])
+    assert small > cpu.MIN_TASKS  # more experts than tasks: groups of several
+    # The project's one tolerance rule, routed as the layer routed.
+    assert_close_to_reference(fused.y, expected_moe_forward(x, weights, cfg, fused.routing),
+                              plain_moe_forward(x, weights, cfg, fused.routing), name="grouped y")
 
 
 def test_workers_run_at_once():

@@ -34,7 +34,13 @@ How an expert (or the dense MLP) with n rows is cut: into blocks of about
 ROW_BLOCK rows, each a whole MLP (first GEMM, activation, second GEMM) whose
 hidden activations stay in cache; blocks are smaller when the layer has few
 rows in all, so that there are MIN_TASKS of them to share out, but not below
-MIN_BLOCK_ROWS (an expert with fewer rows is one block). A stage with one task
+MIN_BLOCK_ROWS (an expert with fewer rows is one block). Experts that are one
+block each are grouped, consecutive experts together, into about MIN_TASKS
+tasks of at most a block's rows: each group gathers its rows once, runs each
+expert's GEMMs on that expert's rows and one activation over all of them, so
+many experts with a few rows each (E = 64 at decode) cost a few tasks' Python,
+not one task's per expert. The grouping depends only on the routing, and each
+expert's products are the ones it makes alone. A stage with one task
 (one expert touched, a decode step) runs on the calling thread alone: handing
 work to a helper and taking the GIL back costs tens of microseconds, more than
 a second core would save on a task that short. Blocks of at most GEMV_ROWS
@@ -379,7 +385,7 @@ class _RowsInto:
         """Where the MLP writes rows start:stop (here: their place in out)."""
         return self.out[start:stop]
 
-    def store(self, start: int, stop: int, computed: np.ndarray) -> None:
+    def store(self, start: int, stop: int, computed: np.ndarray, pieces=None) -> None:
         pass  # computed in place
 
 
@@ -413,16 +419,22 @@ class _TokenSums:
         """Where the MLP writes rows start:stop (this thread's scratch, moved by ``store``)."""
         return _scratch.get("out", (stop - start, self.y.shape[1]), self.y.dtype)
 
-    def store(self, start: int, stop: int, computed: np.ndarray) -> None:
+    def store(self, start: int, stop: int, computed: np.ndarray, pieces=None) -> None:
+        """Rows start:stop (``computed``) into y. ``pieces``: [a, b) ranges
+        of start:stop, one per expert, for rows of several experts (a group),
+        where a token may come twice (K = 2)."""
         weight = self.weight[start:stop, None]
         if not (weight == 1).all():  # K = 1 with renormalisation: every weight is exactly 1
             computed *= weight
         token = self.token[start:stop]
         if self.k == 1:
-            self.y[token] = computed
+            self.y[token] = computed  # no token twice in the layer's rows
             return
         with self.lock:
-            self.y[token] += computed  # no token twice in one expert's rows
+            # y[token] += rows adds once per distinct index: no token may come
+            # twice in one add, and none does within one expert's rows.
+            for a, b in pieces or [(start, stop)]:
+                self.y[token[a - start:b - start]] += computed[a - start:b - start]
 
 
 # ---------------------------------------------------------------- the MLP tasks
@@ -434,13 +446,36 @@ def _run_experts(source, index, offsets, w1, w2, w3, activation: str, target, wo
     output row handed to ``target`` (``_RowsInto`` or ``_TokenSums``)."""
     bounds = offsets.tolist()
     block_rows = _block_rows(bounds[-1])
-    tasks = []
-    for e in range(w1.shape[0]):
-        if bounds[e] == bounds[e + 1]:
-            continue  # no rows, no task (and no views of its weights)
-        gate_weights = w3[e] if w3 is not None else None
-        tasks += _mlp_tasks(source, index, bounds[e], bounds[e + 1], w1[e], w2[e], gate_weights,
-                            activation, target, block_rows)
+    touched = [e for e in range(w1.shape[0]) if bounds[e] < bounds[e + 1]]  # no rows, no task
+    # An expert of fewer than 1.5 block_rows rows is one block; such experts
+    # go into groups (one task each) of consecutive experts, whose rows are
+    # consecutive too. A group is at most block_rows rows and at most
+    # group_size experts, so that there are about MIN_TASKS groups to share out.
+    small = [e for e in touched if bounds[e + 1] - bounds[e] < 1.5 * block_rows]
+    group_size = max(1, math.ceil(len(small) / MIN_TASKS))
+    tasks, group = [], []
+
+    def close_group():
+        if group:
+            start, stop = bounds[group[0]], bounds[group[-1] + 1]
+            tasks.append((stop - start, functools.partial(_mlp_group, source, index, group[:], bounds, w1, w2, w3,
+                                                          activation, target)))
+            group.clear()
+
+    for e in touched:
+        rows = bounds[e + 1] - bounds[e]
+        if rows >= 1.5 * block_rows:
+            close_group()
+            gate_weights = w3[e] if w3 is not None else None
+            tasks += _mlp_tasks(source, index, bounds[e], bounds[e + 1], w1[e], w2[e], gate_weights,
+                                activation, target, block_rows)
+            continue
+        # Only experts without rows lie between a group's last expert and e
+        # (a large one closes the group), so the group's rows stay consecutive.
+        if group and (len(group) == group_size or bounds[e + 1] - bounds[group[0]] > block_rows):
+            close_group()
+        group.append(e)
+    close_group()
     # Largest blocks first, so that the last tasks the workers take are short ones.
     tasks.sort(key=lambda sized: sized[0], reverse=True)
     _run([task for _, task in tasks], workers)
@@ -477,6 +512,34 @@ def _mlp_block(source, index, start: int, stop: int, w1, w2, w3, activation: str
     out = target.buffer(start, stop)
     _mlp_into(v, w1, w2, w3, activation, out)
     target.store(start, stop, out)
+
+
+def _mlp_group(source, index, experts: list, bounds: list, w1, w2, w3, activation: str, target) -> None:
+    """Consecutive experts, each of its rows bounds[e]:bounds[e + 1], as one
+    task: one gather of all their rows, each expert's GEMMs on its own rows,
+    one activation over all hidden rows (element-wise, so the same values as
+    one per expert) and one store. Many experts with a few rows each (decode,
+    E = 64) cost one task's Python instead of one per expert."""
+    start, stop = bounds[experts[0]], bounds[experts[-1] + 1]
+    if len(experts) == 1:
+        e = experts[0]
+        _mlp_block(source, index, start, stop, w1[e], w2[e], None if w3 is None else w3[e], activation, target)
+        return
+    rows = None if index is None else _scratch.get("rows", (stop - start, source.shape[1]), source.dtype)
+    v = _rows(source, index, start, stop, rows)
+    hidden = _scratch.get("hidden", (stop - start, w1.shape[2]), v.dtype)
+    gate = None if activation != "swiglu" else _scratch.get("gate", hidden.shape, v.dtype)
+    for e in experts:
+        a, b = bounds[e] - start, bounds[e + 1] - start
+        _matmul(v[a:b], w1[e], hidden[a:b])
+        if gate is not None:
+            _matmul(v[a:b], w3[e], gate[a:b])
+    _activate(hidden, gate, activation)
+    out = target.buffer(start, stop)
+    for e in experts:
+        a, b = bounds[e] - start, bounds[e + 1] - start
+        _matmul(hidden[a:b], w2[e], out[a:b])
+    target.store(start, stop, out, [(bounds[e], bounds[e + 1]) for e in experts])
 
 
 def _mlp_into(v, w1, w2, w3, activation: str, out: np.ndarray) -> None:
