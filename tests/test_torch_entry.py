@@ -357,13 +357,20 @@ def test_the_overhead_measurement_writes_its_records(tmp_path):
 
 def test_the_overhead_of_a_round_is_the_torch_median_minus_the_numpy_median():
     from analysis.measure import torch_overhead
+    from analysis.measure.timing import Timing
 
-    medians = {"numpy": [10.0, 20.0, 30.0], "torch-function": [11.0, 23.0, 32.0], "moe-layer": [15.0, 25.0, 35.0]}
-    function, layer = torch_overhead.to_records(medians, {"tokens": 1})
+    def rounds(medians, fast):
+        return [Timing(median_s=m, p20_s=f, p80_s=m + 1, repeats=5) for m, f in zip(medians, fast)]
+
+    timings = {"numpy": rounds([10.0, 20.0, 30.0], [9.0, 9.0, 9.0]),
+               "torch-function": rounds([11.0, 23.0, 32.0], [10.0, 10.5, 11.0]),
+               "moe-layer": rounds([15.0, 25.0, 35.0], [12.0, 12.0, 12.0])}
+    function, layer = torch_overhead.to_records(timings, {"tokens": 1})
     assert function["entry"] == "torch-function" and function["overhead_median_s"] == 2.0
     assert function["numpy_median_s"] == 20.0 and function["torch_median_s"] == 23.0
-    assert function["overhead_fraction"] == 0.1
-    assert layer["overhead_median_s"] == 5.0 and layer["params"] == {"tokens": 1, "entry": "moe-layer"}
+    assert function["overhead_fraction"] == 0.1 and function["overhead_fast_calls_s"] == 1.5
+    assert layer["overhead_median_s"] == 5.0 and layer["overhead_fast_calls_s"] == 3.0
+    assert layer["params"] == {"tokens": 1, "entry": "moe-layer"}
 
 
 def test_the_readme_examples_run(monkeypatch):
