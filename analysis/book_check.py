@@ -15,7 +15,11 @@ client is tornado's, which Jupyter already installs). The check fails when a pag
   image that did not load;
 - shows a literal ``{glue`` (a glue reference the build left unfilled);
 - has a table wider than the page's column that is not inside a container the
-  reader can scroll sideways.
+  reader can scroll sideways;
+- (issue 23) has a table whose content overflows its container, so that the reader
+  would have to scroll sideways, or a chart that is not a numbered figure ("Figure
+  n. ..." caption) with alt text saying what it shows. Pages in ``NOT_YET_STRICT``
+  get these as printed warnings until their chapters move to the new helpers.
 
 A full-page screenshot of each page is kept under ``--screens`` for people to
 look at. Exit status 0 when every page passes, 1 otherwise (each problem is
@@ -71,7 +75,11 @@ PAGE_SCRIPT = r"""
     if (!visible(el)) continue;
     const box = el.getBoundingClientRect();
     const loaded = el.tagName.toLowerCase() !== "img" || (el.complete && el.naturalWidth > 0);
-    charts.push({what: describe(el), width: box.width, height: box.height, loaded: loaded});
+    const figure = el.closest("figure");
+    const caption = figure ? figure.querySelector("figcaption") : null;
+    charts.push({what: describe(el), width: box.width, height: box.height, loaded: loaded,
+                 alt: el.getAttribute("alt") || el.getAttribute("aria-label") || "",
+                 caption: caption ? caption.innerText : ""});
   }
   const tables = [];
   for (const table of column.querySelectorAll("table")) {
@@ -84,7 +92,8 @@ PAGE_SCRIPT = r"""
     const box = (scroller || table).getBoundingClientRect();
     const header = Array.from(table.querySelectorAll("th")).slice(0, 3).map((th) => th.innerText).join(" | ");
     tables.push({header: header.slice(0, 80), left: box.left, right: box.right,
-                 table_width: table.getBoundingClientRect().width, scrolls: scroller !== null});
+                 table_width: table.getBoundingClientRect().width, scrolls: scroller !== null,
+                 container_width: scroller ? scroller.clientWidth : box.width});
   }
   return {title: document.title, text: document.body.innerText, charts: charts, tables: tables,
           column_left: columnBox.left, column_right: columnBox.right,
@@ -105,11 +114,46 @@ class PageReport:
 
     @property
     def problems(self) -> list:
-        return problems(self.requests, self.console_errors, self.seen)
+        return problems(self.requests, self.console_errors, self.seen, strict=self.page not in NOT_YET_STRICT)
+
+    @property
+    def warnings(self) -> list:
+        """The strict rules' breaches on a page not yet held to them (NOT_YET_STRICT)."""
+        return strict_problems(self.seen) if self.page in NOT_YET_STRICT else []
 
 
-def problems(requests: list, console_errors: list, seen: dict) -> list:
-    """Every rule a page breaks, one sentence each (see the module docstring)."""
+#: Pages not yet held to the rules issue 23 added (a table's content must fit its container
+#: without scrolling; a chart must be a numbered figure with a caption and alt text that
+#: is not a file name): their breaches are printed as warnings, not failures. Empty this
+#: as their chapters move to display.table's fitting tables and charts.figure.
+NOT_YET_STRICT = frozenset({"generated/kernels.html", "generated/gpu_performance.html",
+                            "generated/cpu_baseline.html", "generated/expert_parallel.html"})
+#: Alt text that names a file rather than saying what the chart shows.
+FILE_NAME_ALT = re.compile(r"^[\w./-]+\.(svg|png|jpe?g|gif)$|^_images/", re.IGNORECASE)
+
+
+def strict_problems(seen: dict) -> list:
+    """The rules of issue 23, item 5 and 6: every chart a captioned figure ("Figure n. ...")
+    with alt text that says what it shows, and every table's content within its container
+    (no sideways scrolling)."""
+    found = []
+    for chart in seen.get("charts", []):
+        alt = (chart.get("alt") or "").strip()
+        if not alt or FILE_NAME_ALT.search(alt):
+            found.append(f"chart without alt text saying what it shows (alt {alt[:60]!r}): {chart['what'][:60]}")
+        if not (chart.get("caption") or "").strip().startswith("Figure "):
+            found.append(f"chart without a numbered caption ('Figure n. ...'): {chart['what'][:60]}")
+    for table in seen.get("tables", []):
+        container = table.get("container_width")
+        if container is not None and table["table_width"] > container + 1:
+            found.append(f"table content overflows its container ({table['table_width']:.0f} px of table in "
+                         f"{container:.0f} px): {table['header']}")
+    return found
+
+
+def problems(requests: list, console_errors: list, seen: dict, *, strict: bool = True) -> list:
+    """Every rule a page breaks, one sentence each (see the module docstring); with
+    ``strict``, also those of ``strict_problems``."""
     found = [f"request leaves the file system: {url}" for url in requests if not url.startswith(LOCAL_SCHEMES)]
     found += [f"console error: {text}" for text in console_errors]
     for chart in seen.get("charts", []):
@@ -125,6 +169,8 @@ def problems(requests: list, console_errors: list, seen: dict) -> list:
             how = "its scrolling box" if table["scrolls"] else "the table"
             found.append(f"table wider than the page column ({how} ends at {table['right']:.0f} px, the column at "
                          f"{column_right:.0f} px): {table['header']}")
+    if strict:
+        found += strict_problems(seen)
     return found
 
 
@@ -316,6 +362,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{'FAIL' if found else 'ok  '} {report.page}")
         for problem in found:
             print(f"     - {problem}")
+        for warning in report.warnings:
+            print(f"     ~ not yet held to it: {warning}")
     print(f"{len(reports)} pages checked, {failed} with problems; screenshots in {_shown(args.screens)}")
     return 1 if failed else 0
 

@@ -46,3 +46,46 @@ def palette(domain) -> alt.Scale:
     (charts with more than eight series repeat them; none in this book has that many)."""
     domain = list(domain)
     return alt.Scale(domain=domain, range=[OKABE_ITO[i % len(OKABE_ITO)] for i in range(len(domain))])
+
+
+# ---------------------------------------------------------------- numbered figures with captions
+
+import base64  # noqa: E402
+import html  # noqa: E402
+import itertools  # noqa: E402
+
+#: Each executed notebook runs in its own kernel, so this numbers a chapter's figures 1, 2, ...
+_figure_numbers = itertools.count(1)
+
+
+def reset_figure_numbers() -> None:
+    """Start numbering figures at 1 again (for a second chapter run in the same process)."""
+    global _figure_numbers
+    _figure_numbers = itertools.count(1)
+
+
+class Figure:
+    """A chart as the page shows it: the SVG image with alt text, under it "Figure n." and
+    its caption. In HTML it is one ``<figure>``; the image is inline (a data: URL), so the
+    page still loads nothing from the network."""
+
+    def __init__(self, svg: str, number: int, caption: str, alt: str):
+        self.svg, self.number, self.caption, self.alt = svg, number, caption, alt
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        source = "data:image/svg+xml;base64," + base64.b64encode(self.svg.encode("utf-8")).decode("ascii")
+        markup = (f'<figure class="moe-figure" id="figure-{self.number}" style="margin:1em 0">'
+                  f'<img src="{source}" alt="{html.escape(self.alt, quote=True)}" style="max-width:100%;height:auto">'
+                  f'<figcaption style="font-size:0.9em"><strong>Figure {self.number}.</strong> '
+                  f'{html.escape(self.caption)}</figcaption></figure>')
+        return {"text/html": markup, "text/plain": f"Figure {self.number}. {self.caption}"}
+
+
+def figure(chart: alt.TopLevelMixin, caption: str, alt_text: str) -> Figure:
+    """Show ``chart`` as the chapter's next numbered figure: ``caption`` says what to read
+    from it (one or two sentences), ``alt_text`` what it shows, for a reader who cannot see it.
+    Both are required: a figure without them is what issue 23 asked to remove."""
+    for name, value in (("caption", caption), ("alt_text", alt_text)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name}: expected a non-empty sentence, got {value!r}")
+    return Figure(to_svg(chart), next(_figure_numbers), caption.strip(), alt_text.strip())

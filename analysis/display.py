@@ -2,8 +2,10 @@
 
 Every chapter shows its text notes and its tables through this module, so the
 book has one look: a note is an admonition box; a table has no index column,
-3-4 significant digits, units in its headers and scrolls sideways inside the
-page column instead of being cut off when it is wide.
+3-4 significant digits, units in its headers (which wrap at spaces), and scrolls
+sideways inside the page column instead of being cut off when it is wide (though
+the book check fails a chapter held to issue 23's rules whose table needs it:
+such a table should lose columns, with ``drop_constant``, or split).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import html
 import math
 import numbers
+from typing import Sequence
 
 
 class Note:
@@ -57,11 +60,21 @@ class Table:
     """A pandas DataFrame shown as a formatted HTML table (no index column,
     ``digits`` significant digits, sideways scrolling when wide)."""
 
-    def __init__(self, frame, digits: int = 3, caption: str | None = None, empty: str = "Nothing to list."):
+    def __init__(self, frame, digits: int = 3, caption: str | None = None, empty: str = "Nothing to list.",
+                 drop_constant: bool = False, unbroken: Sequence[str] = ()):
         # A named index (set_index(["preset", "T"])) is data: show it as columns. An
         # unnamed one (0, 1, 2, ...) is not, and is never shown.
         if any(name is not None for name in frame.index.names):
             frame = frame.reset_index()
+        missing = [column for column in unbroken if column not in frame.columns]
+        if missing:
+            raise ValueError(f"unbroken: expected columns of the table, got {missing} (columns: {list(frame.columns)})")
+        if drop_constant and len(frame) > 1:
+            frame, constants = _split_constant_columns(frame, digits)
+            if constants:
+                same = "; ".join(f"{name}: {value}" for name, value in constants)
+                caption = f"{caption + ' ' if caption else ''}The same in every row: {same}."
+        self.unbroken = set(unbroken)
         self.frame = frame
         self.digits = digits
         self.caption = caption
@@ -74,6 +87,13 @@ class Table:
                 for row in self.frame.itertuples(index=False, name=None)]
         return header, rows
 
+    def _html_cell(self, column, text: str) -> str:
+        """A cell's HTML: in an ``unbroken`` column each space-separated word stays whole
+        (a compiler flag such as -Xptxas is never broken at its hyphen); lines break at spaces."""
+        if column not in self.unbroken:
+            return text
+        return " ".join(f'<span style="white-space:nowrap">{word}</span>' for word in text.split(" "))
+
     def _repr_html_(self) -> str:
         if self.frame.empty:
             return f"<p><em>{html.escape(self.empty)}</em></p>"
@@ -84,9 +104,12 @@ class Table:
         align = [f'style="text-align:{"right" if is_number else "left"}'
                  f'{";white-space:nowrap" if is_number or is_short else ""}"'
                  for is_number, is_short in zip(numeric, short)]
-        head = "".join(f'<th style="text-align:{"right" if is_number else "left"}">{h}</th>'
+        # Headers are words with units: they wrap at spaces, so a long header costs height, not width.
+        head = "".join(f'<th style="text-align:{"right" if is_number else "left"};white-space:normal">{h}</th>'
                        for is_number, h in zip(numeric, header))
-        body = "".join("<tr>" + "".join(f"<td {a}>{c}</td>" for a, c in zip(align, row)) + "</tr>" for row in rows)
+        columns = list(self.frame.columns)
+        body = "".join("<tr>" + "".join(f"<td {a}>{self._html_cell(column, c)}</td>"
+                                        for a, c, column in zip(align, row, columns)) + "</tr>" for row in rows)
         caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
         return (f'<div class="moe-table" style="overflow-x:auto;max-width:100%">'
                 f'<table class="table">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
@@ -101,7 +124,27 @@ class Table:
         return "\n".join(lines)
 
 
-def table(frame, digits: int = 3, caption: str | None = None, empty: str = "Nothing to list.") -> Table:
+def _split_constant_columns(frame, digits: int) -> tuple:
+    """(frame without its constant and empty columns, [(name, shown value)] of the constant ones)."""
+    constants, keep = [], []
+    for column in frame.columns:
+        shown = {significant(value, digits) for value in frame[column]}
+        if shown <= {"", "\u2013"}:
+            continue  # empty: every cell blank or missing
+        if len(shown) == 1:
+            constants.append((str(column), shown.pop()))
+        else:
+            keep.append(column)
+    return frame[keep], constants
+
+
+def table(frame, digits: int = 3, caption: str | None = None, empty: str = "Nothing to list.",
+          drop_constant: bool = False, unbroken: Sequence[str] = ()) -> Table:
     """Show ``frame`` in a chapter: ``display.table(df)`` as a cell's last line. A frame
-    without rows shows the sentence ``empty`` instead of an empty table."""
-    return Table(frame, digits=digits, caption=caption, empty=empty)
+    without rows shows the sentence ``empty`` instead of an empty table.
+
+    ``drop_constant``: leave out columns that are empty or hold one value in every row;
+    the constant ones are named with their value in the caption instead.
+    ``unbroken``: columns whose words must not break inside (flags such as ``-O3``,
+    paths): their lines break only at spaces."""
+    return Table(frame, digits=digits, caption=caption, empty=empty, drop_constant=drop_constant, unbroken=unbroken)

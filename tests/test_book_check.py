@@ -19,10 +19,14 @@ def _page(body: str, head: str = "") -> str:
 
 
 PAGES = {
-    "good.html": _page('<p>Fine.</p><img src="chart.svg" alt="chart">'
-                       '<div style="overflow-x:auto;max-width:100%"><table style="width:1500px">'
-                       '<tr><th>wide but scrolls</th></tr></table></div>'
+    "good.html": _page('<p>Fine.</p><figure><img src="chart.svg" alt="A blue bar the width of the chart">'
+                       '<figcaption>Figure 1. One bar.</figcaption></figure>'
+                       '<div style="overflow-x:auto;max-width:100%"><table style="width:500px">'
+                       '<tr><th>fits its scroll box</th></tr></table></div>'
                        '<table><tr><th>narrow</th></tr></table>'),
+    "uncaptioned.html": _page('<img src="chart.svg" alt="chart.svg">'),
+    "scrolls.html": _page('<div style="overflow-x:auto;max-width:100%"><table style="width:1500px">'
+                          '<tr><th>wide, in a scroll box</th></tr></table></div>'),
     "network.html": _page("<p>x</p>", head='<script src="https://cdn.example.invalid/lib.js"></script>'),
     "console.html": _page("<p>x</p><script>console.error('broken on purpose')</script>"),
     "zero.html": _page('<img src="chart.svg" style="width:0;height:0" alt="flat chart">'),
@@ -40,7 +44,7 @@ def test_rules_on_recorded_pages():
                        {"what": "c.svg", "width": 10, "height": 10, "loaded": True}],
             "tables": [{"header": "h", "right": 900.0, "scrolls": False, "table_width": 900},
                        {"header": "ok", "right": 790.0, "scrolls": True, "table_width": 2000}]}
-    found = book_check.problems(["file:///a.css", "data:x", "https://x.org/a.js"], ["oops"], seen)
+    found = book_check.problems(["file:///a.css", "data:x", "https://x.org/a.js"], ["oops"], seen, strict=False)
     assert len(found) == 6
     assert any("https://x.org/a.js" in p for p in found) and any("oops" in p for p in found)
     assert any("zero size" in p and "a.svg" in p for p in found)
@@ -48,6 +52,33 @@ def test_rules_on_recorded_pages():
     assert any("{glue:text}" in p for p in found)
     assert any("wider than the page column" in p and "h" in p for p in found)
     assert book_check.problems(["file:///x.html"], [], {"text": "plain", "charts": [], "tables": []}) == []
+
+
+def test_strict_rules_on_recorded_pages():
+    """Issue 23's rules: a chart is a numbered figure with alt text that is not a file name,
+    and a table's content fits its container."""
+    seen = {"text": "", "column_right": 800.0,
+            "charts": [{"what": "a", "width": 10, "height": 10, "loaded": True, "alt": "_images/a.svg", "caption": ""},
+                       {"what": "b", "width": 10, "height": 10, "loaded": True,
+                        "alt": "A line chart of time against tokens", "caption": "Figure 2. Time."}],
+            "tables": [{"header": "wide", "right": 790.0, "scrolls": True, "table_width": 2000, "container_width": 700},
+                       {"header": "fits", "right": 790.0, "scrolls": True, "table_width": 690, "container_width": 700}]}
+    found = book_check.strict_problems(seen)
+    assert len(found) == 3, found
+    assert any("alt text" in p and "_images/a.svg" in p for p in found)
+    assert any("numbered caption" in p for p in found)
+    assert any("overflows its container" in p and "wide" in p for p in found)
+    assert len(book_check.problems([], [], seen)) == 3
+    assert book_check.problems([], [], seen, strict=False) == []
+
+
+def test_pages_not_yet_strict_only_warn():
+    seen = {"text": "", "charts": [{"what": "a", "width": 10, "height": 10, "loaded": True, "alt": "", "caption": ""}],
+            "tables": []}
+    page = sorted(book_check.NOT_YET_STRICT)[0]
+    report = book_check.PageReport(page=page, seen=seen)
+    assert report.problems == [] and len(report.warnings) == 2
+    assert len(book_check.PageReport(page="generated/answers.html", seen=seen).problems) == 2
 
 
 def test_pages_leave_out_assets(tmp_path):
@@ -86,6 +117,9 @@ def test_a_clean_page_passes_and_is_photographed(reports):
     ("missing-image.html", "image did not load"),
     ("glue.html", "unfilled glue reference"),
     ("wide.html", "table wider than the page column"),
+    ("uncaptioned.html", "chart without alt text"),
+    ("uncaptioned.html", "chart without a numbered caption"),
+    ("scrolls.html", "table content overflows its container"),
 ])
 def test_each_rule_fails_its_page(reports, page, expected):
     found, _ = reports

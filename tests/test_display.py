@@ -51,3 +51,38 @@ def test_palette_is_okabe_ito_in_order():
 def test_an_empty_table_is_a_sentence():
     shown = display.table(pd.DataFrame(columns=["what", "problem"]), empty="Nothing failed.")
     assert shown._repr_html_() == "<p><em>Nothing failed.</em></p>" and repr(shown) == "Nothing failed."
+
+
+def test_constant_and_empty_columns_move_to_the_caption():
+    frame = pd.DataFrame({"arm": ["a", "b"], "dtype": ["float32", "float32"], "note": [None, None],
+                          "time (ms)": [1.0, 2.0]})
+    shown = display.table(frame, drop_constant=True)
+    assert list(shown.frame.columns) == ["arm", "time (ms)"]
+    assert shown.caption == "The same in every row: dtype: float32."
+    assert list(display.table(frame).frame.columns) == list(frame.columns)  # opt-in
+
+
+def test_unbroken_columns_keep_each_word_whole_and_headers_wrap():
+    frame = pd.DataFrame({"flags": ["-O3 -Xptxas -v"], "x": [1]})
+    html = display.table(frame, unbroken=["flags"])._repr_html_()
+    assert '<span style="white-space:nowrap">-Xptxas</span>' in html
+    assert "white-space:normal" in html
+    with pytest.raises(ValueError, match="unbroken: expected columns of the table"):
+        display.table(frame, unbroken=["nope"])
+
+
+def test_figure_is_numbered_with_caption_and_alt_text():
+    import altair as alt
+
+    from analysis import charts
+
+    charts.reset_figure_numbers()
+    chart = alt.Chart(pd.DataFrame({"x": [1, 2], "y": [3, 4]})).mark_line().encode(x="x:Q", y="y:Q")
+    first = charts.figure(chart, "What to read from it.", "A rising line.")
+    second = charts.figure(chart, "Another.", "Another line.")
+    html = second._repr_mimebundle_()["text/html"]
+    assert first.number == 1 and second.number == 2
+    assert "<strong>Figure 2.</strong> Another." in html and 'alt="Another line."' in html
+    assert 'src="data:image/svg+xml;base64,' in html
+    with pytest.raises(ValueError, match="alt_text: expected a non-empty sentence"):
+        charts.figure(chart, "Caption.", " ")
