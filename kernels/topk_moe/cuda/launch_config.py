@@ -43,7 +43,8 @@ def router_defines(n_experts: int) -> dict:
 # dispatch.cu ----------------------------------------------------------------
 
 DISPATCH_ROUNDS = 8
-#: Assignments per segment (one warp, DISPATCH_ROUNDS rounds of 32).
+#: Elements of the (T, k) experts array per segment (one warp, DISPATCH_ROUNDS
+#: rounds of 32 consecutive elements, in memory order).
 DISPATCH_SEGMENT = WARP * DISPATCH_ROUNDS
 DISPATCH_MAX_WARPS = 8
 #: Each warp keeps an int counter per expert in shared memory; the default

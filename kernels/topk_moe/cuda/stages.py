@@ -141,7 +141,7 @@ class Stages:
         counts = xp.empty(n_experts, dtype=np.int64)
         offsets = xp.empty(n_experts + 1, dtype=np.int64)
         row = xp.empty((n_tokens, k), dtype=np.int64)
-        segment_counts = xp.empty(n_experts * n_segments, dtype=np.int64)  # (E, segments)
+        segment_counts = xp.empty(n_experts * k * n_segments, dtype=np.int64)  # (E, k, segments)
 
         if n_segments > 0:
             self.get_kernel("dispatch.cu", "dispatch_count_segments", **defines)(
@@ -152,7 +152,7 @@ class Stages:
             )
         self.get_kernel("dispatch.cu", "dispatch_scan_segments", **defines)(
             (n_experts,), (config.SCAN_THREADS,),
-            (segment_counts, np.int64(n_segments), capacity_arg, counts),
+            (segment_counts, np.int64(k * n_segments), capacity_arg, counts),  # row length per expert
         )
         self.get_kernel("dispatch.cu", "dispatch_offsets", **defines)(
             (1,), (config.SCAN_THREADS,), (counts, np.int32(n_experts), offsets),
