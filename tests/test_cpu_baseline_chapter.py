@@ -70,3 +70,49 @@ def test_bad_parameters_are_one_clear_sentence(arguments, message):
     with pytest.raises(ValueError, match=message):
         cpu_baseline.validate_parameters(*arguments)
     cpu_baseline.validate_parameters("auto", None, None)
+
+
+# ---------------------------------------------------------------- the shape grid (issue 24)
+
+
+def test_without_grid_records_the_grid_section_names_the_command(tmp_path):
+    view = cpu_baseline.grid_view(tmp_path)
+    assert view.empty and cpu_baseline.NO_GRID_RECORDS in view.note
+    assert 'make bench-cpu BENCH_ARGS="--grid"' in view.note
+    assert cpu_baseline.grid_frame(view).empty and cpu_baseline.fixed_cost_frame(view).empty
+    goals = cpu_baseline.grid_goals_frame(view)
+    assert len(goals) == 4 and set(goals["verdict"]) == {"not judged"}
+    assert cpu_baseline.grid_numbers(view)["grid_points"] == bench_cpu.GRID_POINTS
+
+
+def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsys):
+    points = [bench_cpu.GridPoint(64, 128, 16, 1, "swiglu", 2), bench_cpu.GridPoint(32, 64, 4, 260, "gelu", 1)]
+    monkeypatch.setattr(bench_cpu, "grid_points", lambda count: points[:count])
+    assert bench_cpu.main(["--grid", "--quick", "--grid-points", "2", "--no-torch", "--results-dir",
+                           str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    view = cpu_baseline.grid_view(tmp_path)
+    assert "newest committed bench-cpu grid run" in view.note and "bench-cpu-grid.jsonl" in view.note
+    assert "2 shapes, 2 round(s) each" in view.note and "PyTorch not timed" in view.note
+    frame = cpu_baseline.grid_frame(view)
+    assert list(frame["T"]) == [1, 260] and list(frame["E"]) == [16, 4]
+    assert "±" in frame["÷ weight-read floor"].iloc[0] and frame["÷ weight-read floor"].iloc[1] == "–"
+    assert (frame["÷ PyTorch loop"] == "–").all()  # not timed: a dash
+    assert frame["MoE ms"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
+    goals = cpu_baseline.grid_goals_frame(view)
+    assert goals["verdict"].iloc[3] in ("met", "missed", "met (interval reaches across)",
+                                        "missed (interval reaches across)")
+    assert "T=1" in goals["at"].iloc[3]
+    assert goals["verdict"].iloc[0] == "not judged"  # no PyTorch loop
+    fixed = cpu_baseline.fixed_cost_frame(view)
+    assert list(fixed["step"]) == [*bench_cpu.FIXED_COST_STEPS, "whole call"] * 2
+    assert set(fixed["k"]) == {1, 2} and (fixed["µs"] > 0).sum() >= 2 * 5
+    for step, microseconds in zip(fixed["step"], fixed["µs"]):  # the printed breakdown is the one shown
+        assert f"{step:<17} {microseconds:8.1f} us" in printed
+    assert "<svg" in charts.to_svg(cpu_baseline.grid_chart(view))
+
+
+def test_the_sweep_note_names_its_conditions():
+    text = cpu_baseline.sweep_conditions("Note: AMD EPYC, commit abc.")
+    assert text.startswith("Note: AMD EPYC, commit abc.") and "older backend" in text and "in cache" in text
+    assert "not shown" in text

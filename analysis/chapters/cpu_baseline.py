@@ -1,9 +1,13 @@
-"""The CPU-baseline chapter (book/notebooks/cpu_baseline.ipynb): the ``bench-cpu`` view.
+"""The CPU-baseline chapter (book/notebooks/cpu_baseline.ipynb): the ``bench-cpu`` views.
 
-The chapter's sweep figures come from ``analysis.chapters.performance``, shared
-with the GPU chapter; this module adds what only the CPU chapter shows, the
-newest committed ``make bench-cpu`` run: our MoE against our dense MLPs and
-PyTorch's layers, its ceilings, its four targets and a chart of the ratios.
+The newest committed ``make bench-cpu`` run (our MoE against our dense MLPs
+and PyTorch's layers at one shape, its ceilings, its four targets and a chart
+of the ratios) and the newest ``bench-cpu --grid`` run (the same over a grid
+of shapes, the grid's targets and the fixed cost of a T = 1 call by step).
+Of the older ``make sweep-cpu`` records the chapter keeps only the skew
+ratios (``analysis.chapters.performance``), labelled with their conditions:
+its times, measured with weights in cache on an older backend, contradicted
+the bench (issue 23, item 2) and are not shown.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import pandas as pd
 
 from analysis import charts
 from analysis import records as record_io
+from analysis.chapters import performance
 from analysis.chapters.performance import check_sweep_parameters, newest_folder, newest_run, provenance_text
 from analysis.measure import bench_cpu
 
@@ -217,3 +222,164 @@ def ratio_chart(view: BenchCpuView) -> alt.TopLevelMixin:
     return alt.layer(base, intervals, target, data=frame).facet(
         column=alt.Column("activation:N", title=None), row=alt.Row("k:N", title=None)
     ).properties(title="MoE time over each other layer's time (below 1: the MoE is faster)")
+
+
+# ---------------------------------------------------------------- the shape grid (issue 24)
+
+
+GRID_COMMAND = 'make bench-cpu BENCH_ARGS="--grid"'
+NO_GRID_RECORDS = (f"no bench-cpu-grid records yet: run `{GRID_COMMAND}` (about 15 minutes on 2 idle cores) "
+                   "to measure the shape grid, its targets and the fixed cost of a decode step")
+
+
+@dataclasses.dataclass
+class GridView:
+    """The newest committed ``bench-cpu --grid`` run as the CPU chapter shows it."""
+
+    note: str
+    #: ``bench_cpu.grid_rows`` of the run (empty without records).
+    rows: list
+    #: ``bench_cpu.fixed_cost_rows`` of the run.
+    fixed: list = dataclasses.field(default_factory=list)
+    run: list = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+
+def grid_view(results_dir=None) -> GridView:
+    """The newest ``bench-cpu-grid`` run on a CPU, rebuilt from its records
+    (``bench_cpu.grid_rows``, ``fixed_cost_rows``), with a note naming where it
+    comes from; or only a note naming the command that makes one."""
+    folder = newest_folder("cpu", results_dir, kind=bench_cpu.GRID_KIND)
+    if folder is None:
+        root = record_io.results_root(results_dir)
+        shown = root.relative_to(record_io.REPO_ROOT) if root.is_relative_to(record_io.REPO_ROOT) else root
+        return GridView(f"{NO_GRID_RECORDS} (none under {shown.as_posix()}/).", [])
+    run = newest_run(record_io.read_records(bench_cpu.GRID_KIND, results_dir=results_dir, device=folder))
+    rows = bench_cpu.grid_rows(run)
+    rounds = max((row["rounds"] for row in rows), default=0)
+    note = (f"The newest committed bench-cpu grid run, not measured while this chapter ran: "
+            f"{provenance_text(run[0], folder, bench_cpu.GRID_KIND)}; {len(rows)} shapes, {rounds} round(s) each; "
+            f"{thread_text(run)}.")
+    return GridView(note, rows, bench_cpu.fixed_cost_rows(run), run)
+
+
+#: The grid table's ratio columns (row field: header).
+GRID_RATIOS = {"moe_over_torch_eager": "÷ PyTorch loop", "moe_over_dense_active": "÷ our dense K·F",
+               "moe_over_weight_floor": "÷ weight-read floor"}
+
+
+def grid_frame(view: GridView) -> pd.DataFrame:
+    """Every grid point: its shape, the MoE's time (median over the rounds)
+    and each ratio as its geometric mean over the rounds ± the larger side of
+    its 95% interval ("–" where the point has none: the weight-read floor
+    exists for T ≤ DECODE_TOKENS only)."""
+    columns = {"activation": "activation", "tokens": "T", "top_k": "k", "d_model": "D", "d_ff": "F",
+               "n_experts": "E", "moe_s": "MoE ms", **GRID_RATIOS}
+    shown = []
+    for row in view.rows:
+        line = {field: row[field] for field in ("activation", "tokens", "top_k", "d_model", "d_ff", "n_experts")}
+        line["moe_s"] = row["moe_s"] * 1e3
+        for field in GRID_RATIOS:
+            line[field] = "–" if row[field] is None else bench_cpu.ratio_text(row, field)
+        shown.append(line)
+    return pd.DataFrame(shown, columns=list(columns)).rename(columns=columns)
+
+
+def grid_goals_frame(view: GridView) -> pd.DataFrame:
+    """The grid's four targets: value (the worst point's, or the median's),
+    its 95% interval over the rounds, where, verdict."""
+    return _goals_table(bench_cpu.grid_goals(view.rows))
+
+
+def _goals_table(found: list) -> pd.DataFrame:
+    verdicts = {True: "met", False: "missed", None: "not judged"}
+
+    def interval(goal):
+        return "–" if goal.interval is None else f"{goal.interval[0]:.3g} to {goal.interval[1]:.3g}"
+
+    return pd.DataFrame([{"target": goal.name, "value": goal.worst, "95% interval": interval(goal), "at": goal.where,
+                          "verdict": verdicts[goal.met] + (" (interval reaches across)" if goal.within_noise else "")}
+                         for goal in found])
+
+
+def fixed_cost_frame(view: GridView) -> pd.DataFrame:
+    """The fixed cost of a T = 1 call by step (``bench_cpu.measure_fixed_cost``),
+    per k: microseconds (median over the rounds) and share of the whole call."""
+    return pd.DataFrame([{"layer": row["shape"], "k": row["top_k"], "step": row["step"], "µs": row["us"],
+                          "share of the call": f"{100 * row['share']:.0f}%"} for row in view.fixed],
+                        columns=["layer", "k", "step", "µs", "share of the call"])
+
+
+#: The grid chart's panels: (row field, panel title, the target drawn as a dashed rule).
+GRID_CHART = (
+    ("moe_over_torch_eager", "÷ PyTorch eager loop", bench_cpu.GRID_GOAL_WORST_TO_EAGER),
+    ("moe_over_dense_active", "÷ our dense at K·F", bench_cpu.GOAL_MAX_RATIO_TO_DENSE_ACTIVE),
+    ("moe_over_weight_floor", "÷ weight-read floor", bench_cpu.GRID_GOAL_DECODE_OVER_FLOOR),
+)
+
+
+def grid_chart(view: GridView) -> alt.TopLevelMixin:
+    """Each grid point's MoE time over each baseline against T, one panel per
+    baseline, coloured by E, with its 95% interval; the dashed rule is the
+    panel's target at its worst point (the loop's median target is 0.9)."""
+    lines = []
+    for row in view.rows:
+        for field, title, target in GRID_CHART:
+            if row.get(field) is None:
+                continue
+            interval = row.get(f"{field}_interval") or [row[field], row[field]]
+            lines.append({"compared with": title, "T": row["tokens"], "E": f"E = {row['n_experts']}",
+                          "MoE time / its time": row[field], "95% low": interval[0], "95% high": interval[1],
+                          "target": target,
+                          "shape": f"{row['activation']} k={row['top_k']} D={row['d_model']} F={row['d_ff']}"})
+    frame = pd.DataFrame(lines)
+    experts = [f"E = {E}" for E in bench_cpu.GRID_AXES["n_experts"]]
+    colour = alt.Color("E:N", sort=experts, scale=charts.palette(experts), legend=alt.Legend(title="experts"))
+    x = alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="tokens T",
+              axis=alt.Axis(values=list(bench_cpu.GRID_AXES["tokens"])))
+    points = alt.Chart().mark_point(filled=True).encode(
+        x=x, y=alt.Y("MoE time / its time:Q", scale=alt.Scale(type="log"), title="MoE time / its time (log)"),
+        color=colour, tooltip=["shape", "T", "E", alt.Tooltip("MoE time / its time:Q", format=".3f")])
+    bars = alt.Chart().mark_rule().encode(x=x, y="95% low:Q", y2="95% high:Q", color=colour)
+    target = alt.Chart().mark_rule(strokeDash=[4, 3], color="#000000").encode(y="target:Q")
+    return alt.layer(points, bars, target, data=frame).properties(width=190, height=170).facet(
+        column=alt.Column("compared with:N", title=None, sort=[title for _, title, _ in GRID_CHART])
+    ).properties(title="The shape grid: MoE time over each baseline's (below 1: the MoE is faster)")
+
+
+def grid_numbers(view: GridView) -> dict:
+    """Numbers for the prose, by glue name: the grid's targets and its size."""
+    return {"grid_points": len(view.rows) or bench_cpu.GRID_POINTS, "grid_command": GRID_COMMAND,
+            "grid_goal_median": f"{bench_cpu.GRID_GOAL_MEDIAN_TO_EAGER}",
+            "grid_goal_worst": f"{bench_cpu.GRID_GOAL_WORST_TO_EAGER}",
+            "grid_goal_decode": f"{bench_cpu.GRID_GOAL_DECODE_OVER_FLOOR}"}
+
+
+# ---------------------------------------------------------------- the sweep's views (issue 23, item 2)
+
+
+def sweep_conditions(note: str) -> str:
+    """What a reader must know before reading the sweep's per-stage shares and
+    skew ratios beside the bench-cpu run: where they come from (``note``,
+    the sweep's provenance) and why its times are not shown."""
+    return (f"{note} The sweep ran on an older backend (the commit above) with each expert's weights staying "
+            "in cache from call to call (its expert MLP passed 100% of its memory roofline at T = 1), so its "
+            "times are not this backend's and are not shown: the bench-cpu sections above give the times and "
+            "every comparison with dense and PyTorch. Shown here are only ratios between two of its calls at the "
+            "same T and k: the layer's time under skewed routing over its time under uniform routing.")
+
+
+def skew_frame(data, preset: str, dtype: str) -> pd.DataFrame:
+    """The sweep's skew ratios for the page (``performance.skew_frame``) without
+    its times: routing, T, k, the layer's time over uniform routing's, and the
+    load the kernels saw."""
+    skews = performance.skew_frame(data, preset, dtype)
+    if skews.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({"routing": skews["skew"], "T": skews["tokens"], "k": skews["top_k"],
+                         "time / uniform routing's": skews["time_vs_uniform"],
+                         "busiest expert / mean load": skews["load_max_over_mean"],
+                         "experts with tokens": skews["experts_used"].astype(int)})
