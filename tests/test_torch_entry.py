@@ -353,6 +353,22 @@ def test_the_overhead_measurement_writes_its_records(tmp_path):
         assert record["overhead_median_s"] == pytest.approx(record["overhead_fraction"] * record["numpy_median_s"])
         assert record["params"]["machine"].startswith(("shared", "idle"))
     assert lines[-1].startswith("wrote 4 records to ")
+    pytest.importorskip("pandas", reason="overhead_frame makes a pandas table (the book extra)")
+    frame = torch_overhead.overhead_frame(found)
+    assert list(frame["T"]) == [1, 1, 5, 5] and list(frame["entry"]) == ["moe-layer", "torch-function"] * 2
+    record = next(r for r in found if r["params"]["tokens"] == 5 and r["entry"] == "moe-layer")
+    assert frame.loc[2, "overhead, median (us)"] == pytest.approx(record["overhead_median_s"] * 1e6)
+
+
+def test_the_committed_overhead_records_cover_both_token_counts():
+    """results/cpu-amd-epyc/torch-overhead.jsonl: what book/contract.md points to."""
+    from analysis import records
+    from analysis.measure import torch_overhead
+
+    found = records.read_records(torch_overhead.RECORD_KIND, device="cpu-amd-epyc")
+    assert {(r["params"]["tokens"], r["entry"]) for r in found} >= {(T, e) for T in (1, 4096)
+                                                                  for e in torch_overhead.ENTRIES}
+    assert all(r["params"]["machine"] for r in found)
 
 
 def test_the_overhead_of_a_round_is_the_torch_median_minus_the_numpy_median():

@@ -163,6 +163,23 @@ def run(preset: str = "cpu", tokens: Sequence[int] = (1, 4096), top_k: int = 2, 
     return found
 
 
+def overhead_frame(found: list):
+    """The records as a table a chapter can show (analysis.display.table): one row
+    per token count and entry, times in microseconds, the machine's load beside them."""
+    import pandas as pd  # noqa: PLC0415 - the book's dependency, only where a table is made
+
+    rows = [{
+        "T": record["params"]["tokens"], "entry": record["entry"],
+        "NumPy call (us)": record["numpy_median_s"] * 1e6,
+        "overhead, median (us)": record["overhead_median_s"] * 1e6,
+        "overhead p20 (us)": record["overhead_p20_s"] * 1e6, "overhead p80 (us)": record["overhead_p80_s"] * 1e6,
+        "overhead of the fast calls (us)": record["overhead_fast_calls_s"] * 1e6,
+        "overhead (% of the NumPy call)": 100 * record["overhead_fraction"],
+        "machine": record["params"]["machine"], "commit": (record.get("git_commit") or "")[:7],
+    } for record in found]
+    return pd.DataFrame(rows).sort_values(["T", "entry"], kind="stable").reset_index(drop=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.measure.torch_overhead",
                                      description=__doc__.split("\n\n")[0])
