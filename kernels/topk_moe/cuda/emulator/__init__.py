@@ -14,6 +14,11 @@
   flavour (``traffic.counting()``): per launch and per source line, warp-wide
   requests, global sectors and shared wavefronts against their minimum, and the
   distinct bytes of each array (analysis.measure.traffic records them).
+- ``racecheck.h``, ``racecheck.py``: a data-race detector in the same
+  instrumented flavour (``racecheck.checking()`` or ``MOE_EMULATOR_RACECHECK=1``):
+  shared- and global-memory hazards that no barrier orders, with both source
+  lines, the threads and the address; ``racecheck_cases.py``: small launches of
+  every kernel, run by ``racecheck.run_all_kernels()``.
 
 This file imports nothing, so ``topk_moe.backends`` can ask about the emulator
 cheaply.

@@ -5,7 +5,8 @@ The cache key is a hash of everything that decides the binary: the rewritten
 text of the file and of every local header it includes, cuda_emulator.h, the
 -D constants, the compiler's version line and the flags. The "traffic" flavour
 (``traffic=True``) is a second build of the same file with the memory-traffic
-counters of traffic.h: GCC's ThreadSanitizer instrumentation compiled in (a hook
+counters of traffic.h and the data-race detector of racecheck.h (which of the two
+runs is chosen per launch): GCC's ThreadSanitizer instrumentation compiled in (a hook
 call before every load and store), debug line tables for the access sites, no
 sanitizer runtime linked; it has its own cache key, so ordinary emulated runs
 keep the fast build. The cache folder is
@@ -49,6 +50,7 @@ FLAGS = ("-std=c++17", "-O2", "-g0", "-shared", "-fPIC", "-ffp-contract=off", "-
 TRAFFIC_FLAGS = ("-gdwarf-4", "-DEMU_TRAFFIC", "-fsanitize=thread", "-fno-tree-vectorize", "-fno-tree-slp-vectorize",
                  "-fno-store-merging", "-fno-tree-sra", "-fno-threadsafe-statics")
 TRAFFIC_HEADER = HEADER.parent / "traffic.h"
+RACECHECK_HEADER = HEADER.parent / "racecheck.h"
 
 
 class BuildError(RuntimeError):
@@ -100,6 +102,7 @@ def build(file: str, options: tuple, kernel_dir: Path = KERNEL_DIR, *, traffic: 
     flags = FLAGS
     if traffic:
         key.update(TRAFFIC_HEADER.read_bytes())
+        key.update(RACECHECK_HEADER.read_bytes())
         flags = tuple(f for f in FLAGS if f != "-g0") + TRAFFIC_FLAGS
     key.update("\0".join(tuple(options) + flags + (_compiler_version(cxx),)).encode())
     digest = key.hexdigest()[:24]

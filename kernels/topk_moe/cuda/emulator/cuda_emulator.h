@@ -207,7 +207,8 @@ inline int exited_count = 0;
 }  // namespace emu
 
 // ---------------------------------------------------------------------------
-// Traffic counters: real in the "traffic" build flavour (build.py), no-ops otherwise.
+// Traffic counters and the data-race detector (racecheck.h): real in the "traffic"
+// (instrumented) build flavour (build.py), no-ops otherwise.
 // EMU_SITE marks a runtime function that records an access for its caller, whose
 // return address is the access site: not inlined (and not instrumented itself) there.
 
@@ -215,16 +216,29 @@ inline int exited_count = 0;
 #include "traffic.h"
 #define EMU_SITE inline __attribute__((noinline, no_sanitize("thread")))
 #define EMU_CALLER __builtin_return_address(0)
+// The emulator's own machinery (scheduler, collectives) touches only its own data:
+// left uninstrumented, its loads and stores make no hook calls (a block of 256
+// fibers reaches these loops millions of times).
+#define EMU_UNINSTRUMENTED __attribute__((no_sanitize("thread")))
 #else
 namespace emu {
 enum TrafficKind { traffic_read = 0, traffic_write = 1, traffic_atomic = 2, traffic_ldmatrix = 3 };
 struct TrafficPause {};
 inline void traffic_access(const void*, uint32_t, int, const void*) {}
+inline void traffic_count(const void*, uint32_t, int, const void*) {}
 inline void traffic_block_begin(int) {}
 inline void traffic_block_end() {}
+inline void race_block_begin(int, uint32_t) {}
+inline void race_block_end() {}
+inline void race_epoch_end() {}
+inline void race_syncwarp(int, unsigned) {}
+inline void race_copy_issue(unsigned, const void*, int, const void*) {}
+inline void race_copy_commit() {}
+inline void race_copy_wait(long long, bool = false) {}
 }  // namespace emu
 #define EMU_SITE inline
 #define EMU_CALLER nullptr
+#define EMU_UNINSTRUMENTED
 #endif
 
 namespace emu {
@@ -384,7 +398,7 @@ inline void raise_fault(const std::string& what) {
 }
 
 // Copies of cp.async land here (late schedule) or at issue (eager schedule).
-inline void land(const CopyAsync& copy) {
+EMU_UNINSTRUMENTED inline void land(const CopyAsync& copy) {
     TrafficPause pause;  // counted at issue (copy_async_16)
     unsigned char* target = shared_arena + copy.shared_offset;
     if (copy.bytes > 0) std::memcpy(target, copy.source, (size_t)copy.bytes);
@@ -393,9 +407,13 @@ inline void land(const CopyAsync& copy) {
 
 inline void check_collective_lanes(int warp);
 
-[[noreturn]] inline void fiber_main(Thread* thread) {
+[[noreturn]] EMU_UNINSTRUMENTED inline void fiber_main(Thread* thread) {
     thread_body(thread);
     // A thread's cp.async copies complete even if it never waits for them.
+    {
+        TrafficPause pause;
+        race_copy_wait(0, true);
+    }
     for (auto& group : thread->copy_groups) for (auto& copy : group) land(copy);
     for (auto& copy : thread->open_group) land(copy);
     thread->copy_groups.clear();
@@ -418,7 +436,7 @@ inline unsigned warp_lanes(int warp) {  // lanes that exist (a partial last warp
 
 // A pending collective must be able to complete: every lane its mask names
 // must exist and must not have exited or be waiting at a block barrier.
-inline void check_collective_lanes(int warp) {
+EMU_UNINSTRUMENTED inline void check_collective_lanes(int warp) {
     Warp& w = warps[warp];
     if (w.kind == Collective::none) return;
     const unsigned missing = w.mask & ~w.arrived;
@@ -441,7 +459,7 @@ void compute_collective(Warp& w);
 
 // Arrive at a warp collective with this lane's inputs already in w.in[lane].
 // Returns once every lane of `mask` has arrived and the outputs are in w.out.
-inline void arrive(Collective kind, unsigned mask) {
+EMU_UNINSTRUMENTED inline void arrive(Collective kind, unsigned mask) {
     Thread& t = me();
     const int lane = t.linear & 31;
     const int warp = t.linear / 32;
@@ -461,6 +479,7 @@ inline void arrive(Collective kind, unsigned mask) {
         {
             TrafficPause pause;  // ldmatrix's shared reads are counted at the call (ptx_ldmatrix_*)
             compute_collective(w);
+            if (kind == Collective::syncwarp) race_syncwarp(warp, mask);  // orders the named lanes' memory
         }
         for (int l = 0; l < 32; ++l)
             if ((w.mask >> l & 1u) && l != lane) threads[warp * 32 + l].state = State::ready;
@@ -472,7 +491,7 @@ inline void arrive(Collective kind, unsigned mask) {
     to_scheduler();
 }
 
-inline void syncthreads() {
+EMU_UNINSTRUMENTED inline void syncthreads() {
     Thread& t = me();
     t.state = State::at_barrier;
     ++barrier_count;
@@ -487,7 +506,7 @@ inline void syncthreads() {
 inline void mma_m16n8k16(Warp& w);
 inline void ldmatrix_x4(Warp& w, bool trans);
 
-inline void compute_collective(Warp& w) {
+EMU_UNINSTRUMENTED inline void compute_collective(Warp& w) {
     const unsigned mask = w.mask;
     auto lanes = [&](auto f) { for (int l = 0; l < 32; ++l) if (mask >> l & 1u) f(l); };
     auto source_value = [&](int lane, int source) -> uint64_t {
@@ -550,7 +569,7 @@ T from_bits(uint64_t bits) {
 }
 
 template <typename T>
-T shuffle(Collective kind, unsigned mask, T value, int arg, int width) {
+EMU_UNINSTRUMENTED T shuffle(Collective kind, unsigned mask, T value, int arg, int width) {
     if (width < 1 || width > 32 || (width & (width - 1)))
         fail(std::string(collective_name(kind)) + ": width must be a power of two from 1 to 32");
     Warp& w = my_warp();
@@ -569,7 +588,7 @@ T shuffle(Collective kind, unsigned mask, T value, int arg, int width) {
 // elements 2(l%4) and 2(l%4)+1; with .trans it receives the same two positions of the
 // transposed matrix: column l/4, rows 2(l%4) and 2(l%4)+1.
 
-inline void ldmatrix_x4(Warp& w, bool trans) {
+EMU_UNINSTRUMENTED inline void ldmatrix_x4(Warp& w, bool trans) {
     const char* what = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
     const unsigned char* rows[32];
     for (int l = 0; l < 32; ++l) rows[l] = shared_pointer((unsigned)w.in[l][0], 16, 16, what);
@@ -600,7 +619,7 @@ inline void ldmatrix_x4(Warp& w, bool trans) {
 // with C in double and rounded to float once (the tensor core's own rounding of its
 // internal sum is not specified, so bitwise GPU equality is not claimed).
 
-inline void mma_m16n8k16(Warp& w) {
+EMU_UNINSTRUMENTED inline void mma_m16n8k16(Warp& w) {
     float a[16][16], b[16][8], c[16][8];
     for (int l = 0; l < 32; ++l) {
         const int g = l / 4, t = l % 4;
@@ -632,7 +651,7 @@ inline void mma_m16n8k16(Warp& w) {
 // ---------------------------------------------------------------------------
 // The launch
 
-inline void run_block(const LaunchConfig& cfg) {
+EMU_UNINSTRUMENTED inline void run_block(const LaunchConfig& cfg) {
     const int n = block_threads;
     std::memset(shared_arena, 0xff, static_shared_used);  // poison: NaN floats, -1 integers
     barrier_count = 0;
@@ -684,6 +703,7 @@ inline void run_block(const LaunchConfig& cfg) {
                      " threads; " + std::to_string(exited_count) + " had exited (a barrier after an early return)");
                 return;
             }
+            race_epoch_end();  // every access before the barrier is ordered before every one after it
             for (int i = 0; i < n; ++i) threads[i].state = State::ready;
             barrier_count = 0;
             continue;
@@ -751,8 +771,10 @@ inline int launch(const LaunchConfig* cfg, const char* name, long long max_threa
             for (unsigned x = 0; x < grid_dim.x && !fault.raised; ++x) {
                 block_index = {x, y, z};
                 traffic_block_begin((int)n);
+                race_block_begin((int)n, x + grid_dim.x * (y + grid_dim.y * z));
                 run_block(*cfg);
                 traffic_block_end();
+                if (!fault.raised) race_block_end();
             }
 #if defined(__x86_64__)
     _mm_setcsr(saved_csr);
@@ -811,7 +833,7 @@ const char* signature(void (*)(P...)) {
 // cp.async.commit_group; cp.async.wait_group N waits until at most the N most
 // recent committed groups are pending.
 
-inline void copy_async_16(unsigned shared, const void* global, int source_bytes) {
+EMU_UNINSTRUMENTED inline void copy_async_16(unsigned shared, const void* global, int source_bytes) {
     if (source_bytes < 0 || source_bytes > 16) fail("cp.async: src-size must be 0 to 16");
     shared_pointer(shared, 16, 16, "cp.async destination");
     if (reinterpret_cast<uintptr_t>(global) % 16) fail("cp.async: the global source is not 16-byte aligned");
@@ -820,13 +842,21 @@ inline void copy_async_16(unsigned shared, const void* global, int source_bytes)
     else me().open_group.push_back(copy);
 }
 
-inline void copy_async_commit() {
+EMU_UNINSTRUMENTED inline void copy_async_commit() {
+    {
+        TrafficPause pause;
+        race_copy_commit();
+    }
     Thread& t = me();
     t.copy_groups.push_back(std::move(t.open_group));
     t.open_group.clear();
 }
 
-inline void copy_async_wait(long long pending) {
+EMU_UNINSTRUMENTED inline void copy_async_wait(long long pending) {
+    {
+        TrafficPause pause;
+        race_copy_wait(pending);
+    }
     Thread& t = me();
     while ((long long)t.copy_groups.size() > pending) {
         for (auto& copy : t.copy_groups.front()) land(copy);
@@ -863,7 +893,7 @@ template <typename T> T __shfl_down_sync(unsigned mask, T v, unsigned delta, int
 template <typename T> T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     return emu::shuffle(emu::Collective::shfl_xor, mask, v, lane_mask, width);
 }
-inline unsigned emu_vote(emu::Collective kind, unsigned mask, int predicate) {
+EMU_UNINSTRUMENTED inline unsigned emu_vote(emu::Collective kind, unsigned mask, int predicate) {
     const int lane = emu::lane_id();
     emu::my_warp().in[lane][0] = predicate != 0;
     emu::arrive(kind, mask);
@@ -1020,9 +1050,14 @@ inline void ptx_mma_sync_aligned_m16n8k16_row_col_f32_f16_f16_f32(
 
 EMU_SITE void ptx_cp_async_cg_shared_global(unsigned shared, const void* global, long long cp_size, int source_bytes) {
     if (cp_size != 16) emu::fail("cp.async.cg: cp-size must be 16");
-    if (source_bytes > 0 && source_bytes <= 16) emu::traffic_access(global, (uint32_t)source_bytes, emu::traffic_read, EMU_CALLER);
-    if (shared < emu::SHARED_ARENA_BYTES) emu::traffic_access(emu::shared_arena + shared, 16, emu::traffic_write, EMU_CALLER);
+    // Counted at issue; racecheck sees the copy in flight until the wait that completes it.
+    if (source_bytes > 0 && source_bytes <= 16) emu::traffic_count(global, (uint32_t)source_bytes, emu::traffic_read, EMU_CALLER);
+    if (shared < emu::SHARED_ARENA_BYTES) emu::traffic_count(emu::shared_arena + shared, 16, emu::traffic_write, EMU_CALLER);
     emu::copy_async_16(shared, global, source_bytes);
+    if (shared + 16 <= emu::SHARED_ARENA_BYTES && source_bytes >= 0 && source_bytes <= 16) {
+        emu::TrafficPause pause;
+        emu::race_copy_issue(shared, global, source_bytes, EMU_CALLER);
+    }
 }
 inline void ptx_cp_async_commit_group() { emu::copy_async_commit(); }
 inline void ptx_cp_async_wait_group(long long pending) { emu::copy_async_wait(pending); }

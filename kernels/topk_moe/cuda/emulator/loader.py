@@ -14,7 +14,9 @@ After the launch the fences of every array argument are checked. A fault raises
 cp.async copies land; results must be bitwise equal under every schedule.
 ``LAUNCHES`` counts the launches per (file, kernel). Inside
 ``traffic.counting()`` the traffic flavour of each file is built and run, and
-each launch's memory traffic is counted (traffic.py).
+each launch's memory traffic is counted (traffic.py); inside
+``racecheck.checking()`` (or with ``MOE_EMULATOR_RACECHECK=1``) the same
+instrumented flavour runs and each launch is checked for data races (racecheck.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy
 
 from ..loader import define_options
-from . import arrays, build, rewrite, traffic
+from . import arrays, build, racecheck, rewrite, traffic
 
 SCHEDULES = {"ascending": 0, "descending": 1, "shuffled": 2, "warp-by-warp": 3}
 _settings = {"order": "ascending", "seed": 0, "copy_async": "late", "kernel_dir": str(build.KERNEL_DIR)}
@@ -79,7 +81,7 @@ class EmulatedKernel:
     def __init__(self, library: ctypes.CDLL, file: str, name: str, kernel_dir: str = str(build.KERNEL_DIR)):
         self.file, self.name = file, name
         self._library, self._source = library, str(Path(kernel_dir) / file)
-        self._counts_traffic = hasattr(library, "emu_traffic_begin")
+        self._instrumented = hasattr(library, "emu_instrument")  # the traffic flavour
         self._launch = getattr(library, f"emu_launch_{name}")
         self._launch.restype = ctypes.c_int
         self._launch.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
@@ -105,17 +107,27 @@ class EmulatedKernel:
             if id(info[0]) not in seen:  # two views of one buffer share its fences
                 seen.add(id(info[0]))
                 armed.append((position, info, arrays.arm_guards(info, rng)))
-        if self._counts_traffic:
+        counts_traffic = self._instrumented and traffic.active()
+        checks_races = self._instrumented and racecheck.active()
+        if self._instrumented:
             names = traffic.parameter_names(self._source, self.name)
+            names = [names[position] if position < len(names) else f"argument {position}" for position, _ in fenced]
             regions = [(info[0].ctypes.data + info[1], info[2]) for _, info in fenced]
-            traffic.begin(self._library, regions)
+            self._library.emu_instrument(int(counts_traffic), int(checks_races))
+            if counts_traffic:
+                traffic.begin(self._library, regions)
+            if checks_races:
+                racecheck.begin(self._library, regions)
         status = self._launch(ctypes.byref(config), pointers, error, len(error))
         if status != 0:
+            if checks_races:
+                self._library.emu_race_end()
             raise KernelFault(error.value.decode(errors="replace"))
-        if self._counts_traffic:
-            traffic.finish(self._library, self._library._name, self.file, self.name, _dims(grid), _dims(block),
-                           [names[position] if position < len(names) else f"argument {position}"
-                            for position, _ in fenced])
+        if counts_traffic:
+            traffic.finish(self._library, self._library._name, self.file, self.name, _dims(grid), _dims(block), names)
+        if checks_races:
+            racecheck.finish(self._library, self._library._name, self.file, self.name, _dims(grid), _dims(block),
+                             names)
         for position, info, fences in armed:
             damage = arrays.guard_damage(info, fences)
             if damage:
@@ -144,21 +156,26 @@ class EmulatedKernel:
 
 
 @functools.lru_cache(maxsize=None)
-def _library(file: str, options: tuple, kernel_dir: str, counts_traffic: bool = False) -> ctypes.CDLL:
-    return ctypes.CDLL(str(build.build(file, options, Path(kernel_dir), traffic=counts_traffic)))
+def _library(file: str, options: tuple, kernel_dir: str, instrumented: bool = False) -> ctypes.CDLL:
+    return ctypes.CDLL(str(build.build(file, options, Path(kernel_dir), traffic=instrumented)))
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(file: str, name: str, options: tuple, kernel_dir: str = str(build.KERNEL_DIR),
-            counts_traffic: bool = False) -> EmulatedKernel:
-    return EmulatedKernel(_library(file, options, kernel_dir, counts_traffic), file, name, kernel_dir)
+            instrumented: bool = False) -> EmulatedKernel:
+    return EmulatedKernel(_library(file, options, kernel_dir, instrumented), file, name, kernel_dir)
+
+
+def _instrumented() -> bool:
+    """Whether launches now need the instrumented (traffic) flavour."""
+    return traffic.active() or racecheck.active()
 
 
 def get_kernel(file: str, name: str, **defines) -> EmulatedKernel:
     """The emulated kernel ``name`` of ``file`` (in kernels/topk_moe/cuda, or the folder of
-    ``kernel_sources``) built with ``-D`` ``defines``; the traffic flavour inside
-    ``traffic.counting()``."""
-    return _kernel(file, name, define_options(**defines), _settings["kernel_dir"], traffic.active())
+    ``kernel_sources``) built with ``-D`` ``defines``; the instrumented (traffic) flavour
+    inside ``traffic.counting()`` and ``racecheck.checking()``."""
+    return _kernel(file, name, define_options(**defines), _settings["kernel_dir"], _instrumented())
 
 
 @contextlib.contextmanager
@@ -191,7 +208,7 @@ def prebuild(builds, folder=None, workers: int = 0, *, traffic: bool = False) ->
 def load_kernel(path, name: str, **defines) -> EmulatedKernel:
     """The emulated kernel ``name`` of the .cu file at ``path`` (any folder; for tests)."""
     path = Path(path).resolve()
-    return _kernel(path.name, name, define_options(**defines), str(path.parent), traffic.active())
+    return _kernel(path.name, name, define_options(**defines), str(path.parent), _instrumented())
 
 
 def kernels_of(file: str) -> list:

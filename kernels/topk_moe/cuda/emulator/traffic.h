@@ -3,7 +3,9 @@
 // Included by cuda_emulator.h only when EMU_TRAFFIC is defined (build.py's traffic
 // flavour: -DEMU_TRAFFIC -fsanitize=thread -g). GCC's ThreadSanitizer pass then calls
 // __tsan_read<N>/__tsan_write<N>(address) before every load and store of the kernel
-// code; no sanitizer runtime is linked: the hooks are defined here and count.
+// code; no sanitizer runtime is linked: the hooks are defined here and count. The
+// same hooks feed the data-race detector (racecheck.h); emu_instrument picks, per
+// launch, whether the counters, the detector or both run.
 //
 // What is counted (the requests a kernel makes; no cache is modelled):
 //   - an access is global when its address lies in an array argument of the launch
@@ -82,6 +84,20 @@ struct GroupKeyHash {
 };
 
 inline int traffic_paused = 0;
+inline int traffic_enabled = 1;
+// The global arrays of the launch (registered by emu_traffic_begin and emu_race_begin).
+constexpr int TRACKED_MAX = 64;
+inline uintptr_t tracked_start[TRACKED_MAX];
+inline uintptr_t tracked_bytes[TRACKED_MAX];
+inline int tracked_count = 0;
+inline bool tracked_overflow = false;  // more arrays than slots: look at every address
+
+inline void track(uintptr_t start, size_t bytes) {
+    if (tracked_count == TRACKED_MAX) { tracked_overflow = true; return; }
+    tracked_start[tracked_count] = start;
+    tracked_bytes[tracked_count] = (uintptr_t)bytes;
+    ++tracked_count;
+}  // emu_instrument: count this launch (racecheck.py may run without counting)
 inline uint32_t traffic_block_stamp = 0;
 inline std::vector<TrafficBuffer> traffic_buffers;
 inline std::vector<std::unordered_map<const void*, uint32_t>> traffic_thread_counts;
@@ -123,9 +139,9 @@ inline void traffic_mark(TrafficBuffer& b, uintptr_t address, uint32_t bytes, bo
 
 // Not instrumented itself, and paused while it runs: the library code it calls
 // (containers) is instrumented, and its hook calls must not count or recurse.
-__attribute__((no_sanitize("thread"))) inline void traffic_access(const void* p, uint32_t bytes, int kind,
-                                                                   const void* pc) {
-    if (traffic_paused || !current || bytes == 0) return;
+__attribute__((no_sanitize("thread"))) inline void traffic_count(const void* p, uint32_t bytes, int kind,
+                                                                  const void* pc) {
+    if (traffic_paused || !traffic_enabled || !current || bytes == 0) return;
     TrafficPause pause;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     const uintptr_t arena = reinterpret_cast<uintptr_t>(shared_arena);
@@ -149,6 +165,32 @@ __attribute__((no_sanitize("thread"))) inline void traffic_access(const void* p,
         traffic_groups.push_back(TrafficGroup{pc, space, kind, {}});
     }
     traffic_groups[found->second].accesses.push_back(TrafficAccess{a, bytes, linear & 31u});
+}
+
+}  // namespace emu
+
+#include "racecheck.h"
+
+namespace emu {
+
+// Every access the instrumentation sees: the data-race detector (racecheck.h) and
+// the counters, each when switched on for the launch (emu_instrument).
+__attribute__((no_sanitize("thread"))) inline void traffic_access(const void* p, uint32_t bytes, int kind,
+                                                                   const void* pc) {
+    if (traffic_paused || !current || bytes == 0) return;
+    // Most calls are for other memory (fiber stacks, the emulator's globals): filtered
+    // here with plain arrays, since any container call would itself be instrumented.
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a - reinterpret_cast<uintptr_t>(shared_arena) >= SHARED_ARENA_BYTES) {
+        bool tracked = tracked_overflow;
+        for (int i = 0; i < tracked_count && !tracked; ++i) tracked = a - tracked_start[i] < tracked_bytes[i];
+        if (!tracked) return;
+    }
+    {
+        TrafficPause pause;
+        race_access(p, bytes, kind, pc);
+    }
+    traffic_count(p, bytes, kind, pc);
 }
 
 // Shared wavefronts of one request (see the rules at the top of this file).
@@ -250,6 +292,7 @@ extern "C" void emu_traffic_begin(int n, const unsigned long long* starts, const
         emu::TrafficBuffer& b = emu::traffic_buffers[(size_t)i];
         b.start = (uintptr_t)starts[i];
         b.bytes = (size_t)bytes[i];
+        emu::track(b.start, b.bytes);
         b.byte_flags.assign(b.bytes, 0);
         b.first_sector = b.start >> 5;
         const size_t sectors = b.bytes ? ((b.start + b.bytes - 1) >> 5) - b.first_sector + 1 : 0;
@@ -259,6 +302,13 @@ extern "C" void emu_traffic_begin(int n, const unsigned long long* starts, const
     emu::traffic_sites.clear();
     emu::traffic_site_index.clear();
     emu::traffic_block_stamp = 0;
+}
+// What the instrumented build does in the next launch: count traffic, check for races.
+extern "C" void emu_instrument(int count_traffic, int check_races) {
+    emu::traffic_enabled = count_traffic;
+    emu::race_enabled = check_races;
+    emu::tracked_count = 0;  // the begin calls that follow register the launch's arrays
+    emu::tracked_overflow = false;
 }
 extern "C" int emu_traffic_site_count() { return (int)emu::traffic_sites.size(); }
 // out: pc offset in this library, space, kind, access bytes, requests, lane accesses,
