@@ -231,6 +231,17 @@ def test_moe_layer_is_inference_only():
         moe_torch.MoELayer(weights, cfg, backend="gpu")
 
 
+def test_moe_layer_checks_for_non_finite_input_as_moe_forward_does():
+    x, weights, cfg = _layer()
+    x[2, 3] = float("nan")
+    layer = moe_torch.MoELayer(weights, cfg)
+    with torch.no_grad(), pytest.raises(ValueError, match="non-finite"):
+        layer(x)
+    layer.check_finite = False  # only the cuda backend may skip the check
+    with torch.no_grad(), pytest.raises(ValueError, match="check_finite: expected True for backend 'cpu'"):
+        layer(x)
+
+
 def test_moe_layer_checks_its_shared_expert():
     x, weights, cfg = _layer()
     with pytest.raises(TypeError, match="shared_expert: expected None or a topk_moe.torch.SharedExpert, got dict"):

@@ -347,6 +347,10 @@ class MoELayer(torch.nn.Module):
     without one would train nothing). Run it under ``torch.no_grad()`` or
     ``torch.inference_mode()`` (``generate`` does).
 
+    ``check_finite`` (an attribute too) is moe_forward's: False skips the
+    NaN/infinity check, and with it the host's wait for the router kernel's
+    flag; only the "cuda" backend takes False (CUDA graphs, timing).
+
     ``shared_expert`` (a SharedExpert of tensors, Qwen2-MoE's) adds
     ``sigmoid(x @ gate) * dense_mlp(x, w1, w2, w3, activation="swiglu")`` to the
     routed experts' output: the dense MLP on the backend, the gate in torch.
@@ -356,7 +360,7 @@ class MoELayer(torch.nn.Module):
 
     def __init__(self, weights: MoEWeights, cfg: MoEConfig, *, backend: Optional[str] = None,
                  shared_expert: Optional[SharedExpert] = None, returns_router_logits: bool = False,
-                 jitter_noise: float = 0.0):
+                 jitter_noise: float = 0.0, check_finite: bool = True):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg: expected a topk_moe.MoEConfig, got {type(cfg).__name__}")
@@ -377,6 +381,7 @@ class MoELayer(torch.nn.Module):
         self.backend = backend
         self.returns_router_logits = bool(returns_router_logits)
         self.jitter_noise = float(jitter_noise)
+        self.check_finite = check_finite
         for name in ("router", "w1", "w2", "w3"):
             tensor = getattr(weights, name)
             self.register_buffer(name, None if tensor is None else tensor.detach())
@@ -432,7 +437,7 @@ class MoELayer(torch.nn.Module):
         if hidden_states.ndim < 1 or shape[-1] != self.cfg.d_model:
             raise ValueError(f"hidden_states: expected shape (..., D) with D = {self.cfg.d_model}, got {tuple(shape)}")
         x = hidden_states.reshape(-1, self.cfg.d_model)
-        y = moe_forward(x, self.weights, self.cfg, backend=self.backend).y
+        y = moe_forward(x, self.weights, self.cfg, backend=self.backend, check_finite=self.check_finite).y
         if self.shared_w1 is not None:  # Qwen2-MoE: routed experts + sigmoid(x @ gate) * shared expert
             shared = dense_mlp(x, self.shared_w1, self.shared_w2, self.shared_w3, activation="swiglu",
                                backend=self.backend)
