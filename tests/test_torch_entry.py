@@ -177,6 +177,12 @@ def test_bad_input_is_named():
         moe_torch.moe_forward(x, {}, cfg)
     with pytest.raises(TypeError, match="weights.w1: expected a torch.Tensor, got ndarray"):
         moe_torch.moe_forward(x, topk_moe.MoEWeights(weights.router, weights.w1.numpy(), weights.w2, weights.w3), cfg)
+    with pytest.raises(TypeError, match="experts: expected a torch.Tensor, got NoneType"):
+        moe_torch.dispatch(None, 4)
+    with pytest.raises(TypeError, match="weights.router: expected a torch.Tensor, got NoneType"):
+        moe_torch.moe_forward(x, topk_moe.MoEWeights(None, weights.w1, weights.w2, weights.w3), cfg)
+    with pytest.raises(ValueError, match="w1: expected a CPU or CUDA tensor, got one on meta"):
+        moe_torch.dense_mlp(x, weights.w1[0].to("meta"), weights.w2[0])
     with pytest.raises(ValueError, match="x: expected D columns"):  # the contract's own checks still run
         moe_torch.moe_forward(x[:, :5], weights, cfg)
     with pytest.raises(TypeError, match=r"router: expected dtype float64 \(the dtype of x\)"):

@@ -130,12 +130,16 @@ def as_tensor(array: Any, device: Optional[Any] = None) -> "torch.Tensor":
 
 # -- the contract's functions on tensors ---------------------------------------
 
+#: The arguments that may be None (the gate, absent for relu and gelu).
+_OPTIONAL = frozenset({"w3", "weights.w3"})
+
+
 def _checked_device(tensors: dict) -> "torch.device":
-    """Check every tensor argument (None: absent) and return their one device
-    (ValueError when they differ)."""
+    """Check every tensor argument (None only for the optional ones) and return
+    their one device (ValueError when they differ)."""
     first_name = first_device = None
     for name, tensor in tensors.items():
-        if tensor is None:
+        if tensor is None and name in _OPTIONAL:
             continue
         _check_tensor(name, tensor)
         if first_device is None:
