@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import charts
+from analysis import records as record_io
 from analysis.chapters.performance import ChapterData, check_sweep_parameters, message_chart
 from analysis.display import Note
 from analysis.measure import gpu_model, sweep
@@ -119,6 +120,9 @@ class Prediction:
     floors: list
     sanity: list
     traffic: list  # the emulator's request counts, for the effects of item 5
+    #: What the first GPU run measured to check it (issue 21, item 7): the device
+    #: check's Nsight Compute records (kind ``gpu-ncu``), newest run; () when none.
+    measured: tuple = ()
 
     @property
     def empty(self) -> bool:
@@ -129,7 +133,27 @@ def prediction_data(results_dir=None) -> Prediction:
     return Prediction(gpu_model.read_kind(gpu_model.OCCUPANCY_KIND, results_dir),
                       gpu_model.read_kind(gpu_model.PREDICTION_KIND, results_dir),
                       gpu_model.read_kind(gpu_model.SANITY_KIND, results_dir),
-                      gpu_model.traffic_records(results_dir))
+                      gpu_model.traffic_records(results_dir),
+                      tuple(device_check_ncu(results_dir)))
+
+
+#: The kind of the device check's Nsight Compute records (analysis.measure.device_check.NCU_KIND;
+#: not imported: that module imports topk_moe's build report).
+DEVICE_CHECK_NCU_KIND = "gpu-ncu"
+
+
+def device_check_ncu(results_dir=None) -> list:
+    """The newest run of the device check's Nsight Compute records (``make
+    device-check`` on a GPU: one per (k, kernel) at the emulator's traffic shape,
+    preset "cpu", T = 256, float16), from the GPU folder that holds the newest;
+    [] when there are none. Rehearsals write none; any marked one is left out."""
+    try:
+        found = record_io.read_records(DEVICE_CHECK_NCU_KIND, results_dir=results_dir)
+    except FileNotFoundError:
+        return []
+    found = [r for r in found if r.get("device_kind") == "gpu" and not r.get("rehearsal")]
+    newest = max((r.get("utc", "") for r in found), default=None)
+    return [r for r in found if r.get("utc", "") == newest]
 
 
 def prediction_note(prediction: Prediction, results_dir=None) -> Note:
@@ -384,16 +408,33 @@ def _device_model(name: Optional[str]) -> Optional[str]:
     return None
 
 
-def measured_beside_predicted(prediction: Prediction, data: ChapterData) -> pd.DataFrame:
-    """Each measured MoE stage time (uniform routing, float16, eager launches)
-    beside the model's floor for the same device, shape, k, T and stage; empty
-    where nothing measured matches a prediction."""
+#: Where each measured row comes from.
+SWEEP_TIME = "sweep: median of timed calls"
+NCU_TIME = "Nsight Compute (device check): one replay, caches flushed"
+#: The stage of each prediction a device-check kernel belongs to (utilisation.kernel_stage's
+#: names; the tile-starts helper launches with GEMM 1, as the model counts it).
+NCU_STAGES = {"router": "router", "dispatch": "dispatch", "permute": "permute", "expert_mlp": "expert_gemm1",
+              "expert_gemm1": "expert_gemm1", "expert_gemm2": "expert_gemm2", "combine": "combine"}
+
+
+def _uniform_floors(prediction: Prediction) -> dict:
+    """{(device model, preset, k, T, stage): the floor record} of the MoE layer under uniform routing."""
     floors = {}
     for record in prediction.floors:
         params = record["params"]
         if params["routing"] == "uniform" and record["k"]:
-            key = (record["device_model"], params["preset"], record["k"], record["tokens"], record["stage"])
-            floors[key] = record["floor_s"]
+            floors[(record["device_model"], params["preset"], record["k"], record["tokens"], record["stage"])] = record
+    return floors
+
+
+def measured_beside_predicted(prediction: Prediction, data: ChapterData) -> pd.DataFrame:
+    """Each measured MoE stage time beside the model's floor for the same
+    device, shape, k, T and stage; empty where nothing measured matches a
+    prediction. Two sources: the sweep's median times (uniform routing, float16,
+    eager launches) and the device check's Nsight Compute kernels
+    (``ncu_beside_predicted``), which also give DRAM and SM throughput beside the
+    share of each peak the floor would use."""
+    floors = _uniform_floors(prediction)
     rows = []
     for record in data.records:
         params = record.get("params") or {}
@@ -406,28 +447,81 @@ def measured_beside_predicted(prediction: Prediction, data: ChapterData) -> pd.D
                 for stage in MEASURED_STAGES[record["stage"]]]
         if model is None or not all(key in floors for key in keys):
             continue
-        floor = sum(floors[key] for key in keys)
-        rows.append({"device": record.get("device"), "preset": params["preset"], "k": params["top_k"],
-                     "T": params["tokens"], "stage": record["stage"], "predicted floor (µs)": 1e6 * floor,
-                     "measured median (µs)": 1e6 * record["median_s"],
+        floor = sum(floors[key]["floor_s"] for key in keys)
+        rows.append({"device": record.get("device"), "measured by": SWEEP_TIME, "preset": params["preset"],
+                     "k": params["top_k"], "T": params["tokens"], "stage": record["stage"],
+                     "predicted floor (µs)": 1e6 * floor, "measured (µs)": 1e6 * record["median_s"],
                      "measured / predicted": record["median_s"] / floor})
+    frame = pd.DataFrame(rows + ncu_beside_predicted(prediction).to_dict("records"))
+    return frame
+
+
+def ncu_beside_predicted(prediction: Prediction) -> pd.DataFrame:
+    """The device check's Nsight Compute kernels, summed per stage (durations
+    add; percentages are weighted by duration), beside the model's floor for the
+    same device, shape, k, T and stage: the time, and the share of the DRAM and
+    compute peaks the floor would use beside the DRAM and SM throughput ncu
+    measured (% of peak). Empty where no measured kernel matches a prediction."""
+    floors = _uniform_floors(prediction)
+    stages: dict = {}
+    for record in prediction.measured:
+        params = record.get("params") or {}
+        stage = NCU_STAGES.get(record.get("stage"))
+        model = _device_model(record.get("device"))
+        if (stage is None or model is None or record.get("duration_s") is None
+                or params.get("dtype") != gpu_model.DTYPE):
+            continue
+        key = (model, params.get("preset"), params.get("top_k"), params.get("tokens"), stage)
+        if key not in floors:
+            continue
+        stages.setdefault(key, {"device": record.get("device"), "kernels": []})["kernels"].append(record)
+    rows = []
+    for key, found in stages.items():
+        model, preset, k, T, stage = key
+        kernels = found["kernels"]
+        seconds = sum(r["duration_s"] for r in kernels)
+
+        def weighted(field):
+            values = [(r[field], r["duration_s"]) for r in kernels if r.get(field) is not None]
+            weight = sum(w for _, w in values)
+            return sum(v * w for v, w in values) / weight if weight > 0 else None
+
+        floor = floors[key]
+        rows.append({"device": found["device"], "measured by": NCU_TIME, "preset": preset, "k": k, "T": T,
+                     "stage": stage, "predicted floor (µs)": 1e6 * floor["floor_s"], "measured (µs)": 1e6 * seconds,
+                     "measured / predicted": seconds / floor["floor_s"],
+                     "predicted DRAM use (%)": 100 * floor["predicted_utilisation"]["memory"],
+                     "DRAM throughput (%)": weighted("dram_throughput_pct"),
+                     "predicted compute use (%)": 100 * floor["predicted_utilisation"]["compute"],
+                     "SM throughput (%)": weighted("sm_throughput_pct"),
+                     "achieved occupancy (%)": weighted("achieved_occupancy_pct")})
+    order = {stage: i for i, stage in enumerate(gpu_model.MOE_STAGES)}
+    rows.sort(key=lambda row: (row["device"], row["k"], order.get(row["stage"], len(order))))
     return pd.DataFrame(rows)
 
 
 def occupancy_beside_achieved(prediction: Prediction, data: ChapterData) -> pd.DataFrame:
     """Nsight Compute's achieved occupancy per kernel beside the theoretical one
-    for the measured GPU's architecture."""
+    for the measured GPU's architecture: from the sweep's Nsight Compute block
+    and from the device check's (``prediction.measured``); where the device
+    check's are present a column says which run and shape each row is from."""
     theoretical = {(r["kernel"], r["arch"]): r for r in prediction.occupancy}
     rows = []
-    for record in data.records:
+    sources = [(record, "sweep") for record in data.records] + [(r, "device check") for r in prediction.measured]
+    for record, source in sources:
         if record.get("measurement") != "ncu" or record.get("achieved_occupancy_pct") is None:
             continue
         capability = str(record.get("compute_capability") or "").replace(".", "")
         predicted = theoretical.get((record.get("kernel"), int(capability))) if capability.isdigit() else None
         if predicted is None:
             continue
-        rows.append({"k": (record.get("params") or {}).get("top_k"), "kernel": record["kernel"],
+        params = record.get("params") or {}
+        rows.append({"k": params.get("top_k"), "kernel": record["kernel"],
                      "arch": f"sm_{predicted['arch']}",
                      "theoretical occupancy (%)": 100 * predicted["occupancy"], "limiter": predicted["limiter"],
-                     "achieved occupancy (%)": record["achieved_occupancy_pct"]})
-    return pd.DataFrame(rows)
+                     "achieved occupancy (%)": record["achieved_occupancy_pct"],
+                     "measured at": f"{source}: {params.get('preset')}, T = {params.get('tokens')}"})
+    frame = pd.DataFrame(rows)
+    if not prediction.measured and not frame.empty:  # one source: the shape is the sweep's, said in the text
+        frame = frame.drop(columns="measured at")
+    return frame

@@ -13,10 +13,15 @@ On a machine with a CUDA device it runs these steps, in order (``STEPS``):
 2. ``memcheck`` and ``racecheck``: compute-sanitizer on ``python -m topk_moe.cuda.smoke``,
    each verdict read from the tool's own summary line (memcheck's ``ERROR
    SUMMARY``, racecheck's ``RACECHECK SUMMARY``);
-3. ``traffic-ncu``: Nsight Compute's memory counters (``analysis.measure.utilisation``)
-   for every kernel of one layer at the shape whose requests the CPU emulator
-   counts (``analysis.measure.traffic``: preset "cpu", T = 256, k = 1 and 2,
-   float16), into ``traffic-ncu.json``;
+3. ``traffic-ncu``: Nsight Compute (``analysis.measure.utilisation``) for every
+   kernel of one layer at the shape whose requests the CPU emulator counts
+   (``analysis.measure.traffic``: preset "cpu", T = 256, k = 1 and 2, float16),
+   which is also one of the shapes the GPU model predicts
+   (``analysis.measure.gpu_model``, uniform routing): the memory counters, and
+   the measured counterparts of the prediction, achieved occupancy, SM and DRAM
+   throughput and each kernel's time, into ``traffic-ncu.json``; each measured
+   kernel also becomes a record of kind ``gpu-ncu`` (``NCU_KIND``), which the GPU
+   chapter puts beside the prediction;
 4. ``sweep``: the benchmark sweep, ``python -m analysis.measure.sweep``.
 
 The time plan. Each step has a limit, and the limits plus ``MARGIN_S`` must fit
@@ -47,7 +52,9 @@ device, the UTC time, the commit from git or ``$MOE_GIT_COMMIT``, the
 versions) with the counts, each sanitizer's verdict, the other steps'
 outcomes, the table, and ``source_hash``, the hash of the kernel sources
 (``topk_moe.cuda.build_report.source_hash``) that names the code even where
-there is no git checkout; its line is copied to ``$OUT/gpu-tests.jsonl``. The
+there is no git checkout; its line is copied to ``$OUT/gpu-tests.jsonl``.
+Where traffic-ncu measured kernels (never in a rehearsal), their ``gpu-ncu``
+records go beside it, and their lines to ``$OUT/gpu-ncu.jsonl``. The
 table is printed last. Exit status: 0 when every step passed, 1 otherwise, 2
 when there is no usable GPU or the plan does not fit.
 
@@ -83,8 +90,13 @@ from analysis.measure.processes import NOT_FOUND, TIMED_OUT, run_logged
 from topk_moe.cuda.build_report import REPO_ROOT, cuda_tool_path, source_hash
 
 KIND = "gpu-tests"
-#: The shape of the committed emulated traffic counts (analysis.measure.traffic).
-TRAFFIC_NCU_ARGS = ("--preset", "cpu", "--tokens", "256", "--k", "1", "2", "--dtype", "float16")
+#: The records of the traffic-ncu step's measured kernels, one per (k, kernel).
+NCU_KIND = "gpu-ncu"
+#: The shape of the committed emulated traffic counts (analysis.measure.traffic),
+#: which the GPU model also predicts (preset "cpu", T = 256 is one of its cases).
+TRAFFIC_NCU_SHAPE = {"preset": "cpu", "tokens": 256, "top_ks": (1, 2), "dtype": "float16"}
+TRAFFIC_NCU_ARGS = ("--preset", TRAFFIC_NCU_SHAPE["preset"], "--tokens", str(TRAFFIC_NCU_SHAPE["tokens"]),
+                    "--k", *map(str, TRAFFIC_NCU_SHAPE["top_ks"]), "--dtype", TRAFFIC_NCU_SHAPE["dtype"])
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 #: Every step, in the order they run.
 STEPS = ("gpu-tests", "memcheck", "racecheck", "traffic-ncu", "sweep")
@@ -257,7 +269,7 @@ def plan_steps(args, log_dir: Path, scratch: Optional[Path] = None) -> list:
         elif name == "traffic-ncu":
             steps.append(Step(name, [python, "-m", "analysis.measure.utilisation", *TRAFFIC_NCU_ARGS,
                                      "--out", str(log_dir / "traffic-ncu.json"), "--work-dir", str(scratch / "ncu")],
-                              "traffic-ncu.log", limits[name], files=("traffic-ncu.json",)))
+                              "traffic-ncu.log", limits[name], files=("traffic-ncu.json", f"{NCU_KIND}.jsonl")))
         else:
             limit = args.deadline_s - MARGIN_S if only_sweep else limits[name]
             rehearsal = list(REHEARSAL_SWEEP_ARGS) + ["--results-dir", str(scratch / "results")] \
@@ -497,6 +509,10 @@ def main(argv: Optional[list] = None) -> int:
     if "gpu-tests" in by_name:
         path = write_record(args, steps, table, digest, log_dir, results_dir, rehearse)
         table.append(("record", str(path)))
+    if "traffic-ncu" in by_name and not rehearse:
+        path = write_ncu_records(log_dir, results_dir, digest)
+        if path is not None:
+            table.append((NCU_KIND, str(path)))
     files = sorted(p.name for p in log_dir.iterdir())
     files_ok = len(files) <= OUT_FILE_LIMIT and all(p.is_file() for p in log_dir.iterdir())
     table.append(("files", f"{len(files)} in {log_dir}" + ("" if files_ok else f": over {OUT_FILE_LIMIT}, "
@@ -584,6 +600,42 @@ def write_record(args, steps: list, table: list, digest: str, log_dir: Path, res
     last_line = path.read_text(encoding="utf-8").splitlines()[-1]
     (log_dir / f"{KIND}.jsonl").write_text(last_line + "\n", encoding="utf-8")
     return path
+
+
+def ncu_records(rows: list, digest: str) -> list:
+    """The traffic-ncu step's measured rows (``utilisation``'s, one per (k, kernel)
+    range) as ``gpu-ncu`` records: the shape in ``params`` as the sweep names it
+    (preset, tokens, dtype, top_k), the Nsight Compute fields as measured; rows
+    that carry a message (nothing measured) are left out."""
+    shape = {"preset": TRAFFIC_NCU_SHAPE["preset"], "tokens": TRAFFIC_NCU_SHAPE["tokens"],
+             "dtype": TRAFFIC_NCU_SHAPE["dtype"], "skew": "uniform"}
+    out = []
+    for row in rows:
+        if row.get("message") is not None or row.get("kernel") is None:
+            continue
+        fields = {key: value for key, value in row.items() if key != "top_k"}
+        out.append({"measurement": "ncu", "step": "traffic-ncu", "source_hash": digest, **fields,
+                    "params": dict(shape, top_k=row.get("top_k"))})
+    return out
+
+
+def write_ncu_records(log_dir: Path, results_dir, digest: str) -> Optional[Path]:
+    """Append the ``gpu-ncu`` records of ``traffic-ncu.json`` and copy their lines
+    to the log folder; None (and no file) when no kernel was measured."""
+    from analysis.records import write_records  # noqa: PLC0415
+
+    path = log_dir / "traffic-ncu.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    except ValueError:
+        rows = []
+    found = ncu_records(rows if isinstance(rows, list) else [], digest)
+    if not found:
+        return None
+    written = write_records(NCU_KIND, found, device_kind="gpu", results_dir=results_dir)
+    lines = written.read_text(encoding="utf-8").splitlines()[-len(found):]
+    (log_dir / f"{NCU_KIND}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return written
 
 
 if __name__ == "__main__":
