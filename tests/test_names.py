@@ -60,6 +60,7 @@ def test_topk_moe_and_hugging_face_kernels_import_in_one_process(order, where, t
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+@pytest.mark.slow
 @HUGGING_FACE_KERNELS
 def test_transformers_mixtral_imports_from_the_repository_root_beside_the_torch_entry():
     """The failure that started the rename: transformers 5.x imports Hugging Face's

@@ -98,6 +98,7 @@ def _assert_logits_pass_the_rule(converted, model, ids):
     return error_bound(expected, plain, np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
 def test_a_converted_model_gives_the_same_logits_and_greedy_tokens(family):
     model = _model(family)
@@ -168,6 +169,7 @@ def test_the_layer_has_the_blocks_forward_signature_and_return_value(family):
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
 
 
+@pytest.mark.slow
 def test_the_emulated_cuda_kernels_run_a_converted_model():
     """The torch path on "cuda-emulated": the CUDA kernels, on the CPU (CPU emulation, not a GPU result)."""
     from topk_moe.backends import emulator_unavailable_reason
@@ -365,6 +367,7 @@ def _python_blocks(markdown: str) -> list:
     return blocks
 
 
+@pytest.mark.slow
 def test_the_contract_example_from_pytorch_and_transformers_runs():
     from pathlib import Path
 
