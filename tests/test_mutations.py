@@ -5,8 +5,9 @@ Every mutant edits one line of one .cu file (the text must occur exactly once)
 and names the checks to run: the same test bodies as tests/test_cuda.py, called
 on the "cuda-emulated" backend with the mutated copy's kernels. A mutant is
 caught when one of them fails (a wrong result, a plan that differs, a fault the
-emulator raises, a type the launcher refuses). The unmutated copy must pass
-them all, so a catch is the mutant's doing. CPU emulation only.
+emulator raises, a type the launcher refuses, or, for a mutant marked
+``racecheck``, a data race the emulated racecheck reports). The unmutated copy
+must pass them all, so a catch is the mutant's doing. CPU emulation only.
 """
 
 from __future__ import annotations
@@ -68,14 +69,38 @@ CHECKS = {"router.cu": route_checks, "dispatch.cu": dispatch_checks, "combine.cu
 MUTANTS = mutants.MUTANTS
 
 
-def caught(folder: Path, file: str):
-    """The failure the test_cuda checks of `file` raise on the kernels of `folder`, or None."""
-    return mutants.failure_of(folder, file, checks=CHECKS)
+def caught(folder: Path, file: str, racecheck: bool = False):
+    """The failure the test_cuda checks of `file` raise on the kernels of `folder`
+    (under the emulated racecheck when `racecheck`), or None."""
+    return mutants.failure_of(folder, file, checks=CHECKS, racecheck=racecheck)
 
 
 def test_the_unmutated_kernels_pass_every_check():
     for file in CHECKS:
         assert caught(KERNEL_DIR, file) is None, file
+    for file in sorted({m.file for m in MUTANTS if m.racecheck}):
+        assert caught(KERNEL_DIR, file, racecheck=True) is None, f"{file} under racecheck"
+
+
+def test_the_non_atomic_counter_is_caught_by_racecheck_alone(tmp_path):
+    """dispatch.cu's atomicAdd on a warp's shared counter made a plain `+= 1`: the
+    emulator runs a warp's lanes one after another, so the plan stays right and the
+    test_cuda checks pass; racecheck reports the lanes' conflicting read and write
+    of one counter on the mutated line (threads of one warp, the same block)."""
+    from topk_moe.cuda.emulator import racecheck
+
+    mutant = next(m for m in MUTANTS if m.name == "non-atomic shared counter")
+    folder = mutants.mutated_copy(tmp_path / "mutant", mutant)
+    assert caught(folder, mutant.file) is None  # what issue 25 saw: every result still right
+    failure = caught(folder, mutant.file, racecheck=True)
+    assert isinstance(failure, racecheck.RaceHazard), failure
+    text = (folder / "dispatch.cu").read_text(encoding="utf-8").splitlines()
+    line = f"kernels/topk_moe/cuda/dispatch.cu:{1 + next(i for i, s in enumerate(text) if mutant.mutated in s)}"
+    assert failure.launch.kernel == "dispatch_count_segments"
+    hazard = next(h for h in failure.launch.hazards if {h.first.kind, h.second.kind} == {"read", "write"})
+    assert hazard.space == "shared" and hazard.first.line == hazard.second.line == line, hazard
+    assert hazard.first.block == hazard.second.block and hazard.first.thread != hazard.second.thread
+    assert hazard.first.thread[0] // 32 == hazard.second.thread[0] // 32  # lanes of one warp
 
 
 @pytest.mark.slow
@@ -89,12 +114,12 @@ def test_every_mutant_is_caught(tmp_path):
     for folder, mutant in zip(folders, MUTANTS):
         defines = MAIN_VARIANT[mutant.file] if mutant.file != "expert_mlp.cu" else expert_mlp.launch_defines("swiglu", True)
         try:
-            loader.prebuild([(mutant.file, defines)], folder)
+            loader.prebuild([(mutant.file, defines)], folder, traffic=mutant.racecheck)
         except Exception:  # a mutant that does not build is caught by its checks below, with the message
             pass
     failures = {}
     for folder, mutant in zip(folders, MUTANTS):
-        failures[mutant.name] = caught(folder, mutant.file)
+        failures[mutant.name] = caught(folder, mutant.file, racecheck=mutant.racecheck)
     missed = [name for name, failure in failures.items() if failure is None]
     report = "\n".join(f"{name}: {type(f).__name__}: {str(f).splitlines()[0][:150] if str(f) else ''}"
                        for name, f in failures.items() if f is not None)

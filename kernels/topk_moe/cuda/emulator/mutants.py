@@ -4,7 +4,10 @@ checks that must catch them when the kernels run on the emulator.
 tests/test_mutations.py injects each mutant into a copy of kernels/topk_moe/cuda and runs
 the bodies of tests/test_cuda.py on it; the Kernels chapter runs ``verify``,
 which uses the lighter ``CHECKS`` here (the one tolerance rule, exact plans,
-bitwise equality across schedules). Both are CPU emulation, not GPU runs.
+bitwise equality across schedules). A mutant marked ``racecheck`` changes no
+result in the emulator (its lanes never interleave inside a read-modify-write):
+its checks run under the emulated racecheck (racecheck.py), which must report it.
+Both are CPU emulation, not GPU runs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Mutant:
     file: str
     original: str  # occurs exactly once in the file
     mutated: str
+    racecheck: bool = False  # caught only by a data-race check: run the checks under racecheck
 
 
 MUTANTS = (
@@ -53,8 +57,12 @@ MUTANTS = (
            "    for (int e = lane; e < n_experts; e += 32) counter[e] = 0;",
            "    int* counter = warp_counters + warp * n_experts;"),
     Mutant("missing __syncwarp between read and update of a shared counter", "dispatch.cu",
-           "        const int earlier_rounds = valid ? counter[e] : 0;\n        __syncwarp();",
-           "        const int earlier_rounds = valid ? counter[e] : 0;"),
+           "const int earlier_rounds = valid ? counter[e] : 0;\n            __syncwarp();",
+           "const int earlier_rounds = valid ? counter[e] : 0;"),
+    # The lanes of a warp lose each other's updates on a GPU; the emulator runs a warp's
+    # lanes one after another between barriers, so the plan stays right: racecheck's.
+    Mutant("non-atomic shared counter", "dispatch.cu",
+           "atomicAdd(&counter[expert[round]], 1);", "counter[expert[round]] += 1;", racecheck=True),
     Mutant("unaligned 16-byte load (one element off)", "combine.cu",
            "+ chunk * VEC, value);", "+ chunk * VEC + 1, value);"),
     Mutant("missing barrier after refilling a shared buffer", "expert_mlp.cu",
@@ -197,13 +205,18 @@ CHECKS = {"router.cu": _check_router, "dispatch.cu": _check_dispatch, "combine.c
           "activation.cu": _check_activation, "expert_mlp.cu": _check_expert_mlp}
 
 
-def failure_of(folder: Path, file: str, checks: Optional[dict] = None) -> Optional[BaseException]:
+def failure_of(folder: Path, file: str, checks: Optional[dict] = None, *,
+               racecheck: bool = False) -> Optional[BaseException]:
     """What the checks of ``file`` (``checks``, by default this module's ``CHECKS``)
-    raise on the kernels in ``folder``; None if they pass."""
+    raise on the kernels in ``folder``; None if they pass. ``racecheck``: run them
+    under the emulated racecheck, a data race raising ``racecheck.RaceHazard``."""
+    import contextlib
+
     from . import loader
+    from . import racecheck as races
 
     try:
-        with loader.kernel_sources(folder):
+        with loader.kernel_sources(folder), (races.checking(fail=True) if racecheck else contextlib.nullcontext()):
             (CHECKS if checks is None else checks)[file]()
     except Exception as failure:  # any failure of a check is a catch
         return failure
@@ -217,14 +230,16 @@ def verify(names=None) -> list:
     chosen = [m for m in MUTANTS if names is None or m.name in names]
     if names is not None and len(chosen) != len(set(names)):
         raise ValueError(f"unknown mutants: {sorted(set(names) - {m.name for m in MUTANTS})}")
-    for file in sorted({m.file for m in chosen}):
-        failure = failure_of(KERNEL_DIR, file)
+    for file, racecheck in sorted({(m.file, m.racecheck) for m in chosen}):
+        failure = failure_of(KERNEL_DIR, file, racecheck=racecheck)
         if failure is not None:
-            raise AssertionError(f"the unmutated {file} fails its checks: {failure}")
+            raise AssertionError(f"the unmutated {file} fails its checks{' under racecheck' if racecheck else ''}: "
+                                 f"{failure}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="mutants-") as scratch:
         for index, mutant in enumerate(chosen):
-            failure = failure_of(mutated_copy(Path(scratch) / str(index), mutant), mutant.file)
+            failure = failure_of(mutated_copy(Path(scratch) / str(index), mutant), mutant.file,
+                                 racecheck=mutant.racecheck)
             text = "" if failure is None else (str(failure).strip().splitlines() or [""])[0]
             rows.append({"mutant": mutant.name, "file": mutant.file, "caught": failure is not None,
                          "caught by": "" if failure is None else f"{type(failure).__name__}: {text[:140]}"})
