@@ -102,5 +102,17 @@ def expert_mlp():
                 grouped_mlp(*args, gate, activation_name, version=version, device=device)
 
 
+def builds() -> list:
+    """The (file, -D defines) pairs the cases launch, for ``loader.prebuild(..., traffic=True)``:
+    a cold cache then compiles them in parallel."""
+    from .. import expert_mlp as launcher
+    from .. import launch_config
+
+    return ([("router.cu", launch_config.router_defines(E)) for E in (8, 40)]
+            + [("dispatch.cu", launch_config.dispatch_defines()), ("combine.cu", {}), ("activation.cu", {})]
+            + [("expert_mlp.cu", launcher.launch_defines(name, vector)) for name in ("swiglu", "relu")
+               for vector in (True, False)])
+
+
 CASES = {"router.cu": router, "dispatch.cu": dispatch, "combine.cu": combine, "activation.cu": activation,
          "expert_mlp.cu": expert_mlp}
