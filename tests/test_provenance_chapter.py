@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("pandas")
@@ -71,3 +73,26 @@ def test_checkpoints_summary(tmp_path):
     summary = provenance.checkpoints_summary(tmp_path)
     assert summary["n_files"] == 2 and summary["total_bytes"] == 1024
     assert provenance.size_text(1024) == "1.0 KiB" and provenance.size_text(5) == "5 B"
+
+
+def test_every_committed_record_kind_is_placed_in_a_chapter():
+    """A new kind of record under results/ must be named in CHAPTER_RECORDS or UNREAD_KINDS."""
+    table = provenance.provenance_table()
+    placed = {kind for kinds in provenance.CHAPTER_RECORDS.values() for kind in kinds} | set(provenance.UNREAD_KINDS)
+    assert set(table["kind"]) <= placed, set(table["kind"]) - placed
+    shown = provenance.chapter_map(table)
+    assert "answers" in set(shown["chapter"]) and "arm-cost" in shown.iloc[0]["record kinds it reads"]
+
+
+def test_machine_view_gives_kind_device_blas_and_threads(tmp_path):
+    folder = tmp_path / "cpu-x"
+    folder.mkdir()
+    record = {"kind": "sweep", "utc": "2026-01-01T00:00:00Z", "device": "X CPU", "device_kind": "cpu",
+              "cpu_count": 4, "blas": "openblas 0.3", "thread_settings": {"OMP_NUM_THREADS": "2",
+                                                                          "MKL_NUM_THREADS": None}}
+    (folder / "sweep.jsonl").write_text(json.dumps(record) + "\n")
+    view = provenance.machine_view(provenance.provenance_table(tmp_path), tmp_path)
+    row = view.iloc[0]
+    assert (row["kind"], row["device kind"], row["device"], row["cores"], row["BLAS"]) == (
+        "sweep", "cpu", "X CPU", "4", "openblas 0.3")
+    assert row["BLAS and OpenMP threads"] == "OMP_NUM_THREADS=2"

@@ -168,11 +168,26 @@ def records_view(table: pd.DataFrame) -> pd.DataFrame:
     folder names its device and its name the kind; the versions are in ``versions_view``)."""
     view = table.reset_index()
     days = [_days(first, last) for first, last in zip(view["first utc"], view["last utc"])]
-    shown = pd.DataFrame({"file": view["path"], "records": view["records"],
-                          "git commit": view["git commit"], "dirty": view["git dirty"], "dates (UTC)": days})
+    # The file is <folder>/<kind>.jsonl; its folder is named by the device (under predicted-model/
+    # for the GPU model's predictions, whose kinds say so), so kind and device name it.
+    commits = [", ".join(c[:7] for c in text.split(", ")) for text in view["git commit"]]
+    shown = pd.DataFrame({"kind": view["kind"], "device": view["device"],
+                          "records": view["records"], "git commit": commits,
+                          "dirty": [_dirty_word(text) for text in view["git dirty"]],
+                          "dates (UTC)": days})
     if table["unreadable lines"].sum():
         shown["unreadable lines"] = view["unreadable lines"].to_numpy()
     return shown
+
+
+def _dirty_word(text: str) -> str:
+    """The dirty flags of one file's records in a word: yes, no, or some (both)."""
+    values = set(text.split(", "))
+    if values == {"True"}:
+        return "yes"
+    if values == {"False"}:
+        return "no"
+    return "some" if values == {"True", "False"} else text
 
 
 def _days(first: str, last: str) -> str:
@@ -200,3 +215,60 @@ def checkpoints_table(checkpoints: dict) -> pd.DataFrame:
 def counted(n: int, noun: str) -> str:
     """"1 device", "3 devices": a count with its noun, for the prose."""
     return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
+# ---------------------------------------------------------------- what each chapter reads (issue 23, item 7)
+
+#: The record kinds each chapter reads, as the chapters' modules read them (a chapter not
+#: listed reads none: it computes live). tests/test_provenance_chapter.py checks that every
+#: kind under results/ is here, so a new kind is placed in the book or said to be unread.
+CHAPTER_RECORDS = {
+    "answers": ("sweep", "bench-cpu", "memory", "traffic", "accuracy-eval", "accuracy-rescore",
+                "accuracy-train-log", "arm-cost"),
+    "kernels": ("traffic",),
+    "gpu_performance": ("sweep", "gpu-tests", "gpu-occupancy", "gpu-prediction", "gpu-sanity", "traffic"),
+    "cpu_baseline": ("sweep", "bench-cpu", "bench-cpu-grid", "memory"),
+    "accuracy": ("accuracy-eval", "accuracy-rescore", "accuracy-train-log", "arm-cost"),
+    "routing": ("accuracy-eval", "accuracy-rescore", "accuracy-train-log"),
+    "expert_parallel": ("expert-parallel",),
+}
+#: Kinds no chapter shows, each with where it is used instead.
+UNREAD_KINDS = {"torch-overhead": "quoted by the contract's section on PyTorch (its command and fields)"}
+
+
+def chapter_map(table: pd.DataFrame) -> pd.DataFrame:
+    """Per chapter: the record kinds it reads, and which of them have a results file now."""
+    present = set(table["kind"])
+    rows = []
+    for chapter, wanted in CHAPTER_RECORDS.items():
+        missing = [kind for kind in wanted if kind not in present]
+        rows.append({"chapter": chapter.replace("_", " "), "record kinds it reads": ", ".join(wanted),
+                     "kinds without records yet": ", ".join(missing) if missing else "none"})
+    for kind, where in UNREAD_KINDS.items():
+        rows.append({"chapter": f"none ({where})", "record kinds it reads": kind,
+                     "kinds without records yet": "none" if kind in present else kind})
+    return pd.DataFrame(rows)
+
+
+def machine_view(table: pd.DataFrame, results_dir=None) -> pd.DataFrame:
+    """Per results file: its kind and device kind, the machine (CPU model or GPU), its cores,
+    NumPy's BLAS and the BLAS/OpenMP thread settings its records were made with."""
+    root = records.results_root(results_dir)
+    rows = []
+    for path in table.index:
+        found, _ = load_lines(root / path)
+        settings = distinct(", ".join(f"{k}={v}" for k, v in sorted((r.get("thread_settings") or {}).items())
+                                      if v is not None) or "unset" for r in found)
+        rows.append({"file": path, "kind": table.loc[path, "kind"],
+                     "device kind": distinct(r.get("device_kind") for r in found),
+                     "device": table.loc[path, "device"], "cores": distinct(r.get("cpu_count") for r in found),
+                     "BLAS": distinct(r.get("blas") for r in found), "BLAS and OpenMP threads": settings})
+    return pd.DataFrame(rows, columns=["file", "kind", "device kind", "device", "cores", "BLAS",
+                                       "BLAS and OpenMP threads"])
+
+
+def machines_table(view: pd.DataFrame) -> pd.DataFrame:
+    """machine_view grouped: one row per distinct machine setting, with how many files used it."""
+    keys = ["device kind", "device", "cores", "BLAS", "BLAS and OpenMP threads"]
+    grouped = view.groupby(keys, sort=False).agg(files=("file", "count"), kinds=("kind", ", ".join))
+    return grouped.reset_index()
