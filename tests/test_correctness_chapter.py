@@ -114,3 +114,19 @@ def test_a_failed_case_names_what_failed():
     table = pd.DataFrame({"passed": [True, False]}, index=pd.Index(["a", "b"], name="case"))
     with pytest.raises(AssertionError, match=r"the emulated kernels outside the topk_moe.testing bound: \['b'\]"):
         correctness.assert_errors_within_bound(table, what="the emulated kernels")
+
+
+def test_bound_explanation_names_the_term_that_sets_the_bound():
+    import pandas as pd
+
+    from analysis.chapters import correctness
+
+    index = pd.MultiIndex.from_tuples([("float16", 2, "swiglu"), ("float32", 1, "relu")],
+                                      names=["dtype", "k", "activation"])
+    table = pd.DataFrame({"error (CPU emulation)": [0.00126, 1e-6], "plain error": [0.00187, 1e-6],
+                          "bound": [19.9, 1e-4], "error / bound": [0.00126 / 19.9, 0.01], "passed": [True, True]},
+                         index=index)
+    text = correctness.bound_explanation(table)
+    assert text.startswith("The loosest bound is float16, k = 2, swiglu: 19.9 for an error of 0.00126.")
+    assert "The floor sets it" in text and "0.00374" in text
+    assert correctness.bound_explanation(None) == ""

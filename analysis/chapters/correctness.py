@@ -150,11 +150,37 @@ def error_chart(table: pd.DataFrame) -> alt.TopLevelMixin:
     return alt.Chart(long).mark_point(filled=True, size=60).encode(
         x=alt.X("case:N", title=None, axis=alt.Axis(labelAngle=-30)),
         y=alt.Y("value:Q", title="max |y - y_ref64|", scale=alt.Scale(type="log")),
-        color=alt.Color("measure:N", title=None, legend=alt.Legend(orient="top"),
+        # Colour and shape share field, title and domain, so Vega-Lite draws one legend for both.
+        color=alt.Color("measure:N", title="measure", legend=alt.Legend(orient="top"),
                         scale=alt.Scale(domain=list(MEASURE_COLOURS), range=list(MEASURE_COLOURS.values()))),
-        shape=alt.Shape("measure:N", title=None, sort=list(MEASURE_COLOURS)),
+        shape=alt.Shape("measure:N", title="measure", legend=alt.Legend(orient="top"),
+                        scale=alt.Scale(domain=list(MEASURE_COLOURS))),
         column=alt.Column("dtype:N", title=None),
-    ).properties(width=260, height=220).resolve_scale(y="independent")
+    ).properties(width=260, height=220, title="Error against the float64 reference, per case (log axis)"
+                 ).resolve_scale(y="independent")
+
+
+def bound_explanation(table: Optional[pd.DataFrame], error_column: str = "error (CPU emulation)") -> str:
+    """Why a bound can be far above its error: the bound of the case with the smallest
+    error/bound split into its two terms (twice the plain implementation's error, and the
+    floor), from the table's own columns."""
+    if table is None or table.empty:
+        return ""
+    row = table.sort_values("error / bound").iloc[0]
+    dtype, k, activation = row.name
+    plain_term = 2 * row["plain error"]
+    floor = row["bound"] - plain_term
+    start = (f"The loosest bound is {dtype}, k = {k}, {activation}: {row['bound']:.3g} for an error of "
+             f"{row[error_column]:.3g}. It is {plain_term:.3g}, twice the plain {dtype} implementation's error, "
+             f"plus a floor of {floor:.3g}.")
+    if plain_term >= floor:
+        return (start + f" The plain code adds its terms in {dtype}, while the kernels accumulate in float32, so "
+                f"the kernels are far inside a bound set by naive {dtype} code.")
+    eps = float(np.finfo(dtype).eps)
+    scale = floor / (topk_moe.testing.FLOOR_ULPS * eps)
+    return (start + f" The floor sets it: {topk_moe.testing.FLOOR_ULPS:g} {dtype} epsilons times the largest sum "
+            f"of absolute terms added into one output, {scale:.3g} here. Those terms cancel into much smaller "
+            f"outputs, so the floor is loose; scaling it per output element would tighten it.")
 
 
 # ---------------------------------------------------------------- (b) routing agreement
@@ -243,8 +269,10 @@ def margin_chart(frame: pd.DataFrame, bins: int = 40) -> alt.TopLevelMixin:
         flipped = part.loc[~part["agree"], ["log_margin"]]
         if len(flipped):
             layers.append(alt.Chart(flipped).mark_rule(color="#D55E00", strokeWidth=2).encode(x="log_margin:Q"))
-        panels.append(alt.layer(*layers).properties(
-            width=300, height=200, title=f"k = {k}: {len(flipped)} disagreeing (vermilion)"))
+        # Promise the vermilion lines only where some are drawn.
+        title = (f"k = {k}: {len(flipped)} disagreeing token(s) (vermilion)" if len(flipped)
+                 else f"k = {k}: every token agrees")
+        panels.append(alt.layer(*layers).properties(width=300, height=200, title=title))
     return alt.hconcat(*panels)
 
 
