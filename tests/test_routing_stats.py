@@ -167,3 +167,34 @@ def test_per_batch_cv():
     experts = np.array([[0], [1], [0], [0]])
     cvs = stats.per_batch_cv(experts, [0, 0, 1, 1], 2)
     np.testing.assert_allclose(cvs, [0.0, 1.0])
+
+
+def test_versus_chance_words():
+    from analysis.chapters import routing
+
+    assert routing.versus_chance(0.179, 0.158) == "barely above"
+    assert routing.versus_chance(0.39, 0.125) == "far above"
+    assert routing.versus_chance(0.2, 0.125) == "above"
+    assert routing.versus_chance(0.1, 0.125) == "no higher than"
+    numbers = {"uniform_same_expert": 0.125, "moe_k1_same_expert_rate": 0.39,
+               "moe_k1_same_expert_different_bytes": 0.179, "moe_k1_same_expert_by_load": 0.158}
+    assert routing.chance_numbers(numbers) == {"moe_k1_same_vs_chance": "far above",
+                                               "moe_k1_different_vs_chance": "barely above"}
+
+
+def test_metrics_tables_split_the_summary_and_name_the_arms():
+    import pandas as pd
+
+    from analysis.chapters import routing
+
+    formatted = pd.DataFrame({"arm": ["moe-k1"], "layer": [0], "load CV per batch": ["0.10 ± 0.01"],
+                              "load max/mean": ["1.60 ± 0.10"], "entropy / log E": ["0.9 ± 0.0"],
+                              "same expert, consecutive bytes": ["0.39 ± 0.01"],
+                              "same expert, different bytes": ["0.18 ± 0.01"], "chance (from load)": ["0.16 ± 0.0"],
+                              "2nd-expert weight share": [""], "seeds": [3]})
+    load, reuse = routing.metrics_tables(formatted)
+    assert list(load.columns) == ["arm", "layer", "load CV per batch", "load max/mean", "entropy / log E", "seeds"]
+    assert list(reuse.columns) == ["arm", "layer", "same expert, consecutive bytes", "same expert, different bytes",
+                                   "chance (from load)"]  # the k = 2 column is empty for a top-1 arm
+    assert load["arm"].iloc[0] == "top-1 MoE"
+    assert list(routing.published_view().columns) == ["source", "where", "quantity", "published"]

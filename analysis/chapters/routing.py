@@ -252,15 +252,23 @@ def load_over_training(curves: pd.DataFrame) -> pd.DataFrame:
 def load_over_training_chart(load: pd.DataFrame, arms: Sequence[str] = MOE_ARMS) -> alt.TopLevelMixin:
     """Max/mean expert load during training, per layer, mean over seeds, per arm."""
     data = load[load["arm"].isin(arms)].groupby(["arm", "layer", "tokens"], as_index=False)["load_max_over_mean"].mean()
-    present = [a for a in accuracy.ARM_ORDER if a in set(data["arm"])]
-    colour = alt.Color("arm:N", sort=present, scale=alt.Scale(
-        domain=present, range=[accuracy.ARM_COLOURS[accuracy.ARM_ORDER.index(a)] for a in present]))
+    data, colour = _readable_arms(data)
     lines = alt.Chart(data).mark_line().encode(
         x=alt.X("tokens:Q", title="training bytes seen"),
         y=alt.Y("load_max_over_mean:Q", title="max/mean expert load", scale=alt.Scale(zero=False)),
         color=colour)
     return lines.properties(width=220, height=180).facet(column=alt.Column("layer:O", title="layer")).properties(
         title="Load imbalance over training (1 = balanced, E = all on one expert)")
+
+
+def _readable_arms(data: pd.DataFrame) -> tuple:
+    """``data`` with each arm under its readable name (accuracy.ARM_LABELS), and the colour
+    encoding that keeps every arm's colour of the Accuracy chapter."""
+    present = [a for a in accuracy.ARM_ORDER if a in set(data["arm"])]
+    labels = [accuracy.arm_label(a) for a in present]
+    colour = alt.Color("arm:N", sort=labels, title="arm", legend=alt.Legend(labelLimit=320), scale=alt.Scale(
+        domain=labels, range=[accuracy.ARM_COLOURS[accuracy.ARM_ORDER.index(a)] for a in present]))
+    return data.assign(arm=data["arm"].map(accuracy.arm_label)), colour
 
 
 def drop_rate_table(collected: dict, factors: Sequence = accuracy.CAPACITY_FACTORS) -> pd.DataFrame:
@@ -281,9 +289,7 @@ def drop_rate_table(collected: dict, factors: Sequence = accuracy.CAPACITY_FACTO
 
 def drop_rate_chart(drops: pd.DataFrame) -> alt.TopLevelMixin:
     data = drops.groupby(["arm", "layer", "capacity_factor"], as_index=False)["drop_rate"].mean()
-    present = [a for a in accuracy.ARM_ORDER if a in set(data["arm"])]
-    colour = alt.Color("arm:N", sort=present, scale=alt.Scale(
-        domain=present, range=[accuracy.ARM_COLOURS[accuracy.ARM_ORDER.index(a)] for a in present]))
+    data, colour = _readable_arms(data)
     chart = alt.Chart(data).mark_line(point=True).encode(
         x=alt.X("capacity_factor:Q", title="capacity factor", scale=alt.Scale(type="log")),
         y=alt.Y("drop_rate:Q", title="assignments dropped", axis=alt.Axis(format="%")),
@@ -308,19 +314,18 @@ def ablation_table(table: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
             difference = ""
             if balance == "no" and arm in comparisons.index:
                 c = comparisons.loc[arm]
-                difference = (f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p = {c['p_value']:.2f}"
-                              f" ({'supported' if c['supported'] else 'within noise'}, {c['n']} seeds)")
-            rows.append({"arm": arm, "balancing loss": balance,
+                difference = (f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] "
+                              f"({'supported' if c['supported'] else 'within noise'}, {c['n']} seeds)")
+            rows.append({"arm": accuracy.arm_label(arm),
                          "load CV per batch": f"{averages.loc[arm, 'batch_cv_mean_mean']:.2f} ± "
                                               f"{np.nan_to_num(averages.loc[arm, 'batch_cv_mean_std']):.2f}",
-                         "CV per batch, most uneven layer (bound)": f"{per_layer.loc[arm].max():.2f} "
-                                                           f"({averages.loc[arm, 'max_cv_mean']:.2f})",
+                         "CV, most uneven layer (bound)": f"{per_layer.loc[arm].max():.2f} "
+                                                          f"({averages.loc[arm, 'max_cv_mean']:.2f})",
                          "load max/mean": f"{averages.loc[arm, 'load_max_over_mean_mean']:.2f} ± "
                                           f"{np.nan_to_num(averages.loc[arm, 'load_max_over_mean_std']):.2f}",
                          "test bits/byte": f"{loss.loc[arm, 'bits_per_byte_mean']:.4f} ± "
                                            f"{np.nan_to_num(loss.loc[arm, 'bits_per_byte_std']):.4f}",
-                         "vs balanced, paired [95% interval]": difference,
-                         "seeds": int(averages.loc[arm, "n_seeds"])})
+                         "vs balanced, paired [95% interval]": difference})
     return pd.DataFrame(rows)
 
 
@@ -420,3 +425,47 @@ def tokens_collected(collected: dict) -> Optional[int]:
     for routing in collected.values():
         return int(routing["bytes"].size)
     return None
+
+
+def versus_chance(rate: float, chance: float) -> str:
+    """How a same-expert rate compares with its chance baseline, in words: within 25% of
+    chance (relative) is "barely above" it; more than twice chance "far above"."""
+    if rate <= chance:
+        return "no higher than"
+    ratio = rate / chance
+    return "barely above" if ratio < 1.25 else ("far above" if ratio > 2 else "above")
+
+
+def chance_numbers(numbers: dict) -> dict:
+    """Glue: for each arm, how its same-expert rates compare with their chance baselines."""
+    out = {}
+    for key in [k[:-len("_same_expert_rate")] for k in numbers if k.endswith("_same_expert_rate")]:
+        out[f"{key}_same_vs_chance"] = versus_chance(numbers[f"{key}_same_expert_rate"], numbers["uniform_same_expert"])
+        if f"{key}_same_expert_different_bytes" in numbers and f"{key}_same_expert_by_load" in numbers:
+            out[f"{key}_different_vs_chance"] = versus_chance(numbers[f"{key}_same_expert_different_bytes"],
+                                                              numbers[f"{key}_same_expert_by_load"])
+    return out
+
+
+#: The per-layer summary's columns, in two tables that each fit the page.
+LOAD_COLUMNS = ("load CV per batch", "load max/mean", "entropy / log E", "seeds")
+REUSE_COLUMNS = ("same expert, consecutive bytes", "same expert, different bytes", "chance (from load)",
+                 "2nd-expert weight share")
+
+
+def metrics_tables(formatted: pd.DataFrame) -> tuple:
+    """format_metrics' table as two that fit the page: load balance and expert reuse, each
+    with the arm's readable name and the layer; a column empty in every row is left out."""
+    base = formatted.assign(arm=formatted["arm"].map(accuracy.arm_label))
+    tables = []
+    for columns in (LOAD_COLUMNS, REUSE_COLUMNS):
+        kept = [c for c in columns if c in base and (base[c].astype(str) != "").any()]
+        tables.append(base[["arm", "layer", *kept]])
+    return tuple(tables)
+
+
+def published_view() -> pd.DataFrame:
+    """The published routing figures, narrow: source, table, quantity and value (the settings
+    are in the prose, the citations on the References page)."""
+    table = published.anchors("routing")
+    return table[["source", "where", "quantity", "published"]]
