@@ -263,3 +263,23 @@ def test_chapter_parameters(change, message):
     with pytest.raises(ValueError) as error:
         chapter.validate_parameters(**dict(good, **change))
     assert str(error.value) == message
+
+
+def test_the_readme_example_runs_under_torchrun(tmp_path):
+    """README's "Across processes and machines": its script, as a user would run it
+    (torchrun, two processes on this machine), ends on every rank with y of its own tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Across processes and machines", 1)[1].split("\n## ", 1)[0]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "torchrun --standalone --nproc-per-node 2 ep.py" in script
+    path = tmp_path / "ep.py"
+    path.write_text(script + "\nprint(f'rank {rank} of {P}: y {tuple(y.shape)}', flush=True)\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(path)],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rank 0 of 2: y (16, 64)" in done.stdout and "rank 1 of 2: y (17, 64)" in done.stdout
