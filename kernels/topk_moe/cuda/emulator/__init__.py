@@ -18,7 +18,7 @@
   instrumented flavour (``racecheck.checking()`` or ``MOE_EMULATOR_RACECHECK=1``):
   shared- and global-memory hazards that no barrier orders, with both source
   lines, the threads and the address; ``racecheck_cases.py``: small launches of
-  every kernel, run by ``racecheck.run_all_kernels()``.
+  every kernel, and ``run_all_kernels()``, which runs them all under racecheck.
 
 This file imports nothing, so ``topk_moe.backends`` can ask about the emulator
 cheaply.

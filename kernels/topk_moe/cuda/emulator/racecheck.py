@@ -19,7 +19,7 @@ of racecheck.h.
 
 ``checking(fail=True)`` and the environment variable raise ``RaceHazard`` at the
 first launch with a hazard; ``checking()`` collects
-every launch's hazards instead. ``run_all_kernels()`` runs every kernel of
+every launch's hazards instead. ``racecheck_cases.run_all_kernels()`` runs every kernel of
 kernels/topk_moe/cuda at small shapes under racecheck and summarises (the device
 check compares it with compute-sanitizer's racecheck on a GPU).
 
@@ -37,8 +37,6 @@ import contextlib
 import ctypes
 import dataclasses
 import os
-import time
-from typing import Optional
 
 from . import traffic
 
@@ -165,34 +163,3 @@ def finish(library: ctypes.CDLL, library_path: str, file: str, kernel: str, grid
         launches.append(launch)
     if hazards and (from_environment() or any(fail for _, fail in _collectors)):
         raise RaceHazard(launch)
-
-
-# ---------------------------------------------------------------------------
-# Every kernel of kernels/topk_moe/cuda, at small shapes
-
-
-def run_all_kernels(checks: Optional[dict] = None) -> dict:
-    """Run every kernel of kernels/topk_moe/cuda under the emulated racecheck, at
-    the small shapes of ``racecheck_cases.CASES`` (or ``checks``: {name: callable}),
-    and return a summary: {"kernels_run": sorted kernel names, "launches": int,
-    "hazards": [str, ...] (empty when race-free), "cases": {case: hazard count},
-    "failed": {case: error text} (a case that did not run), "seconds": float,
-    "backend": "CPU emulation"}. CPU emulation, not a GPU run."""
-    from . import racecheck_cases
-
-    chosen = racecheck_cases.CASES if checks is None else checks
-    started = time.perf_counter()
-    kernels, hazards, per_case, failed, launches_run = set(), [], {}, {}, 0
-    for name, case in chosen.items():
-        with checking() as launches:
-            try:
-                case()
-            except Exception as error:  # a case that cannot run is reported, not hidden
-                failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        launches_run += len(launches)
-        kernels.update(launch.kernel for launch in launches)
-        found = [f"{launch.kernel}: {hazard}" for launch in launches for hazard in launch.hazards]
-        per_case[name] = len(found)
-        hazards.extend(found)
-    return {"kernels_run": sorted(kernels), "launches": launches_run, "hazards": hazards, "cases": per_case,
-            "failed": failed, "seconds": round(time.perf_counter() - started, 2), "backend": "CPU emulation"}

@@ -5,14 +5,19 @@ the real launchers of the ``cuda-emulated`` backend (its grids, block sizes and
 shared memory) at shapes small enough to check in seconds, yet with more than
 one block wherever a kernel has a grid, more than one warp where it uses
 shared memory, partial tiles, and both the vector and the element paths.
-``racecheck.run_all_kernels`` runs them under racecheck; tests/test_racecheck.py
+``run_all_kernels`` runs them under racecheck; tests/test_racecheck.py
 checks that together they launch every kernel of the sources. They check no
 results: tests/test_cuda.py does.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Optional
+
 import numpy as np
+
+from . import racecheck
 
 FLOATS = (np.float32, np.float16)
 
@@ -116,3 +121,32 @@ def builds() -> list:
 
 CASES = {"router.cu": router, "dispatch.cu": dispatch, "combine.cu": combine, "activation.cu": activation,
          "expert_mlp.cu": expert_mlp}
+
+
+# ---------------------------------------------------------------------------
+# Every kernel of kernels/topk_moe/cuda, at small shapes
+
+
+def run_all_kernels(checks: Optional[dict] = None) -> dict:
+    """Run every kernel of kernels/topk_moe/cuda under the emulated racecheck, at
+    the small shapes of ``CASES`` (or ``checks``: {name: callable}),
+    and return a summary: {"kernels_run": sorted kernel names, "launches": int,
+    "hazards": [str, ...] (empty when race-free), "cases": {case: hazard count},
+    "failed": {case: error text} (a case that did not run), "seconds": float,
+    "backend": "CPU emulation"}. CPU emulation, not a GPU run."""
+    chosen = CASES if checks is None else checks
+    started = time.perf_counter()
+    kernels, hazards, per_case, failed, launches_run = set(), [], {}, {}, 0
+    for name, case in chosen.items():
+        with racecheck.checking() as launches:
+            try:
+                case()
+            except Exception as error:  # a case that cannot run is reported, not hidden
+                failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        launches_run += len(launches)
+        kernels.update(launch.kernel for launch in launches)
+        found = [f"{launch.kernel}: {hazard}" for launch in launches for hazard in launch.hazards]
+        per_case[name] = len(found)
+        hazards.extend(found)
+    return {"kernels_run": sorted(kernels), "launches": launches_run, "hazards": hazards, "cases": per_case,
+            "failed": failed, "seconds": round(time.perf_counter() - started, 2), "backend": "CPU emulation"}
