@@ -360,3 +360,22 @@ def test_grid_refuses_the_one_shape_options(capsys):
     config, arguments = bench_cpu.parse_config(["--grid"])
     assert arguments.grid and config.rounds == bench_cpu.GRID_PRESET.rounds
     assert config.seconds_per_measurement == bench_cpu.GRID_PRESET.seconds_per_measurement
+
+
+def test_later_rounds_reuse_the_first_check_of_the_same_output(monkeypatch):
+    config = bench_cpu.PRESETS["quick"]
+    inputs = bench_cpu.InputCache(config)
+    calls = []
+    check = sweep_cells.check_moe_output
+    monkeypatch.setattr(sweep_cells, "check_moe_output", lambda *a, **k: calls.append(1) or check(*a, **k))
+    first = bench_cpu.measure_moe(config, "relu", 4, 2, inputs)
+    second = bench_cpu.measure_moe(config, "relu", 4, 2, inputs)
+    assert len(calls) == 1 and first["validated_rows"] == second["validated_rows"]
+    bench_cpu.measure_moe(config, "relu", 4, 1, inputs)  # another k: checked again
+    assert len(calls) == 2
+    # An output that differs from the checked one on the same inputs is never timed.
+    forward = topk_moe.moe_forward
+    monkeypatch.setattr(topk_moe, "moe_forward", lambda *a, **k: dataclasses.replace(
+        forward(*a, **k), y=forward(*a, **k).y * np.float32(1.5)))
+    with pytest.raises(sweep_cells.ValidationError, match="differs from the checked one"):
+        bench_cpu.measure_moe(config, "relu", 4, 2, inputs)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import multiprocessing
 import os
 import sys
@@ -327,6 +328,11 @@ def moe_reference_rows(x, weights, cfg) -> tuple[numpy.ndarray, numpy.ndarray]:
     return rows, topk_moe.moe_forward(x[rows], weights, cfg, backend="reference").y
 
 
+def output_digest(y: numpy.ndarray) -> bytes:
+    """A digest of an output's bytes: equal digests, the same bits."""
+    return hashlib.blake2b(numpy.ascontiguousarray(y).tobytes(), digest_size=16).digest()
+
+
 def measure_moe(config: BenchConfig, activation: str, T: int, K: int, inputs: InputCache) -> dict:
     """Our MoE (``backend="cpu"``) at (activation, T, K), checked by the tolerance rule first."""
     cfg = layer_config(config, activation, K)
@@ -335,7 +341,17 @@ def measure_moe(config: BenchConfig, activation: str, T: int, K: int, inputs: In
     first = topk_moe.moe_forward(*sets[0], cfg, backend="cpu")
     # Nothing wrong is timed: the project's one tolerance rule against the
     # float64 reference, routed the same way; it raises, and the run stops.
-    checked = sweep_cells.check_moe_output(*sets[0], cfg, first, name=f"cpu moe_forward {activation} T={T} k={K}")
+    # Checked in the first round; the backend gives the same bits on the same
+    # inputs, so later rounds reuse the check (the reference of a grid layer
+    # of E = 64 large experts takes seconds).
+    key = ("moe-check", T, K)
+    if key not in inputs.derived:
+        inputs.derived[key] = (output_digest(first.y), sweep_cells.check_moe_output(
+            *sets[0], cfg, first, name=f"cpu moe_forward {activation} T={T} k={K}"))
+    checked_digest, checked = inputs.derived[key]
+    if output_digest(first.y) != checked_digest:
+        raise sweep_cells.ValidationError(f"cpu moe_forward {activation} T={T} k={K}: the output on the same "
+                                          "inputs differs from the checked one; not timed")
     # The experts each input set routes to: the weights a call must read (decode's floor).
     touched = [numpy.unique(topk_moe.route(x, w.router, K, backend="cpu").experts).size for x, w in sets]
     measured = timing.time_within_budget(lambda x, w: topk_moe.moe_forward(x, w, cfg, backend="cpu"), sets,
@@ -387,7 +403,11 @@ def measure_torch_moe(config: BenchConfig, backend: str, activation: str, T: int
     else:
         raise ValueError(f"backend: expected 'torch-eager' or 'torch-grouped-mm', got {backend!r}")
     args_sets = [(peers.as_torch(x), layer) for (x, _), layer in zip(sets, layers)]
-    rows, expected = moe_reference_rows(*sets[0], cfg)
+    # The reference rows once per (T, K): the same inputs every round.
+    reference_key = ("moe-reference", T, K)
+    if reference_key not in inputs.derived:
+        inputs.derived[reference_key] = moe_reference_rows(*sets[0], cfg)
+    rows, expected = inputs.derived[reference_key]
     with torch.inference_mode():
         error = check_rows_against(f"{backend} {activation} T={T} k={K}", function(*args_sets[0]), expected, rows)
         measured = timing.time_within_budget(function, args_sets, budget(config))
@@ -1120,8 +1140,9 @@ def measure_fixed_cost(config: BenchConfig, activation: str, K: int, inputs: "In
 
 
 def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = True) -> "GridResult":
-    """Every grid point ``base.rounds`` times over (round by round through the
-    points, so each point's rounds are minutes apart): our MoE, our dense MLP
+    """Every grid point ``base.rounds`` times over, its rounds one after the
+    other as the one-shape run does (so each worker builds a point's weights
+    once: the largest layers take seconds to draw and copy): our MoE, our dense MLP
     at equal active FLOPs, the PyTorch eager loop, and for decode points the
     one-row weight-read rate at the point's (D, F); then the fixed cost of a
     T = 1 call at the one-shape bench's layer (``base``'s shape), k = 1 and 2.
@@ -1147,9 +1168,9 @@ def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = Tru
         with tqdm(total=total, desc="bench-cpu grid", unit="measurement", disable=not progress) as bar:
             first_ceilings = on(numpy_worker, "measure_ceilings", point=shape)
             bar.update()
-            for round_ in range(base.rounds):
-                for index, point in enumerate(points):
-                    config = point.config(base)
+            for index, point in enumerate(points):
+                config = point.config(base)
+                for round_ in range(base.rounds):
                     bar.set_postfix_str(f"round {round_ + 1}/{base.rounds} {point.label()}")
                     T, K, activation = point.tokens, point.top_k, point.activation
                     common = {"grid_point": index, "round": round_, "point": dataclasses.asdict(point)}
@@ -1166,6 +1187,7 @@ def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = Tru
                         timed.append({"implementation": TORCH_EAGER, **common, "result": on(
                             torch_worker, "measure_torch_moe", "torch-eager", activation, T, K, point=config)})
                         bar.update()
+            for round_ in range(base.rounds):
                 for K in (1, 2):
                     bar.set_postfix_str(f"round {round_ + 1}/{base.rounds} fixed cost at T = 1, k = {K}")
                     fixed.append({"round": round_, "top_k": K,
