@@ -4,8 +4,8 @@ The newest committed ``make bench-cpu`` run (our MoE against our dense MLPs
 and PyTorch's layers at one shape, its ceilings, its four targets and a chart
 of the ratios) and the newest ``bench-cpu --grid`` run (the same over a grid
 of shapes, the grid's targets and the fixed cost of a T = 1 call by step).
-Of the older ``make sweep-cpu`` records the chapter keeps only the skew
-ratios (``analysis.chapters.performance``), labelled with their conditions:
+Of the older ``make sweep-cpu`` records the chapter keeps only the stage
+shares and the skew ratios (``analysis.chapters.performance``), labelled with their conditions:
 its times, measured with weights in cache on an older backend, contradicted
 the bench (issue 23, item 2) and are not shown.
 """
@@ -228,7 +228,8 @@ def ratio_chart(view: BenchCpuView) -> alt.TopLevelMixin:
 
 
 GRID_COMMAND = 'make bench-cpu BENCH_ARGS="--grid"'
-NO_GRID_RECORDS = (f"no bench-cpu-grid records yet: run `{GRID_COMMAND}` (about 15 minutes on 2 idle cores) "
+NO_GRID_RECORDS = (f"no bench-cpu-grid records yet: run `{GRID_COMMAND}` (about "
+                   f"{bench_cpu.GRID_EXPECTED_MINUTES} minutes on 2 idle cores) "
                    "to measure the shape grid, its targets and the fixed cost of a decode step")
 
 
@@ -368,8 +369,11 @@ def sweep_conditions(note: str) -> str:
     return (f"{note} The sweep ran on an older backend (the commit above) with each expert's weights staying "
             "in cache from call to call (its expert MLP passed 100% of its memory roofline at T = 1), so its "
             "times are not this backend's and are not shown: the bench-cpu sections above give the times and "
-            "every comparison with dense and PyTorch. Shown here are only ratios between two of its calls at the "
-            "same T and k: the layer's time under skewed routing over its time under uniform routing.")
+            "every comparison with dense and PyTorch. Shown here are only ratios within the sweep: each stage's "
+            "share of the stages' summed time (the stages run one by one, where the backend now runs permute and "
+            "combine inside the expert tasks; with weights in cache the expert MLPs' share at small T is a lower "
+            "bound), and the layer's time under skewed routing over its time under uniform routing at the same "
+            "T and k. Its % of roofline is not shown: with weights in cache it passed 100%.")
 
 
 def skew_frame(data, preset: str, dtype: str) -> pd.DataFrame:
