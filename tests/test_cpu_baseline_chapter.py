@@ -116,3 +116,36 @@ def test_the_sweep_note_names_its_conditions():
     text = cpu_baseline.sweep_conditions("Note: AMD EPYC, commit abc.")
     assert text.startswith("Note: AMD EPYC, commit abc.") and "older backend" in text and "in cache" in text
     assert "not shown" in text
+
+
+def test_the_torch_overhead_section_names_the_command_without_records(tmp_path):
+    view = cpu_baseline.torch_overhead_view(tmp_path)
+    assert view.frame.empty and cpu_baseline.TORCH_OVERHEAD_COMMAND in view.note
+    assert all(cpu_baseline.TORCH_OVERHEAD_COMMAND in text for text in view.numbers.values())
+
+
+def test_the_torch_overhead_section_reads_the_newest_run(tmp_path):
+    from analysis.measure import torch_overhead
+
+    torch_overhead.run("tiny", (1, 8), rounds=3, repeats=2, results_dir=tmp_path, echo=lambda message: None)
+    view = cpu_baseline.torch_overhead_view(tmp_path)
+    assert sorted(view.frame["T"].unique()) == [1, 8]
+    assert set(view.frame["entry"]) == {"torch-function", "moe-layer"}
+    assert "torch-overhead.jsonl" in view.note and "load average" in view.note
+    assert set(view.numbers) == {"torch_overhead_t1", "torch_overhead_t4096", "torch_overhead_layer_t1"}
+    assert view.numbers["torch_overhead_t4096"] == "not measured"  # the run had no T = 4096
+    for text in (view.numbers["torch_overhead_t1"], view.numbers["torch_overhead_layer_t1"]):
+        assert " per call" in text and "NumPy call's" in text
+
+
+@pytest.mark.parametrize("low, high, verdict", [(-1e-6, 3e-6, "none that the run could tell from noise"),
+                                                (1e-6, 3e-6, "2 µs per call")])
+def test_an_overhead_whose_spread_holds_zero_is_not_stated_as_a_cost(tmp_path, low, high, verdict):
+    from analysis import records as record_io
+
+    record = {"measurement": "overhead", "entry": "torch-function", "overhead_median_s": 2e-6,
+              "overhead_p20_s": low, "overhead_p80_s": high, "overhead_fast_calls_s": 1e-6,
+              "numpy_median_s": 1e-4, "torch_median_s": 1.02e-4, "overhead_fraction": 0.02, "rounds": 3,
+              "run_id": "r", "params": {"tokens": 1, "entry": "torch-function", "machine": "idle"}}
+    record_io.write_records("torch-overhead", [record], device_kind="cpu", results_dir=tmp_path)
+    assert cpu_baseline.torch_overhead_view(tmp_path).numbers["torch_overhead_t1"].startswith(verdict)

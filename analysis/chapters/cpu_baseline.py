@@ -22,7 +22,7 @@ from analysis import charts
 from analysis import records as record_io
 from analysis.chapters import performance
 from analysis.chapters.performance import check_sweep_parameters, newest_folder, newest_run, provenance_text
-from analysis.measure import bench_cpu
+from analysis.measure import bench_cpu, torch_overhead
 
 NO_BENCH_CPU_RECORDS = "no bench-cpu records yet: run `make bench-cpu` to measure the ratio table and its targets"
 
@@ -387,3 +387,58 @@ def skew_frame(data, preset: str, dtype: str) -> pd.DataFrame:
                          "time / uniform routing's": skews["time_vs_uniform"],
                          "busiest expert / mean load": skews["load_max_over_mean"],
                          "experts with tokens": skews["experts_used"].astype(int)})
+
+
+# ---------------------------------------------------------------- from PyTorch
+
+TORCH_OVERHEAD_COMMAND = "python -m analysis.measure.torch_overhead"
+
+
+@dataclasses.dataclass
+class TorchOverheadView:
+    note: str
+    frame: pd.DataFrame
+    numbers: dict
+
+
+def torch_overhead_view(results_dir=None) -> TorchOverheadView:
+    """What ``topk_moe.torch`` adds over the NumPy call, from the newest
+    ``torch-overhead`` run on a CPU: its table (``torch_overhead.overhead_frame``),
+    a note saying where it comes from, and the numbers the contract chapter
+    pastes (``torch_overhead_t1``, ``torch_overhead_t4096``, ``torch_overhead_layer_t1``)."""
+    folder = newest_folder("cpu", results_dir, kind=torch_overhead.RECORD_KIND)
+    if folder is None:
+        missing = f"not measured yet (run `{TORCH_OVERHEAD_COMMAND}`)"
+        return TorchOverheadView(f"No torch-overhead records yet: run `{TORCH_OVERHEAD_COMMAND}`.", pd.DataFrame(),
+                                 {"torch_overhead_t1": missing, "torch_overhead_t4096": missing,
+                                  "torch_overhead_layer_t1": missing})
+    run = newest_run(record_io.read_records(torch_overhead.RECORD_KIND, results_dir=results_dir, device=folder))
+    frame = torch_overhead.overhead_frame(run)
+    machine = sorted({record["params"]["machine"] for record in run})
+    note = (f"The newest committed torch-overhead run, not measured while this chapter ran: "
+            f"{provenance_text(run[0], folder, torch_overhead.RECORD_KIND)}; {'; '.join(machine)}.")
+
+    def added(entry: str, tokens: int) -> str:
+        found = [r for r in run if r["entry"] == entry and r["params"]["tokens"] == tokens]
+        if not found:
+            return "not measured"
+        record = found[0]
+        median, low, high = record["overhead_median_s"], record["overhead_p20_s"], record["overhead_p80_s"]
+        spread = f"20th to 80th percentile over the rounds {_duration(low)} to {_duration(high)}"
+        if low <= 0 <= high:
+            return (f"none that the run could tell from noise ({_duration(median)} per call, {spread}, "
+                    f"against the NumPy call's {_duration(record['numpy_median_s'])})")
+        return (f"{_duration(median)} per call ({spread}; {100 * record['overhead_fraction']:.0f}% of the "
+                f"NumPy call's {_duration(record['numpy_median_s'])})")
+
+    numbers = {"torch_overhead_t1": added("torch-function", 1), "torch_overhead_t4096": added("torch-function", 4096),
+               "torch_overhead_layer_t1": added("moe-layer", 1)}
+    return TorchOverheadView(note, frame.drop(columns=["machine", "commit"]), numbers)
+
+
+def _duration(seconds: float) -> str:
+    """A signed duration in µs below a millisecond, else in ms, three significant digits."""
+    if abs(seconds) < 1e-3:
+        return f"{seconds * 1e6:.3g} µs"
+    return f"{seconds * 1e3:.3g} ms"
+
