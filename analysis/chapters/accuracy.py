@@ -252,9 +252,11 @@ def curve_chart(curves: pd.DataFrame, x: str, arms: Sequence[str] = MAIN_ARMS) -
         x=(x, "mean"), mean=("train_bits_per_byte", "mean"), std=("train_bits_per_byte", "std"))
     data["std"] = data["std"].fillna(0.0)
     data["low"], data["high"] = data["mean"] - data["std"], data["mean"] + data["std"]
-    present = [arm for arm in ARM_ORDER if arm in set(data["arm"])]
-    scale = alt.Scale(domain=present, range=[ARM_COLOURS[ARM_ORDER.index(a)] for a in present])
-    colour = alt.Color("arm:N", scale=scale, sort=present, title="arm")
+    present = [arm_label(arm) for arm in ARM_ORDER if arm in set(data["arm"])]
+    scale = alt.Scale(domain=present, range=[ARM_COLOURS[ARM_ORDER.index(a)] for a in ARM_ORDER
+                                             if arm_label(a) in present])
+    data = data.assign(arm=data["arm"].map(arm_label))
+    colour = alt.Color("arm:N", scale=scale, sort=present, title="arm", legend=alt.Legend(labelLimit=320))
     title = {"tokens": "training bytes seen", "seconds": "training wall-clock seconds (CPU)"}.get(x, x)
     x_encoding = alt.X("x:Q", title=title)
     # The first steps fall from log2(256) = 8 bits; the y axis starts after the first fifth
@@ -275,8 +277,9 @@ def summary_chart(summary: pd.DataFrame) -> alt.TopLevelMixin:
     """Test bits per byte per arm: mean with ±1 std error bars."""
     data = summary.assign(low=summary["bits_per_byte_mean"] - summary["bits_per_byte_std"].fillna(0),
                           high=summary["bits_per_byte_mean"] + summary["bits_per_byte_std"].fillna(0))
-    order = [arm for arm in ARM_ORDER if arm in set(data["arm"])]
-    y = alt.Y("arm:N", sort=order, title=None)
+    order = [arm_label(arm) for arm in ARM_ORDER if arm in set(data["arm"])]
+    data = data.assign(arm=data["arm"].map(arm_label))
+    y = alt.Y("arm:N", sort=order, title=None, axis=alt.Axis(labelLimit=320))
     points = alt.Chart(data).mark_point(filled=True, size=60, color="#0072B2").encode(
         x=alt.X("bits_per_byte_mean:Q", title="test bits per byte (lower is better)", scale=alt.Scale(zero=False)),
         y=y)
@@ -729,12 +732,21 @@ def capacity_summary(sweep: pd.DataFrame) -> pd.DataFrame:
     return _paired_against(sweep, ["arm", "k", "capacity_factor"], sweep["capacity_factor"] == "dropless")
 
 
+def _readable(data: pd.DataFrame, legend: bool = True) -> tuple:
+    """``data`` with each arm under its readable name (ARM_LABELS), and a colour encoding
+    that keeps each arm's colour."""
+    present = [arm for arm in ARM_ORDER if arm in set(data["arm"])]
+    labels = [arm_label(arm) for arm in present]
+    colour = alt.Color("arm:N", sort=labels, title="arm",
+                       legend=alt.Legend(labelLimit=320) if legend else None,
+                       scale=alt.Scale(domain=labels, range=[ARM_COLOURS[ARM_ORDER.index(a)] for a in present]))
+    return data.assign(arm=data["arm"].map(arm_label)), colour
+
+
 def capacity_chart(summary: pd.DataFrame) -> alt.TopLevelMixin:
     """Drop rate and test loss against the inference capacity factor, per arm."""
     order = [f"{f:g}" if f is not None else "dropless" for f in CAPACITY_FACTORS]
-    present = [arm for arm in ARM_ORDER if arm in set(summary["arm"])]
-    colour = alt.Color("arm:N", sort=present, title="arm", scale=alt.Scale(
-        domain=present, range=[ARM_COLOURS[ARM_ORDER.index(a)] for a in present]))
+    summary, colour = _readable(summary)
     x = alt.X("capacity_factor:O", sort=order, title="capacity factor at inference", axis=alt.Axis(labelAngle=0))
     base = alt.Chart(summary).encode(x=x, color=colour)
     drops = base.mark_line(point=True).encode(y=alt.Y("drop_rate_mean:Q", title="assignments dropped",
@@ -994,3 +1006,329 @@ def beside_published(summary: pd.DataFrame, comparisons: Optional[pd.DataFrame] 
     ]
     return pd.DataFrame(rows, columns=["comparison", "ours (this study)", "published (far larger models)",
                                        "source"])
+
+
+# ---------------------------------------------------------------- speed beside accuracy (issue 23, item 1)
+
+#: Readable names for the arms, for legends and tables (the record keys stay the short names).
+ARM_LABELS = {
+    "dense": "dense (width F_d)",
+    "moe-k1": "top-1 MoE",
+    "moe-k2-half": "top-2 MoE, half-width experts",
+    "moe-k2": "top-2 MoE",
+    "dense-wide": "dense, width E·F_d",
+    "moe-k1-nobal": "top-1 MoE, no balancing loss",
+    "moe-k2-half-nobal": "top-2 half-width, no balancing loss",
+}
+#: The records of ``python -m analysis.study.arm_costs``.
+COST_KIND = "arm-cost"
+#: The arm every measured step time is divided by, round by round.
+COST_BASELINE = "moe-k1"
+
+
+def arm_label(arm: str) -> str:
+    """The arm's readable name (the short name itself for an arm not in ARM_LABELS)."""
+    return ARM_LABELS.get(arm, arm)
+
+
+def cost_records(results_dir=None, *, preset: str = "cpu") -> list:
+    """The newest ``arm-cost`` run of ``preset`` (one utc), or [] without one."""
+    try:
+        found = [r for r in records.read_records(COST_KIND, results_dir=results_dir)
+                 if r["params"]["preset"] == preset]
+    except FileNotFoundError:
+        return []
+    if not found:
+        return []
+    newest = max(r["utc"] for r in found)
+    return [r for r in found if r["utc"] == newest]
+
+
+def measured_costs(cost: list) -> pd.DataFrame:
+    """Per arm, from one arm-cost run: the median over rounds of the training step and of the
+    FFN layer (kernels and torch), and the step's ratio to COST_BASELINE paired by round
+    with its 95% interval (Student's t over rounds, analysis.intervals)."""
+    from analysis.intervals import t_interval  # noqa: PLC0415
+
+    rows = pd.DataFrame([{"arm": r["params"]["arm"], "round": r["params"]["round"],
+                          "train_step_s": r["train_step"]["median_s"], "kernels_layer_s": r["kernels_layer"]["median_s"],
+                          "torch_layer_s": r["torch_layer"]["median_s"],
+                          "forward_flops_per_token": r["forward_flops_per_token"],
+                          "ffn_layer_flops_per_token": r["ffn_layer_flops_per_token"],
+                          "tokens": r["params"]["tokens"], "load": r["params"]["load_average_1min"]} for r in cost])
+    baseline = rows[rows["arm"] == COST_BASELINE].set_index("round")["train_step_s"]
+    out = []
+    for arm, mine in rows.groupby("arm", sort=False):
+        step = mine.set_index("round")["train_step_s"]
+        ratios = (step / baseline).dropna()
+        mean, _, half = t_interval(ratios.to_numpy()) if len(ratios) >= 2 else (float("nan"),) * 3
+        out.append({"arm": arm, "rounds": len(mine), "train_step_s": float(step.median()),
+                    "kernels_layer_s": float(mine["kernels_layer_s"].median()),
+                    "torch_layer_s": float(mine["torch_layer_s"].median()),
+                    "step_ratio": mean, "step_ratio_low": mean - half, "step_ratio_high": mean + half,
+                    "forward_flops_per_token": float(mine["forward_flops_per_token"].iloc[0]),
+                    "ffn_layer_flops_per_token": float(mine["ffn_layer_flops_per_token"].iloc[0]),
+                    "tokens": int(mine["tokens"].iloc[0]),
+                    "load_low": float(rows["load"].min()), "load_high": float(rows["load"].max())})
+    frame = pd.DataFrame(out)
+    frame["rank"] = frame["arm"].map(_arm_rank)
+    return frame.sort_values("rank").drop(columns="rank").reset_index(drop=True)
+
+
+def bits_intervals(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: mean test bits per byte over seeds and its 95% interval (Student's t)."""
+    from analysis.intervals import t_interval  # noqa: PLC0415
+
+    rows = []
+    for arm, mine in scores.groupby("arm", sort=False):
+        values = mine["bits_per_byte"].to_numpy()
+        mean, _, half = t_interval(values) if len(values) >= 2 else (float(values.mean()), 0.0, float("nan"))
+        rows.append({"arm": arm, "seeds": len(values), "bits_per_byte": mean, "bits_low": mean - half,
+                     "bits_high": mean + half, "params_total": int(mine["params_total"].iloc[0]),
+                     "params_active": int(mine["params_active"].iloc[0]),
+                     "recorded_step_s": float(mine["seconds_per_step"].median())})
+    return pd.DataFrame(rows)
+
+
+def cost_table(scores: pd.DataFrame, cost: list, arms: Sequence[str] = MAIN_ARMS) -> pd.DataFrame:
+    """One row per main arm: quality, size, FLOPs, the FFN layer's time at the models' own
+    shape and the training step, measured on this CPU (bits_intervals joined with
+    measured_costs); an arm without cost records has NaN times."""
+    table = bits_intervals(scores[scores["arm"].isin(arms)])
+    if cost:
+        table = table.merge(measured_costs(cost), on="arm", how="left")
+    table["rank"] = table["arm"].map(_arm_rank)
+    return table.sort_values("rank").drop(columns="rank").reset_index(drop=True)
+
+
+def format_cost_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The cost table as the book prints it: words and units in the headers."""
+    tokens = int(table["tokens"].dropna().iloc[0]) if "tokens" in table and table["tokens"].notna().any() else None
+    out = pd.DataFrame({
+        "arm": table["arm"].map(arm_label),
+        "test bits/byte (95% interval)": [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
+                                          zip(table["bits_per_byte"], table["bits_low"], table["bits_high"])],
+        "parameters": table["params_total"],
+        "active parameters per token": table["params_active"],
+    })
+    if tokens is not None:
+        out["forward kFLOP per token"] = table["forward_flops_per_token"] / 1e3
+        out[f"FFN layer, kernels (ms, {tokens:,} tokens)"] = 1e3 * table["kernels_layer_s"]
+        out["training step (ms)"] = 1e3 * table["train_step_s"]
+        out[f"step / {arm_label(COST_BASELINE)}'s (95% interval)"] = [
+            "1 (the baseline)" if arm == COST_BASELINE else f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for arm, r, lo, hi in
+            zip(table["arm"], table["step_ratio"], table["step_ratio_low"], table["step_ratio_high"])]
+    out["training step, recorded (ms, median of seeds)"] = 1e3 * table["recorded_step_s"]
+    return out
+
+
+def quality_time_chart(table: pd.DataFrame) -> alt.TopLevelMixin:
+    """Test bits per byte (95% interval) against the measured training step, one point per arm:
+    down and to the left is better (Switch Transformer's Table 1, as a picture)."""
+    data = table.dropna(subset=["train_step_s"]).assign(
+        step_ms=lambda f: 1e3 * f["train_step_s"], label=lambda f: f["arm"].map(arm_label))
+    order = [arm_label(a) for a in ARM_ORDER if a in set(data["arm"])]
+    scale = alt.Scale(domain=order, range=[ARM_COLOURS[ARM_ORDER.index(a)] for a in ARM_ORDER if a in set(data["arm"])])
+    colour = alt.Color("label:N", sort=order, title="arm", scale=scale)
+    pad = 0.1 * (data["step_ms"].max() - data["step_ms"].min())
+    x = alt.X("step_ms:Q", title="training step on this CPU (ms, measured paired)",
+              scale=alt.Scale(domain=[max(0.0, data["step_ms"].min() - pad), data["step_ms"].max() + pad]))
+    y_scale = alt.Scale(zero=False, domain=[float(data["bits_low"].min()) - 0.01, float(data["bits_high"].max()) + 0.01])
+    base = alt.Chart(data)
+    bars = base.mark_rule(strokeWidth=2).encode(x=x, y=alt.Y("bits_low:Q", scale=y_scale), y2="bits_high:Q",
+                                                color=alt.Color("label:N", sort=order, legend=None, scale=scale))
+    points = base.mark_point(filled=True, size=80).encode(
+        x=x, y=alt.Y("bits_per_byte:Q", title="test bits per byte (lower is better)", scale=y_scale), color=colour)
+    return alt.layer(bars, points).resolve_legend(color="independent").properties(
+        width=420, height=260, title="Quality against training time per step (bars: 95% interval over seeds)")
+
+
+def recorded_step_numbers(runs: pd.DataFrame, arm: str = "moe-k2-half") -> dict:
+    """Why an arm's recorded ms/step is what it is: its seeds' ms/step grouped by the day
+    they were trained, beside the arms trained the same day (glue for the prose)."""
+    mine = runs[runs["arm"] == arm].assign(day=lambda f: f["utc"].str[:10])
+    if mine.empty:
+        return {}
+    days = sorted(set(mine["day"]))
+    numbers = {"slow_arm": arm_label(arm), "slow_arm_mean_ms": 1e3 * float(mine["seconds_per_step"].mean()),
+               "slow_arm_days": len(days)}
+    first = mine[mine["day"] == days[0]]
+    later = mine[mine["day"] != days[0]]
+    numbers["first_day"], numbers["first_day_seeds"] = days[0], ", ".join(str(s) for s in first["seed"])
+    numbers["first_day_ms"] = (f"{1e3 * first['seconds_per_step'].min():.0f} to "
+                               f"{1e3 * first['seconds_per_step'].max():.0f} ms")
+    numbers["later_seeds"] = ", ".join(f"seed {s} on {d} ({1e3 * t:.0f} ms)" for s, d, t in
+                                       zip(later["seed"], later["day"], later["seconds_per_step"]))
+    same_day = runs[runs["utc"].str[:10] == days[0]]
+    k2 = same_day[same_day["arm"] == "moe-k2"]["seconds_per_step"]
+    numbers["k2_same_day_ms"] = f"{1e3 * k2.min():.0f} to {1e3 * k2.max():.0f} ms" if len(k2) else "not trained"
+    return numbers
+
+
+def cost_numbers(table: pd.DataFrame, cost: list) -> dict:
+    """Glue: the measurement's setting and each arm's paired step ratio to top-1 MoE."""
+    if not cost:
+        return {"cost_measured": False}
+    numbers = {"cost_measured": True, "cost_rounds": int(table["rounds"].max()),
+               "cost_load": f"{table['load_low'].min():.1f} to {table['load_high'].max():.1f}",
+               "cost_tokens": f"{int(table['tokens'].iloc[0]):,}", "cost_utc": cost[0]["utc"][:16].replace("T", " "),
+               "cost_threads": cost[0]["params"]["torch_threads"]}
+    for row in table.itertuples():
+        key = row.arm.replace("-", "_")
+        numbers[f"{key}_step_ms"] = 1e3 * row.train_step_s
+        numbers[f"{key}_step_ratio"] = (f"{row.step_ratio:.2f}x [{row.step_ratio_low:.2f}, "
+                                        f"{row.step_ratio_high:.2f}]")
+        numbers[f"{key}_layer_ms"] = 1e3 * row.kernels_layer_s
+    return numbers
+
+
+# ---------------------------------------------------------------- the regime over training (issue 23, item 9)
+
+#: The comparisons followed through training (arm, baseline), as in COMPARISONS.
+REGIME_PAIRS = (("moe-k1", "dense"), ("moe-k2-half", "dense"), ("moe-k2", "moe-k1"), ("dense-wide", "moe-k1"))
+
+
+def validation_curves(results_dir=None, *, preset: str = "cpu", runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """The validation bits per byte logged during training (every val_every steps), per run."""
+    runs = runs if runs is not None else runs_table(results_dir, preset=preset)
+    wanted = set(runs["run_id"])
+    rows = [{"arm": r["params"]["arm"], "seed": int(r["params"]["seed"]), "step": r["step"],
+             "validation_bits_per_byte": r["validation_bits_per_byte"]}
+            for r in all_records(TRAIN_LOG_KIND, results_dir)
+            if r["params"]["run_id"] in wanted and r.get("validation_bits_per_byte") is not None]
+    return pd.DataFrame(rows, columns=["arm", "seed", "step", "validation_bits_per_byte"])
+
+
+def gap_over_training(validation: pd.DataFrame, pairs=REGIME_PAIRS) -> pd.DataFrame:
+    """For each (arm, baseline) and validation step: the mean over shared seeds of arm minus
+    baseline validation bits per byte, with the number of seeds where the arm is lower."""
+    rows = []
+    for arm, baseline in pairs:
+        mine = validation[validation["arm"] == arm].set_index(["seed", "step"])["validation_bits_per_byte"]
+        base = validation[validation["arm"] == baseline].set_index(["seed", "step"])["validation_bits_per_byte"]
+        joined = pd.concat({"arm": mine, "base": base}, axis=1).dropna()
+        for step, group in joined.groupby(level="step"):
+            difference = group["arm"] - group["base"]
+            rows.append({"arm": arm, "baseline": baseline, "step": int(step), "gap": float(difference.mean()),
+                         "seeds": len(difference), "seeds_arm_lower": int((difference < 0).sum())})
+    return pd.DataFrame(rows, columns=["arm", "baseline", "step", "gap", "seeds", "seeds_arm_lower"])
+
+
+def regime_table(gaps: pd.DataFrame) -> pd.DataFrame:
+    """Per comparison: the gap at each validation step (columns), whether its sign holds and
+    whether it widens or narrows from the first validation to the last."""
+    rows = []
+    for (arm, baseline), group in gaps.groupby(["arm", "baseline"], sort=False):
+        group = group.sort_values("step")
+        first, last = group["gap"].iloc[0], group["gap"].iloc[-1]
+        holds = bool((group["gap"] < 0).all() or (group["gap"] > 0).all())
+        row = {"comparison": f"{arm_label(arm)} − {arm_label(baseline)}"}
+        for step, gap in zip(group["step"], group["gap"]):
+            row[f"step {step:,}"] = gap
+        previous = group["gap"].iloc[-2] if len(group) > 1 else first
+        row["sign holds"] = "yes" if holds else "no"
+        row["first to last"] = "widens" if abs(last) > abs(first) else "narrows"
+        row["last interval"] = "widens" if abs(last) > abs(previous) else "narrows"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def regime_sentence(gaps: pd.DataFrame, *, short: bool = False) -> str:
+    """Whether each ordering holds through training and how its gap moves: two sentences,
+    or one with ``short``."""
+    if gaps.empty:
+        return "The training records hold no validation scores, so the orderings during training are unknown."
+    table = regime_table(gaps)
+    steps = sorted(set(gaps["step"]))
+    held = int((table["sign holds"] == "yes").sum())
+    widening = int((table["first to last"] == "widens").sum())
+    still = int((table["last interval"] == "widens").sum())
+    if short:
+        return (f"Through training, {held} of the {len(table)} orderings keep their sign at every validation "
+                f"step, and {still} of the {len(table)} gaps still widen at the end.")
+    return (f"On the validation bytes scored every {steps[1] - steps[0]:,} steps, {held} of the {len(table)} "
+            f"orderings keep their sign from step {steps[0]:,} to {steps[-1]:,}. {widening} of the {len(table)} "
+            f"gaps are wider at the end than at the start, and {still} still widen over the last "
+            f"{steps[-1] - steps[-2]:,} steps, so the gaps are not yet settled.")
+
+
+# ---------------------------------------------------------------- tables that fit the page (issue 23, item 6)
+
+
+def arms_views(arms_table: pd.DataFrame) -> tuple:
+    """train.arms_table as two tables that fit the page: what each arm is, and its size."""
+    table = arms_table.reset_index() if "arm" not in arms_table.columns else arms_table
+    table = table.assign(arm=table["arm"].map(arm_label))
+    what = table[["arm", "comparison", "FFN", "k", "F", "experts", "renormalise", "balancing loss weight"]]
+    size = table[["arm", "FFN parameters (total)", "FFN parameters (active per token)", "all parameters (total)"]]
+    return what, size
+
+
+def summary_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """format_summary narrowed to the page: the arm's readable name, k, parameters and scores
+    (width and comparison are in the arms tables, the step time in the cost table)."""
+    table = format_summary(summary)
+    table["arm"] = table["arm"].map(arm_label)
+    return table.drop(columns=["comparison", "F", "ms/step", "parameters (total / active)"])
+
+
+def paired_view(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """format_paired without the per-seed differences (the figure draws them, the prose
+    quotes them), the relative change and the seeds a test would need (the prose gives
+    them), so that it fits the page."""
+    return format_paired(comparisons).drop(columns=["per-seed difference (bits/byte)", "relative",
+                                                    "seeds for 80% power", "seeds"]).rename(
+        columns={"paired t-test p": "p"})
+
+
+def paired_caption(comparisons: pd.DataFrame) -> str:
+    """How many seeds each comparison pairs, for the caption of paired_view's table."""
+    counts = comparisons.groupby("n")["comparison"].apply(list)
+    usual = max(counts.index, key=lambda n: len(counts[n]))
+    if len(counts) == 1:
+        return f"Every comparison pairs {int(usual)} seeds."
+    others = "; ".join(f"{', '.join(names)}: {int(n)}" for n, names in counts.items() if n != usual)
+    return f"Each comparison pairs {int(usual)} seeds, except {others}."
+
+
+def cost_views(formatted: pd.DataFrame) -> tuple:
+    """format_cost_table as two tables that fit the page: quality and size, then cost."""
+    quality = [c for c in formatted.columns if c in ("arm", "test bits/byte (95% interval)", "parameters",
+                                                      "active parameters per token", "forward kFLOP per token")]
+    cost = ["arm"] + [c for c in formatted.columns if c not in quality]
+    return formatted[quality], formatted[cost]
+
+
+def published_view() -> pd.DataFrame:
+    """The published accuracy figures, narrow (the citations are on the References page)."""
+    from analysis.chapters import published  # noqa: PLC0415
+
+    return published.anchors("accuracy")[["source", "where", "quantity", "published"]]
+
+
+def k_summary_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """format_k_summary narrowed: the reference row says "0 (the reference)" in its change."""
+    table = format_k_summary(summary)
+    table["arm"] = table["arm"].map(arm_label)
+    return table.drop(columns=["as trained", "seeds"])
+
+
+def cross_check_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """cross_check_summary in words."""
+    table = summary.reset_index()
+    return pd.DataFrame({"arm": table["arm"].map(arm_label), "implementation": table["implementation"],
+                         "layers": table["layers"], "worst error / bound": table["max_error_over_bound"],
+                         "fewest tokens routed as PyTorch": table["min_tokens_routed_as_pytorch"],
+                         "every layer passed": table["all_passed"].map({True: "yes", False: "no"})})
+
+
+def loss_check_view(loss_checks: pd.DataFrame) -> pd.DataFrame:
+    """The test loss through the kernels against PyTorch's, in words."""
+    table = loss_checks.copy()
+    names = {"arm": "arm", "implementation": "implementation", "bits_per_byte": "test bits/byte",
+             "n_bytes": "bytes scored", "difference": "difference from PyTorch (bits/byte)", "passed": "passed"}
+    if "arm" in table:
+        table["arm"] = table["arm"].map(arm_label)
+    if "passed" in table:
+        table["passed"] = table["passed"].map({True: "yes", False: "no"})
+    return table[[c for c in names if c in table.columns]].rename(columns=names)
