@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from analysis import charts
 from analysis.chapters import accuracy
 from analysis.study import corpus, train
 from analysis.study.moe_model import load_checkpoint
@@ -260,3 +262,100 @@ def test_smoke_tests_say_so():
     assert "Smoke test" in repr(accuracy.smoke_test_note("tiny", False))
     assert "Smoke test" in repr(accuracy.smoke_test_note("cpu", True))
     assert accuracy.smoke_test_note("cpu", False) is None
+
+
+# ---------------------------------------------------------------- issue 23: speed beside accuracy, the regime
+
+
+def _cost_record(arm: str, round_index: int, step_s: float) -> dict:
+    timing = {"median_s": step_s, "p20_s": step_s, "p80_s": step_s, "repeats": 3}
+    return {"utc": "2026-12-07T00:00:00Z", "params": {"preset": "cpu", "arm": arm, "round": round_index,
+                                                      "tokens": 2048, "load_average_1min": 3.0, "torch_threads": 1},
+            "train_step": timing, "kernels_layer": {**timing, "median_s": step_s / 10},
+            "torch_layer": {**timing, "median_s": step_s / 20}, "forward_flops_per_token": 3e5,
+            "ffn_layer_flops_per_token": 1e5}
+
+
+def test_measured_costs_pair_each_round_with_the_baseline():
+    # Round 1 is twice as slow for both arms (load): the paired ratio stays 1.5 exactly.
+    cost = [_cost_record("moe-k1", r, 0.05 * (1 + r)) for r in range(3)]
+    cost += [_cost_record("moe-k2", r, 0.075 * (1 + r)) for r in range(3)]
+    table = accuracy.measured_costs(cost)
+    k2 = table.set_index("arm").loc["moe-k2"]
+    assert k2["step_ratio"] == pytest.approx(1.5) and k2["step_ratio_high"] - k2["step_ratio_low"] < 1e-9
+    assert k2["train_step_s"] == pytest.approx(0.15) and k2["rounds"] == 3
+
+
+def test_cost_table_joins_quality_and_cost():
+    scores = pd.DataFrame({"arm": ["moe-k1"] * 3 + ["moe-k2"] * 3, "seed": [0, 1, 2] * 2,
+                           "bits_per_byte": [2.2, 2.1, 2.15, 2.0, 2.05, 2.1], "params_total": [10] * 6,
+                           "params_active": [5] * 6, "seconds_per_step": [0.07, 0.08, 0.5, 0.09, 0.09, 0.09]})
+    cost = [_cost_record(arm, r, s * (1 + r)) for arm, s in (("moe-k1", 0.05), ("moe-k2", 0.06)) for r in range(2)]
+    table = accuracy.cost_table(scores, cost)
+    row = table.set_index("arm").loc["moe-k1"]
+    assert row["bits_per_byte"] == pytest.approx(2.15) and row["bits_low"] < 2.15 < row["bits_high"]
+    assert row["recorded_step_s"] == pytest.approx(0.08)  # the median of seeds: one slow seed does not move it
+    shown = accuracy.format_cost_table(table)
+    assert list(shown["arm"]) == ["top-1 MoE", "top-2 MoE"]
+    assert shown.iloc[0]["step / top-1 MoE's (95% interval)"] == "1 (the baseline)"
+    assert "<svg" in charts.to_svg(accuracy.quality_time_chart(table))
+    assert "FFN layer, kernels (ms, 2,048 tokens)" in shown.columns
+
+
+def test_gap_over_training_says_whether_an_ordering_holds():
+    rows = []
+    for seed in (0, 1):
+        for step, (a, b) in zip((400, 800, 1200), ((3.0, 3.1), (2.8, 3.0), (2.7, 2.75))):
+            rows += [{"arm": "moe-k1", "seed": seed, "step": step, "validation_bits_per_byte": a},
+                     {"arm": "dense", "seed": seed, "step": step, "validation_bits_per_byte": b}]
+    gaps = accuracy.gap_over_training(pd.DataFrame(rows), pairs=(("moe-k1", "dense"),))
+    assert list(gaps["gap"].round(3)) == [-0.1, -0.2, -0.05] and (gaps["seeds_arm_lower"] == 2).all()
+    table = accuracy.regime_table(gaps)
+    row = table.iloc[0]
+    assert (row["sign holds"], row["first to last"], row["last interval"]) == ("yes", "narrows", "narrows")
+    assert "1 of the 1 orderings keep their sign" in accuracy.regime_sentence(gaps)
+    assert "no validation scores" in accuracy.regime_sentence(gaps.iloc[:0])
+
+
+def test_recorded_step_numbers_separate_the_days():
+    runs = pd.DataFrame({"arm": ["moe-k2-half"] * 3 + ["moe-k2"], "seed": [0, 1, 3, 0],
+                         "seconds_per_step": [0.07, 0.075, 0.5, 0.087],
+                         "utc": ["2026-11-26T07:00", "2026-11-26T08:00", "2026-11-29T13:00", "2026-11-26T09:00"]})
+    numbers = accuracy.recorded_step_numbers(runs)
+    assert numbers["first_day_seeds"] == "0, 1" and numbers["first_day_ms"] == "70 to 75 ms"
+    assert numbers["later_seeds"] == "seed 3 on 2026-11-29 (500 ms)" and numbers["k2_same_day_ms"] == "87 to 87 ms"
+    assert accuracy.recorded_step_numbers(runs, arm="dense") == {}
+
+
+def test_arm_costs_measures_paired_rounds_on_the_tiny_preset():
+    from analysis.study import arm_costs
+
+    out = arm_costs.measure("tiny", rounds=2, arms=("dense", "moe-k1"))
+    assert len(out) == 4
+    assert [r["params"]["arm"] for r in out] == ["dense", "moe-k1", "moe-k1", "dense"]  # the order rotates
+    for record in out:
+        assert record["train_step"]["median_s"] > 0 and record["kernels_layer"]["median_s"] > 0
+        assert record["params"]["tokens"] == train.PRESETS["tiny"].batch_size * train.PRESETS["tiny"].seq_len
+    with pytest.raises(ValueError, match="rounds: expected at least 2"):
+        arm_costs.measure("tiny", rounds=1)
+    with pytest.raises(ValueError, match="arms: unknown"):
+        arm_costs.measure("tiny", rounds=2, arms=("nope",))
+
+
+def test_page_views_keep_every_column_once_and_name_arms():
+    formatted = pd.DataFrame({"arm": ["top-1 MoE"], "test bits/byte (95% interval)": ["2.1 [2.0, 2.2]"],
+                              "parameters": [10], "active parameters per token": [5],
+                              "forward kFLOP per token": [1.0], "training step (ms)": [50.0],
+                              "training step, recorded (ms, median of seeds)": [70.0]})
+    quality, cost = accuracy.cost_views(formatted)
+    assert list(quality.columns) == ["arm", "test bits/byte (95% interval)", "parameters",
+                                     "active parameters per token", "forward kFLOP per token"]
+    assert list(cost.columns) == ["arm", "training step (ms)", "training step, recorded (ms, median of seeds)"]
+    checks = pd.DataFrame({"arm": ["moe-k1"], "implementation": ["pytorch"], "bits_per_byte": [2.1],
+                           "n_bytes": [4096], "difference": [0.0], "passed": [True]})
+    view = accuracy.loss_check_view(checks)
+    assert list(view.columns) == ["arm", "implementation", "test bits/byte", "bytes scored",
+                                  "difference from PyTorch (bits/byte)", "passed"]
+    assert (view.loc[0, "arm"], view.loc[0, "passed"]) == ("top-1 MoE", "yes")
+    what, size = accuracy.arms_views(train.arms_table(train.PRESETS["tiny"], ["dense", "moe-k1"]))
+    assert list(what["arm"]) == ["dense (width F_d)", "top-1 MoE"] and "all parameters (total)" in size
