@@ -33,14 +33,15 @@ NO_GPU = ("No GPU has run this study yet: results/ holds no GPU records, so ther
 ROUTING_ARMS = ("moe-k1", "moe-k2", "moe-k1-nobal")
 
 
-def validate_parameters(preset: str, routing_bytes: int) -> None:
+def validate_parameters(preset: str, routing_bytes: int, experiment_bytes: int = 65536) -> None:
     """The chapter's parameters, one clear sentence each (ValueError)."""
     from analysis.study import train  # noqa: PLC0415 - only for the preset names
 
     if preset not in train.PRESETS:
         raise ValueError(f"preset: expected one of {sorted(train.PRESETS)}, got {preset!r}")
-    if isinstance(routing_bytes, bool) or not isinstance(routing_bytes, int) or routing_bytes < 256:
-        raise ValueError(f"routing_bytes: expected an integer of at least 256, got {routing_bytes!r}")
+    for name, value in (("routing_bytes", routing_bytes), ("experiment_bytes", experiment_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 256:
+            raise ValueError(f"{name}: expected an integer of at least 256, got {value!r}")
 
 
 def _relative(path) -> str:
@@ -150,7 +151,7 @@ def bench_speed(results_dir=None) -> Optional[SpeedAnswer]:
                "scale": (f"one layer (D = {shape['d_model']}, F = {shape['d_ff']}, E = {shape['n_experts']}, "
                          f"{BENCH_ACTIVATION}, {shape['dtype']}), T = {int(ratios['tokens'].min())} to {largest}, "
                          f"on {first.get('device')} ({first.get('cpu_count')} cores), "
-                         f"{cpu_baseline.thread_text(view.run)}; each ratio is the geometric mean over "
+                         f"{cpu_baseline.thread_text(view.run)}. Each ratio is the geometric mean over "
                          f"{rows[0]['rounds']} round(s) of the ratio of two medians timed in the same round")}
     for (k, baseline), group in ratios.groupby(["top_k", "baseline"]):
         short = "active" if "active" in baseline else "params"
@@ -525,7 +526,8 @@ def routing_chart(answer: RoutingAnswer) -> alt.TopLevelMixin:
         rows.append({"arm": row.arm, "metric": reuse, "value": row.same_expert_rate_mean,
                      "reference": answer.numbers["uniform_same_expert"]})
     frame = pd.DataFrame(rows)
-    order = [a for a in accuracy.ARM_ORDER if a in set(frame["arm"])]
+    order = [accuracy.arm_label(a) for a in accuracy.ARM_ORDER if a in set(frame["arm"])]
+    frame["arm"] = frame["arm"].map(accuracy.arm_label)
     bars = alt.Chart().mark_bar().encode(
         y=alt.Y("arm:N", sort=order, title=None), x=alt.X("value:Q", title=None),
         color=alt.Color("arm:N", sort=order, title="arm", scale=charts.palette(order)))
@@ -679,7 +681,429 @@ def traffic(results_dir=None) -> tuple:
         return frame, ""
     numbers = kernels_chapter.traffic_numbers(kernels_chapter.traffic_records(results_dir))
     one, two = frame["k = 1 (KiB)"].sum(), frame["k = 2 (KiB)"].sum()
-    sentence = (f"Bytes the kernels request, {kernels_chapter.TRAFFIC_LABEL}, at {numbers['traffic_shape']}: "
-                f"{one:,.0f} KiB for the whole MoE layer with k = 1 and {two:,.0f} KiB with k = 2 "
+    sentence = (f"Bytes the kernels request, {kernels_chapter.TRAFFIC_LABEL}, at {numbers['traffic_shape']}. "
+                f"The whole MoE layer requests {one:,.0f} KiB with k = 1 and {two:,.0f} KiB with k = 2 "
                 f"({two / one:.2f}x). This is CPU emulation, not a GPU measurement.")
     return frame, sentence
+
+
+# ---------------------------------------------------------------- compact tables (issue 23, item 3)
+#
+# Per question: a table of the values, each with its 95% interval where the run repeats
+# and a one-line verdict, and at most three short sentences of prose (tests check that
+# no sentence of the page runs over MAX_SENTENCE_WORDS words).
+
+#: No sentence the Answers page prints runs longer than this.
+MAX_SENTENCE_WORDS = 45
+
+
+def _interval_text(low, high, digits: int = 2) -> str:
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return "\u2013"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _ratio_verdict(ratio: float, low, high) -> str:
+    if low is not None and high is not None and not pd.isna(low) and low <= 1 <= high:
+        return "no difference shown (interval contains 1)"
+    return "MoE faster" if ratio < 1 else "MoE slower"
+
+
+def speed_table(answer: SpeedAnswer) -> pd.DataFrame:
+    """Q1: the MoE's time over each dense baseline's at the smallest and largest T, per k,
+    with the 95% interval over the run's rounds where it has one."""
+    rows = []
+    ratios = answer.ratios
+    for T in sorted({int(ratios["tokens"].min()), int(ratios["tokens"].max())}):
+        for row in ratios[ratios["tokens"] == T].sort_values(["top_k", "baseline"]).itertuples():
+            low, high = getattr(row, "low", None), getattr(row, "high", None)
+            rows.append({"T (tokens)": T, "k": int(row.top_k),
+                         "against": "dense, equal active FLOPs" if "active" in row.baseline
+                         else "dense, equal parameters",
+                         "MoE time / dense time": row.ratio, "95% interval": _interval_text(low, high),
+                         "verdict": _ratio_verdict(row.ratio, low, high)})
+    return pd.DataFrame(rows)
+
+
+def speed_chart_with_intervals(answer: SpeedAnswer) -> alt.TopLevelMixin:
+    """Q1's figure: MoE time over dense time against T, with the 95% interval of each ratio
+    over the run's rounds (where it has them); the axes run over the data only."""
+    frame = answer.ratios.assign(series=[f"k = {k}, against {'equal active FLOPs' if 'active' in b else 'equal parameters'}"
+                                         for k, b in zip(answer.ratios["top_k"], answer.ratios["baseline"])])
+    order = sorted(frame["series"].unique())
+    low_T, high_T = int(frame["tokens"].min()), int(frame["tokens"].max())
+    x = alt.X("tokens:Q", scale=alt.Scale(type="log", domain=[low_T, high_T], nice=False), title="tokens T")
+    values = pd.concat([frame["ratio"], frame.get("low", frame["ratio"]), frame.get("high", frame["ratio"])]).dropna()
+    y_scale = alt.Scale(type="log", domain=[float(values.min()) * 0.95, float(values.max()) * 1.05], nice=False)
+    colour = alt.Color("series:N", sort=order, title=None, scale=charts.palette(order),
+                       legend=alt.Legend(orient="bottom", columns=2, labelLimit=320))
+    lines = alt.Chart(frame).mark_line(point=True).encode(
+        x=x, y=alt.Y("ratio:Q", scale=y_scale, title="MoE time / dense time"), color=colour)
+    layers = [lines]
+    if "low" in frame and frame["low"].notna().any():
+        layers.append(alt.Chart(frame.dropna(subset=["low"])).mark_rule().encode(
+            x=x, y=alt.Y("low:Q", scale=y_scale), y2="high:Q",
+            color=alt.Color("series:N", sort=order, scale=charts.palette(order), legend=None)))
+    layers.append(alt.Chart(pd.DataFrame({"one": [1.0]})).mark_rule(color="black", strokeDash=[4, 3]).encode(
+        y=alt.Y("one:Q", scale=y_scale)))
+    where = "CPU" if answer.device_kind == "cpu" else "GPU"
+    return alt.layer(*layers).resolve_legend(color="independent").properties(
+        width=520, height=280, title=f"MoE against dense on the {where} (below 1: the MoE is faster)")
+
+
+def with_intervals(answer: SpeedAnswer, results_dir=None) -> SpeedAnswer:
+    """``answer`` (from bench_speed) with each ratio's 95% interval over rounds as low/high
+    columns, read from the same bench-cpu view the ratios came from."""
+    from analysis.chapters import cpu_baseline  # noqa: PLC0415
+
+    view = cpu_baseline.bench_cpu_view(results_dir)
+    found = {}
+    for row in view.rows:
+        if row["activation"] != BENCH_ACTIVATION:
+            continue
+        for key, baseline in (("moe_over_dense_active", "dense, equal active FLOPs (K·F)"),
+                              ("moe_over_dense_params", "dense, equal parameters (E·F)")):
+            interval = row.get(f"{key}_interval")
+            if interval is not None:
+                found[row["top_k"], baseline, row["tokens"]] = interval
+    ratios = answer.ratios.copy()
+    keys = list(zip(ratios["top_k"], ratios["baseline"], ratios["tokens"]))
+    ratios["low"] = [found[key][0] if key in found else float("nan") for key in keys]
+    ratios["high"] = [found[key][1] if key in found else float("nan") for key in keys]
+    return dataclasses.replace(answer, ratios=ratios)
+
+
+def speed_sentences(answer: Optional[SpeedAnswer]) -> str:
+    """Q1 in at most three short sentences (the numbers are in the table)."""
+    if answer is None:
+        return "No CPU timings yet: `make bench-cpu` writes them."
+    table = speed_table(answer)
+    largest = table[table["T (tokens)"] == table["T (tokens)"].max()]
+    faster = largest[largest["verdict"] == "MoE faster"]
+    where = "this CPU" if answer.device_kind == "cpu" else answer.numbers["device"]
+    first = (f"On {where} at T = {int(largest['T (tokens)'].iloc[0]):,}, the MoE beats "
+             f"{len(faster)} of the {len(largest)} dense baselines.")
+    return " ".join([first] + [_crossing_sentence(answer.ratios, baseline) for baseline in ("params", "active")])
+
+
+def _crossing_sentence(ratios: pd.DataFrame, baseline: str) -> str:
+    """Where the MoE is faster than one dense baseline, for each k, in one sentence: faster
+    means the ratio's 95% interval lies below 1 where the run has intervals, else ratio < 1."""
+    mine = ratios[ratios["baseline"].str.contains("active" if baseline == "active" else "parameters")]
+    parts = []
+    for k, group in mine.groupby("top_k"):
+        group = group.sort_values("tokens")
+        upper = group["high"] if "high" in group and group["high"].notna().all() else group["ratio"]
+        faster = list(group.loc[upper.to_numpy() < 1, "tokens"])
+        if len(faster) == len(group):
+            status = "at every measured T"
+        elif not faster:
+            status = "at no measured T"
+        else:
+            status = f"at T = {', '.join(f'{int(t):,}' for t in faster)}"
+        parts.append((status, int(k)))
+    what = "equal active FLOPs" if baseline == "active" else "equal parameters"
+    if len({status for status, _ in parts}) == 1:
+        ks = " and ".join(f"k = {k}" for _, k in parts)
+        return f"Against the dense MLP of {what}, the MoE is faster {parts[0][0]}, with {ks}."
+    return f"Against the dense MLP of {what}, the MoE is faster {' and '.join(f'{s} with k = {k}' for s, k in parts)}."
+
+
+def stage_table(ratios: pd.DataFrame) -> pd.DataFrame:
+    """Q2: each stage's time with k = 2 over its time with k = 1, at the largest T."""
+    if ratios.empty:
+        return pd.DataFrame()
+    largest = int(ratios["tokens"].max())
+    at = ratios[ratios["tokens"] == largest]
+    order = [name for name in STAGE_NAMES.values() if name in set(at["stage"])]
+    at = at.set_index("stage").loc[order].reset_index()
+
+    def verdict(row) -> str:
+        if row.stage == "expert MLPs":
+            return "twice the FLOPs"
+        if row.stage in ("permute", "combine"):
+            return "twice the rows"
+        return "the same work for k = 1 and 2" if row.stage in ("router",) else ""
+
+    return pd.DataFrame({"stage": at["stage"], f"k = 1 (ms, T = {largest:,})": 1e3 * at["k1_s"],
+                         f"k = 2 (ms, T = {largest:,})": 1e3 * at["k2_s"], "k = 2 / k = 1": at["ratio"],
+                         "why it changes": [verdict(r) for r in at.itertuples()]})
+
+
+def weight_bytes(D: int, F: int, E: int, itemsize: int, activation: str) -> dict:
+    """Bytes of the weights each arm keeps in memory: the MoE's E experts and router, and the
+    dense MLPs of equal active FLOPs (width k·F) and of equal parameters (width E·F)."""
+    matrices = 3 if activation == "swiglu" else 2
+    return {"MoE, k = 1": (E * matrices * D * F + D * E) * itemsize,
+            "MoE, k = 2": (E * matrices * D * F + D * E) * itemsize,
+            "dense, F' = 1·F (equal active FLOPs, k = 1)": matrices * D * F * itemsize,
+            "dense, F' = 2·F (equal active FLOPs, k = 2)": matrices * D * 2 * F * itemsize,
+            "dense, F' = E·F (equal parameters)": matrices * D * E * F * itemsize}
+
+
+def memory_with_weights(answer: MemoryAnswer, preset: str = "cpu", itemsize: int = 4) -> pd.DataFrame:
+    """Q2's memory table: per arm at the largest T, the weights (the MoE's defining cost), the
+    activations' peak by the formula and as measured, and weights plus activations."""
+    shape = sweep_plan.PRESETS[preset]
+    weights = weight_bytes(shape.d_model, shape.d_ff, shape.n_experts, itemsize, shape.activation)
+    table = memory_table(answer)
+    table.insert(1, "weights (MiB)", table["arm"].map(weights) / 2**20)
+    table["weights + activations by formula (MiB)"] = table["weights (MiB)"] + table["peak by formula, whole hidden (MiB)"]
+    return table.rename(columns={"peak by formula, whole hidden (MiB)": "activations by formula (MiB)",
+                                 "measured peak, CPU backend (MiB)": "activations measured, CPU (MiB)"})
+
+
+def accuracy_compact_table(answer: AccuracyAnswer) -> pd.DataFrame:
+    """Q3: each comparison's mean paired difference, its 95% interval and the verdict."""
+    c = answer.comparisons
+
+    def verdict(row) -> str:
+        if not row.supported:
+            return "within noise"
+        return "first arm better" if row.mean < 0 else "first arm worse"
+
+    return pd.DataFrame({
+        "comparison": [f"{accuracy.arm_label(a)} − {accuracy.arm_label(b)}" for a, b in zip(c["arm"], c["baseline"])],
+        "difference (bits/byte)": c["mean"],
+        "95% interval": [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(c["low"], c["high"])],
+        "seeds": c["n"], "verdict": [verdict(r) for r in c.itertuples()]})
+
+
+def inference_table(k_summary: pd.DataFrame, capacity: pd.DataFrame) -> pd.DataFrame:
+    """Q3's inference-time results: changing k at inference, and a capacity factor of 1,
+    each against the model as trained (paired by seed, 95% interval), from the Accuracy
+    chapter's functions."""
+    rows = []
+    # Per arm and k at inference other than the trained k: the better of the two weightings
+    # (renormalised or not), so that the row shows the best that changing k can do.
+    changed = k_summary[~k_summary["as_trained"] & (k_summary["eval_k"] != k_summary["trained_k"])]
+    best = changed.loc[changed.groupby(["arm", "eval_k"])["change_mean"].idxmin()]
+    best = best.assign(rank=best["arm"].map(lambda a: accuracy.ARM_ORDER.index(a))).sort_values("rank")
+    for row in best.itertuples():
+        weighting = "renormalised" if row.renormalize else "not renormalised"
+        rows.append({"arm": accuracy.arm_label(row.arm),
+                     "change at inference": f"k = {row.trained_k} → {row.eval_k} ({weighting})",
+                     "bits/byte change": row.change_mean, "95% interval": _interval_text(row.change_low, row.change_high, 3),
+                     "verdict": _change_verdict(row.change_mean, row.change_low, row.change_high)})
+    if not capacity.empty:
+        # The summary names factors as text ("1", "dropless") for its chart's axis.
+        for row in capacity[capacity["capacity_factor"].astype(str).isin(["1", "1.0"])].itertuples():
+            rows.append({"arm": accuracy.arm_label(row.arm),
+                         "change at inference": f"capacity factor 1 ({row.drop_rate_mean:.1%} dropped)",
+                         "bits/byte change": row.change_mean,
+                         "95% interval": _interval_text(row.change_low, row.change_high, 3),
+                         "verdict": _change_verdict(row.change_mean, row.change_low, row.change_high)})
+    return pd.DataFrame(rows)
+
+
+def _change_verdict(mean, low, high) -> str:
+    if pd.isna(low) or pd.isna(high):
+        return ""
+    if low <= 0 <= high:
+        return "within noise"
+    return "worse" if mean > 0 else "better"
+
+
+def routing_compact_table(answer: RoutingAnswer) -> pd.DataFrame:
+    """Q4: per arm, the busiest expert's load over the mean (1 = balanced), and how often
+    consecutive bytes keep their first-choice expert, on all pairs and on pairs of two
+    different bytes, each beside its chance baseline. The same function and inputs as the
+    Routing chapter, so the same numbers."""
+    n = answer.numbers
+    rows = []
+    for arm in ROUTING_ARMS:
+        key = arm.replace("-", "_")
+        if f"{key}_load_max_over_mean" not in n:
+            continue
+        def share(name: str) -> str:
+            value = n.get(name)
+            return "\u2013" if value is None or pd.isna(value) else f"{value:.1%}"
+
+        rows.append({"arm": accuracy.arm_label(arm), "busiest expert / mean load": n[f"{key}_load_max_over_mean"],
+                     # 1/E is the same for every arm: it goes in the header, not in a constant column.
+                     f"same expert, consecutive bytes (chance {share('uniform_same_expert')})":
+                         share(f"{key}_same_expert_rate"),
+                     "same expert, two different bytes": share(f"{key}_same_expert_different_bytes"),
+                     "chance for these, from the load": share(f"{key}_same_expert_by_load")})
+    return pd.DataFrame(rows)
+
+
+def routing_sentences(answer: Optional[RoutingAnswer]) -> str:
+    """Q4 in three short sentences."""
+    if answer is None:
+        return "No trained MoE checkpoints yet: `make train-cpu` trains them."
+    n = answer.numbers
+    same = routing.versus_chance(n["moe_k1_same_expert_rate"], n["uniform_same_expert"])
+    different = routing.versus_chance(n["moe_k1_same_expert_different_bytes"], n["moe_k1_same_expert_by_load"])
+    text = (f"The balancing loss keeps the top-1 MoE's busiest expert at {n['moe_k1_load_max_over_mean']:.2f}x the "
+            f"mean load; without it, {n['moe_k1_nobal_load_max_over_mean']:.2f}x. "
+            f"Consecutive bytes keep the top-1 MoE's first-choice expert {n['moe_k1_same_expert_rate']:.1%} of the "
+            f"time, {same} the {n['uniform_same_expert']:.1%} of chance, much of it repeated bytes. "
+            f"On two different bytes its rate, {n['moe_k1_same_expert_different_bytes']:.1%}, is {different} the "
+            f"{n['moe_k1_same_expert_by_load']:.1%} that chance gives from its load.")
+    return text
+
+
+def sentences(text: str) -> list:
+    """The sentences of ``text`` (split after . ! ? followed by a space and a capital, a
+    digit or a backtick), for the page's sentence-length test."""
+    import re  # noqa: PLC0415
+
+    return [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9`(])", text.strip()) if s]
+
+
+def longest_sentence_words(text: str) -> int:
+    """The word count of the longest sentence in ``text``."""
+    return max((len(s.split()) for s in sentences(text)), default=0)
+
+
+def accuracy_sentences(answer: Optional[AccuracyAnswer], preset: str = "cpu") -> str:
+    """Q3 in three short sentences: what the paired comparisons say, and the regime."""
+    if answer is None:
+        return NO_SCORES.format(preset=preset) + " (`make train-cpu` first, if no arm is trained.)"
+    n = answer.numbers
+    table = accuracy_compact_table(answer)
+    supported = int((table["verdict"] != "within noise").sum())
+    regime = accuracy.regime_sentence(accuracy.gap_over_training(accuracy.validation_curves(runs=answer.runs)),
+                                      short=True)
+    zlib = accuracy.regime_numbers(accuracy.compressor_table(accuracy.summary_table(answer.scores)))
+    return (f"Paired by seed, {supported} of the {len(table)} differences below are larger than their noise "
+            f"(negative: the first arm predicts better). Even the best model ({accuracy.arm_label(zlib['best_model'])}, "
+            f"{zlib['best_model_bits']:.3f} bits/byte) scores worse than zlib ({zlib['zlib_bits']:.3f}) on the same "
+            f"bytes, so these models are early in training. {regime}")
+
+
+@dataclasses.dataclass
+class CostAnswer:
+    """Q3's speed-beside-accuracy table (accuracy.format_cost_table) and its figure."""
+
+    table: pd.DataFrame
+    chart: Optional[alt.TopLevelMixin]
+    caption: str
+    alt: str
+    numbers: dict
+
+
+def cost_answer(answer: AccuracyAnswer, results_dir=None, preset: str = "cpu") -> CostAnswer:
+    """Each main arm's bits/byte with its interval, size, FLOPs, layer time and training step,
+    from the Accuracy chapter's functions (the same table it prints)."""
+    cost = accuracy.cost_records(results_dir, preset=preset)
+    table = accuracy.cost_table(answer.scores, cost)
+    numbers = accuracy.cost_numbers(table, cost)
+    chart = accuracy.quality_time_chart(table) if cost else None
+    caption = (f"Test bits per byte (95% interval over seeds) against the training step measured on this CPU "
+               f"({numbers.get('cost_rounds', 0)} paired rounds, {numbers.get('cost_threads', 1)} torch thread). "
+               f"Down and to the left is better.") if cost else ""
+    alt_text = "Scatter chart, one point per arm: test bits per byte against milliseconds per training step."
+    return CostAnswer(accuracy.format_cost_table(table), chart, caption, alt_text, numbers)
+
+
+@dataclasses.dataclass
+class InferenceAnswer:
+    table: pd.DataFrame
+    text: str
+
+
+def inference_answer(answer: AccuracyAnswer, experiment_bytes: int) -> InferenceAnswer:
+    """Q3's inference-time results: k changed at inference and capacity factor 1, through the
+    Accuracy chapter's functions on the same ``experiment_bytes`` test bytes (its default)."""
+    k_summary = accuracy.inference_k_summary(accuracy.inference_k_table(answer.runs, max_bytes=experiment_bytes))
+    capacity = accuracy.capacity_summary(accuracy.capacity_sweep(answer.runs, max_bytes=experiment_bytes))
+    table = inference_table(k_summary, capacity)
+    worse = int((table["verdict"] == "worse").sum())
+    k_rows = table[table["change at inference"].str.startswith("k =")]
+    k_worse = int((k_rows["verdict"] == "worse").sum())
+    text = (f"On {experiment_bytes:,} test bytes, {worse} of the {len(table)} changes below make the model "
+            f"worse than as trained, paired by seed.")
+    if len(k_rows) and k_worse == len(k_rows):
+        text += " Every model scores best with the k it was trained with, even with the better weighting."
+    text += " The Accuracy chapter gives every capacity factor and both weightings."
+    return InferenceAnswer(table, text)
+
+
+def skew_table(answer: Optional[SpeedAnswer]) -> pd.DataFrame:
+    """Q4's speed side: the whole layer's time under each skewed routing over its time under
+    uniform routing (the CPU sweep), beside how unequal the load is and how many experts
+    receive any token."""
+    if answer is None:
+        return pd.DataFrame()
+    preset, dtype = performance.main_shape(answer.data)
+    skews = performance.skew_frame(answer.data, preset, dtype)
+    if skews.empty:
+        return pd.DataFrame()
+    skews = skews[skews["skew"] != "uniform"].sort_values(["top_k", "time_vs_uniform"])
+    return pd.DataFrame({"routing": skews["skew"], "k": skews["top_k"], "T (tokens)": skews["tokens"],
+                         "busiest expert / mean load": skews["load_max_over_mean"],
+                         "experts with tokens": skews["experts_used"].astype(int),
+                         "time relative to uniform routing": skews["time_vs_uniform"]})
+
+
+def skew_experts(answer: Optional[SpeedAnswer]) -> int:
+    """E of the sweep's main layer."""
+    preset, _ = performance.main_shape(answer.data)
+    return sweep_plan.PRESETS[preset].n_experts
+
+
+def skew_sentences(table: pd.DataFrame, n_experts: int) -> str:
+    """Why skew speeds the CPU layer up, from the table's own columns."""
+    if table.empty:
+        return ""
+    fastest = table.sort_values("time relative to uniform routing").iloc[0]
+    return (f"On this CPU, skewed routing is faster than uniform, not slower: {fastest['routing']} routing "
+            f"(k = {int(fastest['k'])}) takes {fastest['time relative to uniform routing']:.2f}x uniform's time. "
+            f"It sends every token to {int(fastest['experts with tokens'])} of the {n_experts} experts, so the "
+            f"backend reads fewer experts' weights and runs fewer, larger GEMMs. One core runs the experts one "
+            f"after another, so the busiest expert does not set the time as it would on a GPU.")
+
+
+def headline_lines(cpu: Optional[SpeedAnswer], gpu: Optional[SpeedAnswer], accuracy_answer: Optional[AccuracyAnswer],
+                   routing: Optional[RoutingAnswer]) -> dict:
+    """The landing page's three lines and its status (plain text, glued into book/intro.md)."""
+    lines = {}
+    if cpu is not None:
+        table = speed_table(cpu)
+        largest = table[table["T (tokens)"] == table["T (tokens)"].max()]
+        params = largest[largest["against"] == "dense, equal parameters"]["MoE time / dense time"]
+        active = largest[largest["against"] == "dense, equal active FLOPs"]["MoE time / dense time"]
+        lines["headline_speed"] = (f"Speed (CPU, T = {int(largest['T (tokens)'].iloc[0]):,}): the MoE layer takes "
+                                   f"{params.min():.2f}-{params.max():.2f}x the time of a dense MLP of equal "
+                                   f"parameters, and {active.min():.2f}-{active.max():.2f}x that of one of "
+                                   f"equal active FLOPs (k = 1 and 2).")
+    else:
+        lines["headline_speed"] = "Speed: no CPU timings yet."
+    if accuracy_answer is not None:
+        n = accuracy_answer.numbers
+        lines["headline_accuracy"] = (
+            f"Accuracy (small byte-level models, early in training): the top-2 MoE beats the top-1 MoE by "
+            f"{-n['moe_k2_vs_moe_k1_mean']:.3f} bits/byte, and the top-1 MoE beats dense at equal active FLOPs by "
+            f"{-n['moe_k1_vs_dense_mean']:.3f}, paired by seed.")
+    else:
+        lines["headline_accuracy"] = "Accuracy: no trained models scored yet."
+    if routing is not None:
+        n = routing.numbers
+        lines["headline_routing"] = (
+            f"Routing: with the balancing loss the busiest expert gets {n['moe_k1_load_max_over_mean']:.2f}x the "
+            f"mean load (top-1 MoE); without it, {n['moe_k1_nobal_load_max_over_mean']:.2f}x.")
+    else:
+        lines["headline_routing"] = "Routing: no trained MoE checkpoints yet."
+    lines["headline_status"] = ("a GPU has run the study; see the GPU chapter." if gpu is not None else
+                                "no GPU run yet. Every speed number measured here is from a 2-core CPU; GPU numbers "
+                                "in the book are predicted (model), and CUDA kernels run only in CPU emulation.")
+    return lines
+
+
+def dense_peak_note(answer: MemoryAnswer, preset: str = "cpu", itemsize: int = 4) -> str:
+    """Why the dense MLPs' measured peaks can be one number at every width: when they equal
+    the output alone (T·D values), the hidden activations were not counted, and this says why."""
+    if answer.measured.empty:
+        return ""
+    shape = sweep_plan.PRESETS[preset]
+    at = answer.measured[answer.measured["tokens"] == answer.measured["tokens"].max()]
+    dense = at[at["arm"].str.startswith("dense")]["bytes"]
+    T = int(at["tokens"].iloc[0])
+    output = T * shape.d_model * itemsize
+    if dense.empty or not ((dense - output).abs() < 0.01 * output).all():
+        return ""
+    return (f"The measured dense peaks are all {dense.max() / 2**20:.2f} MiB, the output alone, at every hidden "
+            f"width: the hidden activations are missed. The CPU backend keeps them in per-thread scratch buffers "
+            f"that outlive a call, and the measurement's untimed first call allocated them. The formula counts them.")
