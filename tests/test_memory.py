@@ -1,7 +1,10 @@
 """The memory formula (analysis.measure.memory): exact for every array the layer
-returns, and the CPU backend's measured peak (tracemalloc) matches the model."""
+returns, and the CPU backend's measured peak (tracemalloc, the first call in a fresh
+process) matches the model, the worker threads' scratch buffers included."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -72,22 +75,79 @@ def test_cpu_peak_lies_between_the_held_arrays_and_the_whole_layer(T, k, activat
     assert memory.held_bytes(shape) <= measured
     assert measured <= 1.02 * memory.peak_bytes(shape, memory.cpu_temporaries(activation)) + SLACK_BYTES
     dense = memory.measure_peak(shape, "dense", "cpu", dense_width=k * 512).peak_bytes
-    assert T * 256 * 4 <= dense
+    # At least the output and one worker's scratch for one block (the hidden is made, a block at a time).
+    assert T * 256 * 4 + memory.cpu_scratch_bytes(memory.cpu_block_rows(T), 256, k * 512, "float32", activation,
+                                                  fused=False) <= dense
     assert dense <= 1.02 * memory.dense_peak_bytes(T, 256, k * 512, "float32", activation,
                                                    memory.cpu_temporaries(activation)) + SLACK_BYTES
 
 
 def test_cpu_k2_adds_into_one_output():
     """The cpu backend's moe_forward adds the rows of both experts of a token into
-    one (T, D) y, so k = 2's measured peak exceeds k = 1's by its larger routing
-    and plan arrays and a block's rows gathered from y, and by less than a
-    second (T, D) array (the K T x D buffer of slots it once made had two).
-    Each peak is the least of three calls: a worker thread's scratch buffers
-    may still grow during the first."""
+    one (T, D) y, so a later call's peak (the scratch buffers already made) at
+    k = 2 exceeds k = 1's by its larger routing and plan arrays and a block's rows
+    gathered from y, and by less than a second (T, D) array (the K T x D buffer of
+    slots it once made had two). The first call's peak also holds the scratch,
+    whose blocks are larger at k = 2 (twice the rows), so it is not compared here."""
     shapes = [memory.LayerShape(1024, 256, 512, 8, k) for k in (1, 2)]
-    one, two = (min(memory.measure_peak(shape, "moe", "cpu").peak_bytes for _ in range(3)) for shape in shapes)
+    one, two = (memory.measure_peak(shape, "moe", "cpu").repeat_peak_bytes for shape in shapes)
     assert two - one >= memory.held_bytes(shapes[1]) - memory.held_bytes(shapes[0])
     assert two - one < 1024 * 256 * 4
+
+
+def test_dense_peak_grows_with_its_hidden_width():
+    """The dense MLP's hidden activations are counted: its measured peak grows with its width F'
+    by at least one worker's scratch for a block (the hidden, gate and activation work of a
+    block's rows), and stays within the output plus every worker's scratch for the largest
+    block. (Measured after a warm-up call in the same process, the scratch already existed and
+    every width measured the output alone.)"""
+    T, D = 512, 256
+    rows = memory.cpu_block_rows(T)  # 64: eight blocks, shared by the workers
+    shape = memory.LayerShape(T, D, 512, 8, 1)
+    peaks = {}
+    for width in (512, 1024, 4096):
+        measured = memory.measure_peak(shape, "dense", "cpu", dense_width=width)
+        one_block = memory.cpu_scratch_bytes(rows, D, width, fused=False)
+        every_worker = measured.workers * memory.cpu_scratch_bytes(math.ceil(1.5 * rows), D, width, fused=False)
+        assert T * D * 4 + one_block <= measured.peak_bytes <= T * D * 4 + every_worker + SLACK_BYTES, width
+        # A later call finds the scratch made: little more than the output.
+        assert measured.repeat_peak_bytes < T * D * 4 + SLACK_BYTES
+        peaks[width] = measured.peak_bytes
+    for narrow, wide in ((512, 1024), (1024, 4096)):
+        grown = memory.cpu_scratch_bytes(rows, D, wide, fused=False) - memory.cpu_scratch_bytes(rows, D, narrow,
+                                                                                               fused=False)
+        assert peaks[wide] - peaks[narrow] >= grown, (narrow, wide)
+
+
+def test_cpu_scratch_bytes_counts_the_backends_buffers():
+    """The scratch formula against the CPU backend's own buffers, after one dense call on this
+    thread alone (one worker: BLAS pinned to one thread)."""
+    from threadpoolctl import threadpool_limits
+
+    from topk_moe import cpu
+
+    rng = np.random.default_rng(0)
+    for activation, dtype in (("swiglu", "float32"), ("gelu", "float32"), ("gelu", "float64"), ("relu", "float32")):
+        x = rng.standard_normal((64, 32)).astype(dtype)
+        w1, w3 = (rng.standard_normal((32, 48)).astype(dtype) for _ in range(2))
+        w2 = rng.standard_normal((48, 32)).astype(dtype)
+        cpu._scratch.buffers.clear()  # this thread's, left by earlier tests
+        with threadpool_limits(1, user_api="blas"):
+            topk_moe.dense_mlp(x, w1, w2, w3 if activation == "swiglu" else None, activation=activation,
+                               backend="cpu")
+        held = sum(buffer.nbytes for buffer in cpu._scratch.buffers.values())
+        assert memory.cpu_block_rows(64) == 64  # so the 64 rows are one block
+        assert held == memory.cpu_scratch_bytes(64, 32, 48, dtype, activation, fused=False), activation
+
+
+def test_measure_peak_refuses_bad_arguments():
+    shape = memory.LayerShape(4, 8, 8, 4, 1)
+    with pytest.raises(ValueError, match="arm: expected 'moe' or 'dense', got 'sparse'"):
+        memory.measure_peak(shape, "sparse")
+    with pytest.raises(ValueError, match="dense_width: expected a positive integer"):
+        memory.measure_peak(shape, "dense")
+    with pytest.raises(ValueError, match="backend: expected 'cpu' or 'cuda', got 'tpu'"):
+        memory.measure_peak(shape, "moe", "tpu")
 
 
 def test_whole_hidden_dominates_at_large_T():
@@ -116,3 +176,6 @@ def test_run_writes_records_with_formula_beside_measurement(tmp_path):
     for record in found:
         assert record["held_bytes"] <= record["peak_bytes"]
         assert record["peak_bytes"] <= 2 * record["model_peak_bytes"] + SLACK_BYTES
+        assert record["repeat_peak_bytes"] <= record["peak_bytes"]
+        assert record["workers"] >= 1
+        assert "scratch" in record["peak_includes"] and "fresh process" in record["peak_includes"]

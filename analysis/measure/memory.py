@@ -31,25 +31,41 @@ the whole hidden (N, F) and activates and combines inside its kernels. The
 CPU backend fuses permute and combine into its expert tasks (each gathers its
 own rows of x, so the permuted batch never exists whole, and adds its
 weighted output rows straight into y) and runs each expert on blocks of rows
-in per-thread scratch buffers, so less hidden exists at once;
-``cpu_temporaries`` bounds what its activation and combine add. Whatever the implementation,
+in per-thread scratch buffers, so less hidden exists at once, but each worker
+thread keeps its buffers, sized to the largest block it ran, after the call
+(``cpu_scratch_bytes`` gives one worker's after a block of a given size);
+``cpu_temporaries`` bounds what its stage-by-stage activation and combine add. Whatever the implementation,
 the arrays the layer returns (routing, plan and y: ``held_bytes``) are a
 floor under its peak.
 
-``measure_peak`` runs the layer once and reads its peak: on the ``cpu`` backend
-with ``tracemalloc`` (NumPy reports its array buffers to it; BLAS's private
-work space is not seen), on ``cuda`` from CuPy's memory pool (all cached blocks
+``measure_peak`` reads the peak of the layer's first call in a fresh Python
+process (one per measurement), so that every buffer the call needs is
+counted, the backend's own included: the CPU backend keeps each worker
+thread's scratch buffers (a block's rows, hidden activations, gate, output and
+activation work) for the life of the thread, so a call after the first finds
+them made and its peak shows little more than the output. Before the measured
+call the process runs the layer once on an empty batch, which loads what is
+loaded once (BLAS's thread controls, lazy imports) but makes no scratch. On the
+``cpu`` backend the peak is read with ``tracemalloc`` (NumPy reports its array
+buffers to it, from every thread; BLAS's private work space and the threads'
+stacks are not seen); on ``cuda`` from CuPy's memory pool (all cached blocks
 freed first, so the pool's size after the call is its high-water mark, rounded
-up to CuPy's allocation granularity). The ``run`` below writes ``memory``
-records with the formula beside each measurement.
+up to CuPy's allocation granularity; there the call is measured after a full
+warm-up call, which compiles the kernels). The same process then measures
+later calls too (``repeat_peak_bytes``): what a call adds once the scratch
+exists. The ``run`` below writes ``memory`` records with the formula beside
+each measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import multiprocessing
 import sys
 import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
 
 import numpy
@@ -174,6 +190,33 @@ def cpu_temporaries(activation: str) -> Temporaries:
     return Temporaries(0 if activation == "relu" else 1, True)
 
 
+def cpu_block_rows(total_rows: int) -> int:
+    """The CPU backend's rows per MLP block for a stage of ``total_rows`` rows (all experts, or the
+    dense MLP's T); a block has fewer than 1.5 times this many rows (kernels/topk_moe/cpu.py)."""
+    from topk_moe import cpu  # noqa: PLC0415
+
+    return min(cpu.ROW_BLOCK, max(cpu.MIN_BLOCK_ROWS, math.ceil(total_rows / cpu.MIN_TASKS)))
+
+
+def cpu_scratch_bytes(rows: int, D: int, F: int, dtype: str = "float32", activation: str = "swiglu",
+                      fused: bool = True) -> int:
+    """One CPU worker thread's scratch buffers after it ran a block of ``rows`` rows of an MLP of
+    hidden width ``F``: the hidden activations (rows, F), swiglu's gate (rows, F), the activation's
+    work (up to ACTIVATION_ROWS rows of F: swiglu's denominator, float32 gelu's three arrays,
+    float64 gelu's one) and, in the fused ``moe_forward`` (``fused``), the block's gathered rows
+    and its output (rows, D) each; the dense MLP writes its output in place. The thread keeps
+    them after the call; a later, larger block grows them."""
+    from topk_moe import cpu  # noqa: PLC0415
+
+    s = numpy.dtype(dtype).itemsize
+    sliced = min(rows, cpu.ACTIVATION_ROWS)
+    work = {"relu": 0, "swiglu": 1, "gelu": 3 if dtype == "float32" else 1}[activation]
+    total = rows * F + (rows * F if activation == "swiglu" else 0) + work * sliced * F
+    if fused:
+        total += 2 * rows * D
+    return total * s
+
+
 def held_bytes(shape: LayerShape) -> int:
     """The arrays ``moe_forward`` returns (routing, plan, y): a floor under any
     implementation's peak."""
@@ -217,60 +260,105 @@ def _layer_inputs(shape: LayerShape, seed: int = 0):
     return cfg, weights, x
 
 
+#: Later calls measured in the same process after the first; the least of their peaks is kept
+#: (which worker takes which block may change from call to call, so a worker's scratch may still grow).
+REPEAT_CALLS = 2
+
+#: What ``peak_bytes`` counts, written into every record.
+PEAK_INCLUDES = {
+    "cpu": ("the first call in a fresh process (after one call on an empty batch), above what the process "
+            "held before it: the arrays the layer returns, its temporaries and every worker thread's scratch "
+            "buffers (rows, hidden activations, gate, output, activation work), which the CPU backend keeps "
+            "after the call; not the weights or the input, BLAS's private work space or thread stacks"),
+    "cuda": ("one call after a warm-up call, in a fresh process: the growth of CuPy's memory pool (cached "
+             "blocks freed first), rounded up to its allocation granularity; not the weights or the input"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Measured:
-    """One measured call: its peak bytes and the rows of its largest expert (T for dense)."""
+    """One measurement, made in a fresh process.
+
+    ``peak_bytes``: the first call's peak (on cuda: the call after a warm-up call), above what the
+    process held before it; on the cpu backend it includes the scratch buffers the call made
+    (``PEAK_INCLUDES``). ``repeat_peak_bytes``: the least peak of REPEAT_CALLS later calls, which
+    find the scratch made. ``largest_expert_rows``: the rows of the largest expert (T for dense).
+    ``workers``: the threads the CPU backend ran the call on (each keeps its own scratch; 1 on cuda)."""
 
     peak_bytes: int
+    repeat_peak_bytes: int
     largest_expert_rows: int
+    workers: int
 
 
 def measure_peak(shape: LayerShape, arm: str = "moe", backend: str = "cpu", *, dense_width: Optional[int] = None,
                  seed: int = 0) -> Measured:
-    """Bytes allocated at the peak of one call of the layer, above what was allocated before it.
+    """Bytes allocated at the peak of one call of the layer, above what was allocated before it,
+    measured in a fresh Python process so that buffers a backend keeps between calls are counted
+    (see the module docstring).
 
     ``arm``: "moe" runs ``topk_moe.moe_forward`` at ``shape``; "dense" runs
     ``topk_moe.dense_mlp`` of hidden width ``dense_width`` on the same tokens.
-    ``backend``: "cpu" (tracemalloc) or "cuda" (CuPy's memory pool, see the module
-    docstring). The layer runs once untraced first, so that one-time costs (imports,
-    caches, compiled kernels) are not counted.
+    ``backend``: "cpu" (tracemalloc) or "cuda" (CuPy's memory pool). The process
+    inherits this one's environment, so its BLAS thread count (the CPU backend's
+    workers) is the one OPENBLAS_NUM_THREADS or the core count gives.
     """
-    import topk_moe  # noqa: PLC0415
-
     if arm not in ("moe", "dense"):
         raise ValueError(f"arm: expected 'moe' or 'dense', got {arm!r}")
     if arm == "dense" and (not isinstance(dense_width, int) or dense_width < 1):
         raise ValueError(f"dense_width: expected a positive integer for the dense arm, got {dense_width!r}")
     if backend not in ("cpu", "cuda"):
         raise ValueError(f"backend: expected 'cpu' or 'cuda', got {backend!r}")
+    # spawn, not fork: a forked child would inherit this process's threads' scratch (and its tracemalloc state).
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(_measure_in_this_process, shape, arm, backend, dense_width, seed).result()
+
+
+def _layer(shape: LayerShape, arm: str, backend: str, dense_width: Optional[int], seed: int, xp):
+    """(layer, x): ``layer(tokens)`` runs the arm on ``tokens`` (rows of x) with weights on ``xp``'s device."""
+    import topk_moe  # noqa: PLC0415
+
     cfg, weights, x = _layer_inputs(shape, seed)
+    tokens = xp.asarray(x)
     if arm == "dense":
         rng = numpy.random.default_rng(seed + 2)
         scale = shape.D ** -0.5
         w1, w3 = (rng.standard_normal((shape.D, dense_width)) * scale for _ in range(2))
         w2 = rng.standard_normal((dense_width, shape.D)) * scale
-        dense_weights = (w1.astype(shape.dtype), w2.astype(shape.dtype),
-                         w3.astype(shape.dtype) if shape.activation == "swiglu" else None)
+        dense_weights = [xp.asarray(w1.astype(shape.dtype)), xp.asarray(w2.astype(shape.dtype)),
+                         xp.asarray(w3.astype(shape.dtype)) if shape.activation == "swiglu" else None]
+        return (lambda rows: topk_moe.dense_mlp(rows, *dense_weights, activation=shape.activation,
+                                                backend=backend)), tokens
+    arrays = topk_moe.MoEWeights(*(None if w is None else xp.asarray(w)
+                                  for w in (weights.router, weights.w1, weights.w2, weights.w3)))
+    return (lambda rows: topk_moe.moe_forward(rows, arrays, cfg, backend=backend)), tokens
 
-        def call(xp):
-            arrays = [None if w is None else xp.asarray(w) for w in dense_weights]
-            tokens = xp.asarray(x)
-            return lambda: topk_moe.dense_mlp(tokens, *arrays, activation=shape.activation, backend=backend)
-    else:
-        def call(xp):
-            arrays = topk_moe.MoEWeights(*(None if w is None else xp.asarray(w)
-                                          for w in (weights.router, weights.w1, weights.w2, weights.w3)))
-            tokens = xp.asarray(x)
-            return lambda: topk_moe.moe_forward(tokens, arrays, cfg, backend=backend)
+
+def _measure_in_this_process(shape: LayerShape, arm: str, backend: str, dense_width: Optional[int],
+                             seed: int) -> Measured:
+    """``measure_peak``'s work, run in the fresh process it starts."""
     if backend == "cuda":  # pragma: no cover - needs a GPU
         import cupy  # noqa: PLC0415
 
-        layer = call(cupy)
-        result = layer()
-        return Measured(_cuda_pool_peak(layer), _largest_rows(result, shape.T))
-    layer = call(numpy)
-    result = layer()
-    return Measured(_tracemalloc_peak(layer), _largest_rows(result, shape.T))
+        layer, x = _layer(shape, arm, backend, dense_width, seed, cupy)
+        layer(x)  # compiles the kernels
+        first, result = _cuda_pool_peak(lambda: layer(x))
+        repeat = min(_cuda_pool_peak(lambda: layer(x))[0] for _ in range(REPEAT_CALLS))
+        return Measured(first, repeat, _largest_rows(result, shape.T), 1)
+    from topk_moe import cpu  # noqa: PLC0415
+
+    layer, x = _layer(shape, arm, backend, dense_width, seed, numpy)
+    layer(x[:0])  # one-time loads; an empty batch makes no task, so no scratch
+    workers = cpu.threads()
+    tracemalloc.start()
+    try:
+        first, result = _tracemalloc_peak(lambda: layer(x))
+        largest = _largest_rows(result, shape.T)
+        del result
+        repeat = min(_tracemalloc_peak(lambda: layer(x))[0] for _ in range(REPEAT_CALLS))
+    finally:
+        tracemalloc.stop()
+    return Measured(first, repeat, largest, workers)
 
 
 def _largest_rows(result, T: int) -> int:
@@ -281,34 +369,26 @@ def _largest_rows(result, T: int) -> int:
     return int(numpy.max(counts)) if len(counts) else 0
 
 
-def _tracemalloc_peak(layer) -> int:
-    started_here = not tracemalloc.is_tracing()
-    if started_here:
-        tracemalloc.start()
-    try:
-        before, _ = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        result = layer()
-        _, peak = tracemalloc.get_traced_memory()
-        del result
-        return peak - before
-    finally:
-        if started_here:
-            tracemalloc.stop()
+def _tracemalloc_peak(call) -> tuple:
+    """(peak bytes above what was traced before, the call's result); tracemalloc must be tracing."""
+    before, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    result = call()
+    _, peak = tracemalloc.get_traced_memory()
+    return peak - before, result
 
 
-def _cuda_pool_peak(layer) -> int:  # pragma: no cover - needs a GPU
+def _cuda_pool_peak(call) -> tuple:  # pragma: no cover - needs a GPU
+    """(the growth of CuPy's pool over the call, its result), every cached block freed first."""
     import cupy  # noqa: PLC0415
 
     pool = cupy.get_default_memory_pool()
     cupy.cuda.Device().synchronize()
     pool.free_all_blocks()
     before = pool.total_bytes()
-    result = layer()
+    result = call()
     cupy.cuda.Device().synchronize()
-    peak = pool.total_bytes() - before
-    del result
-    return peak
+    return pool.total_bytes() - before, result
 
 
 # ---------------------------------------------------------------- the run that writes records
@@ -322,8 +402,9 @@ def arms(shape: LayerShape) -> list:
 
 def run(preset: str = "cpu", tokens: Sequence[int] = (1, 64, 512, 4096), top_ks: Sequence[int] = (1, 2),
         dtype: str = "float32", backend: str = "cpu", results_dir=None, echo=print) -> list:
-    """Measure every (T, k, arm) once and write one ``memory`` record each, with the
-    formula's peak for this backend and for the whole hidden beside the measured one."""
+    """Measure every (T, k, arm) once, each in a fresh process, and write one ``memory`` record
+    each: the measured peak (``peak_includes`` says what it counts), a later call's peak, the
+    formula's peak with the whole hidden (``model_peak_bytes``) and the returned arrays' floor."""
     from analysis import records as record_io  # noqa: PLC0415
     from analysis.measure.sweep_plan import PRESETS  # noqa: PLC0415
 
@@ -343,15 +424,17 @@ def run(preset: str = "cpu", tokens: Sequence[int] = (1, 64, 512, 4096), top_ks:
                     floor = T * shape.D * shape.element_bytes
                 found.append({
                     "measurement": "peak-bytes", "implementation": "moe" if width is None else "dense",
-                    "arm": arm, "peak_bytes": measured.peak_bytes, "model_peak_bytes": model,
+                    "arm": arm, "peak_bytes": measured.peak_bytes, "peak_includes": PEAK_INCLUDES[backend],
+                    "repeat_peak_bytes": measured.repeat_peak_bytes, "model_peak_bytes": model,
                     "held_bytes": floor, "largest_expert_rows": measured.largest_expert_rows,
+                    "workers": measured.workers,
                     "tool": "tracemalloc" if backend == "cpu" else "cupy memory pool",
                     "params": {"preset": preset, "tokens": T, "top_k": k, "d_model": shape.D, "d_ff": shape.F,
                                "n_experts": shape.E, "activation": shape.activation, "dtype": dtype,
                                "backend": backend, "dense_width": width},
                 })
-                echo(f"T={T:6d} k={k} {arm:34s} measured {measured.peak_bytes / 2**20:9.3f} MiB, "
-                     f"model {model / 2**20:9.3f} MiB")
+                echo(f"T={T:6d} k={k} {arm:34s} measured {measured.peak_bytes / 2**20:9.3f} MiB "
+                     f"(a later call {measured.repeat_peak_bytes / 2**20:9.3f}), model {model / 2**20:9.3f} MiB")
     path = record_io.write_records(RECORD_KIND, found, device_kind="gpu" if backend == "cuda" else "cpu",
                                    results_dir=results_dir)
     echo(f"wrote {len(found)} records to {path}")
