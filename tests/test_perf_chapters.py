@@ -275,9 +275,11 @@ def test_prediction_without_model_records_says_how_to_make_them(tmp_path):
 
 def test_effects_frame_from_the_committed_traffic_counts():
     effects = gpu_performance.effects_frame(gpu_performance.prediction_data())
-    assert set(effects["device"]) == {"A100 SXM", "H100 SXM"}
+    assert set(effects["device"]) == {"A100", "H100"}
     v2 = effects[effects["inefficiency"].str.startswith("v2")].set_index("device")["stage slower by, at most (%)"]
-    assert v2.to_dict() == pytest.approx({"A100 SXM": 100 * 96 / 4096, "H100 SXM": 100 * 96 / 2048})
+    assert v2.to_dict() == pytest.approx({"A100": 100 * 96 / 4096, "H100": 100 * 96 / 2048})
+    assert "dispatch's scattered accesses (segment bases, token rows)" in set(effects["inefficiency"])
+    assert not effects["inefficiency"].str.contains("stride-k").any()
 
 
 def test_a_synthetic_gpu_record_is_put_beside_the_prediction(tmp_path):
@@ -312,3 +314,58 @@ def test_a_synthetic_gpu_record_is_put_beside_the_prediction(tmp_path):
     assert achieved.iloc[0].to_dict() == {"k": 2, "kernel": "expert_mlp_v3_hidden_f16", "arch": "sm_90",
                                           "theoretical occupancy (%)": 25.0, "limiter": "registers",
                                           "achieved occupancy (%)": 23.0}
+
+
+def _ncu_record(device: str, stage: str = "dispatch", kernel: str = "dispatch_scatter") -> dict:
+    return {"kind": "gpu-ncu", "utc": "2030-01-01T00:00:00Z", "device": device, "device_kind": "gpu",
+            "compute_capability": "9.0", "kernel": kernel, "stage": stage, "duration_s": 4e-6,
+            "dram_throughput_pct": 10.0, "sm_throughput_pct": 5.0, "achieved_occupancy_pct": 40.0,
+            "params": {"preset": "mixtral", "tokens": 4096, "top_k": 2, "dtype": "float16"}}
+
+
+def test_a_gpu_the_model_does_not_know_is_shown_without_a_prediction(tmp_path):
+    """The device check on an H200 (or a PCIe H100): its Nsight Compute rows are
+    shown with the prediction columns saying there is no model; an H100 SXM's get a floor."""
+    _model_records(tmp_path)
+    prediction = dataclasses.replace(gpu_performance.prediction_data(tmp_path), measured=(
+        _ncu_record("NVIDIA H200"), _ncu_record("NVIDIA H100 PCIe"), _ncu_record("NVIDIA H100 80GB HBM3")))
+    assert gpu_performance._device_model("NVIDIA H200") is None
+    assert gpu_performance._device_model("NVIDIA H100 PCIe") is None
+    assert gpu_performance._device_model("NVIDIA A100-SXM4-80GB") == "A100 SXM"
+    frame = gpu_performance.ncu_beside_predicted(prediction)
+    by_device = frame.set_index("device")
+    assert set(by_device.index) == {"NVIDIA H200", "NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3"}
+    for other in ("NVIDIA H200", "NVIDIA H100 PCIe"):
+        assert pd.isna(by_device.loc[other, "predicted floor (µs)"])
+        assert by_device.loc[other, "measured (µs)"] == pytest.approx(4.0)
+    assert by_device.loc["NVIDIA H100 80GB HBM3", "predicted floor (µs)"] > 0
+    times, throughputs = gpu_performance.beside_views(frame)
+    shown = times.set_index("device")
+    assert shown.loc["NVIDIA H200", "predicted floor (µs)"] == gpu_performance.NO_MODEL
+    assert shown.loc["NVIDIA H100 80GB HBM3", "measured / predicted"] > 0
+    assert throughputs.set_index("device").loc["NVIDIA H200", "predicted DRAM use (%)"] == gpu_performance.NO_MODEL
+    assert throughputs.set_index("device").loc["NVIDIA H200", "DRAM throughput (%)"] == 10.0
+    # A shape the model does not predict is left out, on any GPU.
+    elsewhere = dict(_ncu_record("NVIDIA H200"), params={"preset": "mixtral", "tokens": 7, "top_k": 2, "dtype": "float16"})
+    assert gpu_performance.ncu_beside_predicted(dataclasses.replace(prediction, measured=(elsewhere,))).empty
+
+
+def test_prediction_figures_and_narrow_tables(tmp_path):
+    """Every prediction chart is a numbered figure whose caption says it is predicted and
+    whose alt text says what it shows; the wide tables come split, one per device."""
+    _model_records(tmp_path)
+    prediction = gpu_performance.prediction_data(tmp_path)
+    floors = gpu_performance.floors_frame(prediction, "mixtral")
+    for figure in (gpu_performance.layer_floor_figure(floors), gpu_performance.stage_floor_figure(floors),
+                   gpu_performance.roofline_figure(floors)):
+        assert "predicted (model), not measured" in figure.caption
+        assert "A100 SXM" in figure.alt and "H100 SXM" in figure.alt and not figure.alt.endswith(".svg")
+        assert f"Figure {figure.number}." in figure._repr_mimebundle_()["text/html"]
+    occupancy = gpu_performance.occupancy_tables(prediction)
+    assert set(occupancy) == {"sm_80", "sm_90"}
+    assert list(occupancy["sm_90"].columns) == ["kernel", "registers", "occupancy (%)", "limiter"]
+    assert "H100 SXM (sm_90)" in gpu_performance.occupancy_caption("sm_90")
+    waves = gpu_performance.waves_tables(prediction)
+    assert set(waves) == {"A100", "H100"} and len(waves["H100"].columns) == 6
+    committed = gpu_performance.waves_tables(gpu_performance.prediction_data())
+    assert {"dense (F)", "dense (2 F)"} <= set(committed["H100"]["case"])

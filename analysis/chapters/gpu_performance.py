@@ -190,9 +190,36 @@ def occupancy_frame(prediction: Prediction) -> pd.DataFrame:
     return pd.DataFrame(list(rows.values()))
 
 
-def occupancy_caption() -> str:
-    return (f"Theoretical occupancy per kernel, {PREDICTED}: A100 is sm_80, H100 sm_90; shared bytes are "
-            "static plus the launcher's dynamic; the runtime's 1 KiB per block is in blocks/SM.")
+#: The model's devices by architecture, for the tables' captions.
+ARCH_DEVICE = {80: "A100 SXM", 90: "H100 SXM"}
+
+
+def occupancy_tables(prediction: Prediction) -> dict:
+    """``occupancy_frame`` as one narrow table per architecture ({"sm_80": frame, ...}),
+    so each fits the page: kernel, threads per block, registers per thread, shared
+    bytes per block, occupancy (%) and the limiter (blocks per SM are occupancy
+    times 64 warps over the block's warps)."""
+    frame = occupancy_frame(prediction)
+    tables = {}
+    for arch in sorted({r["arch"] for r in prediction.occupancy}):
+        name = f"sm_{arch}"
+        table = frame[["kernel", f"{name} registers", f"{name} shared (bytes)",
+                       f"{name} occupancy (%)", f"{name} limiter"]]
+        if not table[f"{name} limiter"].str.contains("shared").any():  # narrower: the bytes limit nothing here
+            table = table.drop(columns=f"{name} shared (bytes)")
+        tables[name] = table.assign(**{f"{name} limiter": table[f"{name} limiter"].str.replace(" and ", ", ")}).rename(
+            columns={f"{name} registers": "registers", f"{name} shared (bytes)": "shared (bytes)",
+                     f"{name} occupancy (%)": "occupancy (%)", f"{name} limiter": "limiter"})
+    return tables
+
+
+def occupancy_caption(arch: str = "") -> str:
+    """The occupancy table's caption (``arch``: "sm_80" or "sm_90", one table's; "" both)."""
+    number = int(arch.removeprefix("sm_")) if arch else None
+    which = f"{ARCH_DEVICE.get(number, arch)} ({arch})" if arch else "A100 is sm_80, H100 sm_90"
+    return (f"Theoretical occupancy per kernel, {PREDICTED}: {which}; shared bytes are "
+            "per block (static plus the launcher's dynamic, shown where shared memory limits a kernel); registers "
+            "per thread; occupancy is resident warps over 64. Every kernel runs 256 threads per block but v1's, 128.")
 
 
 def waves_frame(prediction: Prediction, preset: str = "mixtral", tokens=SHOWN_TOKENS) -> pd.DataFrame:
@@ -220,6 +247,24 @@ def waves_frame(prediction: Prediction, preset: str = "mixtral", tokens=SHOWN_TO
     return wide[["case", "T", "stage", "kernel", *order]].rename(
         columns={f"{device} {name}": f"{device} {label}" for device in ("A100", "H100")
                  for name, label in names.items()})
+
+
+def waves_tables(prediction: Prediction, preset: str = "mixtral", tokens=SHOWN_TOKENS) -> dict:
+    """``waves_frame`` as one narrow table per device ({"A100": frame, "H100": frame}):
+    case, T, kernel, blocks, waves and the last wave's fill (blocks per SM are in
+    the occupancy tables; the kernel's name says its stage)."""
+    frame = waves_frame(prediction, preset, tokens)
+    if frame.empty:
+        return {}
+    # The dense widths as the prose names them (F and 2 F), so the column stays narrow.
+    widths = sorted({int(text.rsplit(" ", 1)[1]) for text in frame["case"] if text.startswith("dense")})
+    names = {f"dense, width {width}": f"dense ({'' if i == 0 else f'{i + 1} '}F)" for i, width in enumerate(widths)}
+    frame = frame.assign(case=frame["case"].replace(names))
+    return {device: frame[["case", "T", "kernel", f"{device} blocks", f"{device} waves",
+                           f"{device} last wave (%)"]].rename(columns={
+                f"{device} blocks": "blocks", f"{device} waves": "waves",
+                f"{device} last wave (%)": "last wave full (%)"})
+            for device in ("A100", "H100")}
 
 
 def floors_frame(prediction: Prediction, preset: str = "mixtral") -> pd.DataFrame:
@@ -251,9 +296,10 @@ def layer_floor_chart(frame: pd.DataFrame, preset: str = "mixtral") -> alt.TopLe
         return message_chart(f"no model records: run python -m analysis.measure.gpu_model ({PREDICTED})")
     layer = frame[frame["stage"] == "layer"]
     return alt.Chart(layer).mark_line(point=True).encode(
-        x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2), title="tokens T"),
-        y=alt.Y("floor_us:Q", scale=alt.Scale(type="log"), title="floor per layer (µs)"),
-        color=alt.Color("series:N", title=None, scale=charts.palette(sorted(layer["series"].unique()))),
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2, nice=False), title="tokens T"),
+        y=alt.Y("floor_us:Q", scale=alt.Scale(type="log", nice=False), title="floor per layer (µs)"),
+        color=alt.Color("series:N", title=None, scale=charts.palette(sorted(layer["series"].unique())),
+                        legend=alt.Legend(orient="bottom", columns=3, labelLimit=260)),
         tooltip=["series", "tokens", "floor_us", "bound"],
         column=alt.Column("device_model:N", title=None),
     ).properties(width=260, height=220, title=f"{preset}: time floor per layer, {PREDICTED}")
@@ -268,9 +314,10 @@ def stage_floor_chart(frame: pd.DataFrame, preset: str = "mixtral") -> alt.TopLe
     stages["case"] = [f"k = {k}" if k else f"dense, width {d}" for k, d in zip(stages["k"], stages["d_ff"])]
     stages["part"] = stages["stage"].map(STAGE_PARTS).fillna(stages["stage"])
     return alt.Chart(stages).mark_line(point=True).encode(
-        x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2), title="tokens T"),
-        y=alt.Y("floor_us:Q", scale=alt.Scale(type="log"), title="floor (µs)"),
-        color=alt.Color("part:N", title=None, scale=charts.palette(list(dict.fromkeys(STAGE_PARTS.values())))),
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2, nice=False), title="tokens T"),
+        y=alt.Y("floor_us:Q", scale=alt.Scale(type="log", nice=False), title="floor (µs)"),
+        color=alt.Color("part:N", title=None, scale=charts.palette(list(dict.fromkeys(STAGE_PARTS.values()))),
+                        legend=alt.Legend(orient="bottom", columns=4)),
         tooltip=["stage", "tokens", "floor_us", "bound", "version"],
         column=alt.Column("case:N", title=None), row=alt.Row("device_model:N", title=None),
     ).properties(width=170, height=150, title=f"{preset}: time floor per stage, {PREDICTED}")
@@ -287,24 +334,77 @@ def roofline_chart(frame: pd.DataFrame, preset: str = "mixtral", tokens=ROOFLINE
     points["tflop_per_s"] = points["flops"] / (points["floor_us"] * 1e-6) / 1e12
     points["case"] = [f"k = {k}" if k else "dense" for k in points["k"]]
     points["T"] = points["tokens"].astype(str)
+    points["part"] = points["stage"].map(STAGE_PARTS).fillna(points["stage"])
     lo, hi = max(points["intensity"].min() / 2, 0.1), points["intensity"].max() * 2
     roofs = []
     for device in gpu_model.DEVICES.values():
         for intensity in np.geomspace(lo, hi, 60):
             roofs.append({"device_model": device.model, "intensity": intensity,
                           "tflop_per_s": min(device.tensor_flop_per_s, device.hbm_bytes_per_s * intensity) / 1e12})
-    x = alt.X("intensity:Q", scale=alt.Scale(type="log"), title="FLOPs per byte")
-    y = alt.Y("tflop_per_s:Q", scale=alt.Scale(type="log"), title="TFLOP/s at the floor")
+    x = alt.X("intensity:Q", scale=alt.Scale(type="log", nice=False), title="FLOPs per byte")
+    y = alt.Y("tflop_per_s:Q", scale=alt.Scale(type="log", nice=False), title="TFLOP/s at the floor")
     roof = alt.Chart(pd.DataFrame(roofs)).mark_line(color="#000000", strokeDash=[4, 2]).encode(x=x, y=y)
     dots = alt.Chart(points).mark_point(filled=True, size=60).encode(
-        x=x, y=y, color=alt.Color("stage:N", title=None, scale=charts.palette(sorted(points["stage"].unique()))),
-        shape=alt.Shape("case:N", title=None), tooltip=["stage", "case", "T", "intensity", "tflop_per_s", "bound"])
+        x=x, y=y, color=alt.Color("part:N", title="stage", scale=charts.palette(
+            [part for part in dict.fromkeys(STAGE_PARTS.values()) if part in set(points["part"])])),
+        shape=alt.Shape("case:N", title="case"), tooltip=["stage", "case", "T", "intensity", "tflop_per_s", "bound"])
     panels = [alt.layer(roof.transform_filter(alt.datum.device_model == model),
                         dots.transform_filter(alt.datum.device_model == model)).properties(
                   width=260, height=220, title=model)
               for model in gpu_model.DEVICES]
     return alt.hconcat(*panels).properties(
         title=f"{preset}: stages on the roofline at T = {', '.join(map(str, tokens))}, {PREDICTED}")
+
+
+def _tokens_span(frame: pd.DataFrame) -> str:
+    return f"T = {int(frame['tokens'].min()):,} to {int(frame['tokens'].max()):,}"
+
+
+def layer_floor_figure(frame: pd.DataFrame, preset: str = "mixtral"):
+    """``layer_floor_chart`` as a numbered figure with its caption and alt text."""
+    chart = layer_floor_chart(frame, preset)
+    if frame.empty:
+        return charts.figure(chart, f"No floors to draw ({PREDICTED}).", "A message: no model records.")
+    layer = frame[frame["stage"] == "layer"]
+    series = ", ".join(sorted(layer["series"].unique()))
+    return charts.figure(chart, (
+        f"The layer's time floor at the {preset} shape, {PREDICTED}. Read the gap between the MoE lines and "
+        "the dense line of equal active FLOPs (width F for k = 1, 2 F for k = 2): at small T the MoE reads "
+        "more expert weights than the dense MLP's one matrix pair; at large T both are compute-bound."),
+        f"Two log-log line charts, A100 SXM and H100 SXM: the predicted floor per layer in microseconds "
+        f"against tokens T ({_tokens_span(layer)}), one line each for {series}; the floor rises with T "
+        f"from {layer['floor_us'].min():.3g} to {layer['floor_us'].max():,.0f} µs.")
+
+
+def stage_floor_figure(frame: pd.DataFrame, preset: str = "mixtral"):
+    """``stage_floor_chart`` as a numbered figure with its caption and alt text."""
+    chart = stage_floor_chart(frame, preset)
+    if frame.empty:
+        return charts.figure(chart, f"No floors to draw ({PREDICTED}).", "A message: no model records.")
+    return charts.figure(chart, (
+        f"Each stage's time floor at the {preset} shape, uniform routing, {PREDICTED}. Read which stage sets "
+        "the layer's floor: GEMM 1 and GEMM 2 lie above every other stage at every T; the router, "
+        "dispatch, permute and combine grow with T but stay far below them."),
+        "A grid of log-log line charts, rows A100 SXM and H100 SXM, columns k = 1, k = 2 and the dense MLP "
+        f"of width {int(frame['d_ff'].min()):,}: the predicted floor in microseconds of each stage (router, "
+        f"dispatch, permute, GEMM 1, GEMM 2, combine; the dense MLP's GEMMs and activation) against tokens T "
+        f"({_tokens_span(frame)}).")
+
+
+def roofline_figure(frame: pd.DataFrame, preset: str = "mixtral", tokens=ROOFLINE_TOKENS):
+    """``roofline_chart`` as a numbered figure with its caption and alt text."""
+    chart = roofline_chart(frame, preset, tokens)
+    if frame.empty:
+        return charts.figure(chart, f"No floors to draw ({PREDICTED}).", "A message: no model records.")
+    shown = ", ".join(map(str, tokens))
+    return charts.figure(chart, (
+        f"The stages on each device's roofline at the {preset} shape, T = {shown}, {PREDICTED}. A point on the "
+        "sloped part of the dashed roof is memory-bound, one on the flat part compute-bound; stages that do "
+        "no FLOPs are not drawn."),
+        "Two log-log scatter charts, A100 SXM and H100 SXM, each under a dashed roofline (the HBM "
+        "bandwidth's slope up to the dense FP16 tensor peak): FLOPs per byte against TFLOP/s at the "
+        f"floor for the router, the expert GEMMs and the dense MLP's GEMMs at T = {shown}, "
+        "shaped by case (k = 1, k = 2, dense).")
 
 
 def sanity_frame(prediction: Prediction) -> pd.DataFrame:
@@ -344,11 +444,16 @@ def effects_frame(prediction: Prediction) -> pd.DataFrame:
         stage = group.loc[group["stage_change"].idxmax()]
         layer = group.dropna(subset=["layer_change"])
         layer = layer.loc[layer["layer_change"].idxmax()] if not layer.empty else None
-        rows.append({"inefficiency": name, "device": device, "stage": stage["stage"],
+        rows.append({"inefficiency": name, "device": device.removesuffix(" SXM"), "stage": _stage_words(stage["stage"]),
                      "stage slower by, at most (%)": 100 * stage["stage_change"], "where (stage)": stage["at"],
                      "layer slower by, at most (%)": None if layer is None else 100 * layer["layer_change"],
                      "where (layer)": "–" if layer is None else layer["at"]})
     return pd.DataFrame(rows)
+
+
+def _stage_words(stages: str) -> str:
+    """"expert_gemm1, expert_gemm2" as the reader's "GEMM 1, GEMM 2"."""
+    return ", ".join(STAGE_PARTS.get(stage.strip(), stage.strip()) for stage in stages.split(","))
 
 
 def layer_change_numbers(frame: pd.DataFrame, device_model: str = "H100 SXM") -> dict:
@@ -399,13 +504,24 @@ def k_change_sentence(frame: pd.DataFrame, preset: str = "mixtral", device_model
 # ---------------------------------------------------------------- prediction beside measurement
 
 
+#: Variants of the model's GPUs whose bandwidth or clocks differ from the SXM datasheets it uses.
+OTHER_VARIANTS = ("PCIE", "NVL")
+
+
 def _device_model(name: Optional[str]) -> Optional[str]:
-    """The model's device for a measured GPU's name (None when the model has none)."""
+    """The model's device for a measured GPU's name (None when the model has none:
+    another GPU such as an H200, or a PCIe or NVL variant of the A100 or H100)."""
     text = (name or "").upper()
+    if any(variant in text for variant in OTHER_VARIANTS):
+        return None
     for model in gpu_model.DEVICES:
         if model.split()[0] in text:
             return model
     return None
+
+
+#: What the prediction columns hold for a GPU the model does not know.
+NO_MODEL = "no model for this GPU"
 
 
 #: Where each measured row comes from.
@@ -427,10 +543,17 @@ def _uniform_floors(prediction: Prediction) -> dict:
     return floors
 
 
+def _predicted_shape(floors: dict, params: dict, stages) -> bool:
+    """Whether the model predicts (preset, k, T) and ``stages`` on some device."""
+    return any(key[1:4] == (params.get("preset"), params.get("top_k"), params.get("tokens")) and key[4] in stages
+               for key in floors)
+
+
 def measured_beside_predicted(prediction: Prediction, data: ChapterData) -> pd.DataFrame:
     """Each measured MoE stage time beside the model's floor for the same
     device, shape, k, T and stage; empty where nothing measured matches a
-    prediction. Two sources: the sweep's median times (uniform routing, float16,
+    prediction. A GPU the model does not know (an H200, a PCIe card) keeps its
+    rows at the shapes the model predicts, with the prediction columns empty. Two sources: the sweep's median times (uniform routing, float16,
     eager launches) and the device check's Nsight Compute kernels
     (``ncu_beside_predicted``), which also give DRAM and SM throughput beside the
     share of each peak the floor would use."""
@@ -445,13 +568,19 @@ def measured_beside_predicted(prediction: Prediction, data: ChapterData) -> pd.D
         model = _device_model(record.get("device"))
         keys = [(model, params.get("preset"), params.get("top_k"), params.get("tokens"), stage)
                 for stage in MEASURED_STAGES[record["stage"]]]
-        if model is None or not all(key in floors for key in keys):
+        if model is None:  # another GPU: its time, at a shape the model predicts, with no floor beside it
+            if not _predicted_shape(floors, params, MEASURED_STAGES[record["stage"]]):
+                continue
+            floor = None
+        elif not all(key in floors for key in keys):
             continue
-        floor = sum(floors[key]["floor_s"] for key in keys)
+        else:
+            floor = sum(floors[key]["floor_s"] for key in keys)
         rows.append({"device": record.get("device"), "measured by": SWEEP_TIME, "preset": params["preset"],
                      "k": params["top_k"], "T": params["tokens"], "stage": record["stage"],
-                     "predicted floor (µs)": 1e6 * floor, "measured (µs)": 1e6 * record["median_s"],
-                     "measured / predicted": record["median_s"] / floor})
+                     "predicted floor (µs)": None if floor is None else 1e6 * floor,
+                     "measured (µs)": 1e6 * record["median_s"],
+                     "measured / predicted": None if floor is None else record["median_s"] / floor})
     frame = pd.DataFrame(rows + ncu_beside_predicted(prediction).to_dict("records"))
     return frame
 
@@ -468,11 +597,14 @@ def ncu_beside_predicted(prediction: Prediction) -> pd.DataFrame:
         params = record.get("params") or {}
         stage = NCU_STAGES.get(record.get("stage"))
         model = _device_model(record.get("device"))
-        if (stage is None or model is None or record.get("duration_s") is None
-                or params.get("dtype") != gpu_model.DTYPE):
+        if stage is None or record.get("duration_s") is None or params.get("dtype") != gpu_model.DTYPE:
             continue
         key = (model, params.get("preset"), params.get("top_k"), params.get("tokens"), stage)
-        if key not in floors:
+        if model is None:  # another GPU: shown without a prediction, at a shape the model predicts
+            if not _predicted_shape(floors, params, (stage,)):
+                continue
+            key = (record.get("device"), *key[1:])
+        elif key not in floors:
             continue
         stages.setdefault(key, {"device": record.get("device"), "kernels": []})["kernels"].append(record)
     rows = []
@@ -486,18 +618,46 @@ def ncu_beside_predicted(prediction: Prediction) -> pd.DataFrame:
             weight = sum(w for _, w in values)
             return sum(v * w for v, w in values) / weight if weight > 0 else None
 
-        floor = floors[key]
+        floor = floors.get(key)  # None: a GPU the model does not know
         rows.append({"device": found["device"], "measured by": NCU_TIME, "preset": preset, "k": k, "T": T,
-                     "stage": stage, "predicted floor (µs)": 1e6 * floor["floor_s"], "measured (µs)": 1e6 * seconds,
-                     "measured / predicted": seconds / floor["floor_s"],
-                     "predicted DRAM use (%)": 100 * floor["predicted_utilisation"]["memory"],
+                     "stage": stage,
+                     "predicted floor (µs)": None if floor is None else 1e6 * floor["floor_s"],
+                     "measured (µs)": 1e6 * seconds,
+                     "measured / predicted": None if floor is None else seconds / floor["floor_s"],
+                     "predicted DRAM use (%)": (None if floor is None
+                                                else 100 * floor["predicted_utilisation"]["memory"]),
                      "DRAM throughput (%)": weighted("dram_throughput_pct"),
-                     "predicted compute use (%)": 100 * floor["predicted_utilisation"]["compute"],
+                     "predicted compute use (%)": (None if floor is None
+                                                   else 100 * floor["predicted_utilisation"]["compute"]),
                      "SM throughput (%)": weighted("sm_throughput_pct"),
                      "achieved occupancy (%)": weighted("achieved_occupancy_pct")})
     order = {stage: i for i, stage in enumerate(gpu_model.MOE_STAGES)}
     rows.sort(key=lambda row: (row["device"], row["k"], order.get(row["stage"], len(order))))
     return pd.DataFrame(rows)
+
+
+def beside_views(frame: pd.DataFrame) -> tuple:
+    """``measured_beside_predicted`` as two tables that fit the page: the times
+    (device, source, shape, stage, floor, measured, ratio) and, for the Nsight
+    Compute rows, the throughputs beside the shares of each peak the floor would
+    use. Prediction columns of a GPU the model does not know say so."""
+    if frame.empty:
+        return frame, frame
+    frame = frame.copy()
+    unknown = frame["device"].map(_device_model).isna()
+    frame["stage"] = frame["stage"].map(lambda stage: STAGE_PARTS.get(stage, stage.replace("_", " ")))
+    times = frame[["device", "measured by", "preset", "k", "T", "stage", "predicted floor (µs)", "measured (µs)",
+                   "measured / predicted"]].astype({"predicted floor (µs)": object, "measured / predicted": object})
+    times.loc[unknown, ["predicted floor (µs)", "measured / predicted"]] = NO_MODEL
+    throughput_columns = ["predicted DRAM use (%)", "DRAM throughput (%)", "predicted compute use (%)",
+                          "SM throughput (%)", "achieved occupancy (%)"]
+    if not set(throughput_columns) <= set(frame.columns):
+        return times, pd.DataFrame()
+    ncu = frame[frame["measured by"] == NCU_TIME]
+    throughputs = ncu[["device", "k", "stage", *throughput_columns]].astype(
+        {"predicted DRAM use (%)": object, "predicted compute use (%)": object})
+    throughputs.loc[unknown[ncu.index], ["predicted DRAM use (%)", "predicted compute use (%)"]] = NO_MODEL
+    return times, throughputs
 
 
 def occupancy_beside_achieved(prediction: Prediction, data: ChapterData) -> pd.DataFrame:

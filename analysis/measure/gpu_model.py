@@ -627,7 +627,9 @@ def effects(excess: dict, reread: dict, v2_wavefront_excess: float, tokens: Iter
       sector bytes over the compulsory bytes (``reread``) if no cache served the
       re-reads (on a GPU they hit L1/L2: the router's weights are D x E x 2 bytes,
       64 KiB at Mixtral, against a 40-50 MB L2; the DRAM floor does not move);
-    - dispatch's stride-k accesses: its floor with and without ``excess``;
+    - dispatch's scattered accesses (what the permutation needs after the issue-21
+      fix: the gather of segment bases and the scatter of token rows): its floor
+      with and without ``excess``;
     - v2's bank conflict (float32 path, not in the float16 predictions): the
       extra shared-store wavefronts per K step over the FFMA cycles of the same
       step, one block per SM (v2's occupancy), with no overlap: an upper bound.
@@ -639,7 +641,7 @@ def effects(excess: dict, reread: dict, v2_wavefront_excess: float, tokens: Iter
                 for name, stage, change in (
                         ("router re-reads its weights in every warp (if uncached)", "router",
                          {"byte_factor": reread.get(k, 1.0)}),
-                        ("dispatch's stride-k accesses", "dispatch", {"excess": {}})):
+                        ("dispatch's scattered accesses (segment bases, token rows)", "dispatch", {"excess": {}})):
                     best = None
                     for T in tokens:
                         before = {s: stage_floor(s, shape, k, T, device, None, excess)[0].seconds for s in MOE_STAGES}
