@@ -227,3 +227,43 @@ def test_no_glued_sentence_of_the_executed_page_runs_over_45_words():
             continue
         for sentence in answers.sentences(_prose(text)):
             assert len(sentence.split()) <= answers.MAX_SENTENCE_WORDS, sentence
+
+
+def test_the_gpu_prediction_answer_says_it_is_a_model_and_stays_short():
+    prediction = answers.gpu_prediction_answer()
+    if prediction is None:
+        pytest.skip("no committed GPU-model records (python -m analysis.measure.gpu_model)")
+    assert prediction.text.startswith("Predicted (model), not measured")
+    assert set(prediction.table["device"]) == {"H100 SXM", "A100 SXM"}
+    assert (prediction.table["floor, k = 2 (µs)"] > prediction.table["floor, k = 1 (µs)"]).all()
+    assert len(answers.sentences(prediction.text)) <= 3
+    _assert_short(prediction.text)
+
+
+def test_the_communication_answer_counts_and_models_and_stays_short():
+    text = answers.communication_answer()
+    if text is None:
+        pytest.skip("no committed expert-parallel records (python -m analysis.measure.expert_parallel)")
+    assert "predicted (model)" in text and "loopback" in text
+    _assert_short(text)
+
+
+def test_without_records_the_gpu_and_communication_answers_are_left_out(tmp_path):
+    assert answers.gpu_prediction_answer(tmp_path) is None
+    assert answers.communication_answer(tmp_path) is None
+
+
+def test_the_dense_peak_note_tells_an_output_only_measurement_from_a_whole_one():
+    import dataclasses
+
+    import pandas as pd
+
+    from analysis.measure import sweep_plan
+
+    answer = answers.memory_answer()
+    if answer.measured.empty:
+        pytest.skip("no committed memory records (python -m analysis.measure.memory)")
+    assert "grows with the hidden width" in answers.dense_peak_note(answer)
+    output = 4096 * sweep_plan.PRESETS["cpu"].d_model * 4
+    old = pd.DataFrame({"tokens": [4096] * 3, "arm": ["dense F", "dense 2F", "dense 8F"], "bytes": [output] * 3})
+    assert "missed the hidden activations" in answers.dense_peak_note(dataclasses.replace(answer, measured=old))

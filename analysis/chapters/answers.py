@@ -22,7 +22,7 @@ import pandas as pd
 
 from analysis import charts
 from analysis import records as record_io
-from analysis.chapters import accuracy, performance, published, routing
+from analysis.chapters import accuracy, expert_parallel, gpu_performance, performance, published, routing
 from analysis.measure import memory, sweep_plan
 
 #: The command that writes every GPU record the book reads.
@@ -354,9 +354,9 @@ def _measured_memory(results_dir, preset: str, dtype: str) -> tuple:
         rows.append({"tokens": params["tokens"], "arm": arm, "bytes": record["peak_bytes"]})
     first = run[0]
     note = (f"Measured: the newest committed memory run on {first.get('device')} ({first['utc'][:10]}, "
-            f"{_results_file(results_dir, folder, memory.RECORD_KIND)}), peak bytes by tracemalloc on the CPU "
-            f"backend. On a GPU the same run (`python -m analysis.measure.memory --backend cuda`, not yet run) "
-            f"reads CuPy's memory pool.")
+            f"{_results_file(results_dir, folder, memory.RECORD_KIND)}), the peak of the layer's first call in a "
+            f"fresh process by tracemalloc, the CPU backend's scratch buffers included. On a GPU the same run "
+            f"(`python -m analysis.measure.memory --backend cuda`, not yet run) reads CuPy's memory pool.")
     return pd.DataFrame(rows, columns=["tokens", "arm", "bytes"]), note
 
 
@@ -1093,8 +1093,9 @@ def headline_lines(cpu: Optional[SpeedAnswer], gpu: Optional[SpeedAnswer], accur
 
 
 def dense_peak_note(answer: MemoryAnswer, preset: str = "cpu", itemsize: int = 4) -> str:
-    """Why the dense MLPs' measured peaks can be one number at every width: when they equal
-    the output alone (T·D values), the hidden activations were not counted, and this says why."""
+    """Why the CPU backend's measured peaks grow with the hidden width yet lie below the
+    formula's; when the dense peaks equal the output alone at every width (records of the
+    old measurement, which traced a second call), that the hidden activations were missed."""
     if answer.measured.empty:
         return ""
     shape = sweep_plan.PRESETS[preset]
@@ -1102,8 +1103,68 @@ def dense_peak_note(answer: MemoryAnswer, preset: str = "cpu", itemsize: int = 4
     dense = at[at["arm"].str.startswith("dense")]["bytes"]
     T = int(at["tokens"].iloc[0])
     output = T * shape.d_model * itemsize
-    if dense.empty or not ((dense - output).abs() < 0.01 * output).all():
-        return ""
-    return (f"The measured dense peaks are all {dense.max() / 2**20:.2f} MiB, the output alone, at every hidden "
-            f"width: the hidden activations are missed. The CPU backend keeps them in per-thread scratch buffers "
-            f"that outlive a call, and the measurement's untimed first call allocated them. The formula counts them.")
+    if not dense.empty and ((dense - output).abs() < 0.01 * output).all():
+        return (f"The measured dense peaks are all {dense.max() / 2**20:.2f} MiB, the output alone, at every "
+                f"hidden width: these records missed the hidden activations, which the CPU backend keeps in "
+                f"per-thread scratch buffers that an untimed first call had allocated.")
+    return ("The CPU backend makes the hidden activations a block of rows at a time, in scratch buffers each "
+            "worker thread keeps after the call, so its measured peak grows with the hidden width but stays "
+            "below the whole hidden the formula counts.")
+
+
+# ---------------------------------------------------------------- question 2 beyond what was measured
+
+@dataclasses.dataclass
+class PredictionAnswer:
+    table: pd.DataFrame
+    text: str
+
+
+def gpu_prediction_answer(results_dir=None) -> Optional[PredictionAnswer]:
+    """k = 1 -> 2 on a GPU as the GPU chapter's model predicts it (no GPU has run
+    the study): the Mixtral-shaped layer's floor at decode and at T = 8192 on each
+    device, and at most three short sentences; None without the model's records."""
+    prediction = gpu_performance.prediction_data(results_dir)
+    if prediction.empty:
+        return None
+    floors = gpu_performance.floors_frame(prediction, "mixtral")
+    rows, changes = [], {}
+    for device in ("H100 SXM", "A100 SXM"):
+        changes[device] = gpu_performance.layer_change_numbers(floors, device)
+        for T, numbers in changes[device].items():
+            rows.append({"device": device, "T": T, "floor, k = 1 (µs)": numbers["k1_us"],
+                         "floor, k = 2 (µs)": numbers["k2_us"], "k = 2 ÷ k = 1": numbers["ratio"],
+                         "bound at k = 2": numbers["k2_bound"]})
+    h100 = changes["H100 SXM"]
+    sanity = sorted(prediction.sanity, key=lambda r: r["tokens"])
+    sentences = [
+        f"Predicted (model), not measured: at the Mixtral shape k = 2 multiplies the layer's floor by "
+        f"{h100[1]['ratio']:.2f} at T = 1 and by {h100[8192]['ratio']:.2f} at T = 8192 on the H100 SXM.",
+        f"At decode the weights of {h100[1]['k2_touched']:.1f} experts are read instead of "
+        f"{h100[1]['k1_touched']:.1f}; at T = 8192 the expert FLOPs grow {h100[8192]['flops_ratio']:.1f} times; "
+        f"occupancy does not change, since the same kernels run.",
+    ]
+    if sanity:
+        below = all(r["floor_below_published"] for r in sanity)
+        ratios = ", ".join(f"{r['published_over_floor']:.2f}" for r in sanity)
+        sentences.append(f"The published vLLM times on an H100 are {ratios} times the floor at T = "
+                         f"{', '.join(str(r['tokens']) for r in sanity)}"
+                         + (", all above it as they must be." if below else ": one is below it, so the model is wrong."))
+    return PredictionAnswer(pd.DataFrame(rows), " ".join(sentences))
+
+
+def communication_answer(results_dir=None) -> Optional[str]:
+    """What k costs in communication once the experts sit on several devices
+    (the Beyond one device chapter): the counted loopback bytes and the modelled
+    Mixtral-sized layer on 8 GPUs; None without expert-parallel records."""
+    view = expert_parallel.loopback_view("records", results_dir)
+    if not view.records:
+        return None
+    counted = expert_parallel.loopback_numbers(view)
+    model = expert_parallel.model_numbers()
+    return (f"With the experts on several devices, k = 2 sends twice the rows of k = 1 in each of the layer's "
+            f"two all-to-alls ({counted['bytes_ratio_range']} times the bytes, counted over loopback). "
+            f"For a Mixtral-sized layer on 8 GPUs at {model['model_prefill_tokens']} tokens per GPU, that exchange "
+            f"is predicted (model) at {model['model_nvlink_share_k2']} of the expert GEMMs' floor over NVLink and "
+            f"{model['model_ib_share_k2']} over InfiniBand NDR, for either k.")
+
