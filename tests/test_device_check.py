@@ -272,6 +272,9 @@ def test_device_check_records_a_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(topk_moe.backends, "cuda_unavailable_reason", lambda: None)
     monkeypatch.setattr(device_check, "plan_steps", stand_in_steps)
+    monkeypatch.setattr(device_check, "start_emulated_racecheck", lambda scratch, environment: _fake_emulated_racecheck(
+        scratch, {"kernels_run": ["k"], "launches": 1, "failed": {}, "seconds": 0.1,
+                  "hazards": ["k: race on shared memory at shared+0: write (a.cu:1) and read (a.cu:2)"]}))
     monkeypatch.setattr(analysis.records, "_gpu_details", lambda: {
         "name": "Test GPU 80GB", "compute_capability": "9.0", "driver": None,
         "cuda_driver": "13.0", "cuda_runtime": "13.0"})
@@ -288,6 +291,8 @@ def test_device_check_records_a_run(tmp_path, monkeypatch):
     assert record["kind"] == "gpu-tests" and record["device_kind"] == "gpu" and record["rehearsal"] is False
     assert (record["passed"], record["failed"], record["errors"], record["skipped"]) == (7, 1, 0, 2)
     assert record["memcheck"] == "clean" and record["racecheck"] == "3 errors"
+    assert record["emulated_racecheck"]["shared_hazards"] == 1
+    assert record["racecheck_agreement"] == "agree: both found shared-memory hazards"
     assert record["source_hash"] == build_report.source_hash()
     assert "utc" in record and "git_commit" in record
     assert record["device"] == "Test GPU 80GB"
@@ -350,5 +355,44 @@ def test_a_small_rehearsal_runs_every_kind_of_step_on_the_cpu(tmp_path, monkeypa
     assert record["rehearsal"] is True and record["backend"] == "cuda-emulated" and record["device_kind"] == "cpu"
     assert record["passed"] >= 1 and record["skipped"] >= 1 and record["racecheck"] == "clean"
     assert record["traffic_ncu"]["kernels_measured"] == 0
+    emulated = record["emulated_racecheck"]  # the real one, every kernel, beside the stand-in sanitizer
+    assert emulated["state"] == "done" and emulated["kernels_run"] >= 30 and emulated["hazards"] == 0
+    assert record["racecheck_agreement"] == "agree: no shared-memory hazard in either"
     assert not (tmp_path / "must-stay-empty").exists()
     assert "smoke: 0 failed" in (out / "sanitizer.log").read_text()
+
+
+# ---------------------------------------------------------------- the emulated racecheck beside compute-sanitizer
+
+
+def _fake_emulated_racecheck(scratch, summary=None, sleep_s=0.0):
+    """A stand-in for the emulated racecheck's process: writes ``summary`` as its JSON."""
+    write = "" if summary is None else f"open({str(scratch / 'emulated-racecheck.json')!r}, 'w').write({json.dumps(summary)!r})"
+    return processes.start_logged([sys.executable, "-c", f"import time; time.sleep({sleep_s}); {write}"],
+                                  scratch / "emulated-racecheck.log")
+
+
+@pytest.mark.parametrize("sanitizer, shared, expected", [
+    ("clean", 0, "agree: no shared-memory hazard in either"),
+    ("2 errors", 3, "agree: both found shared-memory hazards"),
+    ("clean", 1, "disagree: the emulator found 1 shared-memory hazards, compute-sanitizer none"),
+    ("2 errors", 0, "disagree: compute-sanitizer's racecheck found 2 errors, the emulator no shared-memory hazard"),
+    ("timed out", 0, "not compared: compute-sanitizer's racecheck timed out"),
+])
+def test_the_two_racechecks_are_compared_on_shared_memory(sanitizer, shared, expected):
+    assert device_check.racecheck_agreement(sanitizer, {"state": "done", "shared_hazards": shared}) == expected
+
+
+def test_the_emulated_racecheck_summary_is_read_and_a_slow_one_is_stopped(tmp_path):
+    summary = {"kernels_run": ["a", "b"], "launches": 3, "failed": {}, "seconds": 1.0,
+               "hazards": ["a: race on global memory at y+0", "b: race on shared memory at shared+4"]}
+    outcome = device_check.finish_emulated_racecheck(_fake_emulated_racecheck(tmp_path, summary), tmp_path, 30)
+    assert (outcome["state"], outcome["kernels_run"], outcome["hazards"], outcome["shared_hazards"]) == ("done", 2, 2, 1)
+    assert "CPU emulation" in outcome["summary"]
+    assert device_check.racecheck_agreement("clean", {**outcome, "state": "done"}).startswith("disagree")
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    outcome = device_check.finish_emulated_racecheck(_fake_emulated_racecheck(slow, summary, sleep_s=60), slow, 1)
+    assert outcome["state"] == "did not finish in the time left" and outcome["returncode"] == processes.TIMED_OUT
+    assert device_check.racecheck_agreement("clean", outcome).startswith("not compared: the emulated racecheck did not")
+

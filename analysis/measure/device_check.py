@@ -24,6 +24,15 @@ On a machine with a CUDA device it runs these steps, in order (``STEPS``):
    chapter puts beside the prediction;
 4. ``sweep``: the benchmark sweep, ``python -m analysis.measure.sweep``.
 
+Beside them, from the start, whenever racecheck is a step: the emulated
+racecheck (``python -m topk_moe.cuda.emulator.racecheck_cases``), every kernel
+at small shapes on the CPU emulator. It needs only the host's CPU and C++
+compiler, so it takes none of the GPU steps' time: it gets what is left of the
+deadline after them. The record says what it found (``emulated_racecheck``)
+and whether it agrees with compute-sanitizer's racecheck on shared memory, the
+only memory compute-sanitizer's racecheck watches (``racecheck_agreement``).
+Its log stays in the scratch folder (the files that come back are at their limit).
+
 The time plan. Each step has a limit, and the limits plus ``MARGIN_S`` must fit
 in ``--deadline-s`` (default 540 s: one call fits the device tool's 10-minute
 limit with room to start and to copy results back); a plan that does not fit
@@ -86,7 +95,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Callable, Optional
 
-from analysis.measure.processes import NOT_FOUND, TIMED_OUT, run_logged
+from analysis.measure.processes import NOT_FOUND, TIMED_OUT, run_logged, start_logged, wait_logged
 from topk_moe.cuda.build_report import REPO_ROOT, cuda_tool_path, source_hash
 
 KIND = "gpu-tests"
@@ -471,6 +480,9 @@ def main(argv: Optional[list] = None) -> int:
               f"{args.results_dir or os.environ.get('MOE_RESULTS_DIR') or REPO_ROOT / 'results'}/<device>/{KIND}.jsonl")
         for step in steps:
             print(f"would run [{step.name}, {step.timeout_s} s, log {step.log}]: {shlex.join(step.command_for_limit())}")
+        if "racecheck" in {step.name for step in steps}:
+            print("beside them, in what the deadline leaves: the emulated racecheck of every kernel "
+                  "(python -m topk_moe.cuda.emulator.racecheck_cases; CPU emulation), compared with racecheck's verdict")
         print(f"limits {sum(step.timeout_s for step in steps)} s + margin {MARGIN_S} s "
               f"within the {args.deadline_s} s deadline")
         if importlib.util.find_spec("analysis.measure.sweep") is None:
@@ -503,11 +515,20 @@ def main(argv: Optional[list] = None) -> int:
     if rehearse:
         print(f"[device_check] {REHEARSAL_LABEL}; records and scratch in {scratch}", flush=True)
 
+    started = time.monotonic()
+    emulated = start_emulated_racecheck(scratch, environment) if "racecheck" in {s.name for s in steps} else None
     table, passed = run_steps(steps, args, log_dir, scratch, environment)
     by_name = {step.name: step.outcome for step in steps}
+    emulated_outcome = None
+    if emulated is not None:
+        left_s = args.deadline_s - MARGIN_S - (time.monotonic() - started)
+        emulated_outcome = finish_emulated_racecheck(emulated, scratch, left_s)
+        emulated_outcome["agreement"] = racecheck_agreement(by_name["racecheck"].get("verdict", "not run"),
+                                                             emulated_outcome)
+        table.append(("emulated racecheck", f"{emulated_outcome['summary']}; {emulated_outcome['agreement']}"))
 
     if "gpu-tests" in by_name:
-        path = write_record(args, steps, table, digest, log_dir, results_dir, rehearse)
+        path = write_record(args, steps, table, digest, log_dir, results_dir, rehearse, emulated_outcome)
         table.append(("record", str(path)))
     if "traffic-ncu" in by_name and not rehearse:
         path = write_ncu_records(log_dir, results_dir, digest)
@@ -573,7 +594,63 @@ def sweep_command(command: list, limit_s: int) -> list:
     return command
 
 
-def write_record(args, steps: list, table: list, digest: str, log_dir: Path, results_dir, rehearse: bool) -> Path:
+def start_emulated_racecheck(scratch: Path, environment: dict):
+    """Start the emulated racecheck of every kernel beside the GPU steps (CPU only)."""
+    # nice: on the GPU machine its compiles must not slow the GPU steps' host side
+    command = ["nice", "-n", "10", sys.executable, "-m", "topk_moe.cuda.emulator.racecheck_cases",
+               "--json", str(scratch / "emulated-racecheck.json")]
+    print(f"[device_check] emulated racecheck, beside the other steps: {shlex.join(command)}", flush=True)
+    return start_logged(command, scratch / "emulated-racecheck.log", env=environment, cwd=REPO_ROOT)
+
+
+def finish_emulated_racecheck(started, scratch: Path, left_s: float) -> dict:
+    """Wait for the emulated racecheck at most ``left_s`` more (5 s at least) and read
+    its summary: kernels run, hazards (all, and those on shared memory), cases that
+    did not run, seconds, and one line for the table."""
+    returncode = wait_logged(started, timeout_s=max(left_s, 5.0))
+    path = scratch / "emulated-racecheck.json"
+    outcome = {"returncode": returncode, "backend": "CPU emulation"}
+    if not path.is_file():
+        why = {TIMED_OUT: "did not finish in the time left", NOT_FOUND: "could not start"}.get(
+            returncode, f"ended without a summary (exit {returncode})")
+        log = started.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        outcome.update({"state": why, "summary": f"not run: {why}", "log_tail": log[-5:]})
+        return outcome
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    shared = [hazard for hazard in summary["hazards"] if "race on shared memory" in hazard]
+    outcome.update({"state": "done", "kernels_run": len(summary["kernels_run"]), "launches": summary["launches"],
+                    "hazards": len(summary["hazards"]), "shared_hazards": len(shared),
+                    "hazard_reports": summary["hazards"][:20], "failed": summary["failed"],
+                    "seconds": summary["seconds"]})
+    outcome["summary"] = (f"{outcome['kernels_run']} kernels, {outcome['hazards']} hazards "
+                          f"({outcome['shared_hazards']} on shared memory)"
+                          + (f", {len(summary['failed'])} cases did not run" if summary["failed"] else "")
+                          + " (CPU emulation)")
+    return outcome
+
+
+def racecheck_agreement(sanitizer: str, emulated: dict) -> str:
+    """Whether compute-sanitizer's racecheck (its verdict, ``sanitizer_verdict``) and
+    the emulated one agree on shared memory, in words. They run different launches
+    (the smoke script on the GPU; every kernel at small shapes in emulation), so a
+    disagreement names which side found what, for a person to look at."""
+    if emulated.get("state") != "done":
+        return f"not compared: the emulated racecheck {emulated.get('state', 'did not run')}"
+    found_on_gpu = sanitizer.endswith(("errors", "warnings"))
+    if sanitizer != "clean" and not found_on_gpu:
+        return f"not compared: compute-sanitizer's racecheck {sanitizer}"
+    found_emulated = emulated["shared_hazards"] > 0
+    if found_on_gpu == found_emulated:
+        return ("agree: both found shared-memory hazards" if found_on_gpu
+                else "agree: no shared-memory hazard in either")
+    if found_emulated:
+        return (f"disagree: the emulator found {emulated['shared_hazards']} shared-memory hazards, "
+                f"compute-sanitizer none")
+    return f"disagree: compute-sanitizer's racecheck found {sanitizer}, the emulator no shared-memory hazard"
+
+
+def write_record(args, steps: list, table: list, digest: str, log_dir: Path, results_dir, rehearse: bool,
+                 emulated_racecheck: Optional[dict] = None) -> Path:
     """Append the gpu-tests record; copy its line to the log folder."""
     from analysis.records import write_records  # noqa: PLC0415
 
@@ -587,6 +664,8 @@ def write_record(args, steps: list, table: list, digest: str, log_dir: Path, res
         "skipped": tests["skipped"],
         **{tool: by_name[tool]["verdict"] for tool in SANITIZER_TOOLS if tool in by_name},
         "traffic_ncu": by_name.get("traffic-ncu"),
+        "emulated_racecheck": emulated_racecheck,
+        "racecheck_agreement": emulated_racecheck["agreement"] if emulated_racecheck else None,
         "seconds": {step.name: step.outcome.get("seconds") for step in steps},
         "sweep_exit": by_name["sweep"]["returncode"] if "sweep" in by_name else None,
         "table": [list(row) for row in table],

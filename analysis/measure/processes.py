@@ -11,9 +11,11 @@ SIGTERM, then SIGKILL after a short grace period.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +34,25 @@ def run_logged(command: list, log_path: Path, *, timeout_s: float, env: Optional
     whole process group is then stopped), NOT_FOUND when it could not start."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+    return wait_logged(start_logged(command, log_path, env=env, cwd=cwd, append=append), timeout_s=timeout_s)
+
+
+@dataclasses.dataclass
+class Started:
+    """A command started by ``start_logged``: its process (None when it could not
+    start) and its log."""
+
+    command: list
+    log_path: Path
+    child: Optional[subprocess.Popen]
+    started_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def start_logged(command: list, log_path: Path, *, env: Optional[dict] = None, cwd=None,
+                 append: bool = False) -> Started:
+    """Start ``command`` in a process group of its own, its output to ``log_path``
+    (after a ``$ command`` line), and return at once; ``wait_logged`` collects it.
+    For work that runs beside other steps (device_check's emulated racecheck)."""
     with open(log_path, "a" if append else "w", encoding="utf-8") as log:
         log.write("$ " + subprocess.list2cmdline([str(part) for part in command]) + "\n")
         log.flush()
@@ -40,13 +61,24 @@ def run_logged(command: list, log_path: Path, *, timeout_s: float, env: Optional
                                      start_new_session=True)
         except OSError as error:  # missing executable, or not executable
             log.write(f"\n[run_logged] cannot run: {error}\n")
-            return NOT_FOUND
-        try:
-            return child.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            stop_group(child)
-            log.write(f"\n[run_logged] stopped after {timeout_s:.0f} s (the whole process group)\n")
-            return TIMED_OUT
+            child = None
+    return Started(list(command), Path(log_path), child)
+
+
+def wait_logged(started: Started, *, timeout_s: float) -> int:
+    """The exit status of a ``start_logged`` command, waiting at most ``timeout_s``
+    more: TIMED_OUT when it runs past that (its whole process group is then
+    stopped), NOT_FOUND when it never started."""
+    if started.child is None:
+        return NOT_FOUND
+    try:
+        return started.child.wait(timeout=max(timeout_s, 0.001))
+    except subprocess.TimeoutExpired:
+        stop_group(started.child)
+        with open(started.log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n[run_logged] stopped after {time.monotonic() - started.started_at:.0f} s "
+                      f"(the whole process group)\n")
+        return TIMED_OUT
 
 
 def stop_group(child: subprocess.Popen) -> None:

@@ -12,6 +12,8 @@ results: tests/test_cuda.py does.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from typing import Optional
 
@@ -150,3 +152,35 @@ def run_all_kernels(checks: Optional[dict] = None) -> dict:
         hazards.extend(found)
     return {"kernels_run": sorted(kernels), "launches": launches_run, "hazards": hazards, "cases": per_case,
             "failed": failed, "seconds": round(time.perf_counter() - started, 2), "backend": "CPU emulation"}
+
+
+def main(argv=None) -> int:
+    """``python -m topk_moe.cuda.emulator.racecheck_cases [--json PATH]``: every kernel
+    under the emulated racecheck (a cold cache first compiles the instrumented builds
+    on every core); prints the summary and each hazard, writes the summary as JSON
+    where asked; exit 0 when no hazard was found and every case ran, else 1."""
+    parser = argparse.ArgumentParser(prog="python -m topk_moe.cuda.emulator.racecheck_cases",
+                                     description="Every kernel of kernels/topk_moe/cuda under the emulated racecheck "
+                                                 "(CPU emulation, not a GPU run).")
+    parser.add_argument("--json", help="also write the summary to this file, as JSON")
+    args = parser.parse_args(argv)
+    from . import loader
+
+    loader.prebuild(builds(), traffic=True)
+    summary = run_all_kernels()
+    print(f"emulated racecheck (CPU emulation): {len(summary['kernels_run'])} kernels, {summary['launches']} "
+          f"launches, {len(summary['hazards'])} hazards, {len(summary['failed'])} cases that did not run, "
+          f"{summary['seconds']:.1f} s", flush=True)
+    for hazard in summary["hazards"]:
+        print(f"  hazard: {hazard}")
+    for case, error in summary["failed"].items():
+        print(f"  case {case} did not run: {error}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(summary, out)
+    return 0 if not summary["hazards"] and not summary["failed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
