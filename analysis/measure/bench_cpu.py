@@ -887,6 +887,12 @@ def format_table(rows: list[dict]) -> str:
     """The ratio table ``main`` prints: MoE time and MoE time over each other
     time, each ratio as its geometric mean over the rounds ± the larger side
     of its 95% interval."""
+    return "\n".join(_aligned(rows, TABLE_COLUMNS))
+
+
+def _aligned(rows: list[dict], columns: tuple) -> list[str]:
+    """The lines of a right-aligned text table of ``rows`` under ``columns``
+    ((header, field, kind): kind "text", "ms", "percent" or a ratio), a rule under the header."""
     def cell(row, field, kind):
         value = row[field]
         if value is None:
@@ -897,12 +903,12 @@ def format_table(rows: list[dict]) -> str:
             return f"{value * 1e3:.3g}"
         return ratio_text(row, field, percent=kind == "percent")
 
-    lines = [tuple(header for header, _, _ in TABLE_COLUMNS)]
-    lines += [tuple(cell(row, field, kind) for _, field, kind in TABLE_COLUMNS) for row in rows]
-    widths = [max(len(line[column]) for line in lines) for column in range(len(TABLE_COLUMNS))]
+    lines = [tuple(header for header, _, _ in columns)]
+    lines += [tuple(cell(row, field, kind) for _, field, kind in columns) for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(columns))]
     text = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(text)
+    return text
 
 
 def ratio_text(row: dict, field: str, *, percent: bool = False, sign: str = "±") -> str:
@@ -1365,21 +1371,7 @@ GRID_COLUMNS = (
 
 def format_grid(rows: list[dict], fixed: list[dict]) -> str:
     """The grid table and the fixed-cost breakdown as ``main --grid`` prints them."""
-    def cell(row, field, kind):
-        value = row[field]
-        if value is None:
-            return "-"
-        if kind == "text":
-            return str(value)
-        if kind == "ms":
-            return f"{value * 1e3:.3g}"
-        return ratio_text(row, field)
-
-    lines = [tuple(header for header, _, _ in GRID_COLUMNS)]
-    lines += [tuple(cell(row, field, kind) for _, field, kind in GRID_COLUMNS) for row in rows]
-    widths = [max(len(line[column]) for line in lines) for column in range(len(GRID_COLUMNS))]
-    text = ["  ".join(c.rjust(width) for c, width in zip(line, widths)) for line in lines]
-    text.insert(1, "  ".join("-" * width for width in widths))
+    text = _aligned(rows, GRID_COLUMNS)
     text.append("\nFixed cost of a T = 1 call by step (hot caches), median over the rounds:")
     for row in fixed:
         text.append(f"  {row['shape']} k={row['top_k']}  {row['step']:<17} {row['us']:8.1f} us  "
