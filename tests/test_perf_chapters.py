@@ -145,6 +145,10 @@ def test_utilisation_frames_and_chart():
         [{"measurement": "ncu", "kernel": None, "sm_throughput_pct": None, "message": "ncu is not installed",
           "params": params(1)}], "records", "note"))
     assert "ncu is not installed" in charts.to_svg(gpu_performance.utilisation_chart(missing))
+    figure = gpu_performance.utilisation_figure(ncu)
+    assert "measured on the GPU" in figure.caption and "bars for 1 kernel," in figure.alt
+    note = gpu_performance.utilisation_figure(missing)
+    assert note.title == "No Nsight Compute data" and "ncu is not installed" in note.text
 
 
 def test_newest_run_is_picked():
@@ -193,7 +197,13 @@ def test_gpu_chapter_with_records_shows_every_section(results, tmp_path):
     assert "## Predicted, not measured" in text and "## Prediction beside measurement" in text
     outputs = [o for cell in cells if cell.cell_type == "code" for o in cell.outputs]
     assert not any(o.output_type == "error" for o in outputs)
-    assert sum("image/svg+xml" in o.get("data", {}) for o in outputs) >= 5
+    # Every chart is a numbered figure with alt text (charts.figure); none is a bare image.
+    assert not any("image/svg+xml" in o.get("data", {}) for o in outputs)
+    figures = [o["data"]["text/html"] for o in outputs if 'class="moe-figure"' in o.get("data", {}).get("text/html", "")]
+    assert len(figures) == 7  # the tiny CPU records hold no Nsight Compute kernel: a note, not a figure
+    assert any("No Nsight Compute data" in o.get("data", {}).get("text/html", "") for o in outputs)
+    for number, markup in enumerate(figures, start=1):
+        assert f"<strong>Figure {number}.</strong>" in markup and 'alt=""' not in markup
 
 
 @pytest.mark.slow
@@ -361,9 +371,14 @@ def test_prediction_figures_and_narrow_tables(tmp_path):
         assert "predicted (model), not measured" in figure.caption
         assert "A100 SXM" in figure.alt and "H100 SXM" in figure.alt and not figure.alt.endswith(".svg")
         assert f"Figure {figure.number}." in figure._repr_mimebundle_()["text/html"]
+    # The prose promises the study's routing dashed.
+    assert "strokeDash" in gpu_performance.layer_floor_chart(floors).to_json()
     occupancy = gpu_performance.occupancy_tables(prediction)
     assert set(occupancy) == {"sm_80", "sm_90"}
     assert list(occupancy["sm_90"].columns) == ["kernel", "registers", "occupancy (%)", "limiter"]
+    assert gpu_performance.threads_sentence(prediction) == "Every kernel runs 256 threads per block."
+    assert "but these (128: expert_mlp_v1_hidden_f16" in gpu_performance.occupancy_caption(
+        "sm_80", gpu_performance.prediction_data())
     assert "H100 SXM (sm_90)" in gpu_performance.occupancy_caption("sm_90")
     waves = gpu_performance.waves_tables(prediction)
     assert set(waves) == {"A100", "H100"} and len(waves["H100"].columns) == 6

@@ -72,6 +72,66 @@ def utilisation_chart(ncu: pd.DataFrame) -> alt.TopLevelMixin:
     ).properties(width=150, height=alt.Step(9), title="Nsight Compute per kernel")
 
 
+#: The sweep summary's columns (performance.summary_frame) in the reader's words.
+SUMMARY_WORDS = {"tokens": "T", "top_k": "k", "moe ms": "MoE (ms)", "moe_graph ms": "MoE, CUDA graph (ms)",
+                 "dense_active ms": "dense, equal active FLOPs (ms)", "dense_params ms": "dense, equal parameters (ms)",
+                 "hf_eager ms": "Hugging Face loop (ms)", "grouped_mm ms": "torch._grouped_mm (ms)",
+                 "moe % of roofline": "MoE, % of roofline"}
+
+
+def summary_tables(summary: pd.DataFrame) -> tuple:
+    """``performance.summary_frame`` as two tables that fit the page, with words for
+    headers: the MoE beside the dense MLPs, and the MoE beside the PyTorch peers."""
+    if summary.empty:
+        return summary, summary
+    frame = summary.reset_index().rename(columns=SUMMARY_WORDS)
+    shape = ["preset", "dtype", "T", "k"]
+    dense = [c for c in ("MoE (ms)", "MoE, CUDA graph (ms)", "dense, equal active FLOPs (ms)",
+                         "dense, equal parameters (ms)") if c in frame.columns]
+    peers = [c for c in ("MoE (ms)", "Hugging Face loop (ms)", "torch._grouped_mm (ms)", "MoE, % of roofline")
+             if c in frame.columns]
+    return frame[shape + dense], frame[shape + peers]
+
+
+#: The skew table's columns (performance.skew_frame) in the reader's words.
+SKEW_WORDS = {"skew": "routing", "tokens": "T", "top_k": "k", "median_s": "time (ms)",
+              "time_vs_uniform": "time / uniform routing's", "load_max_over_mean": "busiest expert's rows / mean",
+              "experts_used": "experts used"}
+
+
+def skew_table(skews: pd.DataFrame) -> pd.DataFrame:
+    """``performance.skew_frame`` with words for headers and the time in milliseconds."""
+    if skews.empty:
+        return skews
+    return skews.assign(median_s=1e3 * skews["median_s"]).rename(columns=SKEW_WORDS)
+
+
+def goals_table(goals: pd.DataFrame) -> pd.DataFrame:
+    """``goals_frame`` with words for headers."""
+    return goals.rename(columns={"worst_at": "worst at", "met": "verdict"})
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def utilisation_figure(ncu: pd.DataFrame):
+    """``utilisation_chart`` as a numbered figure, or, where Nsight Compute measured no
+    kernel, a note saying why (no figure of an empty chart)."""
+    measured = ncu.dropna(subset=["sm_throughput_pct"]) if not ncu.empty else ncu
+    if measured.empty:
+        messages = sorted({m for m in ncu["message"].dropna()}) if "message" in ncu else []
+        return Note("No Nsight Compute data", "Nsight Compute measured no kernel in this run"
+                    + (f": {messages[0]}" if messages else "."))
+    return charts.figure(
+        utilisation_chart(ncu),
+        "Nsight Compute per kernel, k = 1 beside k = 2, measured on the GPU. Read which kernels keep the DRAM "
+        "busy and which the SMs or tensor pipes.",
+        f"Horizontal bars for {_count(measured['kernel'].nunique(), 'kernel')}, one panel per metric (SM throughput, DRAM "
+        "throughput, achieved occupancy, tensor pipe), each as % of its peak from 0 to 100, k = 1 in sky blue "
+        "and k = 2 in vermilion.")
+
+
 def validate_parameters(source: str, plan, results_dir) -> None:
     """The chapter's parameters, one clear sentence each (ValueError)."""
     check_sweep_parameters(source, plan, results_dir, device="cuda")
@@ -108,6 +168,8 @@ ROOFLINE_TOKENS = (1, 64, 4096, 32768)
 STAGE_PARTS = {"router": "router", "dispatch": "dispatch", "permute": "permute", "expert_gemm1": "GEMM 1",
                "dense_gemm1": "GEMM 1", "dense_activation": "activation (dense)", "expert_gemm2": "GEMM 2",
                "dense_gemm2": "GEMM 2", "combine": "combine"}
+#: One colour per stage in every prediction chart (a dense GEMM shares its expert GEMM's).
+STAGE_COLOURS = charts.palette(list(dict.fromkeys(STAGE_PARTS.values())))
 MEASURED_STAGES = {"router": ("router",), "dispatch": ("dispatch",), "permute": ("permute",),
                    "expert_mlp": ("expert_gemm1", "expert_gemm2"), "combine": ("combine",)}
 
@@ -213,13 +275,29 @@ def occupancy_tables(prediction: Prediction) -> dict:
     return tables
 
 
-def occupancy_caption(arch: str = "") -> str:
-    """The occupancy table's caption (``arch``: "sm_80" or "sm_90", one table's; "" both)."""
+def threads_sentence(prediction: Prediction) -> str:
+    """The block sizes in words (the occupancy tables leave the column out to fit the page):
+    "Every kernel runs 256 threads per block but these, 128: ..."."""
+    frame = occupancy_frame(prediction)
+    if frame.empty:
+        return ""
+    counts = frame["threads"].value_counts()
+    common = int(counts.index[0])
+    if len(counts) == 1:
+        return f"Every kernel runs {common} threads per block."
+    others = "; ".join(f"{int(n)}: {', '.join(frame.loc[frame['threads'] == n, 'kernel'])}"
+                       for n in counts.index[1:])
+    return f"Every kernel runs {common} threads per block but these ({others})."
+
+
+def occupancy_caption(arch: str = "", prediction: Optional[Prediction] = None) -> str:
+    """The occupancy table's caption (``arch``: "sm_80" or "sm_90", one table's; "" both),
+    with the block sizes when ``prediction`` is given."""
     number = int(arch.removeprefix("sm_")) if arch else None
     which = f"{ARCH_DEVICE.get(number, arch)} ({arch})" if arch else "A100 is sm_80, H100 sm_90"
     return (f"Theoretical occupancy per kernel, {PREDICTED}: {which}; shared bytes are "
             "per block (static plus the launcher's dynamic, shown where shared memory limits a kernel); registers "
-            "per thread; occupancy is resident warps over 64. Every kernel runs 256 threads per block but v1's, 128.")
+            "per thread; occupancy is resident warps over 64." + (f" {threads_sentence(prediction)}" if prediction else ""))
 
 
 def waves_frame(prediction: Prediction, preset: str = "mixtral", tokens=SHOWN_TOKENS) -> pd.DataFrame:
@@ -300,6 +378,9 @@ def layer_floor_chart(frame: pd.DataFrame, preset: str = "mixtral") -> alt.TopLe
         y=alt.Y("floor_us:Q", scale=alt.Scale(type="log", nice=False), title="floor per layer (µs)"),
         color=alt.Color("series:N", title=None, scale=charts.palette(sorted(layer["series"].unique())),
                         legend=alt.Legend(orient="bottom", columns=3, labelLimit=260)),
+        # The prose promises the study's routing dashed: the series names say it, so no second legend.
+        strokeDash=alt.StrokeDash("routing:N", legend=None, scale=alt.Scale(domain=["uniform", "study"],
+                                                                            range=[[1, 0], [5, 3]])),
         tooltip=["series", "tokens", "floor_us", "bound"],
         column=alt.Column("device_model:N", title=None),
     ).properties(width=260, height=220, title=f"{preset}: time floor per layer, {PREDICTED}")
@@ -316,7 +397,7 @@ def stage_floor_chart(frame: pd.DataFrame, preset: str = "mixtral") -> alt.TopLe
     return alt.Chart(stages).mark_line(point=True).encode(
         x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2, nice=False), title="tokens T"),
         y=alt.Y("floor_us:Q", scale=alt.Scale(type="log", nice=False), title="floor (µs)"),
-        color=alt.Color("part:N", title=None, scale=charts.palette(list(dict.fromkeys(STAGE_PARTS.values()))),
+        color=alt.Color("part:N", title=None, scale=STAGE_COLOURS,
                         legend=alt.Legend(orient="bottom", columns=4)),
         tooltip=["stage", "tokens", "floor_us", "bound", "version"],
         column=alt.Column("case:N", title=None), row=alt.Row("device_model:N", title=None),
@@ -345,8 +426,8 @@ def roofline_chart(frame: pd.DataFrame, preset: str = "mixtral", tokens=ROOFLINE
     y = alt.Y("tflop_per_s:Q", scale=alt.Scale(type="log", nice=False), title="TFLOP/s at the floor")
     roof = alt.Chart(pd.DataFrame(roofs)).mark_line(color="#000000", strokeDash=[4, 2]).encode(x=x, y=y)
     dots = alt.Chart(points).mark_point(filled=True, size=60).encode(
-        x=x, y=y, color=alt.Color("part:N", title="stage", scale=charts.palette(
-            [part for part in dict.fromkeys(STAGE_PARTS.values()) if part in set(points["part"])])),
+        x=x, y=y, color=alt.Color("part:N", title="stage", scale=STAGE_COLOURS,
+                                  legend=alt.Legend(values=[p for p in STAGE_COLOURS.domain if p in set(points["part"])])),
         shape=alt.Shape("case:N", title="case"), tooltip=["stage", "case", "T", "intensity", "tflop_per_s", "bound"])
     panels = [alt.layer(roof.transform_filter(alt.datum.device_model == model),
                         dots.transform_filter(alt.datum.device_model == model)).properties(
@@ -384,11 +465,22 @@ def stage_floor_figure(frame: pd.DataFrame, preset: str = "mixtral"):
     return charts.figure(chart, (
         f"Each stage's time floor at the {preset} shape, uniform routing, {PREDICTED}. Read which stage sets "
         "the layer's floor: GEMM 1 and GEMM 2 lie above every other stage at every T; the router, "
-        "dispatch, permute and combine grow with T but stay far below them."),
+        f"dispatch, permute and combine grow with T but stay far below them.{_hidden_lines(frame)}"),
         "A grid of log-log line charts, rows A100 SXM and H100 SXM, columns k = 1, k = 2 and the dense MLP "
         f"of width {int(frame['d_ff'].min()):,}: the predicted floor in microseconds of each stage (router, "
         f"dispatch, permute, GEMM 1, GEMM 2, combine; the dense MLP's GEMMs and activation) against tokens T "
         f"({_tokens_span(frame)}).")
+
+
+def _hidden_lines(frame: pd.DataFrame) -> str:
+    """A sentence naming stages whose floors are within 5% of each other at every T and
+    case (one line hides the other in the per-stage chart), or ""."""
+    moe = frame[(frame["k"] > 0) & (frame["routing"] != "study") & (frame["stage"] != "layer")]
+    wide = moe.pivot_table(index=["device_model", "k", "tokens"], columns="stage", values="floor_us")
+    pairs = [(a, b) for i, a in enumerate(wide.columns) for b in wide.columns[i + 1:]
+             if ((wide[a] - wide[b]).abs() <= 0.05 * wide[[a, b]].min(axis=1)).all()]
+    return "".join(f" {STAGE_PARTS[a].capitalize()} and {STAGE_PARTS[b]} have nearly the same floor at every T, "
+                   "so one line hides the other." for a, b in pairs)
 
 
 def roofline_figure(frame: pd.DataFrame, preset: str = "mixtral", tokens=ROOFLINE_TOKENS):
@@ -449,6 +541,18 @@ def effects_frame(prediction: Prediction) -> pd.DataFrame:
                      "layer slower by, at most (%)": None if layer is None else 100 * layer["layer_change"],
                      "where (layer)": "–" if layer is None else layer["at"]})
     return pd.DataFrame(rows)
+
+
+def effects_table(prediction: Prediction) -> pd.DataFrame:
+    """``effects_frame`` as the page shows it: the stage's and the layer's change and
+    one column saying where each is largest (once when both are at the same place)."""
+    frame = effects_frame(prediction)
+    if frame.empty:
+        return frame
+    where = [stage if stage == layer or layer == "–" else f"stage: {stage}; layer: {layer}"
+             for stage, layer in zip(frame["where (stage)"], frame["where (layer)"])]
+    return frame.assign(**{"where": where})[["inefficiency", "device", "stage slower by, at most (%)",
+                                             "layer slower by, at most (%)", "where"]]
 
 
 def _stage_words(stages: str) -> str:
