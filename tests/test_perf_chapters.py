@@ -199,9 +199,10 @@ def test_gpu_chapter_with_records_shows_every_section(results, tmp_path):
     assert not any(o.output_type == "error" for o in outputs)
     # Every chart is a numbered figure with alt text (charts.figure); none is a bare image.
     assert not any("image/svg+xml" in o.get("data", {}) for o in outputs)
-    figures = [o["data"]["text/html"] for o in outputs if 'class="moe-figure"' in o.get("data", {}).get("text/html", "")]
+    pages = [o.get("data", {}).get("text/html", "") for o in outputs]
+    figures = [markup for markup in pages if 'class="moe-figure"' in markup]
     assert len(figures) == 7  # the tiny CPU records hold no Nsight Compute kernel: a note, not a figure
-    assert any("No Nsight Compute data" in o.get("data", {}).get("text/html", "") for o in outputs)
+    assert any("No Nsight Compute data" in markup for markup in pages)
     for number, markup in enumerate(figures, start=1):
         assert f"<strong>Figure {number}.</strong>" in markup and 'alt=""' not in markup
 
@@ -356,7 +357,8 @@ def test_a_gpu_the_model_does_not_know_is_shown_without_a_prediction(tmp_path):
     assert throughputs.set_index("device").loc["NVIDIA H200", "predicted DRAM use (%)"] == gpu_performance.NO_MODEL
     assert throughputs.set_index("device").loc["NVIDIA H200", "DRAM throughput (%)"] == 10.0
     # A shape the model does not predict is left out, on any GPU.
-    elsewhere = dict(_ncu_record("NVIDIA H200"), params={"preset": "mixtral", "tokens": 7, "top_k": 2, "dtype": "float16"})
+    elsewhere = dict(_ncu_record("NVIDIA H200"),
+                     params={"preset": "mixtral", "tokens": 7, "top_k": 2, "dtype": "float16"})
     assert gpu_performance.ncu_beside_predicted(dataclasses.replace(prediction, measured=(elsewhere,))).empty
 
 

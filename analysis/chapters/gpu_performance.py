@@ -127,9 +127,9 @@ def utilisation_figure(ncu: pd.DataFrame):
         utilisation_chart(ncu),
         "Nsight Compute per kernel, k = 1 beside k = 2, measured on the GPU. Read which kernels keep the DRAM "
         "busy and which the SMs or tensor pipes.",
-        f"Horizontal bars for {_count(measured['kernel'].nunique(), 'kernel')}, one panel per metric (SM throughput, DRAM "
-        "throughput, achieved occupancy, tensor pipe), each as % of its peak from 0 to 100, k = 1 in sky blue "
-        "and k = 2 in vermilion.")
+        f"Horizontal bars for {_count(measured['kernel'].nunique(), 'kernel')}, one panel per metric "
+        "(SM throughput, DRAM throughput, achieved occupancy, tensor pipe), each as % of its peak from 0 to 100, "
+        "k = 1 in sky blue and k = 2 in vermilion.")
 
 
 def validate_parameters(source: str, plan, results_dir) -> None:
@@ -297,7 +297,8 @@ def occupancy_caption(arch: str = "", prediction: Optional[Prediction] = None) -
     which = f"{ARCH_DEVICE.get(number, arch)} ({arch})" if arch else "A100 is sm_80, H100 sm_90"
     return (f"Theoretical occupancy per kernel, {PREDICTED}: {which}; shared bytes are "
             "per block (static plus the launcher's dynamic, shown where shared memory limits a kernel); registers "
-            "per thread; occupancy is resident warps over 64." + (f" {threads_sentence(prediction)}" if prediction else ""))
+            "per thread; occupancy is resident warps over 64."
+            + (f" {threads_sentence(prediction)}" if prediction else ""))
 
 
 def waves_frame(prediction: Prediction, preset: str = "mixtral", tokens=SHOWN_TOKENS) -> pd.DataFrame:
@@ -426,8 +427,8 @@ def roofline_chart(frame: pd.DataFrame, preset: str = "mixtral", tokens=ROOFLINE
     y = alt.Y("tflop_per_s:Q", scale=alt.Scale(type="log", nice=False), title="TFLOP/s at the floor")
     roof = alt.Chart(pd.DataFrame(roofs)).mark_line(color="#000000", strokeDash=[4, 2]).encode(x=x, y=y)
     dots = alt.Chart(points).mark_point(filled=True, size=60).encode(
-        x=x, y=y, color=alt.Color("part:N", title="stage", scale=STAGE_COLOURS,
-                                  legend=alt.Legend(values=[p for p in STAGE_COLOURS.domain if p in set(points["part"])])),
+        x=x, y=y, color=alt.Color("part:N", title="stage", scale=STAGE_COLOURS, legend=alt.Legend(
+            values=[part for part in STAGE_COLOURS.domain if part in set(points["part"])])),
         shape=alt.Shape("case:N", title="case"), tooltip=["stage", "case", "T", "intensity", "tflop_per_s", "bound"])
     panels = [alt.layer(roof.transform_filter(alt.datum.device_model == model),
                         dots.transform_filter(alt.datum.device_model == model)).properties(
@@ -657,8 +658,9 @@ def measured_beside_predicted(prediction: Prediction, data: ChapterData) -> pd.D
     """Each measured MoE stage time beside the model's floor for the same
     device, shape, k, T and stage; empty where nothing measured matches a
     prediction. A GPU the model does not know (an H200, a PCIe card) keeps its
-    rows at the shapes the model predicts, with the prediction columns empty. Two sources: the sweep's median times (uniform routing, float16,
-    eager launches) and the device check's Nsight Compute kernels
+    rows at the shapes the model predicts, with the prediction columns empty.
+    Two sources: the sweep's median times (uniform routing, float16, eager
+    launches) and the device check's Nsight Compute kernels
     (``ncu_beside_predicted``), which also give DRAM and SM throughput beside the
     share of each peak the floor would use."""
     floors = _uniform_floors(prediction)
