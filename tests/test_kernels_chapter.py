@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 pytest.importorskip("altair", reason="the book extra is not installed (altair missing)")
@@ -121,18 +120,37 @@ def test_every_source_kernel_has_a_family():
 def test_registers_chart_is_offline_svg_with_one_bar_per_entry_function():
     report = fake_report()
     spec = json.loads(chapter.registers_chart(report).to_json())
-    values = next(iter(spec["datasets"].values()))
+    bars = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "bar")
+    values = spec["datasets"][bars["data"]["name"]]
     assert len(values) == len(FAKE_REPORT) - 1  # the not-inlined device function has no registers
     assert "router_top1_f32 N_EXPERTS=1024 ROUTER_TOKENS=1" in {value["kernel"] for value in values}
-    svg = chapter.registers_figure(report)
-    assert "<svg" in svg.data
+    layers = spec["layer"]
+    assert spec["title"]["text"].startswith("Registers per thread")
+    limits = [layer for layer in layers if layer["mark"]["type"] == "rule"]
+    assert len(limits) == 1  # the limits, one dashed rule each
+    limit_values = sorted(value["registers"] for value in spec["datasets"][limits[0]["data"]["name"]])
+    assert sum(layer["mark"]["type"] == "text" for layer in layers) == len(chapter.REGISTER_LIMITS)  # labelled
+    assert limit_values == [32, 64, chapter.MAX_REGISTERS_PER_THREAD]
+    figure = chapter.registers_figure(report)
+    markup = figure._repr_mimebundle_()["text/html"]
+    assert markup.startswith('<figure') and "Figure " in markup and "data:image/svg+xml" in markup
+    # the caption and alt text come from the report: its heaviest kernel and its one spilling kernel
+    assert "The most is 157" in figure.caption and "1 spill to local memory" in figure.caption
+    assert "expert_mlp_v2_out_f32" in figure.alt and "5 bars" in figure.alt
 
 
 def test_report_display_is_the_whole_table():
     shown = chapter.report_display(fake_report())
-    markup = shown.to_html()
+    markup = shown._repr_html_()
     assert markup.count("<tr") == len(FAKE_REPORT) + 1  # a header row and every kernel, none elided
     assert "(not inlined)" in markup
+    # a flag never breaks at its hyphen
+    assert '<span style="white-space:nowrap">-DN_EXPERTS=1024</span>' in markup
+    # columns that vary are kept, and a column that is the same in every row goes to the caption
+    assert "spill stores (bytes)" in list(shown.frame.columns)
+    constant = chapter.report_display(fake_report(FAKE_REPORT[:3]))
+    assert "spill stores (bytes)" not in list(constant.frame.columns)
+    assert "spill stores (bytes): 0" in constant.caption
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +221,7 @@ def test_launch_constants_are_the_modules_own():
 def test_version_choice_table_follows_choose_version():
     table = chapter.version_choice_table([(2, 2, 8), (16, 2, 8), (4096, 2, 64)])
     threshold = expert_mlp.COMPILE_DEFINES["DECODE_ROWS"]
-    assert (table["decode if busiest <="] == threshold).all()
+    assert f"at most {threshold} rows" in chapter.version_choice_caption()
     for (T, k, E, load), row in table.iterrows():
         busiest = -(-T * k // E) if load == "balanced" else T
         assert row["busiest expert's rows"] == busiest
@@ -281,11 +299,6 @@ def test_source_numbers():
     assert numbers["source_hash"] == build_report.source_hash()[:12]
 
 
-def test_full_width_shows_long_cells_whole():
-    long_text = "x" * 200
-    assert long_text in chapter.full_width(pd.DataFrame({"names": [long_text]})).to_html()
-
-
 @pytest.mark.skipif(__import__("topk_moe.backends", fromlist=["x"]).emulator_unavailable_reason() is not None,
                     reason="the CUDA emulator can't run here (no C++ compiler)")
 def test_traffic_tables_from_the_traffic_command(tmp_path):
@@ -297,11 +310,20 @@ def test_traffic_tables_from_the_traffic_command(tmp_path):
                          "--results-dir", str(tmp_path)]) == 0
     found = chapter.traffic_records(results_dir=tmp_path)
     table = chapter.traffic_table(found)
-    assert set(table["stage"]) == {"route", "dispatch", "permute", "expert_mlp", "combine", "dense_activation"}
+    # every stage's kernels are there (a kernel's name says its stage; the table has no stage column)
+    families = {chapter.kernel_family(kernel) for kernel in table["kernel"]}
+    assert {"router", "dispatch", "permute", "combine", "activation (dense)"} <= families
+    assert any(family.startswith("expert MLP") for family in families)
     assert set(table["k"]) == {1, 2}
     assert (table["sectors / minimum"].dropna() >= 1).all()
     assert (table["wavefronts / minimum"].dropna() >= 1).all()
     assert (table["compulsory / ideal"].dropna() >= 1).all()
+    # the page shows it in two halves that share the layer, k and kernel columns
+    halves = [chapter.traffic_table(found, part) for part in chapter.TRAFFIC_PARTS]
+    assert all(list(half.columns[:3]) == ["layer", "k", "kernel"] and len(half) == len(table) for half in halves)
+    assert sum(len(half.columns) - 3 for half in halves) == len(table.columns) - 3
+    with pytest.raises(ValueError, match="part"):
+        chapter.traffic_table(found, "everything")
     by_k = chapter.traffic_by_k(found)
     assert list(by_k["stage"]) == ["route", "dispatch", "permute", "expert_mlp", "combine"]
     # permute moves k rows per token: twice the bytes at k = 2 (index arrays aside)
@@ -309,7 +331,21 @@ def test_traffic_tables_from_the_traffic_command(tmp_path):
     assert 1.8 < permute < 2.2
     assert chapter.traffic_k_answer(tmp_path).equals(by_k)
     fixes = chapter.traffic_fix_table(tmp_path)
-    assert set(fixes["sources"]) == {"working tree"} and set(fixes["k"]) == {1, 2}
+    assert set(fixes["kernel sources"]) == {"now"} and set(fixes["k"]) == {1, 2}
     assert (fixes["store sectors / minimum"] >= 1).all()
+    assert list(chapter.traffic_fix_table(tmp_path, part="shared").columns) == [
+        "kernel sources", "k", "kernel", "shared write wavefronts / minimum", "all wavefronts / minimum"]
     assert chapter.traffic_records(results_dir=tmp_path / "none") == []
     assert chapter.traffic_table([]).empty and chapter.traffic_by_k([]).empty
+
+
+def test_sources_label_is_short():
+    assert chapter._sources_label(chapter.CURRENT_SOURCES) == "now"
+    assert chapter._sources_label("before the issue-14 fixes (6853676)") == "before"
+    assert chapter._sources_label("some other label") == "some other label"
+
+
+def test_choose_version_display_quotes_the_rule_without_a_code_block():
+    markup = chapter.choose_version_display().data
+    assert markup.startswith('<pre class="moe-source"') and "def choose_version" in markup
+    assert "&lt;= COMPILE_DEFINES" in markup  # escaped, shown as the module has it

@@ -18,6 +18,7 @@ whether a record of it is committed, and whether it is of the code here.
 
 from __future__ import annotations
 
+import html
 import inspect
 import re
 import subprocess
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 import topk_moe as kernels_package
+from analysis import display
 from analysis.display import Note
 from topk_moe.cuda import build_report, expert_mlp, launch_config
 
@@ -67,6 +69,21 @@ OTHER_COLOUR = "#999999"
 BAR_HEIGHT = 13  # pixels per kernel in the registers chart
 LABEL_LIMIT = 320  # pixels of axis label: room for a kernel name and its -D values
 
+#: The register limits the chart marks, for sm_80 and sm_90 alike (CUDA C++ Programming
+#: Guide, compute capabilities 8.0 and 9.0): a thread may have at most 255 registers
+#: (ptxas spills beyond), and an SM's 65,536 registers hold all of its 2,048 threads
+#: only at 32 registers per thread, half of them at 64.
+MAX_REGISTERS_PER_THREAD = 255
+REGISTERS_PER_SM = 65536
+THREADS_PER_SM = 2048
+#: (registers, label, label row above the plot, label alignment): the rows and alignments keep
+#: the three labels apart, since 32 and 64 are close on the axis.
+REGISTER_LIMITS = (
+    (REGISTERS_PER_SM // THREADS_PER_SM, "32: all threads of an SM fit", 0, "left"),
+    (REGISTERS_PER_SM // (THREADS_PER_SM // 2), "64: half of them fit", 1, "left"),
+    (MAX_REGISTERS_PER_THREAD, "255: most per thread", 0, "right"),
+)
+
 #: Shapes for the launch-rule tables: (T, k, E) batches around the decode
 #: threshold, expert counts for the router and dispatch layouts, row widths D.
 VERSION_CASES = ((1, 1, 8), (1, 2, 8), (16, 2, 8), (17, 2, 8), (4096, 2, 8),
@@ -91,12 +108,6 @@ def _family_rank(family: str) -> int:
 
 # ---------------------------------------------------------------------------
 # the sources
-
-
-def full_width(table: pd.DataFrame):
-    """``table`` for display with nothing cut: every row, and long text cells whole
-    (a DataFrame's own display shortens both)."""
-    return table.style
 
 
 def kernel_inventory() -> pd.DataFrame:
@@ -163,19 +174,24 @@ def launch_constants_table() -> pd.DataFrame:
 def version_choice_table(cases: Sequence[tuple] = VERSION_CASES) -> pd.DataFrame:
     """expert_mlp.choose_version on dropless batches (N = T * k rows) for float32 and
     float16 on an sm_80+ GPU, for two loads: balanced (the busiest expert gets
-    ceil(N / E) rows) and one hot expert (every token picks it: T rows)."""
-    threshold_rows = expert_mlp.COMPILE_DEFINES["DECODE_ROWS"]
+    ceil(N / E) rows) and one hot expert (every token picks it: T rows). The
+    threshold, DECODE_ROWS, is ``version_choice_caption``'s."""
     rows = []
     for T, k, E in cases:
         N = T * k
         for load, busiest in (("balanced", -(-N // E)), ("one hot expert", T)):
             rows.append({
                 "T": T, "k": k, "E": E, "load": load, "N = T k": N, "busiest expert's rows": busiest,
-                "decode if busiest <=": threshold_rows,
                 "float32": expert_mlp.choose_version(busiest, E, np.float32),
                 "float16": expert_mlp.choose_version(busiest, E, np.float16),
             })
     return pd.DataFrame(rows).set_index(["T", "k", "E", "load"])
+
+
+def version_choice_caption() -> str:
+    """The version table's caption: the threshold it is read against."""
+    return (f"The version choose_version picks on an sm_80 or newer GPU: decode when the busiest expert "
+            f"has at most {expert_mlp.COMPILE_DEFINES['DECODE_ROWS']} rows (DECODE_ROWS).")
 
 
 def router_partial_logit_bytes(n_experts: int) -> int:
@@ -326,10 +342,17 @@ def compiler_report(arch: str, *, files: Optional[Sequence[str]] = None) -> Comp
 
 
 def report_display(report: CompilerReport):
-    """What the chapter shows: the whole table (no row limit), or the note."""
+    """What the chapter shows: the whole table (no row limit; columns that are zero
+    for every kernel, such as spills, named in its caption instead), or the note.
+    A device function that ptxas did not inline shows "(not inlined)" for registers.
+    The file and family columns are left out (a kernel's name says both; the inventory
+    table at the top of the chapter lists them), so the table fits the page."""
     if not report.available:
         return Note("No compiler report", report.note)
-    return report.table.style.hide(axis="index").format(na_rep="(not inlined)")
+    table = report.table.drop(columns=["file", "family"]).astype({"registers": object})
+    table["registers"] = [("(not inlined)" if pd.isna(value) else int(value)) for value in table["registers"]]
+    return display.table(table, caption=f"ptxas's resource report for {report.arch}, one row per kernel "
+                                        f"and -D set.", drop_constant=True, unbroken=["variant"])
 
 
 NOT_AVAILABLE = "not available (no nvcc)"
@@ -383,7 +406,8 @@ def router_shared_check(rows: Sequence[dict]) -> str:
 
 
 def registers_chart(report: CompilerReport) -> alt.TopLevelMixin:
-    """Registers per thread of every compiled kernel and variant, coloured by file."""
+    """Registers per thread of every compiled kernel and variant, coloured by file, with
+    the limits of REGISTER_LIMITS drawn as dashed rules and labelled at the top."""
     rows = _sorted_rows(report.rows)
     labels = [f"{row['kernel']} {short}".strip() for row, short in zip(rows, _short_variant_labels(rows))]
     data = pd.DataFrame({
@@ -393,21 +417,49 @@ def registers_chart(report: CompilerReport) -> alt.TopLevelMixin:
     }).dropna(subset=["registers"])
     files = list(dict.fromkeys(data["file"]))
     colours = [FILE_COLOURS.get(file, OTHER_COLOUR) for file in files]
-    return alt.Chart(data).mark_bar().encode(
-        x=alt.X("registers:Q", title=f"registers per thread (ptxas, {report.arch})"),
+    x_scale = alt.Scale(domain=[0, MAX_REGISTERS_PER_THREAD + 1], nice=False)
+    bars = alt.Chart(data).mark_bar().encode(
+        x=alt.X("registers:Q", title=f"registers per thread (ptxas, {report.arch})", scale=x_scale,
+                axis=alt.Axis(values=[0] + [limit[0] for limit in REGISTER_LIMITS])),
         y=alt.Y("kernel:N", sort=list(data["kernel"]), title=None, axis=alt.Axis(labelLimit=LABEL_LIMIT)),
         color=alt.Color("file:N", scale=alt.Scale(domain=files, range=colours), title="file",
                         legend=alt.Legend(orient="bottom", columns=len(files))),
-    ).properties(width=320, height=BAR_HEIGHT * len(data))
+    )
+    limits = pd.DataFrame([{"registers": value, "limit": label} for value, label, _, _ in REGISTER_LIMITS])
+    rules = alt.Chart(limits).mark_rule(strokeDash=[4, 3], color="#000000").encode(
+        x=alt.X("registers:Q", scale=x_scale))
+    # Each limit's label above the plot (not over the bars), in its row, starting or ending at its rule.
+    labels = [alt.Chart(limits[limits["registers"] == value]).mark_text(
+                  align=align, baseline="bottom", dx=3 if align == "left" else -3, fontSize=10).encode(
+                  x=alt.X("registers:Q", scale=x_scale), y=alt.value(-4 - 13 * row), text="limit:N")
+              for value, _, row, align in REGISTER_LIMITS]
+    return alt.layer(bars, rules, *labels).properties(
+        width=320, height=BAR_HEIGHT * len(data),
+        title=alt.Title(f"Registers per thread of each kernel ({report.arch}), against the SM's limits",
+                        anchor="start", offset=34))
 
 
 def registers_figure(report: CompilerReport):
-    """The chart as static SVG, or None (nothing shown; the table's note says why)."""
+    """The chart as the chapter's next numbered figure, or None (nothing shown; the
+    table's note says why)."""
     if not report.available:
         return None
     from analysis import charts  # noqa: PLC0415 - vl-convert only where there is a chart
 
-    return charts.show(registers_chart(report))
+    entries = [row for row in report.rows if row["registers"] is not None]
+    heaviest = max(entries, key=lambda row: row["registers"])
+    spilling = sum(1 for row in report.rows if row["spill_stores"] or row["spill_loads"])
+    spills = "none spills" if spilling == 0 else f"{spilling} spill to local memory"
+    limits = ", ".join(str(limit[0]) for limit in REGISTER_LIMITS)
+    return charts.figure(
+        registers_chart(report),
+        f"Registers per thread that ptxas gives each kernel and -D set for {report.arch}; the dashed lines are "
+        f"the limits. The most is {heaviest['registers']}, under the {MAX_REGISTERS_PER_THREAD}-register limit "
+        f"({spills}); above {REGISTERS_PER_SM // THREADS_PER_SM} registers not all of an SM's "
+        f"{THREADS_PER_SM:,} threads can be resident, which matters only where occupancy limits speed.",
+        f"Horizontal bar chart: one bar per compiled kernel and variant ({len(entries)} bars), coloured by source "
+        f"file, its length the registers per thread, from 0 to {heaviest['registers']} "
+        f"({heaviest['kernel']}); dashed vertical lines at {limits} registers.")
 
 
 # ---------------------------------------------------------------------------
@@ -441,8 +493,9 @@ def source_numbers() -> dict:
 def emulator_mutation_table(names: Optional[Sequence[str]] = None) -> Optional[pd.DataFrame]:
     """CPU emulation: each realistic GPU bug of topk_moe.cuda.emulator.mutants injected
     into a copy of the kernels, run on the emulator, and what caught it (the tolerance
-    rule, an exact plan, bitwise equality across schedules, or a fault the emulator
-    raises). None where the emulator cannot run. These are CPU runs, not GPU runs.
+    rule, an exact plan, bitwise equality across schedules, a fault the emulator
+    raises, or a data race the emulated racecheck reports). None where the emulator
+    cannot run. These are CPU runs, not GPU runs.
     names: the mutants to run (default: all)."""
     if "cuda-emulated" not in kernels_package.available_backends():
         return None
@@ -474,6 +527,14 @@ def emulator_note(table: Optional[pd.DataFrame]) -> str:
 def choose_version_source() -> str:
     """The source text of expert_mlp.choose_version: the whole rule, as the launcher runs it."""
     return inspect.getsource(expert_mlp.choose_version).rstrip()
+
+
+def choose_version_display():
+    """choose_version's source as the page shows it: a plain preformatted block, the
+    rule quoted from the module (an output, not a code cell of the chapter)."""
+    from IPython.display import HTML  # noqa: PLC0415
+
+    return HTML(f'<pre class="moe-source" style="white-space:pre-wrap">{html.escape(choose_version_source())}</pre>')
 
 
 # ---------------------------------------------------------------------------
@@ -510,10 +571,19 @@ def traffic_records(results_dir=None, device: Optional[str] = None, sources: Opt
     return [r for r in found if r["utc"] == latest[_traffic_key(r)]]
 
 
-def traffic_table(found: Sequence[dict]) -> pd.DataFrame:
-    """Per layer, k, stage and kernel: sector bytes and compulsory bytes over the
-    ideal (each byte once), global sectors per request against the minimum, and
-    shared wavefronts per request against the minimum (bank conflicts)."""
+#: The traffic table's two halves, so that each fits the page: the bytes against the
+#: ideal, and the requests against their minimum.
+TRAFFIC_PARTS = {"bytes": ("ideal (KiB)", "sector bytes / ideal", "compulsory / ideal"),
+                 "requests": ("sectors / minimum", "wavefronts / minimum")}
+
+
+def traffic_table(found: Sequence[dict], part: Optional[str] = None) -> pd.DataFrame:
+    """Per layer, k and kernel (in stage order; a kernel's name says its stage): sector
+    bytes and compulsory bytes over the ideal (each byte once), global sectors against
+    the minimum (coalescing), and shared wavefronts against the minimum (bank conflicts).
+    ``part``: "bytes" or "requests" (TRAFFIC_PARTS) keeps only those columns; None: all."""
+    if part is not None and part not in TRAFFIC_PARTS:
+        raise ValueError(f"part: expected one of {sorted(TRAFFIC_PARTS)} or None, got {part!r}")
     rows = []
     for r in found:
         def ratio(a, b):
@@ -522,21 +592,22 @@ def traffic_table(found: Sequence[dict]) -> pd.DataFrame:
         rows.append({
             "layer": r["params"]["layer"] + ("" if r["params"]["layer"] == "moe" else f" (F = {r['params']['F_dense']})"),
             "k": r["params"]["k"],
-            "stage": r["stage"],
             "kernel": r["kernel"],
             "ideal (KiB)": r["ideal_bytes"] / 1024,
             "sector bytes / ideal": ratio(r["sector_bytes"], r["ideal_bytes"]),
             "compulsory / ideal": ratio(r["compulsory_bytes"], r["ideal_bytes"]),
-            "sectors per request": ratio(r["global_sectors"], r["global_requests"]),
             "sectors / minimum": ratio(r["global_sectors"], r["global_min_sectors"]),
             "wavefronts / minimum": ratio(r["shared_wavefronts"], r["shared_min_wavefronts"]),
             "_order": (_STAGE_ORDER.index(r["stage"]), r["launch"]),
         })
     if not rows:
-        return pd.DataFrame(columns=["layer", "k", "stage", "kernel"])
+        return pd.DataFrame(columns=["layer", "k", "kernel"])
     table = pd.DataFrame(rows)
     table = table.sort_values(["layer", "_order", "k"], key=lambda c: c if c.name != "layer" else c.str.len())
-    return table.drop(columns="_order").reset_index(drop=True)
+    table = table.drop(columns="_order").reset_index(drop=True)
+    if part is not None:
+        table = table[["layer", "k", "kernel", *TRAFFIC_PARTS[part]]]
+    return table
 
 
 def traffic_by_k(found: Sequence[dict]) -> pd.DataFrame:
@@ -565,12 +636,21 @@ def traffic_k_answer(results_dir=None) -> pd.DataFrame:
     return traffic_by_k(traffic_records(results_dir))
 
 
+#: The before-and-after table's two halves: global memory (the epilogue's stores)
+#: and shared memory (the cp.async writes of the A tile).
+TRAFFIC_FIX_PARTS = {"global": ("store requests", "store sectors / minimum", "all sectors / minimum"),
+                     "shared": ("shared write wavefronts / minimum", "all wavefronts / minimum")}
+
+
 def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3_hidden_f16", "expert_mlp_v3_out_f16"),
-                      ) -> pd.DataFrame:
+                      part: Optional[str] = None) -> pd.DataFrame:
     """Counts of the fixed kernels before and after the fixes, every committed
     source label side by side: the global stores' sectors and all global
     sectors against the minimum, the shared writes' wavefronts (the cp.async
-    tile copies) and all shared wavefronts against the minimum."""
+    tile copies) and all shared wavefronts against the minimum. ``part``:
+    "global" or "shared" (TRAFFIC_FIX_PARTS) keeps only those columns; None: all."""
+    if part is not None and part not in TRAFFIC_FIX_PARTS:
+        raise ValueError(f"part: expected one of {sorted(TRAFFIC_FIX_PARTS)} or None, got {part!r}")
     rows = []
     for r in traffic_records(results_dir, sources=None):
         if r["kernel"] not in kernels or r["params"]["layer"] != "moe":
@@ -582,7 +662,7 @@ def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3
         written_wavefronts = sum(s["wavefronts"] for s in shared_writes)
         written_min = sum(s["min_wavefronts"] for s in shared_writes)
         rows.append({
-            "sources": r["params"].get("sources", CURRENT_SOURCES),
+            "kernel sources": _sources_label(r["params"].get("sources", CURRENT_SOURCES)),
             "k": r["params"]["k"],
             "kernel": r["kernel"],
             "store requests": sum(s["requests"] for s in stores),
@@ -594,8 +674,19 @@ def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3
             if r["shared_min_wavefronts"] else float("nan"),
         })
     if not rows:
-        return pd.DataFrame(columns=["sources", "k", "kernel"])
-    return pd.DataFrame(rows).sort_values(["kernel", "k", "sources"]).reset_index(drop=True)
+        return pd.DataFrame(columns=["kernel sources", "k", "kernel"])
+    table = pd.DataFrame(rows).sort_values(["kernel", "k", "kernel sources"]).reset_index(drop=True)
+    if part is not None:
+        table = table[["kernel sources", "k", "kernel", *TRAFFIC_FIX_PARTS[part]]]
+    return table
+
+
+def _sources_label(sources: str) -> str:
+    """A short name for a run's kernel sources, so the table fits the page: "now" for the
+    working tree, "before" for a label that says so (the chapter's prose names its commit)."""
+    if sources == CURRENT_SOURCES:
+        return "now"
+    return "before" if sources.startswith("before") else sources
 
 
 def traffic_numbers(found: Sequence[dict]) -> dict:
