@@ -35,7 +35,7 @@ def test_the_section_shows_the_newest_run(tmp_path, capsys):
     numbers = cpu_baseline.bench_numbers(view)
     assert numbers["bench_sgemm"].endswith("GFLOP/s") and numbers["bench_copy"].endswith("GB/s")
     peers, ours = cpu_baseline.ratio_frame(view, "pytorch"), cpu_baseline.ratio_frame(view, "ours")
-    assert list(ours["T"]) == [4] and ours["MoE ms"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
+    assert list(ours["T"]) == [4] and ours["MoE time (ms)"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
     assert (peers["÷ PyTorch loop"] == "–").all()  # not timed: a dash, not zero
     assert "±" in ours["÷ our dense K·F"].iloc[0]  # two rounds: a mean and its interval
     assert "GB/s with 4 rows" in numbers["bench_few_row"]
@@ -98,7 +98,7 @@ def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsy
     assert list(frame["T"]) == [1, 260] and list(frame["E"]) == [16, 4]
     assert "±" in frame["÷ weight-read floor"].iloc[0] and frame["÷ weight-read floor"].iloc[1] == "–"
     assert (frame["÷ PyTorch loop"] == "–").all()  # not timed: a dash
-    assert frame["MoE ms"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
+    assert frame["MoE time (ms)"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
     goals = cpu_baseline.grid_goals_frame(view)
     assert goals["verdict"].iloc[3] in ("met", "missed", "met (interval reaches across)",
                                         "missed (interval reaches across)")
@@ -106,8 +106,8 @@ def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsy
     assert goals["verdict"].iloc[0] == "not judged"  # no PyTorch loop
     fixed = cpu_baseline.fixed_cost_frame(view)
     assert list(fixed["step"]) == [*bench_cpu.FIXED_COST_STEPS, "whole call"] * 2
-    assert set(fixed["k"]) == {1, 2} and (fixed["µs"] > 0).sum() >= 2 * 5
-    for step, microseconds in zip(fixed["step"], fixed["µs"]):  # the printed breakdown is the one shown
+    assert set(fixed["k"]) == {1, 2} and (fixed["time (µs)"] > 0).sum() >= 2 * 5
+    for step, microseconds in zip(fixed["step"], fixed["time (µs)"]):  # the printed breakdown is the one shown
         assert f"{step:<17} {microseconds:8.1f} us" in printed
     assert "<svg" in charts.to_svg(cpu_baseline.grid_chart(view))
 
@@ -129,8 +129,11 @@ def test_the_torch_overhead_section_reads_the_newest_run(tmp_path):
 
     torch_overhead.run("tiny", (1, 8), rounds=3, repeats=2, results_dir=tmp_path, echo=lambda message: None)
     view = cpu_baseline.torch_overhead_view(tmp_path)
-    assert sorted(view.frame["T"].unique()) == [1, 8]
-    assert set(view.frame["entry"]) == {"torch-function", "moe-layer"}
+    # one column per entry and T (in words), one row per quantity, so the table fits the page
+    assert set(view.frame.columns) == {"quantity", "functions on tensors, T = 1", "MoELayer, T = 1",
+                                       "functions on tensors, T = 8", "MoELayer, T = 8"}
+    spread = view.frame.set_index("quantity").loc["overhead, 20th to 80th percentile (µs)"]
+    assert all(" to " in text for text in spread)
     assert "torch-overhead.jsonl" in view.note and "load average" in view.note
     assert set(view.numbers) == {"torch_overhead_t1", "torch_overhead_t4096", "torch_overhead_layer_t1"}
     assert view.numbers["torch_overhead_t4096"] == "not measured"  # the run had no T = 4096

@@ -29,7 +29,7 @@ NO_BENCH_CPU_RECORDS = "no bench-cpu records yet: run `make bench-cpu` to measur
 #: What the MoE is compared with in the ratio chart: (row field, legend label), in legend order.
 CHART_RATIOS = (
     ("moe_over_torch_eager", "PyTorch eager loop (HF)"),
-    ("moe_over_torch_grouped", "torch._grouped_mm"),
+    ("moe_over_torch_grouped", "PyTorch grouped GEMM"),
     ("moe_over_torch_dense", "PyTorch dense, width K·F"),
     ("moe_over_dense_active", "our dense, width K·F"),
 )
@@ -139,7 +139,7 @@ def loop_share_text(view: BenchCpuView) -> str:
 
 #: The columns of the two ratio tables (row field: header), after activation, k, T and the MoE's time.
 RATIO_TABLES = {
-    "pytorch": {"moe_over_torch_eager": "÷ PyTorch loop", "moe_over_torch_grouped": "÷ grouped_mm",
+    "pytorch": {"moe_over_torch_eager": "÷ PyTorch loop", "moe_over_torch_grouped": "÷ PyTorch grouped GEMM",
                 "moe_over_torch_dense": "÷ PyTorch dense K·F", "torch_eager_fraction_of_sgemm": "loop % of SGEMM"},
     "ours": {"moe_over_dense_active": "÷ our dense K·F", "moe_over_dense_params": "÷ our dense E·F",
              "moe_over_weight_read": "÷ weight read", "moe_fraction_of_sgemm": "% of SGEMM"},
@@ -153,7 +153,7 @@ def ratio_frame(view: BenchCpuView, table: str) -> pd.DataFrame:
     SGEMM): per (activation, k, T) the MoE's time (median over the rounds)
     and each ratio as its geometric mean over the rounds ± the larger side of
     its 95% interval (``bench_cpu.ratio_text``)."""
-    columns = {"activation": "activation", "top_k": "k", "tokens": "T", "moe_s": "MoE ms", **RATIO_TABLES[table]}
+    columns = {"activation": "activation", "top_k": "k", "tokens": "T", "moe_s": "MoE time (ms)", **RATIO_TABLES[table]}
     shown = []
     for row in view.rows:
         line = {field: row[field] for field in ("activation", "top_k", "tokens")}
@@ -173,7 +173,8 @@ def goals_frame(view: BenchCpuView) -> pd.DataFrame:
     def interval(goal):
         return "–" if goal.interval is None else f"{goal.interval[0]:.3g} to {goal.interval[1]:.3g}"
 
-    return pd.DataFrame([{"target": goal.name, "worst": goal.worst, "95% interval": interval(goal), "at": goal.where,
+    return pd.DataFrame([{"target": goal.name, "worst value": goal.worst, "95% interval": interval(goal),
+                          "at": goal.where,
                           "verdict": verdicts[goal.met] + (" (interval reaches across)" if goal.within_noise else "")}
                          for goal in bench_cpu.goals(view.rows)])
 
@@ -207,8 +208,9 @@ def ratio_chart(view: BenchCpuView) -> alt.TopLevelMixin:
     frame = pd.DataFrame(lines)
     labels = [label for _, label in CHART_RATIOS if label in set(frame.get("compared with", []))]
     base = alt.Chart().mark_line(point=True).encode(
-        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="tokens T"),
-        y=alt.Y("MoE time / its time:Q", scale=alt.Scale(type="log"), title="MoE time / its time (log)"),
+        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2, nice=False), title="tokens T"),
+        y=alt.Y("MoE time / its time:Q", scale=_log_scale_fitting(frame, bench_cpu.GOAL_MAX_RATIO_TO_EAGER),
+                title="MoE time / its time (log)"),
         color=alt.Color("compared with:N", scale=charts.palette(labels), sort=labels,
                         legend=alt.Legend(title="MoE compared with", orient="bottom", columns=2)),
         tooltip=["activation", "k", "T", "compared with", alt.Tooltip("MoE time / its time:Q", format=".3f")],
@@ -222,6 +224,16 @@ def ratio_chart(view: BenchCpuView) -> alt.TopLevelMixin:
     return alt.layer(base, intervals, target, data=frame).facet(
         column=alt.Column("activation:N", title=None), row=alt.Row("k:N", title=None)
     ).properties(title="MoE time over each other layer's time (below 1: the MoE is faster)")
+
+
+def _log_scale_fitting(frame: pd.DataFrame, *marks: float) -> alt.Scale:
+    """A log scale whose axis ends near the data (the intervals and the drawn targets
+    ``marks``), not at the next power of ten beyond them."""
+    if frame.empty:
+        return alt.Scale(type="log")
+    values = [*frame["95% low"], *frame["95% high"], *frame["MoE time / its time"], *marks]
+    values = [value for value in values if value is not None and value > 0]
+    return alt.Scale(type="log", domain=[min(values) / 1.1, max(values) * 1.1], nice=False)
 
 
 # ---------------------------------------------------------------- the shape grid (issue 24)
@@ -278,7 +290,7 @@ def grid_frame(view: GridView) -> pd.DataFrame:
     its 95% interval ("–" where the point has none: the weight-read floor
     exists for T ≤ DECODE_TOKENS only)."""
     columns = {"activation": "activation", "tokens": "T", "top_k": "k", "d_model": "D", "d_ff": "F",
-               "n_experts": "E", "moe_s": "MoE ms", **GRID_RATIOS}
+               "n_experts": "E", "moe_s": "MoE time (ms)", **GRID_RATIOS}
     shown = []
     for row in view.rows:
         line = {field: row[field] for field in ("activation", "tokens", "top_k", "d_model", "d_ff", "n_experts")}
@@ -309,9 +321,9 @@ def _goals_table(found: list) -> pd.DataFrame:
 def fixed_cost_frame(view: GridView) -> pd.DataFrame:
     """The fixed cost of a T = 1 call by step (``bench_cpu.measure_fixed_cost``),
     per k: microseconds (median over the rounds) and share of the whole call."""
-    return pd.DataFrame([{"layer": row["shape"], "k": row["top_k"], "step": row["step"], "µs": row["us"],
+    return pd.DataFrame([{"layer": row["shape"], "k": row["top_k"], "step": row["step"], "time (µs)": row["us"],
                           "share of the call": f"{100 * row['share']:.0f}%"} for row in view.fixed],
-                        columns=["layer", "k", "step", "µs", "share of the call"])
+                        columns=["layer", "k", "step", "time (µs)", "share of the call"])
 
 
 #: The grid chart's panels: (row field, panel title, the target drawn as a dashed rule).
@@ -342,7 +354,9 @@ def grid_chart(view: GridView) -> alt.TopLevelMixin:
     x = alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="tokens T",
               axis=alt.Axis(values=list(bench_cpu.GRID_AXES["tokens"])))
     points = alt.Chart().mark_point(filled=True).encode(
-        x=x, y=alt.Y("MoE time / its time:Q", scale=alt.Scale(type="log"), title="MoE time / its time (log)"),
+        x=x, y=alt.Y("MoE time / its time:Q",
+                     scale=_log_scale_fitting(frame, *(target for _, _, target in GRID_CHART)),
+                     title="MoE time / its time (log)"),
         color=colour, tooltip=["shape", "T", "E", alt.Tooltip("MoE time / its time:Q", format=".3f")])
     bars = alt.Chart().mark_rule().encode(x=x, y="95% low:Q", y2="95% high:Q", color=colour)
     target = alt.Chart().mark_rule(strokeDash=[4, 3], color="#000000").encode(y="target:Q")
@@ -353,7 +367,7 @@ def grid_chart(view: GridView) -> alt.TopLevelMixin:
 
 def grid_numbers(view: GridView) -> dict:
     """Numbers for the prose, by glue name: the grid's targets and its size."""
-    return {"grid_points": len(view.rows) or bench_cpu.GRID_POINTS, "grid_command": GRID_COMMAND,
+    return {"grid_points": len(view.rows) or bench_cpu.GRID_POINTS,
             "grid_goal_median": f"{bench_cpu.GRID_GOAL_MEDIAN_TO_EAGER}",
             "grid_goal_worst": f"{bench_cpu.GRID_GOAL_WORST_TO_EAGER}",
             "grid_goal_decode": f"{bench_cpu.GRID_GOAL_DECODE_OVER_FLOOR}"}
@@ -433,7 +447,33 @@ def torch_overhead_view(results_dir=None) -> TorchOverheadView:
 
     numbers = {"torch_overhead_t1": added("torch-function", 1), "torch_overhead_t4096": added("torch-function", 4096),
                "torch_overhead_layer_t1": added("moe-layer", 1)}
-    return TorchOverheadView(note, frame.drop(columns=["machine", "commit"]), numbers)
+    return TorchOverheadView(note, overhead_table(frame), numbers)
+
+
+#: The torch-overhead entries in words, as the prose names them.
+OVERHEAD_ENTRIES = {"torch-function": "functions on tensors", "moe-layer": "MoELayer"}
+
+
+def overhead_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """``torch_overhead.overhead_frame`` turned to fit the page: one row per quantity,
+    one column per (entry, T), the entries in words, the 20th and 80th percentiles in
+    one cell, times in µs (the note names the machine and commit, so those go)."""
+    if frame.empty:
+        return frame
+    from analysis.display import significant  # noqa: PLC0415
+
+    quantities = {
+        "the NumPy call (µs)": lambda row: significant(row["NumPy call (us)"]),
+        "overhead, median (µs)": lambda row: significant(row["overhead, median (us)"]),
+        "overhead, 20th to 80th percentile (µs)": lambda row: (f"{significant(row['overhead p20 (us)'])} to "
+                                                               f"{significant(row['overhead p80 (us)'])}"),
+        "overhead of the fast calls (µs)": lambda row: significant(row["overhead of the fast calls (us)"]),
+        "overhead (% of the NumPy call)": lambda row: significant(row["overhead (% of the NumPy call)"]),
+    }
+    columns = {f"{OVERHEAD_ENTRIES.get(row['entry'], row['entry'])}, T = {row['T']:,}": row
+               for _, row in frame.iterrows()}
+    return pd.DataFrame([{"quantity": name, **{column: shown(row) for column, row in columns.items()}}
+                         for name, shown in quantities.items()])
 
 
 def _duration(seconds: float) -> str:
