@@ -283,3 +283,16 @@ def test_the_readme_example_runs_under_torchrun(tmp_path):
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rank 0 of 2: y (16, 64)" in done.stdout and "rank 1 of 2: y (17, 64)" in done.stdout
+
+
+def test_model_tables_split_so_each_fits_the_page():
+    from analysis.chapters import expert_parallel as chapter
+
+    whole = chapter.model_frame()
+    times, ratios = chapter.model_frame(part="times"), chapter.model_frame(part="ratios")
+    ratio_columns = [column for column in whole.columns if column.endswith("÷ experts")]
+    assert ratio_columns and not set(ratio_columns) & set(times.columns)
+    assert list(ratios.columns) == ["k", "T per GPU", "expert bound", *ratio_columns]
+    assert set(times.columns) | set(ratios.columns) == set(whole.columns)
+    with pytest.raises(ValueError, match="part"):
+        chapter.model_frame(part="all")

@@ -116,7 +116,8 @@ READABLE = {"ranks": "P", "tokens_per_rank": "T_r", "top_k": "k"}
 def bytes_frame(view: LoopbackView) -> pd.DataFrame:
     """Per (P, T_r, k): the row bytes each rank sent out (mean, min and max over
     the ranks), the formula's T_r·K·D·s·(P-1)/P beside them, the returned bytes
-    and the counts, all counted by the code from its split sizes."""
+    (only where they differ from the bytes out somewhere: ``bytes_caption`` says
+    when they are equal) and the counts, all counted by the code from its split sizes."""
     frame = _frame(view)
     if frame.empty:
         return frame
@@ -132,8 +133,26 @@ def bytes_frame(view: LoopbackView) -> pd.DataFrame:
         **READABLE, "rows_mean": "rows out, mean (B)", "rows_min": "min (B)", "rows_max": "max (B)",
         "formula": "formula (B)", "counted_over_formula": "mean ÷ formula", "returned_mean": "rows back, mean (B)",
         "counts": "counts (B)"})
-    return table[["P", "T_r", "k", "rows out, mean (B)", "min (B)", "max (B)", "formula (B)", "mean ÷ formula",
-                  "rows back, mean (B)", "counts (B)"]]
+    columns = ["P", "T_r", "k", "rows out, mean (B)", "min (B)", "max (B)", "formula (B)", "mean ÷ formula",
+               "rows back, mean (B)", "counts (B)"]
+    if _rows_back_equal_rows_out(table):
+        columns.remove("rows back, mean (B)")  # the same numbers twice would only widen the table
+    return table[columns]
+
+
+def _rows_back_equal_rows_out(table: pd.DataFrame) -> bool:
+    return bool((table["rows back, mean (B)"] == table["rows out, mean (B)"]).all())
+
+
+def bytes_caption(view: LoopbackView) -> str:
+    """The bytes table's caption: what its columns count, and whether the return
+    all-to-all sent back as many bytes as went out (then the table leaves it out)."""
+    caption = ("Bytes per rank counted from the split sizes handed to all_to_all_single; min and max are over "
+               "the ranks.")
+    table = bytes_frame(view)
+    if not table.empty and "rows back, mean (B)" not in table.columns:
+        caption += " The return all-to-all sent back exactly the bytes that went out, in every case."
+    return caption
 
 
 def phase_frame(view: LoopbackView) -> pd.DataFrame:
@@ -150,15 +169,26 @@ def phase_frame(view: LoopbackView) -> pd.DataFrame:
     return slowest.sort_values(KEYS + ["order"]).drop(columns="order").reset_index(drop=True)
 
 
-def phase_table(view: LoopbackView) -> pd.DataFrame:
+#: The phase table's two halves, so that each fits the page: the three exchanges, and
+#: the local phases with the whole forward (timed on its own).
+PHASE_GROUPS = {"exchanges": ("count_exchange", "row_exchange", "return"),
+                "local": ("check", "route", "experts", "combine", "forward")}
+
+
+def phase_table(view: LoopbackView, group: str = None) -> pd.DataFrame:
     """``phase_frame`` as the page shows it: one row per (P, T_r, k), a column
-    per phase in milliseconds, and the whole forward (timed on its own)."""
+    per phase in milliseconds, and the whole forward (timed on its own);
+    ``group`` ("exchanges" or "local", PHASE_GROUPS) keeps only those phases."""
+    if group is not None and group not in PHASE_GROUPS:
+        raise ValueError(f"group: expected one of {sorted(PHASE_GROUPS)} or None, got {group!r}")
     phases = phase_frame(view)
     if phases.empty:
         return phases
     table = phases.pivot_table(index=KEYS, columns="phase", values="median_s")[list(PHASES)] * 1e3
     frame = _frame(view)
     table["forward"] = frame[frame["phase"] == "forward"].groupby(KEYS)["median_s"].max() * 1e3
+    if group is not None:
+        table = table[list(PHASE_GROUPS[group])]
     table.columns = [f"{phase.replace('_', ' ')} (ms)" for phase in table.columns]
     return table.reset_index().rename(columns=READABLE)
 
@@ -170,10 +200,13 @@ def phase_chart(view: LoopbackView) -> alt.TopLevelMixin:
                       zip(phases["ranks"], phases["tokens_per_rank"], phases["top_k"])]
     phases["ms"] = phases["median_s"] * 1e3
     phases["order"] = phases["phase"].map(PHASES.index)
+    # The legend names phases in words ("row exchange"), as the phase table's headers do.
+    names = [phase.replace("_", " ") for phase in PHASES]
+    phases["phase"] = phases["phase"].str.replace("_", " ")
     return alt.Chart(phases).mark_bar().encode(
         y=alt.Y("case:N", title=None, sort=None),
         x=alt.X("ms:Q", title="time per phase, slowest rank (ms)"),
-        color=alt.Color("phase:N", scale=charts.palette(PHASES), sort=list(PHASES), title="phase"),
+        color=alt.Color("phase:N", scale=charts.palette(names), sort=names, title="phase"),
         order=alt.Order("order:Q"),
     ).properties(width=420, title="Loopback, processes on one machine: time per phase")
 
@@ -189,12 +222,20 @@ def exchange_chart(view: LoopbackView) -> alt.TopLevelMixin:
     points["P"] = "P = " + points["ranks"].astype(str)
     points["phase"] = points["phase"].map({"row_exchange": "rows out", "return": "rows back"})
     return alt.Chart(points).mark_point(filled=True, size=70).encode(
-        x=alt.X("bytes:Q", scale=alt.Scale(type="log"), title="bytes sent by the busiest rank"),
-        y=alt.Y("ms:Q", scale=alt.Scale(type="log"), title="time, slowest rank (ms)"),
+        x=alt.X("bytes:Q", scale=_fitting_log_scale(points["bytes"]), title="bytes sent by the busiest rank"),
+        y=alt.Y("ms:Q", scale=_fitting_log_scale(points["ms"]), title="time, slowest rank (ms)"),
         color=alt.Color("k:N", scale=charts.palette(["k = 1", "k = 2"]), title=None),
         shape=alt.Shape("P:N", title=None),
         tooltip=["P", "k", "tokens_per_rank", "phase", "bytes", "ms"],
     ).properties(width=360, height=240, title="Loopback: the two row all-to-alls against their bytes")
+
+
+def _fitting_log_scale(values: pd.Series) -> alt.Scale:
+    """A log scale whose axis ends near the data, not at the next power of ten beyond it."""
+    shown = values[values > 0]
+    if shown.empty:
+        return alt.Scale(type="log")
+    return alt.Scale(type="log", domain=[float(shown.min()) / 1.2, float(shown.max()) * 1.2], nice=False)
 
 
 def k_cost_frame(view: LoopbackView) -> pd.DataFrame:
@@ -238,9 +279,13 @@ def _range(values: pd.Series, digits: int) -> str:
 # ---------------------------------------------------------------- the model
 
 
-def model_frame(tokens: Sequence[int] = MODEL_TABLE_TOKENS) -> pd.DataFrame:
+def model_frame(tokens: Sequence[int] = MODEL_TABLE_TOKENS, part: str = None) -> pd.DataFrame:
     """``measure.mixtral_model`` for the page: per k and tokens per GPU, the bytes
-    per layer, both links' all-to-all time and the expert GEMM floor, in ms."""
+    per layer, both links' all-to-all time and the expert GEMM floor, in ms, and
+    each link's time over the floor. ``part``: "times" (without the ratios) or
+    "ratios" (k, T and the ratios only), the two tables the page shows; None: all."""
+    if part not in (None, "times", "ratios"):
+        raise ValueError(f"part: expected 'times', 'ratios' or None, got {part!r}")
     rows = measure.mixtral_model(tokens_per_gpu=tokens)
     frame = pd.DataFrame(rows)
     links = list(measure.LINKS)
@@ -252,6 +297,11 @@ def model_frame(tokens: Sequence[int] = MODEL_TABLE_TOKENS) -> pd.DataFrame:
         "expert bound": frame["expert_bound"],
         **{f"{link} ÷ experts": frame[f"{link} / experts"] for link in links},
     })
+    ratios = [f"{link} ÷ experts" for link in links]
+    if part == "times":
+        return table.drop(columns=ratios)
+    if part == "ratios":
+        return table[["k", "T per GPU", "expert bound"] + ratios]
     return table
 
 
@@ -270,8 +320,8 @@ def model_chart() -> alt.TopLevelMixin:
     frame = pd.DataFrame(lines)
     series = sorted(set(frame["series"]))
     return alt.Chart(frame).mark_line().encode(
-        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2), title="tokens per GPU (T_r)"),
-        y=alt.Y("ms:Q", scale=alt.Scale(type="log"), title="time per layer (ms)"),
+        x=alt.X("T:Q", scale=alt.Scale(type="log", base=2, nice=False), title="tokens per GPU (T_r)"),
+        y=alt.Y("ms:Q", scale=_fitting_log_scale(frame["ms"]), title="time per layer (ms)"),
         color=alt.Color("series:N", scale=charts.palette(series), title=None),
         strokeDash=alt.StrokeDash("k:N", title=None, scale=alt.Scale(domain=["k = 1", "k = 2"],
                                                                         range=[[1, 0], [6, 3]])),
