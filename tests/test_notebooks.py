@@ -26,7 +26,7 @@ SOURCE_NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 TINY_PARAMETERS = {
     # The committed records and checkpoints, the routing on few bytes.
     "answers": [
-        pytest.param({"routing_bytes": 512}, id="committed-records"),
+        pytest.param({"routing_bytes": 512, "experiment_bytes": 512}, id="committed-records"),
     ],
     "semantics": [
         pytest.param({"T": 6, "D": 4, "F": 8, "E": 3, "k": 2, "capacity_factor": 1.0, "seed": 1},
