@@ -148,9 +148,12 @@ def test_without_a_gpu_run_the_prediction_stands_alone(tmp_path):
     assert prediction.measured == () and gpu_performance.ncu_beside_predicted(prediction).empty
 
 
-def test_a_gpu_the_model_does_not_know_is_left_out(tmp_path, monkeypatch):
+def test_a_gpu_the_model_does_not_know_is_shown_without_a_prediction(tmp_path, monkeypatch):
     _model_records(tmp_path)
     monkeypatch.setattr(analysis.records, "_gpu_details", lambda: dict(H100, name="NVIDIA L4"))
     records.write_records("gpu-ncu", device_check.ncu_records(ROWS, "hash"), device_kind="gpu", results_dir=tmp_path)
     prediction = gpu_performance.prediction_data(tmp_path)
-    assert len(prediction.measured) == 5 and gpu_performance.ncu_beside_predicted(prediction).empty
+    shown = gpu_performance.ncu_beside_predicted(prediction)
+    assert len(prediction.measured) == 5 and not shown.empty
+    assert set(shown["device"]) == {"NVIDIA L4"}
+    assert shown["predicted floor (µs)"].isna().all(), "no floor for a GPU the model does not know"

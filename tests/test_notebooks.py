@@ -203,11 +203,15 @@ def test_chapter_runs_at_tiny_parameters(name, parameters, tmp_path):
     missing = _glue_references(notebook) - _glued_names(notebook)
     assert not missing, f"markdown pastes glue keys no cell glued: {sorted(missing)}"
 
-    # Charts are static SVG, rendered at execution time; nothing for a browser to fetch.
+    # Charts are static SVG, rendered at execution time; nothing for a browser to fetch:
+    # an SVG output, or a numbered figure (analysis.charts.figure) holding the SVG inline.
     svgs = [output.data["image/svg+xml"] for output in _outputs(notebook)
             if "image/svg+xml" in output.get("data", {})]
+    figures = [output.data["text/html"] for output in _outputs(notebook)
+               if 'class="moe-figure"' in str(output.get("data", {}).get("text/html", ""))]
     if name == "semantics":
-        assert len(svgs) == 1 and "<svg" in svgs[0]
+        assert len(svgs) + len(figures) == 1
+        assert all("<svg" in svg for svg in svgs) and all("data:image/svg+xml;base64," in f for f in figures)
     for output in _outputs(notebook):
         data = output.get("data", {})
         assert not any(mime.startswith("application/vnd.vegalite") for mime in data)
