@@ -16,7 +16,7 @@ random tokens (T_r per rank) and writes one ``expert-parallel`` record per
 (P, T_r, k, rank, phase): the phase's median time (``time_function``, a
 barrier before every call, untimed, so the ranks start each call together)
 and the bytes the rank sent in it. These are processes on one machine (here:
-2 cores shared with other work) exchanging over loopback, not a cluster: the
+2 cores; the record gives the load average at the start) exchanging over loopback, not a cluster: the
 times say how the phases compare and how they grow with k and P, not what a
 network costs.
 
@@ -305,6 +305,7 @@ def measure(config: MeasureConfig = MeasureConfig(), pool: Optional[RankPool] = 
     for P in config.ranks:
         if config.n_experts % P:
             raise ValueError(f"ranks: expected divisors of n_experts = {config.n_experts}, got {P}")
+    load = os.getloadavg()[0]  # how busy the machine was, for the records' note
     own_pool = pool is None
     pool = pool or RankPool(max(config.ranks))
     rows = []
@@ -319,14 +320,14 @@ def measure(config: MeasureConfig = MeasureConfig(), pool: Optional[RankPool] = 
                     started = time.perf_counter()
                     results = pool.values(time_phases_on_rank, [case] * P, P)
                     print(f"P = {P}, T_r = {T}, k = {k}: {time.perf_counter() - started:.1f} s", flush=True)
-                    rows.extend(_records(config, P, T, k, results))
+                    rows.extend(_records(config, P, T, k, results, load))
     finally:
         if own_pool:
             pool.close()
     return rows
 
 
-def _records(config: MeasureConfig, P: int, T: int, k: int, results: list) -> list:
+def _records(config: MeasureConfig, P: int, T: int, k: int, results: list, load: float) -> list:
     from topk_moe.expert_parallel import expected_row_bytes
 
     itemsize = np.dtype(config.dtype).itemsize
@@ -334,9 +335,10 @@ def _records(config: MeasureConfig, P: int, T: int, k: int, results: list) -> li
               "n_experts": config.n_experts, "activation": config.activation, "dtype": config.dtype,
               "capacity_factor": config.capacity_factor, "warmup": config.warmup, "repeats": config.repeats,
               "seed": config.seed, "transport": TRANSPORT, "threads_per_rank": THREADS_PER_RANK,
-              "note": (f"{P} processes on one machine with {os.cpu_count()} cores, shared with other work "
-                       f"while this ran; loopback, not a network; a short run of {config.repeats} timed calls "
-                       f"per phase")}
+              "load_average_at_start": load,
+              "note": (f"{P} processes on one machine with {os.cpu_count()} cores (load average "
+                       f"{load:.1f} when the run started); loopback, not a network; a short run of "
+                       f"{config.repeats} timed calls per phase")}
     out = []
     for rank, result in enumerate(results):
         traffic = result["traffic"]
