@@ -95,10 +95,10 @@ def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsy
     assert "newest committed bench-cpu grid run" in view.note and "bench-cpu-grid.jsonl" in view.note
     assert "2 shapes, 2 round(s) each" in view.note and "PyTorch not timed" in view.note
     frame = cpu_baseline.grid_frame(view)
-    assert list(frame["T"]) == [1, 260] and list(frame["E"]) == [16, 4]
-    assert "±" in frame["÷ weight-read floor"].iloc[0] and frame["÷ weight-read floor"].iloc[1] == "–"
+    assert list(frame["T"]) == [1, 260] and [layer.split(", ")[3] for layer in frame["layer"]] == ["E 16", "E 4"]
+    assert "±" in frame["÷ read floor"].iloc[0] and frame["÷ read floor"].iloc[1] == "–"
     assert (frame["÷ PyTorch loop"] == "–").all()  # not timed: a dash
-    assert frame["MoE time (ms)"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
+    assert frame["MoE (ms)"].iloc[0] == pytest.approx(view.rows[0]["moe_s"] * 1e3)
     goals = cpu_baseline.grid_goals_frame(view)
     assert goals["verdict"].iloc[3] in ("met", "missed", "met (interval reaches across)",
                                         "missed (interval reaches across)")
