@@ -386,3 +386,23 @@ def test_prediction_figures_and_narrow_tables(tmp_path):
     assert set(waves) == {"A100", "H100"} and len(waves["H100"].columns) == 6
     committed = gpu_performance.waves_tables(gpu_performance.prediction_data())
     assert {"dense (F)", "dense (2 F)"} <= set(committed["H100"]["case"])
+
+
+def test_the_skew_chart_gives_each_T_its_own_bar_and_the_time_chart_ends_at_the_data():
+    """Issue 23: with skews measured at two T the bars stacked (the uniform bar reached 2),
+    and log axes rounded out to powers of ten past the data."""
+    import pandas as pd
+
+    skews = pd.DataFrame({"skew": ["uniform", "one-hot"] * 2, "tokens": [16, 16, 1024, 1024], "top_k": [1] * 4,
+                          "median_s": [1.0, 0.8, 2.0, 1.5], "time_vs_uniform": [1.0, 0.8, 1.0, 0.75],
+                          "load_max_over_mean": [1.0, 8.0] * 2, "experts_used": [8, 1] * 2})
+    spec = perf_chapters.skew_chart(skews, "t").to_dict()
+    bars = spec["layer"][0]["encoding"]
+    assert bars["xOffset"]["field"] == "case" and bars["color"]["field"] == "case"
+    cases = {row["case"] for rows in spec["datasets"].values() for row in rows if "case" in row}
+    assert cases == {"T = 16, k = 1", "T = 1,024, k = 1"}
+    curves = pd.DataFrame({"top_k": [1, 1], "tokens": [1, 16], "label": ["MoE", "MoE"], "median_s": [1e-4, 1e-3],
+                           "p20_s": [0.9e-4, 0.9e-3], "p80_s": [1.1e-4, 1.1e-3]})
+    time_spec = perf_chapters.time_vs_tokens_chart(curves, pd.DataFrame(), "t").to_dict()
+    encoding = time_spec["hconcat"][0]["layer"][0]["encoding"]
+    assert encoding["x"]["scale"]["nice"] is False and encoding["y"]["scale"]["nice"] is False

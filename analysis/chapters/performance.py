@@ -30,7 +30,7 @@ import numpy
 import pandas as pd
 
 from analysis.measure import sweep, sweep_plan
-from analysis import display
+from analysis import charts, display
 from analysis import records as record_io
 
 KIND = sweep.RECORD_KIND
@@ -427,10 +427,11 @@ def time_vs_tokens_chart(curves: pd.DataFrame, crossings: pd.DataFrame, title: s
     panels = []
     for k, mine in curves.groupby("top_k"):
         base = alt.Chart(mine).encode(
-            x=alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T"),
+            # nice=False: log axes end at the data, not at the next powers of ten
+            x=alt.X("tokens:Q", scale=alt.Scale(type="log", nice=False), title="tokens T"),
             color=alt.Color("label:N", title=None, legend=alt.Legend(orient="bottom", columns=2)))
         lines = base.mark_line(point=True).encode(
-            y=alt.Y("median_s:Q", scale=alt.Scale(type="log"), title="time per layer (s)"))
+            y=alt.Y("median_s:Q", scale=alt.Scale(type="log", nice=False), title="time per layer (s)"))
         bars = base.mark_rule().encode(y="p20_s:Q", y2="p80_s:Q")
         layers = [lines, bars]
         marks = crossings[(crossings["top_k"] == k) & crossings["crossover_tokens"].notna()] if not crossings.empty \
@@ -475,15 +476,17 @@ def roofline_chart(stages: pd.DataFrame, title: str) -> alt.TopLevelMixin:
 
 
 def skew_chart(skews: pd.DataFrame, title: str) -> alt.TopLevelMixin:
-    """Whole-layer time under each skew relative to uniform routing, per k."""
+    """Whole-layer time under each skew relative to uniform routing, one bar per
+    (T, k) beside the others (bars of several T never stack)."""
     if skews.empty:
         return message_chart("no skew timings to draw")
-    frame = skews.assign(k="k = " + skews["top_k"].astype(int).astype(str))
+    frame = skews.assign(case=[f"T = {int(t):,}, k = {int(k)}" for t, k in zip(skews["tokens"], skews["top_k"])])
+    cases = list(dict.fromkeys(frame.sort_values(["tokens", "top_k"])["case"]))
     bars = alt.Chart(frame).mark_bar().encode(
         x=alt.X("skew:N", sort=["uniform", "zipf-1.0", "zipf-2.0", "one-hot", "half-empty"], title="routing skew"),
-        xOffset="k:N",
+        xOffset=alt.XOffset("case:N", sort=cases),
         y=alt.Y("time_vs_uniform:Q", title="time / time with uniform routing"),
-        color=alt.Color("k:N", title=None, scale=alt.Scale(range=["#56B4E9", "#D55E00"])))
+        color=alt.Color("case:N", title=None, sort=cases, scale=charts.palette(cases)))
     rule = alt.Chart(pd.DataFrame({"one": [1.0]})).mark_rule(strokeDash=[4, 3]).encode(y="one:Q")
     return alt.layer(bars, rule).properties(width=360, height=220, title=title)
 
