@@ -406,3 +406,16 @@ def test_the_skew_chart_gives_each_T_its_own_bar_and_the_time_chart_ends_at_the_
     time_spec = perf_chapters.time_vs_tokens_chart(curves, pd.DataFrame(), "t").to_dict()
     encoding = time_spec["hconcat"][0]["layer"][0]["encoding"]
     assert encoding["x"]["scale"]["nice"] is False and encoding["y"]["scale"]["nice"] is False
+
+
+def test_stage_charts_name_stages_in_words_and_head_panels_by_k():
+    stages = pd.DataFrame({"stage": ["router", "expert_mlp", "end_to_end"], "tokens": [16, 16, 16], "top_k": [1, 1, 1],
+                           "median_s": [1e-5, 1e-4, 2e-4], "fraction_of_roofline": [0.1, 0.5, 0.4]})
+    share = perf_chapters.stage_share_chart(stages, "t").to_dict()
+    roofline = perf_chapters.roofline_chart(stages, "t").to_dict()
+    for spec in (share, roofline):
+        assert spec["encoding"]["color"]["field"] == "stage_name"
+        assert spec["encoding"]["column"]["header"]["labelExpr"] == "'k = ' + datum.value"
+        names = {row["stage_name"] for rows in spec["datasets"].values() for row in rows}
+        assert "expert MLPs" in names and "expert_mlp" not in names
+    assert "whole layer" in roofline["encoding"]["color"]["scale"]["domain"]

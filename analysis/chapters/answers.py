@@ -223,8 +223,7 @@ def speed_chart(answer: SpeedAnswer) -> alt.TopLevelMixin:
 # ---------------------------------------------------------------- 2. k = 1 against k = 2: time per stage
 
 
-STAGE_NAMES = {"router": "router", "dispatch": "dispatch", "permute": "permute", "expert_mlp": "expert MLPs",
-               "combine": "combine", "end_to_end": "whole layer"}
+STAGE_NAMES = performance.STAGE_LABELS
 
 
 def stage_ratios(answer: SpeedAnswer) -> pd.DataFrame:
@@ -961,7 +960,6 @@ def accuracy_sentences(answer: Optional[AccuracyAnswer], preset: str = "cpu") ->
     """Q3 in three short sentences: what the paired comparisons say, and the regime."""
     if answer is None:
         return NO_SCORES.format(preset=preset) + " (`make train-cpu` first, if no arm is trained.)"
-    n = answer.numbers
     table = accuracy_compact_table(answer)
     supported = int((table["verdict"] != "within noise").sum())
     regime = accuracy.regime_sentence(accuracy.gap_over_training(accuracy.validation_curves(runs=answer.runs)),

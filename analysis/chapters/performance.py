@@ -35,6 +35,11 @@ from analysis import records as record_io
 
 KIND = sweep.RECORD_KIND
 STAGE_ORDER = ["router", "dispatch", "permute", "expert_mlp", "combine"]
+#: How a stage is named on a page (records keep the code's names).
+STAGE_LABELS = {"router": "router", "dispatch": "dispatch", "permute": "permute", "expert_mlp": "expert MLPs",
+                "combine": "combine", "end_to_end": "whole layer"}
+#: One panel per k, headed "k = 1", "k = 2".
+K_COLUMN = alt.Column("top_k:O", title=None, header=alt.Header(labelExpr="'k = ' + datum.value"))
 #: Okabe-Ito colours, one per stage, colour-blind safe.
 STAGE_COLOURS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7"]
 NO_GPU_RECORDS = "no GPU records yet: this chapter shows no GPU numbers"
@@ -451,13 +456,15 @@ def stage_share_chart(stages: pd.DataFrame, title: str) -> alt.TopLevelMixin:
     stages = stages[stages["stage"].isin(STAGE_ORDER)] if not stages.empty else stages
     if stages.empty:
         return message_chart("no per-stage timings to draw")
-    stages = stages.assign(stage_order=stages["stage"].map(STAGE_ORDER.index))
+    stages = stages.assign(stage_order=stages["stage"].map(STAGE_ORDER.index),
+                           stage_name=stages["stage"].map(STAGE_LABELS))
     return alt.Chart(stages).mark_bar().encode(
         x=alt.X("tokens:O", title="tokens T"),
         y=alt.Y("median_s:Q", stack="normalize", title="share of the stages' time"),
-        color=alt.Color("stage:N", scale=alt.Scale(domain=STAGE_ORDER, range=STAGE_COLOURS), title="stage"),
+        color=alt.Color("stage_name:N", scale=alt.Scale(domain=[STAGE_LABELS[s] for s in STAGE_ORDER],
+                                                        range=STAGE_COLOURS), title="stage"),
         order=alt.Order("stage_order:Q"),
-        column=alt.Column("top_k:O", title="k"),
+        column=K_COLUMN,
     ).properties(width=280, height=220, title=title)
 
 
@@ -465,13 +472,15 @@ def roofline_chart(stages: pd.DataFrame, title: str) -> alt.TopLevelMixin:
     """% of roofline per stage (and the whole layer) against T, one panel per k."""
     if stages.empty:
         return message_chart("no per-stage timings to draw")
-    frame = stages.assign(percent=100 * stages["fraction_of_roofline"].astype(float))
-    order = STAGE_ORDER + ["end_to_end"]
+    frame = stages.assign(percent=100 * stages["fraction_of_roofline"].astype(float),
+                          stage_name=stages["stage"].map(lambda stage: STAGE_LABELS.get(stage, stage)))
+    order = [STAGE_LABELS[stage] for stage in STAGE_ORDER + ["end_to_end"]]
     return alt.Chart(frame).mark_line(point=True).encode(
-        x=alt.X("tokens:Q", scale=alt.Scale(type="log"), title="tokens T"),
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log", nice=False), title="tokens T"),
         y=alt.Y("percent:Q", title="% of roofline (roofline time / measured time)"),
-        color=alt.Color("stage:N", scale=alt.Scale(domain=order, range=STAGE_COLOURS + ["#000000"]), title="stage"),
-        column=alt.Column("top_k:O", title="k"),
+        color=alt.Color("stage_name:N", scale=alt.Scale(domain=order, range=STAGE_COLOURS + ["#000000"]),
+                        title="stage"),
+        column=K_COLUMN,
     ).properties(width=280, height=220, title=title)
 
 
