@@ -57,15 +57,20 @@ class BenchCpuView:
         return not self.rows
 
 
+def _none_under(message: str, results_dir) -> str:
+    """``message`` and the results folder searched, relative to the repository where it lies inside."""
+    root = record_io.results_root(results_dir)
+    shown = root.relative_to(record_io.REPO_ROOT) if root.is_relative_to(record_io.REPO_ROOT) else root
+    return f"{message} (none under {shown.as_posix()}/)."
+
+
 def bench_cpu_view(results_dir=None) -> BenchCpuView:
     """The newest ``bench-cpu`` run on a CPU (``newest_folder``, ``newest_run``),
     rebuilt from its records (``bench_cpu.rows_from_records``), with a note
     naming where it comes from; or only a note saying there is none."""
     folder = newest_folder("cpu", results_dir, kind=bench_cpu.RECORD_KIND)
     if folder is None:
-        root = record_io.results_root(results_dir)
-        shown = root.relative_to(record_io.REPO_ROOT) if root.is_relative_to(record_io.REPO_ROOT) else root
-        return BenchCpuView(f"{NO_BENCH_CPU_RECORDS} (none under {shown.as_posix()}/).", [])
+        return BenchCpuView(_none_under(NO_BENCH_CPU_RECORDS, results_dir), [])
     run = newest_run(record_io.read_records(bench_cpu.RECORD_KIND, results_dir=results_dir, device=folder))
     try:
         rows, ceilings = bench_cpu.rows_from_records(run)
@@ -267,9 +272,7 @@ def grid_view(results_dir=None) -> GridView:
     comes from; or only a note naming the command that makes one."""
     folder = newest_folder("cpu", results_dir, kind=bench_cpu.GRID_KIND)
     if folder is None:
-        root = record_io.results_root(results_dir)
-        shown = root.relative_to(record_io.REPO_ROOT) if root.is_relative_to(record_io.REPO_ROOT) else root
-        return GridView(f"{NO_GRID_RECORDS} (none under {shown.as_posix()}/).", [])
+        return GridView(_none_under(NO_GRID_RECORDS, results_dir), [])
     run = newest_run(record_io.read_records(bench_cpu.GRID_KIND, results_dir=results_dir, device=folder))
     rows = bench_cpu.grid_rows(run)
     rounds = max((row["rounds"] for row in rows), default=0)

@@ -86,16 +86,8 @@ def as_array(tensor: "torch.Tensor", name: str = "tensor") -> Any:
     ``name`` is the argument named in those messages.
     """
     tensor = _check_tensor(name, tensor)
-    if tensor.requires_grad:  # only under no_grad or inference mode, here
-        tensor = tensor.detach()
-    if tensor.is_cpu:
-        return tensor.numpy()
-    import cupy  # noqa: PLC0415 - only where a CUDA tensor arrives
-
-    with cuda_stream(tensor.device):
-        # cupy.from_dlpack passes CuPy's current stream (torch's, here) to
-        # tensor.__dlpack__, so the producer orders the exchange on that stream.
-        return cupy.from_dlpack(tensor)
+    with _on_stream(tensor.device):
+        return _view(tensor)
 
 
 def as_tensor(array: Any, device: Optional[Any] = None) -> "torch.Tensor":
@@ -207,6 +199,8 @@ def _view(tensor: "torch.Tensor") -> Any:
         return tensor.numpy()
     import cupy  # noqa: PLC0415 - only where a CUDA tensor arrives
 
+    # cupy.from_dlpack passes CuPy's current stream (torch's, inside _on_stream)
+    # to tensor.__dlpack__, so the producer orders the exchange on that stream.
     return cupy.from_dlpack(tensor)
 
 
