@@ -299,3 +299,37 @@ def cpu_forward_one_percent_off(monkeypatch):
         return y * 1.01, routing, plan
 
     monkeypatch.setattr(topk_moe.cpu, "moe_forward", one_percent_off)
+
+
+# ---------------------------------------------------------------- helpers shared by test files
+
+
+def site_line(source, name: str) -> str:
+    """'kernels/topk_moe/cuda/<source file>:<line>' of the line of ``source`` (a test
+    kernel file, a Path) marked `// site: name`: how the emulator labels its accesses."""
+    import re
+
+    for number, text in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+        if re.search(rf"// site: {name}$", text):
+            return f"kernels/topk_moe/cuda/{source.name}:{number}"
+    raise AssertionError(f"no site {name} in {source.name}")
+
+
+def write_model_records(root, tokens, *, sanity: bool = False) -> None:
+    """The GPU model's records (two kernels' occupancy, the predictions at ``tokens``, and with
+    ``sanity`` the check against vLLM's published times), written as
+    ``python -m analysis.measure.gpu_model`` writes them, into ``root``/predicted-model."""
+    from analysis import records
+    from analysis.measure import gpu_model
+
+    rows = [{"file": "expert_mlp.cu", "kernel": "expert_mlp_v3_hidden_f16", "defines": {}, "registers": 126,
+             "shared_bytes": 38912, "spill_stores": 0, "spill_loads": 0},
+            {"file": "router.cu", "kernel": "router_top2_f16", "defines": {}, "registers": 43,
+             "shared_bytes": 1792, "spill_stores": 0, "spill_loads": 0}]
+    folder = gpu_model.predicted_root(root)
+    records.write_records(gpu_model.OCCUPANCY_KIND, [gpu_model.occupancy_record(r, a) for r in rows for a in (80, 90)],
+                          results_dir=folder)
+    records.write_records(gpu_model.PREDICTION_KIND, gpu_model.predictions({}, tokens=tuple(tokens)),
+                          results_dir=folder)
+    if sanity:
+        records.write_records(gpu_model.SANITY_KIND, gpu_model.sanity_records(), results_dir=folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import write_model_records
 
 import analysis.records
 from analysis import records
@@ -83,14 +84,7 @@ def test_the_records_are_written_and_copied_to_the_log_folder(tmp_path, monkeypa
 
 def _model_records(root):
     """The model's records at T = 256 for both presets (a temporary folder)."""
-    rows = [{"file": "expert_mlp.cu", "kernel": "expert_mlp_v3_hidden_f16", "defines": {}, "registers": 126,
-             "shared_bytes": 38912, "spill_stores": 0, "spill_loads": 0},
-            {"file": "router.cu", "kernel": "router_top2_f16", "defines": {}, "registers": 43,
-             "shared_bytes": 1792, "spill_stores": 0, "spill_loads": 0}]
-    folder = gpu_model.predicted_root(root)
-    records.write_records(gpu_model.OCCUPANCY_KIND, [gpu_model.occupancy_record(r, a) for r in rows for a in (80, 90)],
-                          results_dir=folder)
-    records.write_records(gpu_model.PREDICTION_KIND, gpu_model.predictions({}, tokens=(256,)), results_dir=folder)
+    write_model_records(root, (256,))
 
 
 def _synthetic_gpu_run(root, monkeypatch):

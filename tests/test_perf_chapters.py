@@ -9,6 +9,7 @@ import shutil
 
 import pandas as pd
 import pytest
+from conftest import write_model_records
 
 pytest.importorskip("altair", reason="the book extra is not installed")
 pytest.importorskip("torch", reason="the peers need the torch extra")
@@ -231,19 +232,7 @@ def test_gpu_chapter_without_records_shows_only_its_note(tmp_path):
 
 def _model_records(root):
     """Model records written as the model's command writes them, into ``root``/predicted-model."""
-    from analysis import records
-    from analysis.measure import gpu_model
-
-    rows = [{"file": "expert_mlp.cu", "kernel": "expert_mlp_v3_hidden_f16", "defines": {}, "registers": 126,
-             "shared_bytes": 38912, "spill_stores": 0, "spill_loads": 0},
-            {"file": "router.cu", "kernel": "router_top2_f16", "defines": {}, "registers": 43,
-             "shared_bytes": 1792, "spill_stores": 0, "spill_loads": 0}]
-    folder = gpu_model.predicted_root(root)
-    records.write_records(gpu_model.OCCUPANCY_KIND, [gpu_model.occupancy_record(r, a) for r in rows for a in (80, 90)],
-                          results_dir=folder)
-    records.write_records(gpu_model.PREDICTION_KIND, gpu_model.predictions({}, tokens=(1, 4096, 8192)),
-                          results_dir=folder)
-    records.write_records(gpu_model.SANITY_KIND, gpu_model.sanity_records(), results_dir=folder)
+    write_model_records(root, (1, 4096, 8192), sanity=True)
 
 
 def test_prediction_tables_and_charts_say_they_are_predicted(tmp_path):

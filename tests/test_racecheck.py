@@ -10,11 +10,11 @@ CPU emulation only: what a GPU's schedule or memory model adds is not seen here.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import site_line as conftest_site_line
 
 from topk_moe.backends import emulator_unavailable_reason
 
@@ -40,11 +40,8 @@ def instrumented_build():
 
 
 def site_line(name: str) -> str:
-    """'kernels/topk_moe/cuda/test_racecheck_kernels.cu:<line>' of the line marked `// site: name`."""
-    for number, text in enumerate(SOURCE.read_text(encoding="utf-8").splitlines(), start=1):
-        if re.search(rf"// site: {name}$", text):
-            return f"kernels/topk_moe/cuda/{SOURCE.name}:{number}"
-    raise AssertionError(f"no site {name} in {SOURCE.name}")
+    """The emulator's label of the line of SOURCE marked `// site: name`."""
+    return conftest_site_line(SOURCE, name)
 
 
 def run(name, grid, block, *args):
