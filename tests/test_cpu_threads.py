@@ -23,7 +23,7 @@ THREAD_COUNTS = (1, 2, 3)  # 3: more workers than this machine's two cores still
 #: short) and route and combine over several token blocks (T > TOKEN_BLOCK).
 CASES = [
     pytest.param(1, 1, 4, id="T=1 k=1 (one task, GEMV)"),
-    pytest.param(5, 2, 4, id="T=5 k=2 (a few rows per expert)"),
+    pytest.param(5, 2, 4, id="T=5 k=2 (a few rows per expert, a stage too small to share out)"),
     pytest.param(16, 2, 64, id="T=16 k=2 E=64 (experts grouped into tasks)"),
     pytest.param(200, 1, 24, id="T=200 k=1 E=24 (groups of a few experts)"),
     pytest.param(300, 2, 4, id="T=300 k=2 (small row blocks)"),
@@ -130,6 +130,22 @@ def test_workers_run_at_once():
 
     cpu._run([meet, meet], workers=2)
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("T, helpers_expected", [(2, False), (64, True)])
+def test_a_small_expert_stage_stays_on_the_calling_thread(monkeypatch, T, helpers_expected):
+    """k = 2 touches two experts, two tasks; below PARALLEL_MIN_MULTIPLY_ADDS
+    they run on the calling thread (no helper is asked for), above it on two workers."""
+    x, weights, cfg = layer(T, 2, "relu", E=4)
+    multiply_adds = T * cfg.top_k * cfg.d_model * cfg.d_ff * 2
+    assert (multiply_adds >= cpu.PARALLEL_MIN_MULTIPLY_ADDS) == helpers_expected
+    asked = []
+    real_helpers = cpu._helpers
+    monkeypatch.setattr(cpu, "_helpers", lambda count: asked.append(count) or real_helpers(count))
+    with threadpool_limits(limits=2, user_api="blas"):
+        out = topk_moe.moe_forward(x, weights, cfg, backend="cpu")
+    assert int((out.plan.counts > 0).sum()) >= 2  # more than one task to share out
+    assert bool(asked) == helpers_expected
 
 
 def test_a_failing_task_raises_and_the_blas_setting_is_restored():

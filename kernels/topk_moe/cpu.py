@@ -40,10 +40,11 @@ tasks of at most a block's rows: each group gathers its rows once, runs each
 expert's GEMMs on that expert's rows and one activation over all of them, so
 many experts with a few rows each (E = 64 at decode) cost a few tasks' Python,
 not one task's per expert. The grouping depends only on the routing, and each
-expert's products are the ones it makes alone. A stage with one task
-(one expert touched, a decode step) runs on the calling thread alone: handing
-work to a helper and taking the GIL back costs tens of microseconds, more than
-a second core would save on a task that short. Blocks of at most GEMV_ROWS
+expert's products are the ones it makes alone. A stage with one task, or
+an expert stage of little work in all (PARALLEL_MIN_MULTIPLY_ADDS: a decode
+step at small D and F), runs on the calling thread alone: handing work to a
+helper and taking the GIL back costs 60 to 250 microseconds, more than a
+second core would save on tasks that short. Blocks of at most GEMV_ROWS
 rows multiply row by row (GEMV), not by GEMM.
 
 `moe_forward` runs permute and combine inside the expert tasks: a block
@@ -91,6 +92,17 @@ MIN_TASKS = 8
 #: the whole layer, D = 512, F = 1024, E = 8, alternating calls: T = 16, k = 1
 #: 14% faster, T = 4 3%, T = 1 and T = 64 the same within noise).
 GEMV_ROWS = 3
+#: An expert stage of fewer multiply-adds than this (rows x D x F per weight
+#: matrix, all experts) runs on the calling thread alone, however many tasks
+#: it has: handing tasks to a helper thread and waiting for it costs 60 to
+#: 250 microseconds (the GIL passes back and forth at every NumPy call), more
+#: than a second core saves on so little work. Measured on the whole layer at
+#: decode, alternating one worker and two on the same input: T = 1, k = 2,
+#: D = 256, F = 512 (0.5 M multiply-adds) 340 against 524 us, D = 512, F = 1024
+#: gelu (2.1 M) 759 against 872 us; D = 512, F = 1792 relu (3.7 M) 1125
+#: against 989 us, and T = 16, k = 2, D = 512, F = 1024 swiglu (50 M) 7.8
+#: against 5.0 ms, where two workers win.
+PARALLEL_MIN_MULTIPLY_ADDS = 1 << 22
 #: Tokens per task in route and combine, rows per task in permute.
 TOKEN_BLOCK = 1024
 #: Rows of the hidden activations activated at a time (gelu's three work
@@ -478,7 +490,16 @@ def _run_experts(source, index, offsets, w1, w2, w3, activation: str, target, wo
     close_group()
     # Largest blocks first, so that the last tasks the workers take are short ones.
     tasks.sort(key=lambda sized: sized[0], reverse=True)
-    _run([task for _, task in tasks], workers)
+    _run([task for _, task in tasks], _workers_for(bounds[-1], w1, w3, workers))
+
+
+def _workers_for(total_rows: int, w1, w3, workers: int) -> int:
+    """``workers``, or 1 for an expert stage too small to share out
+    (PARALLEL_MIN_MULTIPLY_ADDS). Which thread runs a task never changes its
+    result, so this changes only the time."""
+    matrices = 2 if w3 is None else 3
+    multiply_adds = total_rows * w1.shape[1] * w1.shape[2] * matrices
+    return workers if multiply_adds >= PARALLEL_MIN_MULTIPLY_ADDS else 1
 
 
 def _block_rows(total_rows: int) -> int:
