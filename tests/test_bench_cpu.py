@@ -284,6 +284,7 @@ TINY_POINTS = [bench_cpu.GridPoint(64, 128, 4, 2, "gelu", 2), bench_cpu.GridPoin
     not HAS_TORCH, reason="the PyTorch implementations need the torch extra"))])
 def test_the_grid_run_writes_its_own_records_and_judges_its_targets(tmp_path, capsys, monkeypatch, with_torch):
     monkeypatch.setattr(bench_cpu, "grid_points", lambda count: TINY_POINTS[:count])
+    monkeypatch.setattr(bench_cpu, "LARGE_TOKENS", 300)  # the T = 300 point stands for the T >= 4096 ones
     argv = ["--grid", "--quick", "--grid-points", "2", "--results-dir", str(tmp_path)] + \
         ([] if with_torch else ["--no-torch"])
     assert bench_cpu.main(argv) == 0
@@ -304,6 +305,11 @@ def test_the_grid_run_writes_its_own_records_and_judges_its_targets(tmp_path, ca
     reads = [r for r in written if r["measurement"] == "one-row-read-rate"]
     assert {r["grid_point"] for r in reads} == {0} and len(reads) == rounds  # decode points only
     assert reads[0]["params"]["d_ff"] == 128 and reads[0]["bytes_per_s"] > 0
+    gemm_rates = [r for r in written if r["measurement"] == "gemm-rate-by-rows"]
+    assert {r["grid_point"] for r in gemm_rates} == {1} and len(gemm_rates) == rounds  # large points only
+    assert gemm_rates[0]["expert_rows"] == round(300 * 1 / 8)  # T K / E
+    assert gemm_rates[0]["dense_rows"] == topk_moe.cpu._block_rows(300)
+    assert gemm_rates[0]["expert_flop_per_s"] > 0 and gemm_rates[0]["dense_flop_per_s"] > 0
     dense = [r for r in timed if r["implementation"] == "dense" and r["grid_point"] == 0]
     assert {r["dense_d_ff"] for r in dense} == {2 * 128}  # equal active FLOPs: width K·F
 
@@ -321,7 +327,9 @@ def test_the_grid_run_writes_its_own_records_and_judges_its_targets(tmp_path, ca
     assert (rows[1]["moe_over_torch_eager"] is not None) == with_torch
     goals = bench_cpu.grid_goals(rows)
     assert goals[3].met is not None and "T=2" in goals[3].where  # decode judged at the T = 2 point
-    assert goals[2].met is None  # no T >= 4096 point
+    assert goals[2].met is not None and "T=300" in goals[2].where  # the dense target, at the large point
+    assert "gemm_rows_slowdown" not in rows[0] and rows[1]["gemm_rows_slowdown"] > 0
+    assert rows[1]["gemm_rows_slowdown_interval"][0] <= rows[1]["gemm_rows_slowdown"]
     assert (goals[0].met is not None) == with_torch and (goals[1].met is not None) == with_torch
     assert bench_cpu.format_grid(rows, bench_cpu.fixed_cost_rows(written)) in printed
 

@@ -83,11 +83,13 @@ def test_without_grid_records_the_grid_section_names_the_command(tmp_path):
     goals = cpu_baseline.grid_goals_frame(view)
     assert len(goals) == 4 and set(goals["verdict"]) == {"not judged"}
     assert cpu_baseline.grid_numbers(view)["grid_points"] == bench_cpu.GRID_POINTS
+    assert cpu_baseline.gemm_rows_frame(view).empty and cpu_baseline.grid_numbers(view)["grid_dense_worst_gemm"] == "–"
 
 
 def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsys):
     points = [bench_cpu.GridPoint(64, 128, 16, 1, "swiglu", 2), bench_cpu.GridPoint(32, 64, 4, 260, "gelu", 1)]
     monkeypatch.setattr(bench_cpu, "grid_points", lambda count: points[:count])
+    monkeypatch.setattr(bench_cpu, "LARGE_TOKENS", 260)  # the T = 260 point stands for the T >= 4096 ones
     assert bench_cpu.main(["--grid", "--quick", "--grid-points", "2", "--no-torch", "--results-dir",
                            str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -110,6 +112,11 @@ def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsy
     for step, microseconds in zip(fixed["step"], fixed["time (µs)"]):  # the printed breakdown is the one shown
         assert f"{step:<17} {microseconds:8.1f} us" in printed
     assert "<svg" in charts.to_svg(cpu_baseline.grid_chart(view))
+    gemm = cpu_baseline.gemm_rows_frame(view)  # the dense gap's explanation: the large point only
+    assert list(gemm["T"]) == [260] and list(gemm["rows per expert"]) == [round(260 / 4)]
+    assert gemm["GEMMs alone: slowdown"].iloc[0] == bench_cpu.ratio_text(view.rows[1], "gemm_rows_slowdown")
+    assert "rows per expert against blocks of" in cpu_baseline.grid_numbers(view)["grid_dense_worst_gemm"]
+    assert f"#1  {round(260 / 4):>5} rows per expert" in printed  # the printed line is the one shown
 
 
 def test_the_sweep_note_names_its_conditions():

@@ -323,6 +323,22 @@ def _goals_table(found: list) -> pd.DataFrame:
                          for goal in found])
 
 
+def gemm_rows_frame(view: GridView) -> pd.DataFrame:
+    """The T >= LARGE_TOKENS grid points: MoE time over our dense MLP's at
+    equal active FLOPs beside the slowdown of the GEMMs alone
+    (``bench_cpu.measure_gemm_rows``: one thread's rate at the dense block's
+    rows over its rate at an expert's mean rows), each ± the larger side of its
+    95% interval. Empty for runs made before that measurement existed."""
+    columns = ["layer", "T", "k", "rows per expert", "dense block rows", "GEMMs alone: slowdown", "MoE ÷ dense K·F"]
+    shown = [{"layer": f"{row['activation']}, D {row['d_model']}, F {row['d_ff']}, E {row['n_experts']}",
+              "T": row["tokens"], "k": row["top_k"], "rows per expert": row["expert_rows"],
+              "dense block rows": row["dense_rows"],
+              "GEMMs alone: slowdown": bench_cpu.ratio_text(row, "gemm_rows_slowdown"),
+              "MoE ÷ dense K·F": bench_cpu.ratio_text(row, "moe_over_dense_active")}
+             for row in view.rows if row.get("gemm_rows_slowdown") is not None]
+    return pd.DataFrame(shown, columns=columns)
+
+
 def fixed_cost_frame(view: GridView) -> pd.DataFrame:
     """The fixed cost of a T = 1 call by step (``bench_cpu.measure_fixed_cost``),
     per k: microseconds (median over the rounds) and share of the whole call."""
@@ -372,7 +388,14 @@ def grid_chart(view: GridView) -> alt.TopLevelMixin:
 
 def grid_numbers(view: GridView) -> dict:
     """Numbers for the prose, by glue name: the grid's targets and its size."""
-    return {"grid_points": len(view.rows) or bench_cpu.GRID_POINTS,
+    large = [row for row in view.rows if row.get("gemm_rows_slowdown") is not None
+             and row.get("moe_over_dense_active") is not None]
+    worst = max(large, key=lambda row: row["moe_over_dense_active"]) if large else None
+    return {"grid_dense_worst_gemm": "–" if worst is None else (
+                f"{bench_cpu.ratio_text(worst, 'gemm_rows_slowdown')} at {worst['expert_rows']} rows per expert "
+                f"against blocks of {worst['dense_rows']} rows (its MoE ÷ dense: "
+                f"{bench_cpu.ratio_text(worst, 'moe_over_dense_active')})"),
+            "grid_points": len(view.rows) or bench_cpu.GRID_POINTS,
             "grid_goal_median": f"{bench_cpu.GRID_GOAL_MEDIAN_TO_EAGER}",
             "grid_goal_worst": f"{bench_cpu.GRID_GOAL_WORST_TO_EAGER}",
             "grid_goal_decode": f"{bench_cpu.GRID_GOAL_DECODE_OVER_FLOOR}"}

@@ -100,6 +100,8 @@ FLOAT32_ERROR_LIMIT = 1e-4
 MOE_CPU = ("moe", "cpu")
 DENSE_CPU = ("dense", "cpu")
 TORCH_EAGER = ("moe", "torch-eager")
+#: The grid's explanation of the dense gap at T >= LARGE_TOKENS (``measure_gemm_rows``).
+GEMM_ROWS = ("gemm-by-rows", "cpu")
 TORCH_GROUPED = ("moe", "torch-grouped-mm")
 DENSE_TORCH = ("dense", "torch")
 
@@ -514,7 +516,7 @@ def _serve(connection, config: BenchConfig) -> None:
     functions = {"measure_moe": measure_moe, "measure_dense": measure_dense,
                  "measure_torch_moe": measure_torch_moe, "measure_torch_dense": measure_torch_dense,
                  "measure_ceilings": measure_ceilings, "measure_weight_read": measure_weight_read,
-                 "measure_fixed_cost": measure_fixed_cost}
+                 "measure_fixed_cost": measure_fixed_cost, "measure_gemm_rows": measure_gemm_rows}
     while True:
         request = connection.recv()
         if request is None:
@@ -1062,6 +1064,41 @@ def measure_weight_read(config: BenchConfig, inputs: "InputCache") -> dict:
     return {"bytes_per_s": rate, "threads": 1}
 
 
+def measure_gemm_rows(config: BenchConfig, T: int, K: int, inputs: "InputCache") -> dict:
+    """Why a layer of many small experts trails the dense MLP at equal active
+    FLOPs: one BLAS thread's FLOP rate for an MLP's two products, (n, D) @ (D, F)
+    then (n, F) @ (F, D), at n = an expert's mean rows (T K / E) and at n =
+    the rows of one of the dense MLP's blocks (``topk_moe.cpu._block_rows``),
+    the weights coming from memory (copies rotated past the last-level cache),
+    as both layers read them. Their ratio is the slowdown the GEMMs alone
+    bring, whatever the Python around them costs."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    D, F, E = config.d_model, config.d_ff, config.n_experts
+    dtype = numpy.dtype(config.dtype)
+    rng = numpy.random.default_rng(config.seed)
+    first = rng.standard_normal((D, F)).astype(dtype)
+    second = rng.standard_normal((F, D)).astype(dtype)
+    sets = timing.sets_to_exceed_cache(first.nbytes + second.nbytes)
+    weights = [(first, second)] + [(first.copy(), second.copy()) for _ in range(sets - 1)]
+    rows = {"expert_rows": max(1, round(T * K / E)), "dense_rows": topk_moe.cpu._block_rows(T)}
+    result = {"threads": 1, **rows}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for name, n in rows.items():
+            x = rng.standard_normal((n, D)).astype(dtype)
+            hidden = numpy.empty((n, F), dtype=dtype)
+            out = numpy.empty((n, D), dtype=dtype)
+
+            def mlp_products(w1, w2):
+                numpy.matmul(x, w1, out=hidden)
+                numpy.matmul(hidden, w2, out=out)
+
+            measured = timing.time_function(mlp_products, args_sets=weights, warmup=len(weights),
+                                            repeats=max(10, 2 * len(weights)))
+            result[name.replace("rows", "flop_per_s")] = 4 * n * D * F / measured.median_s
+    return result
+
+
 #: The steps of a T = 1 call, in the order it makes them (see ``measure_fixed_cost``).
 FIXED_COST_STEPS = ("checks", "blas pinning", "routing", "plan", "gather and store", "expert MLPs", "the rest")
 
@@ -1144,7 +1181,8 @@ def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = Tru
     check_config(dataclasses.replace(base, tokens=(1,), top_ks=(1,), activations=("relu",)))
     torch_reason, _ = torch_reasons(base)
     per_point = 2 + (0 if torch_reason else 1)
-    total = 2 + base.rounds * sum(per_point + (p.tokens <= DECODE_TOKENS) for p in points) + 2 * base.rounds
+    total = 2 + base.rounds * sum(per_point + (p.tokens <= DECODE_TOKENS) + (p.tokens >= LARGE_TOKENS)
+                                  for p in points) + 2 * base.rounds
     shape = dataclasses.replace(base, tokens=(1,), top_ks=(1, 2), activations=("gelu",))
     numpy_worker = Worker("NumPy", base)
     torch_worker = None if torch_reason else Worker("PyTorch", base)
@@ -1176,6 +1214,10 @@ def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = Tru
                     if T <= DECODE_TOKENS:
                         timed.append({"implementation": ("weight-read", "cpu"), **common,
                                       "result": on(numpy_worker, "measure_weight_read", point=config)})
+                        bar.update()
+                    if T >= LARGE_TOKENS:
+                        timed.append({"implementation": GEMM_ROWS, **common,
+                                      "result": on(numpy_worker, "measure_gemm_rows", T, K, point=config)})
                         bar.update()
                     if torch_worker is not None:
                         timed.append({"implementation": TORCH_EAGER, **common, "result": on(
@@ -1223,6 +1265,9 @@ def grid_record(entry: dict, base: BenchConfig) -> dict:
               "threads": result["threads"], "params": params}
     if name == "weight-read":
         return {**record, "measurement": "one-row-read-rate", "bytes_per_s": result["bytes_per_s"]}
+    if (name, backend) == GEMM_ROWS:
+        return {**record, "measurement": "gemm-rate-by-rows",
+                **{key: result[key] for key in ("expert_rows", "dense_rows", "expert_flop_per_s", "dense_flop_per_s")}}
     extra = {key: value for key, value in result.items() if key not in ("timing", "flops", "rotation_sets", "threads")}
     if name == "dense":
         extra["dense_d_ff"] = point["top_k"] * point["d_ff"]
@@ -1283,8 +1328,23 @@ def grid_rows(found: list[dict]) -> list[dict]:
             else:
                 row[field], row[f"{field}_interval"] = geometric_mean_interval(ratios)
                 row[f"{field}_rounds"] = ratios
+        row.update(gemm_rows_slowdown(rounds))
         rows.append(row)
     return rows
+
+
+def gemm_rows_slowdown(rounds: list[dict]) -> dict:
+    """A T >= LARGE_TOKENS grid point's ``measure_gemm_rows``: the mean rows
+    per expert, the dense block's rows, and the GEMMs' slowdown (rate at the
+    dense block's rows over rate at an expert's) as a geometric mean over the
+    rounds with its 95% interval; {} where the point has none."""
+    found = [measured.get(GEMM_ROWS) for measured in rounds]
+    if not found or None in found:
+        return {}
+    ratios = [r["dense_flop_per_s"] / r["expert_flop_per_s"] for r in found]
+    value, interval = geometric_mean_interval(ratios)
+    return {"expert_rows": found[0]["expert_rows"], "dense_rows": found[0]["dense_rows"],
+            "gemm_rows_slowdown": value, "gemm_rows_slowdown_interval": interval}
 
 
 def grid_baseline_s(field: str, measured: dict, moe_record: dict) -> Optional[float]:
@@ -1372,6 +1432,14 @@ GRID_COLUMNS = (
 def format_grid(rows: list[dict], fixed: list[dict]) -> str:
     """The grid table and the fixed-cost breakdown as ``main --grid`` prints them."""
     text = _aligned(rows, GRID_COLUMNS)
+    large = [row for row in rows if row.get("gemm_rows_slowdown") is not None]
+    if large:
+        text.append("\nThe GEMMs alone (one thread, weights from memory): FLOP rate at a dense block's rows over "
+                    "the rate at an expert's mean rows:")
+    for row in large:
+        text.append(f"  #{row['grid_point']:<2} {row['expert_rows']:>5} rows per expert, dense blocks of "
+                    f"{row['dense_rows']}: {ratio_text(row, 'gemm_rows_slowdown')}  "
+                    f"(MoE / dense: {ratio_text(row, 'moe_over_dense_active')})")
     text.append("\nFixed cost of a T = 1 call by step (hot caches), median over the rounds:")
     for row in fixed:
         text.append(f"  {row['shape']} k={row['top_k']}  {row['step']:<17} {row['us']:8.1f} us  "
