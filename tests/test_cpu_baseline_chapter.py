@@ -83,7 +83,9 @@ def test_without_grid_records_the_grid_section_names_the_command(tmp_path):
     goals = cpu_baseline.grid_goals_frame(view)
     assert len(goals) == 4 and set(goals["verdict"]) == {"not judged"}
     assert cpu_baseline.grid_numbers(view)["grid_points"] == bench_cpu.GRID_POINTS
-    assert cpu_baseline.gemm_rows_frame(view).empty and cpu_baseline.grid_numbers(view)["grid_dense_worst_gemm"] == "–"
+    numbers = cpu_baseline.grid_numbers(view)
+    assert cpu_baseline.gemm_rows_frame(view).empty and numbers["grid_dense_worst_gemm"] == "–"
+    assert numbers["grid_decode_worst_floor"] == numbers["grid_fixed_besides_mlps"] == "–"
 
 
 def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsys):
@@ -115,7 +117,13 @@ def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsy
     gemm = cpu_baseline.gemm_rows_frame(view)  # the dense gap's explanation: the large point only
     assert list(gemm["T"]) == [260] and list(gemm["rows per expert"]) == [round(260 / 4)]
     assert gemm["GEMMs alone: slowdown"].iloc[0] == bench_cpu.ratio_text(view.rows[1], "gemm_rows_slowdown")
-    assert "rows per expert against blocks of" in cpu_baseline.grid_numbers(view)["grid_dense_worst_gemm"]
+    numbers = cpu_baseline.grid_numbers(view)
+    assert "rows per expert against blocks of" in numbers["grid_dense_worst_gemm"]
+    floor_us = view.rows[0]["moe_s"] / view.rows[0]["moe_over_weight_floor"] * 1e6  # the one decode point
+    assert numbers["grid_decode_worst_floor"].startswith(f"{floor_us:.0f} µs (swiglu, T = 1, k = 2")
+    whole = [us for k, step, us in zip(fixed["k"], fixed["step"], fixed["time (µs)"]) if k == 1]
+    assert numbers["grid_fixed_besides_mlps"] == f"{whole[-1] - whole[list(fixed['step']).index('expert MLPs')]:.0f} " \
+                                                 f"µs of its {whole[-1]:.0f} µs"
     assert f"#1  {round(260 / 4):>5} rows per expert" in printed  # the printed line is the one shown
 
 

@@ -395,10 +395,27 @@ def grid_numbers(view: GridView) -> dict:
                 f"{bench_cpu.ratio_text(worst, 'gemm_rows_slowdown')} at {worst['expert_rows']} rows per expert "
                 f"against blocks of {worst['dense_rows']} rows (its MoE ÷ dense: "
                 f"{bench_cpu.ratio_text(worst, 'moe_over_dense_active')})"),
+            **_decode_numbers(view),
             "grid_points": len(view.rows) or bench_cpu.GRID_POINTS,
             "grid_goal_median": f"{bench_cpu.GRID_GOAL_MEDIAN_TO_EAGER}",
             "grid_goal_worst": f"{bench_cpu.GRID_GOAL_WORST_TO_EAGER}",
             "grid_goal_decode": f"{bench_cpu.GRID_GOAL_DECODE_OVER_FLOOR}"}
+
+
+def _decode_numbers(view: GridView) -> dict:
+    """The decode target's worst point set against the fixed cost: its floor
+    (the touched weights at the one-row GEMV rate, the MoE's median time over
+    the ratio) and a k = 1, T = 1 call's time besides its expert MLPs (the
+    fixed-cost breakdown, at the one-shape layer), in microseconds; dashes
+    where the run has neither."""
+    decode = [row for row in view.rows if row.get("moe_over_weight_floor") is not None]
+    fixed = {row["step"]: row["us"] for row in view.fixed if row["top_k"] == 1}
+    worst = max(decode, key=lambda row: row["moe_over_weight_floor"]) if decode else None
+    return {"grid_decode_worst_floor": "–" if worst is None else
+            f"{worst['moe_s'] / worst['moe_over_weight_floor'] * 1e6:.0f} µs ({worst['activation']}, T = "
+            f"{worst['tokens']}, k = {worst['top_k']}, D {worst['d_model']}, F {worst['d_ff']}, E {worst['n_experts']})",
+            "grid_fixed_besides_mlps": "–" if not fixed else
+            f"{fixed['whole call'] - fixed['expert MLPs']:.0f} µs of its {fixed['whole call']:.0f} µs"}
 
 
 # ---------------------------------------------------------------- the sweep's views (issue 23, item 2)
