@@ -274,3 +274,34 @@ def test_a_real_kernel_counts_the_same_under_every_schedule():
     for order in ("descending", "shuffled", "warp-by-warp"):
         with loader.schedule(order, seed=3):
             assert counts() == expected, order
+
+
+def test_the_traffic_command_counts_only_the_chosen_stages(tmp_path):
+    """--stages dispatch: records of dispatch's four kernels only, no dense layer,
+    with the same counts as the whole layer's run of the same shape."""
+    from analysis import records
+    from analysis.measure import traffic as command
+
+    shape = ["--T", "40", "--D", "64", "--F", "64", "--E", "4", "--k", "2"]
+    assert command.main(shape + ["--stages", "dispatch", "--results-dir", str(tmp_path / "dispatch")]) == 0
+    assert command.main(shape + ["--results-dir", str(tmp_path / "all")]) == 0
+    chosen = records.read_records(command.RECORD_KIND, results_dir=tmp_path / "dispatch")
+    whole = [r for r in records.read_records(command.RECORD_KIND, results_dir=tmp_path / "all")
+             if r["stage"] == "dispatch"]
+    assert [r["kernel"] for r in chosen] == ["dispatch_count_segments", "dispatch_scan_segments",
+                                             "dispatch_offsets", "dispatch_scatter"]
+    assert all(r["params"]["layer"] == "moe" for r in chosen)
+
+    def counts(r):
+        return r["kernel"], r["sites"], r["arrays"], r["routing_max_over_mean"]
+
+    assert [counts(r) for r in chosen] == [counts(r) for r in whole]
+
+
+def test_the_traffic_command_refuses_an_unknown_stage():
+    from analysis.measure import traffic as command
+
+    with pytest.raises(SystemExit):
+        command.parse(["--stages", "dispatcher"])
+    with pytest.raises(ValueError, match="stages: expected one or more of"):
+        command.count_layer(16, 64, 64, 4, 2, stages=("router",))

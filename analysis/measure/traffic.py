@@ -11,6 +11,14 @@ k, dtype, the routing skew (largest expert load over the mean), per access site
 wavefronts against the minimum, and per array argument the distinct bytes
 (the ideal: each byte read once, written once) and distinct sectors.
 
+``--stages dispatch`` (or any of STAGES) counts only those stages: the layer
+runs through the contract's stage functions (topk_moe.route, dispatch, permute,
+expert_mlp, combine) on the emulator, the others uncounted and only as far as
+the last chosen stage needs; the dense layer runs only for dense_activation.
+A stage's records are the same as in a whole-layer run, except that
+expert_mlp's kernel version then follows the plan's busiest expert (an eager
+call) where moe_forward passes T as that bound (the same above DECODE_ROWS).
+
 ``--sources DIR --sources-label NAME`` counts the .cu files of another folder
 (e.g. a commit's kernels/topk_moe/cuda, exported with ``git archive``) instead of
 kernels/topk_moe/cuda: how a fix's counts before and after are recorded side by side.
@@ -43,6 +51,9 @@ MEASURED_BY = "cpu-emulation"
 LABEL = ("counted in CPU emulation: the requests the kernel makes, not DRAM traffic "
          "(no caches are modelled)")
 SECTOR_BYTES = 32
+#: The stages a run can count, in the layer's order (``--stages``).
+MOE_STAGES = ("route", "dispatch", "permute", "expert_mlp", "combine")
+STAGES = MOE_STAGES + ("dense_activation",)
 
 
 def stage_of(file: str, kernel: str) -> str:
@@ -101,30 +112,43 @@ def routing_skew(plan, n_experts: int, assignments: int) -> float:
 
 
 def count_layer(T: int, D: int, F: int, E: int, k: int, dtype: str = "float16", activation: str = "swiglu",
-                seed: int = 0, sources=None, sources_label: str = "working tree") -> list:
+                seed: int = 0, sources=None, sources_label: str = "working tree", stages=STAGES) -> list:
     """Records of every launch of one MoE layer and of the dense activation at
     equal active FLOPs (hidden k F), counted on the emulator; the kernels of
-    folder ``sources`` (named ``sources_label``) instead of kernels/topk_moe/cuda if given."""
+    folder ``sources`` (named ``sources_label``) instead of kernels/topk_moe/cuda if given.
+    ``stages``: count only these (names from STAGES), the others run uncounted
+    where a counted stage needs their result."""
     from topk_moe.cuda.emulator import loader
 
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"stages: expected one or more of {STAGES}, got {list(stages)}")
     with loader.kernel_sources(sources) if sources else contextlib.nullcontext():
-        return _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label)
+        return _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label, tuple(stages))
 
 
-def _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label) -> list:
+def _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label, stages) -> list:
     import topk_moe
     from topk_moe.cuda.emulator import traffic
 
     cfg = topk_moe.MoEConfig(d_model=D, d_ff=F, n_experts=E, top_k=k, activation=activation)
     weights = topk_moe.init_weights(cfg, seed=seed, dtype=np.dtype(dtype))
     x = np.random.default_rng(seed).standard_normal((T, D)).astype(dtype)
-    with traffic.counting() as launches:
-        output = topk_moe.moe_forward(x, weights, cfg, backend="cuda-emulated")
-    skew = routing_skew(output.plan, E, T * k)
     params = {"T": T, "D": D, "F": F, "E": E, "k": k, "dtype": dtype, "activation": activation, "seed": seed,
               "layer": "moe", "sources": sources_label}
-    out = [launch_record(launch, i, params, {"routing_max_over_mean": skew, "dense_gemms": None})
-           for i, launch in enumerate(launches)]
+    out = []
+    chosen = [stage for stage in MOE_STAGES if stage in stages]
+    if chosen == list(MOE_STAGES):
+        with traffic.counting() as launches:
+            plan = topk_moe.moe_forward(x, weights, cfg, backend="cuda-emulated").plan
+    elif chosen:
+        launches, plan = _count_moe_stages(x, weights, cfg, chosen)
+    if chosen:
+        skew = routing_skew(plan, E, T * k)
+        out += [launch_record(launch, i, params, {"routing_max_over_mean": skew, "dense_gemms": None})
+                for i, launch in enumerate(launches)]
+    if "dense_activation" not in stages:
+        return out
 
     dense = topk_moe.MoEConfig(d_model=D, d_ff=k * F, n_experts=1, top_k=1, activation=activation)
     dense_weights = topk_moe.init_weights(dense, seed=seed, dtype=np.dtype(dtype))
@@ -137,6 +161,37 @@ def _count_layer(T, D, F, E, k, dtype, activation, seed, sources_label) -> list:
         "routing_max_over_mean": None,
         "dense_gemms": "cuBLAS on a GPU (NumPy in the emulator): not counted"}) for i, launch in enumerate(launches)]
     return out
+
+
+def _count_moe_stages(x, weights, cfg, chosen) -> tuple:
+    """(launches of the chosen stages, plan): the layer stage by stage through the
+    contract's functions on the emulator, up to the last chosen stage."""
+    import topk_moe
+    from topk_moe.cuda.emulator import traffic
+
+    backend = "cuda-emulated"
+    launches: list = []
+
+    def run(stage, function, *arguments, **keywords):
+        if stage not in chosen:
+            return function(*arguments, backend=backend, **keywords)
+        with traffic.counting() as counted:
+            result = function(*arguments, backend=backend, **keywords)
+        launches.extend(counted)
+        return result
+
+    last = MOE_STAGES.index(chosen[-1])
+    routing = run("route", topk_moe.route, x, weights.router, cfg.top_k, renormalize=cfg.renormalize)
+    plan = run("dispatch", topk_moe.dispatch, routing.experts, cfg.n_experts,
+               capacity=topk_moe.capacity(cfg, x.shape[0]))
+    if last >= MOE_STAGES.index("permute"):
+        rows = run("permute", topk_moe.permute, x, plan)
+    if last >= MOE_STAGES.index("expert_mlp"):
+        expert_out = run("expert_mlp", topk_moe.expert_mlp, rows, plan, weights.w1, weights.w2, weights.w3,
+                         activation=cfg.activation)
+    if last >= MOE_STAGES.index("combine"):
+        run("combine", topk_moe.combine, expert_out, routing, plan)
+    return launches, plan
 
 
 def summary_line(record: dict) -> str:
@@ -162,6 +217,8 @@ def parse(argv):
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--activation", default="swiglu", choices=("relu", "gelu", "swiglu"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, metavar="STAGE",
+                        help=f"count only these stages, of {' '.join(STAGES)} (default all)")
     parser.add_argument("--sources", default=None, help="count the .cu files of this folder (default kernels/topk_moe/cuda)")
     parser.add_argument("--sources-label", default="working tree", help="the name records give --sources")
     parser.add_argument("--results-dir", default=None, help="results folder (default: the repository's results/)")
@@ -184,7 +241,7 @@ def main(argv=None) -> int:
     out = []
     for T, k in tqdm(runs, desc="traffic", unit="layer"):
         out += count_layer(T, arguments.D, arguments.F, arguments.E, k, arguments.dtype, arguments.activation,
-                           arguments.seed, arguments.sources, arguments.sources_label)
+                           arguments.seed, arguments.sources, arguments.sources_label, arguments.stages)
     print(f"{LABEL}. Wall time {time.perf_counter() - started:.0f} s.")
     for record in out:
         print(summary_line(record))
