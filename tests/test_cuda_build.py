@@ -193,6 +193,22 @@ def test_limits_raise_with_the_argument_name():
     assert launch_config.dispatch_warps_per_block(launch_config.MAX_DISPATCH_EXPERTS) == 1
 
 
+@pytest.mark.parametrize("E", [1, 8, 64, 1024, launch_config.MAX_DISPATCH_EXPERTS])
+def test_dispatch_shared_memory_fits_the_block_limit(E):
+    """dispatch_scatter: per warp an int64 row base and a 16-bit counter per expert
+    and an int per segment element, within the 48 KB a block may take unasked."""
+    warps = launch_config.dispatch_warps_per_block(E)
+    scatter = launch_config.dispatch_shared_bytes("dispatch_scatter", E)
+    assert scatter == warps * (10 * E + 4 * launch_config.DISPATCH_SEGMENT) <= launch_config.DISPATCH_SHARED_BYTES
+    assert launch_config.dispatch_shared_bytes("dispatch_count_segments", E) == warps * 4 * E
+    assert launch_config.dispatch_shared_bytes("dispatch_offsets", E) == 0
+    more_warps = min(warps + 1, launch_config.DISPATCH_MAX_WARPS)
+    assert warps == launch_config.DISPATCH_MAX_WARPS or (
+        more_warps * (10 * E + 4 * launch_config.DISPATCH_SEGMENT) > launch_config.DISPATCH_SHARED_BYTES)
+    with pytest.raises(ValueError, match="kernel"):
+        launch_config.dispatch_shared_bytes("dispatch", E)
+
+
 def test_widest_access():
     assert launch_config.widest_access(33 * 4, 256, 512) == 4
     assert launch_config.widest_access(104 * 2, 256, 512) == 16

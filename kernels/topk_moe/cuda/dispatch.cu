@@ -17,25 +17,43 @@
 // and a scan along an expert's row, choice by choice, segment by segment, gives
 // each (expert, choice, segment) the arrivals that precede it in j-major order.
 //
+// Blocks, not warps, touch segment_counts and token (the second issue-21 fix). A
+// block's W warps take W consecutive segments, so its entries of one (expert,
+// choice) are a run of W consecutive int64 in segment_counts; the block reads and
+// writes them through shared memory, its threads on consecutive segments. (One
+// warp alone would touch a sector per expert, k * segments entries apart.) And a
+// (segment, choice)'s rows at one expert are consecutive rows of `token`: the
+// warp stages its token rows in shared memory in expert order and stores them
+// with consecutive lanes on consecutive rows, instead of scattering each round's
+// lanes over the E experts' row ranges. The emulator's counts of the whole stage
+// at T = 256, E = 8 (analysis.measure.traffic): k = 2, 778 sectors against a
+// minimum of 517 before, 478 against 433 after; k = 1, 303/255 before, 227/227 after.
+//
 // Kernels, in launch order:
 //   dispatch_count_segments  one warp per segment: loads its elements once into
 //                            registers, then for each choice j counts the
 //                            arrivals per expert in the warp's own slice of shared
-//                            memory (integer atomics, whose sum is order-free) and
-//                            writes them to segment_counts[e, j, segment].
+//                            memory (integer atomics, whose sum is order-free);
+//                            after a block barrier the block writes all its
+//                            warps' counts to segment_counts[e, j, segment].
 //   dispatch_scan_segments   one block per expert: exclusive scan of its row of
 //                            segment_counts in place (the arrival rank of each
 //                            (choice, segment)'s first arrival), and
 //                            counts[e] = min(arrivals, C).
 //   dispatch_offsets         one block: exclusive scan of counts -> offsets (E+1).
-//   dispatch_scatter         one warp per segment again, choice by choice: within a
-//                            round, __match_any_sync groups the lanes of one expert
-//                            and a lane's rank is the number of lower lanes in its
-//                            group (lower lanes hold earlier tokens of the same
-//                            choice); earlier rounds are added from the warp's
-//                            shared counters, earlier choices and segments from the
-//                            scan. Writes token[row] at once and row[t, j] (or -1)
-//                            after the last choice, as one contiguous store per round.
+//   dispatch_scatter         per choice j, the block loads offsets[e] +
+//                            segment_counts[e, j, its segments] (the rows of each
+//                            (segment, choice)'s first arrivals) into shared memory;
+//                            then one warp per segment: within a round,
+//                            __match_any_sync groups the lanes of one expert and a
+//                            lane's rank is the number of lower lanes in its group
+//                            (lower lanes hold earlier tokens of the same choice),
+//                            earlier rounds are added from the warp's shared
+//                            counters. The counters, scanned over experts, place
+//                            each element in the warp's staging buffer (expert
+//                            order); the warp then writes token[row] from it, and
+//                            row[t, j] (or -1) after the last choice, as one
+//                            contiguous store per round.
 //
 // Dropless plans need no host synchronisation (N = T * K is known); with a
 // capacity the launcher reads offsets[E] once to size `token`.
@@ -45,8 +63,14 @@
 #ifndef DISPATCH_ROUNDS
 #define DISPATCH_ROUNDS 8
 #endif
+#ifndef DISPATCH_MAX_WARPS
+#define DISPATCH_MAX_WARPS 8  // the launcher's largest block, in warps
+#endif
 
 constexpr int SEGMENT = 32 * DISPATCH_ROUNDS;
+// dispatch_scatter keeps a (segment, choice)'s arrivals per expert in 16 bits and a
+// token's offset from its segment's first token in the low 16 bits of an int.
+static_assert(SEGMENT < 65536, "DISPATCH_ROUNDS: a segment must hold fewer than 65536 elements");
 constexpr int NO_EXPERT = -1;  // a lane past the last element
 
 // The experts of a segment's elements, one per round in this lane (NO_EXPERT past
@@ -97,8 +121,12 @@ extern "C" __global__ void dispatch_count_segments(const int* __restrict__ exper
     extern __shared__ int warp_counters[];  // (warps per block, n_experts)
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const long long segment = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
-    if (segment >= n_segments) return;  // whole warps; no block barrier below
+    const int n_warps = blockDim.x >> 5;
+    const long long first_segment = (long long)blockIdx.x * n_warps;
+    // A warp past the last segment loads no element and counts nothing, but stays
+    // for the block's barriers.
+    const long long segment = first_segment + warp;
+    const int block_segments = (int)min((long long)n_warps, n_segments - first_segment);
     int* counter = warp_counters + warp * n_experts;
     for (int e = lane; e < n_experts; e += 32) counter[e] = 0;
     __syncwarp();
@@ -115,14 +143,18 @@ extern "C" __global__ void dispatch_count_segments(const int* __restrict__ exper
             choice += round_step;
             if (choice >= k) choice -= k;
         }
-        __syncwarp();
-        // segment_counts[e, j, segment]; each lane reads and clears its own counters
-        long long* choice_counts = segment_counts + (long long)j * n_segments + segment;
-        for (int e = lane; e < n_experts; e += 32) {
-            choice_counts[(long long)e * k * n_segments] = counter[e];
-            counter[e] = 0;
+        __syncthreads();  // every warp's counts of choice j are in
+        // segment_counts[e, j, first_segment + w] for the block's segments w, the
+        // block's threads on consecutive segments: one run per expert (transposed
+        // from the warps' counters). Whoever reads a counter clears it for choice j + 1.
+        long long* choice_counts = segment_counts + (long long)j * n_segments + first_segment;
+        for (int slot = threadIdx.x; slot < n_experts * block_segments; slot += blockDim.x) {
+            const int e = slot / block_segments;
+            const int w = slot - e * block_segments;
+            choice_counts[(long long)e * k * n_segments + w] = warp_counters[w * n_experts + e];
+            warp_counters[w * n_experts + e] = 0;
         }
-        __syncwarp();
+        __syncthreads();
     }
 }
 
@@ -157,23 +189,60 @@ extern "C" __global__ void dispatch_offsets(const long long* __restrict__ counts
     if (threadIdx.x == 0) offsets[n_experts] = total;
 }
 
-extern "C" __global__ void dispatch_scatter(const int* __restrict__ experts, long long n_tokens, int k,
-                                            int n_experts, long long n_segments,
-                                            const long long* __restrict__ segment_base,
-                                            const long long* __restrict__ offsets, long long capacity,
-                                            long long* __restrict__ token, long long* __restrict__ row) {
-    extern __shared__ int warp_counters[];  // (warps per block, n_experts)
+// Exclusive prefix sum of values[0, n) in place, by one warp; returns the total.
+__device__ int warp_exclusive_scan(unsigned short* values, int n, int lane) {
+    int total = 0;
+    for (int first = 0; first < n; first += 32) {
+        const int i = first + lane;
+        const int value = i < n ? values[i] : 0;
+        int inclusive = value;
+#pragma unroll
+        for (int offset = 1; offset < 32; offset <<= 1) {
+            const int below = __shfl_up_sync(FULL_WARP_MASK, inclusive, offset);
+            if (lane >= offset) inclusive += below;
+        }
+        if (i < n) values[i] = (unsigned short)(total + inclusive - value);
+        total += __shfl_sync(FULL_WARP_MASK, inclusive, 31);
+    }
+    return total;
+}
+
+// A staged token row: its expert (high 16 bits) and its token's offset from the
+// segment's first token (low 16 bits); DROPPED where the capacity drops it.
+constexpr int DROPPED = -1;
+__device__ __forceinline__ int pack_staged(int expert, int token_offset) { return (expert << 16) | token_offset; }
+
+// At most 64 registers (four blocks of DISPATCH_MAX_WARPS warps per SM, as the
+// kernel had before staging): left free, ptxas takes about 124 to load every
+// round's shared values at once, which a memory-bound kernel does not need.
+extern "C" __global__ void __launch_bounds__(32 * DISPATCH_MAX_WARPS, 4)
+dispatch_scatter(const int* __restrict__ experts, long long n_tokens, int k, int n_experts, long long n_segments,
+                 const long long* __restrict__ segment_base, const long long* __restrict__ offsets,
+                 long long capacity, long long* __restrict__ token, long long* __restrict__ row) {
+    // Dynamic shared memory, in this order (launch_config.dispatch_shared_bytes):
+    //   row_base  (warps, n_experts) long long: the row of the (segment, choice)'s first
+    //             arrival at each expert, offsets[e] + segment_base[e, j, segment];
+    //   staged    (warps, SEGMENT) int: the choice's token rows in expert order;
+    //   counter   (warps, n_experts) unsigned short: arrivals per expert in earlier
+    //             rounds, then where each expert's run starts in staged.
+    extern __shared__ long long scatter_shared[];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const long long segment = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
-    if (segment >= n_segments) return;
-    int* counter = warp_counters + warp * n_experts;  // this choice's arrivals in earlier rounds
-    for (int e = lane; e < n_experts; e += 32) counter[e] = 0;
-    __syncwarp();
+    const int n_warps = blockDim.x >> 5;
+    const long long first_segment = (long long)blockIdx.x * n_warps;
+    const long long segment = first_segment + warp;  // past the last one: no element, only the barriers
+    const int block_segments = (int)min((long long)n_warps, n_segments - first_segment);
+    long long* block_row_base = scatter_shared;
+    int* staged_base = (int*)(block_row_base + n_warps * n_experts);
+    unsigned short* counter_base = (unsigned short*)(staged_base + n_warps * SEGMENT);
+    long long* row_base = block_row_base + warp * n_experts;
+    int* staged = staged_base + warp * SEGMENT;
+    unsigned short* counter = counter_base + warp * n_experts;
 
     const long long n_elements = n_tokens * k;
     int expert[DISPATCH_ROUNDS];
     load_segment(experts, n_elements, segment, lane, expert);
+    int rank[DISPATCH_ROUNDS];          // arrivals before this lane's element in its (segment, choice, expert)
     long long target[DISPATCH_ROUNDS];  // row[i] of each round, stored after the last choice
     const unsigned int lower_lanes = (1u << lane) - 1u;
     // Element segment * SEGMENT + offset is (t, j) = (first_token + (first_choice + offset) / k,
@@ -181,7 +250,20 @@ extern "C" __global__ void dispatch_scatter(const int* __restrict__ experts, lon
     const long long first_token = segment * SEGMENT / k;
     const int first_choice = (int)(segment * SEGMENT % k);
     for (int j = 0; j < k; ++j) {
-        const long long* choice_base = segment_base + (long long)j * n_segments + segment;  // [e, j, segment]
+        // The block's row bases of choice j, its threads on consecutive segments of
+        // one expert (a run of segment_base), and this warp's counters cleared.
+        __syncthreads();  // the previous choice is done with row_base
+        const long long* choice_base = segment_base + (long long)j * n_segments + first_segment;
+        for (int slot = threadIdx.x; slot < n_experts * block_segments; slot += blockDim.x) {
+            const int e = slot / block_segments;
+            const int w = slot - e * block_segments;
+            block_row_base[w * n_experts + e] = offsets[e] + choice_base[(long long)e * k * n_segments + w];
+        }
+        for (int e = lane; e < n_experts; e += 32) counter[e] = 0;
+        __syncthreads();
+
+        // Ranks: within a round, __match_any_sync groups the lanes of one expert and
+        // the lower lanes of a group hold earlier tokens; earlier rounds are counted.
 #pragma unroll
         for (int round = 0; round < DISPATCH_ROUNDS; ++round) {
             const int from_first_token = first_choice + round * 32 + lane;  // elements
@@ -191,17 +273,34 @@ extern "C" __global__ void dispatch_scatter(const int* __restrict__ experts, lon
             const int rank_in_round = __popc(same_expert & lower_lanes);
             const int earlier_rounds = valid ? counter[e] : 0;
             __syncwarp();
-            if (valid && rank_in_round == 0) counter[e] = earlier_rounds + __popc(same_expert);
+            if (valid && rank_in_round == 0) counter[e] = (unsigned short)(earlier_rounds + __popc(same_expert));
             __syncwarp();
-            if (valid) {
-                const long long arrival = choice_base[(long long)e * k * n_segments] + earlier_rounds + rank_in_round;
-                const bool kept = capacity < 0 || arrival < capacity;
-                target[round] = kept ? offsets[e] + arrival : -1;
-                if (kept) token[target[round]] = first_token + from_first_token / k;
-            }
+            rank[round] = earlier_rounds + rank_in_round;
         }
-        for (int e = lane; e < n_experts; e += 32) counter[e] = 0;  // the next choice counts afresh
+        // counter[e]: the arrivals at e in this (segment, choice) -> where e's run starts in staged.
+        const int n_staged = warp_exclusive_scan(counter, n_experts, lane);
         __syncwarp();
+
+        // Each element's row (kept while it is below the expert's end, offsets[e + 1]:
+        // counts[e] = min(arrivals, C) and an arrival rank is below the arrivals).
+#pragma unroll
+        for (int round = 0; round < DISPATCH_ROUNDS; ++round) {
+            const int from_first_token = first_choice + round * 32 + lane;
+            if (expert[round] == NO_EXPERT || from_first_token % k != j) continue;
+            const int e = expert[round];
+            const long long target_row = row_base[e] + rank[round];
+            const bool kept = capacity < 0 || target_row < offsets[e + 1];
+            target[round] = kept ? target_row : -1;
+            staged[counter[e] + rank[round]] = kept ? pack_staged(e, from_first_token / k) : DROPPED;
+        }
+        __syncwarp();
+        // token[row] in runs: consecutive lanes on consecutive rows of one expert.
+        for (int slot = lane; slot < n_staged; slot += 32) {
+            const int value = staged[slot];
+            if (value == DROPPED) continue;
+            const int e = value >> 16;
+            token[row_base[e] + (slot - counter[e])] = first_token + (value & 0xffff);
+        }
     }
 #pragma unroll
     for (int round = 0; round < DISPATCH_ROUNDS; ++round) {

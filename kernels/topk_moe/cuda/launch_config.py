@@ -47,25 +47,52 @@ DISPATCH_ROUNDS = 8
 #: rounds of 32 consecutive elements, in memory order).
 DISPATCH_SEGMENT = WARP * DISPATCH_ROUNDS
 DISPATCH_MAX_WARPS = 8
-#: Each warp keeps an int counter per expert in shared memory; the default
-#: per-block limit of 48 KB bounds the experts a dispatch can take.
+#: The default per-block limit of dynamic shared memory. dispatch_scatter needs
+#: the most per warp: an int64 row base and a 16-bit counter per expert, and an
+#: int per element of its segment (the staged token rows); that bounds the
+#: experts a dispatch can take (dispatch_count_segments: an int counter per
+#: expert per warp).
 DISPATCH_SHARED_BYTES = 48 * 1024
-MAX_DISPATCH_EXPERTS = DISPATCH_SHARED_BYTES // 4
+_SCATTER_BYTES_PER_EXPERT = 8 + 2
+MAX_DISPATCH_EXPERTS = (DISPATCH_SHARED_BYTES - 4 * DISPATCH_SEGMENT) // _SCATTER_BYTES_PER_EXPERT
 SCAN_THREADS = 256
 
 
 def dispatch_defines() -> dict:
-    return {"DISPATCH_ROUNDS": DISPATCH_ROUNDS}
+    """The -D constants of dispatch.cu (DISPATCH_MAX_WARPS bounds the scatter's
+    registers through __launch_bounds__)."""
+    return {"DISPATCH_ROUNDS": DISPATCH_ROUNDS, "DISPATCH_MAX_WARPS": DISPATCH_MAX_WARPS}
+
+
+def _scatter_bytes_per_warp(n_experts: int) -> int:
+    return n_experts * _SCATTER_BYTES_PER_EXPERT + 4 * DISPATCH_SEGMENT
 
 
 def dispatch_warps_per_block(n_experts: int) -> int:
-    """Warps per block of the segment kernels: as many as fit their counters
-    (n_experts ints each) in DISPATCH_SHARED_BYTES, at most DISPATCH_MAX_WARPS."""
+    """Warps per block of the segment kernels (one segment per warp): as many as
+    fit dispatch_scatter's shared memory in DISPATCH_SHARED_BYTES, at most
+    DISPATCH_MAX_WARPS."""
     if not 1 <= n_experts <= MAX_DISPATCH_EXPERTS:
         raise ValueError(
-            f"n_experts: the cuda dispatch supports 1 to {MAX_DISPATCH_EXPERTS} experts, got {n_experts}"
+            f"n_experts: the cuda dispatch supports 1 to {MAX_DISPATCH_EXPERTS} experts "
+            f"(its shared memory per block is {DISPATCH_SHARED_BYTES} bytes), got {n_experts}"
         )
-    return max(1, min(DISPATCH_MAX_WARPS, DISPATCH_SHARED_BYTES // (4 * n_experts)))
+    return max(1, min(DISPATCH_MAX_WARPS, DISPATCH_SHARED_BYTES // _scatter_bytes_per_warp(n_experts)))
+
+
+def dispatch_shared_bytes(kernel: str, n_experts: int) -> int:
+    """Dynamic shared memory (bytes) the launcher gives a dispatch kernel for E
+    experts: dispatch_count_segments an int counter per expert per warp;
+    dispatch_scatter per warp an int64 row base and a 16-bit counter per expert
+    and an int per segment element; the scans none."""
+    warps = dispatch_warps_per_block(n_experts)
+    if kernel == "dispatch_count_segments":
+        return warps * n_experts * 4
+    if kernel == "dispatch_scatter":
+        return warps * _scatter_bytes_per_warp(n_experts)
+    if kernel in ("dispatch_scan_segments", "dispatch_offsets"):
+        return 0
+    raise ValueError(f"kernel: expected a kernel of dispatch.cu, got {kernel!r}")
 
 
 # combine.cu and activation.cu -----------------------------------------------

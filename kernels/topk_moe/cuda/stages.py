@@ -27,8 +27,8 @@ passes T as their bound (``expert_mlp(..., max_expert_rows=T)``): the graph
 then runs the kernel version an eager call would.
 
 Limits of this version: the router takes E <= 1024 (E logits per token live
-in registers), dispatch E <= 12288 (a counter per expert per warp in shared
-memory); beyond them a ValueError says so.
+in registers), dispatch E <= launch_config.MAX_DISPATCH_EXPERTS (per warp a row base and a
+counter per expert in shared memory); beyond them a ValueError says so.
 """
 
 from __future__ import annotations
@@ -135,7 +135,6 @@ class Stages:
         n_assignments = n_tokens * k
         n_segments = -(-n_assignments // config.DISPATCH_SEGMENT)
         segment_blocks = -(-n_segments // warps)
-        shared_bytes = warps * n_experts * 4
         capacity_arg = np.int64(-1 if capacity is None else capacity)
 
         counts = xp.empty(n_experts, dtype=np.int64)
@@ -148,7 +147,7 @@ class Stages:
                 (segment_blocks,), (warps * config.WARP,),
                 (experts, np.int64(n_tokens), np.int32(k), np.int32(n_experts), np.int64(n_segments),
                  segment_counts),
-                shared_mem=shared_bytes,
+                shared_mem=config.dispatch_shared_bytes("dispatch_count_segments", n_experts),
             )
         self.get_kernel("dispatch.cu", "dispatch_scan_segments", **defines)(
             (n_experts,), (config.SCAN_THREADS,),
@@ -168,7 +167,7 @@ class Stages:
                 (segment_blocks,), (warps * config.WARP,),
                 (experts, np.int64(n_tokens), np.int32(k), np.int32(n_experts), np.int64(n_segments),
                  segment_counts, offsets, capacity_arg, token, row),
-                shared_mem=shared_bytes,
+                shared_mem=config.dispatch_shared_bytes("dispatch_scatter", n_experts),
             )
         self.keep_for_graph(segment_counts)
         return DispatchPlan(counts=counts, offsets=offsets, token=token, row=row)
