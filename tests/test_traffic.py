@@ -305,3 +305,20 @@ def test_the_traffic_command_refuses_an_unknown_stage():
         command.parse(["--stages", "dispatcher"])
     with pytest.raises(ValueError, match="stages: expected one or more of"):
         command.count_layer(16, 64, 64, 4, 2, stages=("router",))
+
+
+def test_a_run_of_some_stages_replaces_only_their_records_in_the_kernels_chapter(tmp_path):
+    """The Kernels chapter keeps the newest run per stage: after a whole-layer run,
+    a --stages dispatch run replaces dispatch's records and leaves the others."""
+    from analysis.chapters import kernels as chapter
+    from analysis.measure import traffic as command
+
+    shape = ["--T", "40", "--D", "64", "--F", "64", "--E", "4", "--k", "2", "--results-dir", str(tmp_path)]
+    assert command.main(shape) == 0
+    whole = chapter.traffic_records(tmp_path)
+    assert command.main(shape + ["--stages", "dispatch"]) == 0
+    shown = chapter.traffic_records(tmp_path)
+    assert {r["stage"] for r in shown} == {r["stage"] for r in whole} >= {"route", "dispatch", "expert_mlp"}
+    assert len(shown) == len(whole)
+    newest = max(r["utc"] for r in shown)
+    assert {r["stage"] for r in shown if r["utc"] == newest} == {"dispatch"}

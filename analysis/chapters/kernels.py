@@ -549,14 +549,16 @@ CURRENT_SOURCES = "working tree"
 
 
 def _traffic_key(record: dict) -> tuple:
+    # Per stage: a run may count only some stages (analysis.measure.traffic --stages).
     p = record["params"]
-    return (p["layer"], p["k"], p["T"], p["D"], p["F"], p["E"], p["dtype"], p.get("sources", CURRENT_SOURCES))
+    return (p["layer"], p["k"], p["T"], p["D"], p["F"], p["E"], p["dtype"], p.get("sources", CURRENT_SOURCES),
+            record["stage"])
 
 
 def traffic_records(results_dir=None, device: Optional[str] = None, sources: Optional[str] = CURRENT_SOURCES) -> list:
     """The committed 'traffic' records (analysis.measure.traffic) of kernel
     sources ``sources`` (None: every source), the newest run per (layer, k, shape,
-    sources) only; [] where none is committed."""
+    sources, stage) only; [] where none is committed."""
     from analysis import records
 
     try:
