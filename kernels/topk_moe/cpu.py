@@ -41,7 +41,7 @@ expert's GEMMs on that expert's rows and one activation over all of them, so
 many experts with a few rows each (E = 64 at decode) cost a few tasks' Python,
 not one task's per expert. The grouping depends only on the routing, and each
 expert's products are the ones it makes alone. A stage with one task, or
-an expert stage of little work in all (PARALLEL_MIN_MULTIPLY_ADDS: a decode
+an expert stage of little work in all (PARALLEL_MIN_WORK: a decode
 step at small D and F), runs on the calling thread alone: handing work to a
 helper and taking the GIL back costs 60 to 250 microseconds, more than a
 second core would save on tasks that short. Blocks of at most GEMV_ROWS
@@ -92,17 +92,26 @@ MIN_TASKS = 8
 #: the whole layer, D = 512, F = 1024, E = 8, alternating calls: T = 16, k = 1
 #: 14% faster, T = 4 3%, T = 1 and T = 64 the same within noise).
 GEMV_ROWS = 3
-#: An expert stage of fewer multiply-adds than this (rows x D x F per weight
-#: matrix, all experts) runs on the calling thread alone, however many tasks
-#: it has: handing tasks to a helper thread and waiting for it costs 60 to
-#: 250 microseconds (the GIL passes back and forth at every NumPy call), more
-#: than a second core saves on so little work. Measured on the whole layer at
-#: decode, alternating one worker and two on the same input: T = 1, k = 2,
-#: D = 256, F = 512 (0.5 M multiply-adds) 340 against 524 us, D = 512, F = 1024
-#: gelu (2.1 M) 759 against 872 us; D = 512, F = 1792 relu (3.7 M) 1125
-#: against 989 us, and T = 16, k = 2, D = 512, F = 1024 swiglu (50 M) 7.8
-#: against 5.0 ms, where two workers win.
-PARALLEL_MIN_MULTIPLY_ADDS = 1 << 22
+#: An expert stage of less work than this runs on the calling thread alone,
+#: however many tasks it has: handing tasks to a helper thread and waiting for
+#: it costs 60 to 250 microseconds (the GIL passes back and forth at every
+#: NumPy call), more than a second core saves on so little work. Work is
+#: counted in multiply-adds (rows x D x F per weight matrix), plus
+#: WEIGHT_READ_COST for each weight of the touched experts, which a decode
+#: step reads from memory. Measured on the whole layer on two idle cores,
+#: alternating one worker and two on the same inputs, weights rotated past
+#: the cache: one worker was faster at T = 1, k = 2, D = 512, F = 1024 gelu
+#: (31 M) and T = 4, k = 2, D = 256, F = 512 relu (31 M), the two the same
+#: within noise at T = 16, D = 256, F = 512 (k = 1 relu, 30 M; k = 2 gelu,
+#: 38 M; k = 1, E = 64 swiglu, 89 M), two workers faster at T = 1, k = 2,
+#: D = 1024, F = 2048 gelu (126 M, 1.8 against 2.2 ms) and T = 16, k = 1,
+#: D = 384, F = 768, E = 16 swiglu (150 M, 3.6 against 4.0 ms).
+PARALLEL_MIN_WORK = 40_000_000
+#: A weight read from memory costs about as long as this many multiply-adds:
+#: one thread's GEMV reads about 2.5 G float32 weights per second from memory
+#: (the bench's one-row read rate, about 10 GB/s here), where its GEMMs make
+#: about 35 G multiply-adds per second.
+WEIGHT_READ_COST = 14
 #: Tokens per task in route and combine, rows per task in permute.
 TOKEN_BLOCK = 1024
 #: Rows of the hidden activations activated at a time (gelu's three work
@@ -490,16 +499,16 @@ def _run_experts(source, index, offsets, w1, w2, w3, activation: str, target, wo
     close_group()
     # Largest blocks first, so that the last tasks the workers take are short ones.
     tasks.sort(key=lambda sized: sized[0], reverse=True)
-    _run([task for _, task in tasks], _workers_for(bounds[-1], w1, w3, workers))
+    _run([task for _, task in tasks], _workers_for(bounds[-1], len(touched), w1, w3, workers))
 
 
-def _workers_for(total_rows: int, w1, w3, workers: int) -> int:
+def _workers_for(total_rows: int, touched_experts: int, w1, w3, workers: int) -> int:
     """``workers``, or 1 for an expert stage too small to share out
-    (PARALLEL_MIN_MULTIPLY_ADDS). Which thread runs a task never changes its
-    result, so this changes only the time."""
-    matrices = 2 if w3 is None else 3
-    multiply_adds = total_rows * w1.shape[1] * w1.shape[2] * matrices
-    return workers if multiply_adds >= PARALLEL_MIN_MULTIPLY_ADDS else 1
+    (PARALLEL_MIN_WORK). Which thread runs a task never changes its result,
+    so this changes only the time."""
+    weights_per_expert = w1.shape[1] * w1.shape[2] * (2 if w3 is None else 3)
+    work = (total_rows + WEIGHT_READ_COST * touched_experts) * weights_per_expert
+    return workers if work >= PARALLEL_MIN_WORK else 1
 
 
 def _block_rows(total_rows: int) -> int:
