@@ -310,6 +310,12 @@ def test_the_grid_run_writes_its_own_records_and_judges_its_targets(tmp_path, ca
     assert gemm_rates[0]["expert_rows"] == round(300 * 1 / 8)  # T K / E
     assert gemm_rates[0]["dense_rows"] == topk_moe.cpu._block_rows(300)
     assert gemm_rates[0]["expert_flop_per_s"] > 0 and gemm_rates[0]["dense_flop_per_s"] > 0
+    activations = [r for r in written if r["measurement"] == "activation-time"]
+    if with_torch:  # T >= 256 points only, ours and PyTorch's in each round
+        assert sorted((r["grid_point"], r["backend"]) for r in activations) == sorted([(1, "cpu"), (1, "torch")] * rounds)
+        assert all(r["rows"] == round(300 * 1 / 8) and r["median_s"] > 0 for r in activations)
+    else:
+        assert activations == []
     dense = [r for r in timed if r["implementation"] == "dense" and r["grid_point"] == 0]
     assert {r["dense_d_ff"] for r in dense} == {2 * 128}  # equal active FLOPs: width K·F
 
@@ -329,6 +335,7 @@ def test_the_grid_run_writes_its_own_records_and_judges_its_targets(tmp_path, ca
     assert goals[3].met is not None and "T=2" in goals[3].where  # decode judged at the T = 2 point
     assert goals[2].met is not None and "T=300" in goals[2].where  # the dense target, at the large point
     assert "gemm_rows_slowdown" not in rows[0] and rows[1]["gemm_rows_slowdown"] > 0
+    assert ("activation_over_torch" in rows[1]) == with_torch and "activation_over_torch" not in rows[0]
     assert rows[1]["gemm_rows_slowdown_interval"][0] <= rows[1]["gemm_rows_slowdown"]
     assert (goals[0].met is not None) == with_torch and (goals[1].met is not None) == with_torch
     assert bench_cpu.format_grid(rows, bench_cpu.fixed_cost_rows(written)) in printed

@@ -127,6 +127,27 @@ def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsy
     assert f"#1  {round(260 / 4):>5} rows per expert" in printed  # the printed line is the one shown
 
 
+def test_the_activation_table_sets_our_activation_beside_the_loop():
+    def row(index, tokens, loop, activation=None):
+        found = {"grid_point": index, "tokens": tokens, "top_k": 2, "activation": "gelu", "d_model": 256,
+                 "d_ff": 896, "n_experts": 8, "moe_over_torch_eager": loop, "moe_over_torch_eager_interval": None}
+        if activation is not None:
+            found.update(activation_rows=tokens * 2 // 8, activation_over_torch=activation,
+                         activation_over_torch_interval=[activation * 0.9, activation * 1.2])
+        return found
+
+    view = cpu_baseline.GridView("note", [row(0, 16, 0.7), row(1, 256, 0.9, 5.0), row(2, 4096, 1.1, 5.5)])
+    frame = cpu_baseline.activation_frame(view)
+    assert list(frame["T"]) == [256, 4096] and list(frame["rows"]) == [64, 1024]
+    assert list(frame["activation: ours ÷ PyTorch's"]) == ["5.00±1.00", "5.50±1.10"]
+    worst = cpu_baseline.grid_numbers(view)["grid_loop_worst_activation"]
+    assert worst.startswith("5.50±1.10 times PyTorch's at its worst point (gelu, T = 4096, k = 2")
+    assert worst.endswith("MoE ÷ loop 1.10)")
+    empty = cpu_baseline.GridView("note", [row(0, 256, 0.9)])
+    assert cpu_baseline.activation_frame(empty).empty
+    assert cpu_baseline.grid_numbers(empty)["grid_loop_worst_activation"] == "–"
+
+
 def test_the_sweep_note_names_its_conditions():
     text = cpu_baseline.sweep_conditions("Note: AMD EPYC, commit abc.")
     assert text.startswith("Note: AMD EPYC, commit abc.") and "older backend" in text and "in cache" in text

@@ -339,6 +339,21 @@ def gemm_rows_frame(view: GridView) -> pd.DataFrame:
     return pd.DataFrame(shown, columns=columns)
 
 
+def activation_frame(view: GridView) -> pd.DataFrame:
+    """The T >= PEER_TOKENS grid points: MoE time over the PyTorch loop's
+    beside our activation's time over PyTorch's on one expert's rows (one
+    thread each, ``bench_cpu.measure_activation``), each ± the larger side of
+    its 95% interval. Empty for runs without that measurement."""
+    columns = ["layer", "T", "k", "rows", "activation: ours ÷ PyTorch's", "MoE ÷ PyTorch loop"]
+    shown = [{"layer": f"{row['activation']}, D {row['d_model']}, F {row['d_ff']}, E {row['n_experts']}",
+              "T": row["tokens"], "k": row["top_k"], "rows": row["activation_rows"],
+              "activation: ours ÷ PyTorch's": bench_cpu.ratio_text(row, "activation_over_torch"),
+              "MoE ÷ PyTorch loop": bench_cpu.ratio_text(row, "moe_over_torch_eager")}
+             for row in view.rows if row.get("activation_over_torch") is not None
+             and row.get("moe_over_torch_eager") is not None]
+    return pd.DataFrame(shown, columns=columns)
+
+
 def fixed_cost_frame(view: GridView) -> pd.DataFrame:
     """The fixed cost of a T = 1 call by step (``bench_cpu.measure_fixed_cost``),
     per k: microseconds (median over the rounds) and share of the whole call."""
@@ -391,7 +406,15 @@ def grid_numbers(view: GridView) -> dict:
     large = [row for row in view.rows if row.get("gemm_rows_slowdown") is not None
              and row.get("moe_over_dense_active") is not None]
     worst = max(large, key=lambda row: row["moe_over_dense_active"]) if large else None
-    return {"grid_dense_worst_gemm": "–" if worst is None else (
+    compared = [row for row in view.rows if row.get("activation_over_torch") is not None
+                and row.get("moe_over_torch_eager") is not None]
+    loop_worst = max(compared, key=lambda row: row["moe_over_torch_eager"]) if compared else None
+    return {"grid_loop_worst_activation": "–" if loop_worst is None else (
+                f"{bench_cpu.ratio_text(loop_worst, 'activation_over_torch')} times PyTorch's at its worst point "
+                f"({loop_worst['activation']}, T = {loop_worst['tokens']}, k = {loop_worst['top_k']}, "
+                f"D {loop_worst['d_model']}, F {loop_worst['d_ff']}, E {loop_worst['n_experts']}; MoE ÷ loop "
+                f"{bench_cpu.ratio_text(loop_worst, 'moe_over_torch_eager')})"),
+            "grid_dense_worst_gemm": "–" if worst is None else (
                 f"{bench_cpu.ratio_text(worst, 'gemm_rows_slowdown')} at {worst['expert_rows']} rows per expert "
                 f"against blocks of {worst['dense_rows']} rows (its MoE ÷ dense: "
                 f"{bench_cpu.ratio_text(worst, 'moe_over_dense_active')})"),

@@ -102,6 +102,9 @@ DENSE_CPU = ("dense", "cpu")
 TORCH_EAGER = ("moe", "torch-eager")
 #: The grid's explanation of the dense gap at T >= LARGE_TOKENS (``measure_gemm_rows``).
 GEMM_ROWS = ("gemm-by-rows", "cpu")
+#: The grid's explanation of the PyTorch loop's lead at small D (``measure_activation``).
+ACTIVATION_CPU = ("activation", "cpu")
+ACTIVATION_TORCH = ("activation", "torch")
 TORCH_GROUPED = ("moe", "torch-grouped-mm")
 DENSE_TORCH = ("dense", "torch")
 
@@ -516,7 +519,8 @@ def _serve(connection, config: BenchConfig) -> None:
     functions = {"measure_moe": measure_moe, "measure_dense": measure_dense,
                  "measure_torch_moe": measure_torch_moe, "measure_torch_dense": measure_torch_dense,
                  "measure_ceilings": measure_ceilings, "measure_weight_read": measure_weight_read,
-                 "measure_fixed_cost": measure_fixed_cost, "measure_gemm_rows": measure_gemm_rows}
+                 "measure_fixed_cost": measure_fixed_cost, "measure_gemm_rows": measure_gemm_rows,
+                 "measure_activation": measure_activation}
     while True:
         request = connection.recv()
         if request is None:
@@ -1098,6 +1102,46 @@ def measure_gemm_rows(config: BenchConfig, T: int, K: int, inputs: "InputCache")
     return result
 
 
+def measure_activation(config: BenchConfig, T: int, K: int, activation: str, library: str,
+                       inputs: "InputCache") -> dict:
+    """Why the PyTorch loop can beat our layer at small D: one thread's time to
+    activate one expert's hidden rows (T K / E rows of width F, the rows the
+    eager loop activates per expert and about those of one of our blocks),
+    ``library`` "numpy" (``topk_moe.cpu._activate``, in place) or "torch"
+    (the eager loop's ``peers._activate``) in its own worker. The rows are
+    copied in from the same random values before each call, untimed."""
+    rows = max(1, round(T * K / config.n_experts))
+    rng = numpy.random.default_rng(config.seed)
+    source = rng.standard_normal((rows, config.d_ff)).astype(config.dtype)
+    gate = rng.standard_normal((rows, config.d_ff)).astype(config.dtype) if activation == "swiglu" else None
+    work = numpy.empty_like(source)
+
+    def refill():
+        numpy.copyto(work, source)
+
+    if library == "numpy":
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            measured = timing.time_function(lambda: topk_moe.cpu._activate(work, gate, activation), setup=refill,
+                                            warmup=3, repeats=20)
+        return {"median_s": measured.median_s, "rows": rows, "threads": 1}
+    if library != "torch":
+        raise ValueError(f"library: expected 'numpy' or 'torch', got {library!r}")
+    import torch  # noqa: PLC0415 - only the PyTorch worker imports torch
+
+    hidden, torch_gate = peers.as_torch(work), None if gate is None else peers.as_torch(gate)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            measured = timing.time_function(lambda: peers._activate(hidden, torch_gate, activation), setup=refill,
+                                            warmup=3, repeats=20)
+    finally:
+        torch.set_num_threads(threads)
+    return {"median_s": measured.median_s, "rows": rows, "threads": 1}
+
+
 #: The steps of a T = 1 call, in the order it makes them (see ``measure_fixed_cost``).
 FIXED_COST_STEPS = ("checks", "blas pinning", "routing", "plan", "gather and store", "expert MLPs", "the rest")
 
@@ -1181,6 +1225,7 @@ def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = Tru
     torch_reason, _ = torch_reasons(base)
     per_point = 2 + (0 if torch_reason else 1)
     total = 2 + base.rounds * sum(per_point + (p.tokens <= DECODE_TOKENS) + (p.tokens >= LARGE_TOKENS)
+                                  + (0 if torch_reason else 2 * (p.tokens >= PEER_TOKENS))
                                   for p in points) + 2 * base.rounds
     shape = dataclasses.replace(base, tokens=(1,), top_ks=(1, 2), activations=("gelu",))
     numpy_worker = Worker("NumPy", base)
@@ -1222,6 +1267,12 @@ def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = Tru
                         timed.append({"implementation": TORCH_EAGER, **common, "result": on(
                             torch_worker, "measure_torch_moe", "torch-eager", activation, T, K, point=config)})
                         bar.update()
+                    if torch_worker is not None and T >= PEER_TOKENS:
+                        for implementation, worker, library in ((ACTIVATION_CPU, numpy_worker, "numpy"),
+                                                                (ACTIVATION_TORCH, torch_worker, "torch")):
+                            timed.append({"implementation": implementation, **common, "result": on(
+                                worker, "measure_activation", T, K, activation, library, point=config)})
+                        bar.update(2)
             for round_ in range(base.rounds):
                 for K in (1, 2):
                     bar.set_postfix_str(f"round {round_ + 1}/{base.rounds} fixed cost at T = 1, k = {K}")
@@ -1264,6 +1315,8 @@ def grid_record(entry: dict, base: BenchConfig) -> dict:
               "threads": result["threads"], "params": params}
     if name == "weight-read":
         return {**record, "measurement": "one-row-read-rate", "bytes_per_s": result["bytes_per_s"]}
+    if name == "activation":
+        return {**record, "measurement": "activation-time", "median_s": result["median_s"], "rows": result["rows"]}
     if (name, backend) == GEMM_ROWS:
         return {**record, "measurement": "gemm-rate-by-rows",
                 **{key: result[key] for key in ("expert_rows", "dense_rows", "expert_flop_per_s", "dense_flop_per_s")}}
@@ -1328,6 +1381,7 @@ def grid_rows(found: list[dict]) -> list[dict]:
                 row[field], row[f"{field}_interval"] = geometric_mean_interval(ratios)
                 row[f"{field}_rounds"] = ratios
         row.update(gemm_rows_slowdown(rounds))
+        row.update(activation_over_torch(rounds))
         rows.append(row)
     return rows
 
@@ -1344,6 +1398,18 @@ def gemm_rows_slowdown(rounds: list[dict]) -> dict:
     value, interval = geometric_mean_interval(ratios)
     return {"expert_rows": found[0]["expert_rows"], "dense_rows": found[0]["dense_rows"],
             "gemm_rows_slowdown": value, "gemm_rows_slowdown_interval": interval}
+
+
+def activation_over_torch(rounds: list[dict]) -> dict:
+    """A T >= PEER_TOKENS grid point's ``measure_activation``: our activation's
+    time over PyTorch's on one expert's rows, one thread each, as a geometric
+    mean over the rounds with its 95% interval; {} where the point has none."""
+    pairs = [(measured.get(ACTIVATION_CPU), measured.get(ACTIVATION_TORCH)) for measured in rounds]
+    if not pairs or any(ours is None or theirs is None for ours, theirs in pairs):
+        return {}
+    value, interval = geometric_mean_interval([ours["median_s"] / theirs["median_s"] for ours, theirs in pairs])
+    return {"activation_rows": pairs[0][0]["rows"], "activation_over_torch": value,
+            "activation_over_torch_interval": interval}
 
 
 def grid_baseline_s(field: str, measured: dict, moe_record: dict) -> Optional[float]:
@@ -1439,6 +1505,13 @@ def format_grid(rows: list[dict], fixed: list[dict]) -> str:
         text.append(f"  #{row['grid_point']:<2} {row['expert_rows']:>5} rows per expert, dense blocks of "
                     f"{row['dense_rows']}: {ratio_text(row, 'gemm_rows_slowdown')}  "
                     f"(MoE / dense: {ratio_text(row, 'moe_over_dense_active')})")
+    compared = [row for row in rows if row.get("activation_over_torch") is not None]
+    if compared:
+        text.append("\nThe activation alone (one thread each, an expert's rows): our time over PyTorch's:")
+    for row in compared:
+        text.append(f"  #{row['grid_point']:<2} {row['activation']:<6} {row['activation_rows']:>5} rows of "
+                    f"{row['d_ff']}: {ratio_text(row, 'activation_over_torch')}  "
+                    f"(MoE / PyTorch loop: {ratio_text(row, 'moe_over_torch_eager')})")
     text.append("\nFixed cost of a T = 1 call by step (hot caches), median over the rounds:")
     for row in fixed:
         text.append(f"  {row['shape']} k={row['top_k']}  {row['step']:<17} {row['us']:8.1f} us  "
