@@ -261,7 +261,9 @@ def test_layout_tables():
     assert (router["expert lanes"] * router["column lanes"] == launch_config.WARP).all()
     assert (router["logits per lane"] <= launch_config.ROUTER_LOGITS_PER_LANE).all()
     dispatch = chapter.dispatch_layout_table([8, launch_config.MAX_DISPATCH_EXPERTS])
-    assert (dispatch["dynamic shared (bytes)"] <= launch_config.DISPATCH_SHARED_BYTES).all()
+    for kernel in ("count", "scatter"):
+        assert (dispatch[f"{kernel}: shared (bytes)"] <= launch_config.DISPATCH_SHARED_BYTES).all()
+    assert (dispatch["scatter: shared (bytes)"] > dispatch["count: shared (bytes)"]).all()  # bases, staging
     widths = chapter.access_width_table([33, 104])
     assert widths.loc[(33, "float32"), "permute kernel"] == "permute_rows_4"
     assert widths.loc[(104, "float16"), "combine"] == "vector"
@@ -341,7 +343,9 @@ def test_traffic_tables_from_the_traffic_command(tmp_path):
 
 def test_sources_label_is_short():
     assert chapter._sources_label(chapter.CURRENT_SOURCES) == "now"
-    assert chapter._sources_label("before the issue-14 fixes (6853676)") == "before"
+    assert chapter._sources_label("before the issue-14 fixes (6853676)") == "before 6853676"
+    assert chapter._sources_label("before the second issue-21 dispatch fix (baa3f94)") == "before baa3f94"
+    assert chapter._sources_label("before some change") == "before"
     assert chapter._sources_label("some other label") == "some other label"
 
 

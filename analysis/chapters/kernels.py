@@ -219,11 +219,15 @@ def router_layout_table(expert_counts: Sequence[int] = ROUTER_EXPERT_COUNTS) -> 
 
 
 def dispatch_layout_table(expert_counts: Sequence[int] = DISPATCH_EXPERT_COUNTS) -> pd.DataFrame:
-    """dispatch.cu's warps per block and dynamic shared memory (a counter per expert per warp)."""
+    """dispatch.cu's warps per block and the dynamic shared memory its launcher
+    gives each segment kernel (``launch_config.dispatch_shared_bytes``): the
+    count kernel an int counter per expert per warp; the scatter per warp an
+    int64 row base and a 16-bit counter per expert, and its staging."""
     rows = []
     for E in expert_counts:
-        warps = launch_config.dispatch_warps_per_block(E)
-        rows.append({"E": E, "warps per block": warps, "dynamic shared (bytes)": warps * E * 4})
+        rows.append({"E": E, "warps per block": launch_config.dispatch_warps_per_block(E),
+                     "count: shared (bytes)": launch_config.dispatch_shared_bytes("dispatch_count_segments", E),
+                     "scatter: shared (bytes)": launch_config.dispatch_shared_bytes("dispatch_scatter", E)})
     return pd.DataFrame(rows).set_index("E")
 
 
@@ -644,18 +648,30 @@ TRAFFIC_FIX_PARTS = {"global": ("store requests", "store sectors / minimum", "al
                      "shared": ("shared write wavefronts / minimum", "all wavefronts / minimum")}
 
 
+#: The "before" runs of the dispatch fixes (issue 21), oldest first; the run
+#: before the issue-14 fixes (6853676) holds the same dispatch code as e15b27a.
+DISPATCH_FIX_SOURCES = ("before the issue-21 dispatch fix (e15b27a)",
+                        "before the second issue-21 dispatch fix (baa3f94)")
+
+
 def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3_hidden_f16", "expert_mlp_v3_out_f16"),
-                      part: Optional[str] = None) -> pd.DataFrame:
+                      part: Optional[str] = None, sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """Counts of the fixed kernels before and after the fixes, every committed
     source label side by side: the global stores' sectors and all global
     sectors against the minimum, the shared writes' wavefronts (the cp.async
     tile copies) and all shared wavefronts against the minimum. ``part``:
-    "global" or "shared" (TRAFFIC_FIX_PARTS) keeps only those columns; None: all."""
+    "global" or "shared" (TRAFFIC_FIX_PARTS) keeps only those columns; None: all.
+    ``sources``: the "before" labels to show, in this order (oldest first), then
+    the current sources; None: every label, sorted."""
     if part is not None and part not in TRAFFIC_FIX_PARTS:
         raise ValueError(f"part: expected one of {sorted(TRAFFIC_FIX_PARTS)} or None, got {part!r}")
     rows = []
+    order = None if sources is None else {label: i for i, label in enumerate([*sources, CURRENT_SOURCES])}
     for r in traffic_records(results_dir, sources=None):
         if r["kernel"] not in kernels or r["params"]["layer"] != "moe":
+            continue
+        label = r["params"].get("sources", CURRENT_SOURCES)
+        if order is not None and label not in order:
             continue
         stores = [s for s in r["sites"] if s["space"] == "global" and s["kind"] == "write"]
         stored_sectors = sum(s["sectors"] for s in stores)
@@ -664,7 +680,8 @@ def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3
         written_wavefronts = sum(s["wavefronts"] for s in shared_writes)
         written_min = sum(s["min_wavefronts"] for s in shared_writes)
         rows.append({
-            "kernel sources": _sources_label(r["params"].get("sources", CURRENT_SOURCES)),
+            "order": label if order is None else order[label],
+            "kernel sources": _sources_label(label),
             "k": r["params"]["k"],
             "kernel": r["kernel"],
             "store requests": sum(s["requests"] for s in stores),
@@ -677,7 +694,7 @@ def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3
         })
     if not rows:
         return pd.DataFrame(columns=["kernel sources", "k", "kernel"])
-    table = pd.DataFrame(rows).sort_values(["kernel", "k", "kernel sources"]).reset_index(drop=True)
+    table = pd.DataFrame(rows).sort_values(["kernel", "k", "order"]).drop(columns="order").reset_index(drop=True)
     if part is not None:
         table = table[["kernel sources", "k", "kernel", *TRAFFIC_FIX_PARTS[part]]]
     return table
@@ -685,10 +702,14 @@ def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3
 
 def _sources_label(sources: str) -> str:
     """A short name for a run's kernel sources, so the table fits the page: "now" for the
-    working tree, "before" for a label that says so (the chapter's prose names its commit)."""
+    working tree, "before <commit>" for a label that says so and names its commit in
+    parentheses (several fixes, each with its own "before"; the prose says which is which)."""
     if sources == CURRENT_SOURCES:
         return "now"
-    return "before" if sources.startswith("before") else sources
+    if not sources.startswith("before"):
+        return sources
+    commit = re.search(r"\(([0-9a-f]{7,40})\)\s*$", sources)
+    return f"before {commit.group(1)}" if commit else "before"
 
 
 def traffic_numbers(found: Sequence[dict]) -> dict:

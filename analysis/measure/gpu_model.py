@@ -136,7 +136,7 @@ def launch_shape(kernel: str, n_experts: int = 8) -> tuple:
         return config.ROUTER_WARPS * config.WARP, 0
     if kernel in ("dispatch_count_segments", "dispatch_scatter"):
         warps = config.dispatch_warps_per_block(n_experts)
-        return warps * config.WARP, warps * n_experts * 4
+        return warps * config.WARP, config.dispatch_shared_bytes(kernel, n_experts)
     if kernel in ("dispatch_scan_segments", "dispatch_offsets"):
         return config.SCAN_THREADS, 0
     if kernel.startswith(("permute_rows_", "combine_")):
@@ -619,6 +619,10 @@ FP32_FMA_PER_CLOCK = {80: 64, 90: 128}
 V2_TILE = {"rows": 128, "cols": 128, "k_step": 16}
 
 
+#: The dispatch row of ``effects``: what its sectors above the minimum are now.
+DISPATCH_EFFECT = "dispatch's partial sectors (token rows at expert boundaries)"
+
+
 def effects(excess: dict, reread: dict, v2_wavefront_excess: float, tokens: Iterable = TOKENS) -> list:
     """How much each inefficiency the emulator found moves its predicted stage
     time and the layer's, at the largest effect over T (uniform routing):
@@ -627,9 +631,9 @@ def effects(excess: dict, reread: dict, v2_wavefront_excess: float, tokens: Iter
       sector bytes over the compulsory bytes (``reread``) if no cache served the
       re-reads (on a GPU they hit L1/L2: the router's weights are D x E x 2 bytes,
       64 KiB at Mixtral, against a 40-50 MB L2; the DRAM floor does not move);
-    - dispatch's scattered accesses (what the permutation needs after the issue-21
-      fix: the gather of segment bases and the scatter of token rows): its floor
-      with and without ``excess``;
+    - dispatch's partial sectors (what is left after the two issue-21 fixes:
+      each (segment, choice)'s run of token rows per expert starts and ends
+      inside a sector): its floor with and without ``excess``;
     - v2's bank conflict (float32 path, not in the float16 predictions): the
       extra shared-store wavefronts per K step over the FFMA cycles of the same
       step, one block per SM (v2's occupancy), with no overlap: an upper bound.
@@ -641,7 +645,7 @@ def effects(excess: dict, reread: dict, v2_wavefront_excess: float, tokens: Iter
                 for name, stage, change in (
                         ("router re-reads its weights in every warp (if uncached)", "router",
                          {"byte_factor": reread.get(k, 1.0)}),
-                        ("dispatch's scattered accesses (segment bases, token rows)", "dispatch", {"excess": {}})):
+                        (DISPATCH_EFFECT, "dispatch", {"excess": {}})):
                     best = None
                     for T in tokens:
                         before = {s: stage_floor(s, shape, k, T, device, None, excess)[0].seconds for s in MOE_STAGES}
