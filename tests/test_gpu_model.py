@@ -225,3 +225,18 @@ def test_study_shares_come_from_the_trained_checkpoints():
         assert len(vectors) >= 3  # every seed's every MoE layer
         for vector in vectors:
             assert len(vector["shares"]) == 8 and sum(vector["shares"]) == pytest.approx(k)
+
+
+def test_a_rerun_of_the_model_is_read_alone(tmp_path):
+    """The model's files are appended to; readers take the newest run only, so
+    a rerun does not double every floor and occupancy the chapter shows."""
+    from conftest import write_model_records
+
+    write_model_records(tmp_path, [1, 16])
+    first = gpu_model.read_kind(gpu_model.PREDICTION_KIND, tmp_path)
+    write_model_records(tmp_path, [1, 16, 256])
+    newest = gpu_model.read_kind(gpu_model.PREDICTION_KIND, tmp_path)
+    assert len({r["utc"] for r in newest}) == 1 and newest[0]["utc"] > first[0]["utc"]
+    assert {r["tokens"] for r in newest} == {1, 16, 256} and {r["tokens"] for r in first} == {1, 16}
+    assert len(gpu_model.read_kind(gpu_model.OCCUPANCY_KIND, tmp_path)) == 4  # two kernels x two archs, once
+    assert gpu_model.read_kind(gpu_model.SANITY_KIND, tmp_path / "none") == []

@@ -680,11 +680,14 @@ def predicted_root(results_dir=None):
 
 
 def read_kind(kind: str, results_dir=None) -> list:
-    """The model's records of ``kind`` ([] when there are none)."""
+    """The model's newest run of ``kind`` (the records that share the newest
+    ``utc``: a rerun appends a whole new run); [] when there are none."""
     try:
-        return records.read_records(kind, results_dir=predicted_root(results_dir))
+        found = records.read_records(kind, results_dir=predicted_root(results_dir))
     except FileNotFoundError:
         return []
+    newest = max(record.get("utc", "") for record in found)
+    return [record for record in found if record.get("utc", "") == newest]
 
 
 def traffic_records(results_dir=None) -> list:
