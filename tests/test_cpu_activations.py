@@ -8,6 +8,7 @@ import math
 import warnings
 
 import numpy as np
+import pytest
 from scipy.special import erf, expit
 
 import topk_moe.cpu as cpu
@@ -54,3 +55,16 @@ def test_swiglu_gives_silu_times_gate_at_its_limits_without_warnings():
         cpu._activate(hidden, gate, "swiglu")
     np.testing.assert_allclose(hidden, expected, rtol=1e-6, atol=1e-30)
     assert np.isfinite(hidden).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_is_max_of_h_and_zero(dtype):
+    """The clip to [0, inf] the backend uses for relu gives max(h, 0) everywhere
+    (infinities and NaN included) except the sign of a zero."""
+    special = np.array([-0.0, 0.0, -1.0, 2.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, -3e38], dtype=dtype)
+    hidden = np.concatenate([special, np.random.default_rng(0).standard_normal(990).astype(dtype)]).reshape(10, 100)
+    expected = np.maximum(hidden, 0)
+    computed = hidden.copy()
+    cpu._activate(computed, None, "relu")
+    np.testing.assert_array_equal(computed, expected)  # NaN equals NaN here; -0 equals +0
+    assert computed.dtype == dtype and (np.signbit(computed) == (hidden == 0) & np.signbit(hidden)).all()
