@@ -333,18 +333,18 @@ def test_traffic_tables_from_the_traffic_command(tmp_path):
     assert 1.8 < permute < 2.2
     assert chapter.traffic_k_answer(tmp_path).equals(by_k)
     fixes = chapter.traffic_fix_table(tmp_path)
-    assert set(fixes["kernel sources"]) == {"now"} and set(fixes["k"]) == {1, 2}
+    assert set(fixes["sources"]) == {"now"} and set(fixes["k"]) == {1, 2}
     assert (fixes["store sectors / minimum"] >= 1).all()
     assert list(chapter.traffic_fix_table(tmp_path, part="shared").columns) == [
-        "kernel sources", "k", "kernel", "shared write wavefronts / minimum", "all wavefronts / minimum"]
+        "sources", "k", "kernel", "shared write wavefronts / minimum", "all wavefronts / minimum"]
     assert chapter.traffic_records(results_dir=tmp_path / "none") == []
     assert chapter.traffic_table([]).empty and chapter.traffic_by_k([]).empty
 
 
 def test_sources_label_is_short():
     assert chapter._sources_label(chapter.CURRENT_SOURCES) == "now"
-    assert chapter._sources_label("before the issue-14 fixes (6853676)") == "before 6853676"
-    assert chapter._sources_label("before the second issue-21 dispatch fix (baa3f94)") == "before baa3f94"
+    assert chapter._sources_label("before the issue-14 fixes (6853676)") == "6853676"
+    assert chapter._sources_label("before the second issue-21 dispatch fix (baa3f94)") == "baa3f94"
     assert chapter._sources_label("before some change") == "before"
     assert chapter._sources_label("some other label") == "some other label"
 

@@ -681,7 +681,7 @@ def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3
         written_min = sum(s["min_wavefronts"] for s in shared_writes)
         rows.append({
             "order": label if order is None else order[label],
-            "kernel sources": _sources_label(label),
+            "sources": _sources_label(label),
             "k": r["params"]["k"],
             "kernel": r["kernel"],
             "store requests": sum(s["requests"] for s in stores),
@@ -693,23 +693,24 @@ def traffic_fix_table(results_dir=None, kernels: Sequence[str] = ("expert_mlp_v3
             if r["shared_min_wavefronts"] else float("nan"),
         })
     if not rows:
-        return pd.DataFrame(columns=["kernel sources", "k", "kernel"])
+        return pd.DataFrame(columns=["sources", "k", "kernel"])
     table = pd.DataFrame(rows).sort_values(["kernel", "k", "order"]).drop(columns="order").reset_index(drop=True)
     if part is not None:
-        table = table[["kernel sources", "k", "kernel", *TRAFFIC_FIX_PARTS[part]]]
+        table = table[["sources", "k", "kernel", *TRAFFIC_FIX_PARTS[part]]]
     return table
 
 
 def _sources_label(sources: str) -> str:
     """A short name for a run's kernel sources, so the table fits the page: "now" for the
-    working tree, "before <commit>" for a label that says so and names its commit in
-    parentheses (several fixes, each with its own "before"; the prose says which is which)."""
+    working tree; for a "before" label that names its commit in parentheses, the commit
+    (several fixes, each with its own "before"; the prose says which commit precedes
+    which fix); "before" for one that names none."""
     if sources == CURRENT_SOURCES:
         return "now"
     if not sources.startswith("before"):
         return sources
     commit = re.search(r"\(([0-9a-f]{7,40})\)\s*$", sources)
-    return f"before {commit.group(1)}" if commit else "before"
+    return commit.group(1) if commit else "before"
 
 
 def traffic_numbers(found: Sequence[dict]) -> dict:

@@ -63,8 +63,8 @@
 #ifndef DISPATCH_ROUNDS
 #define DISPATCH_ROUNDS 8
 #endif
-#ifndef DISPATCH_MAX_WARPS
-#define DISPATCH_MAX_WARPS 8  // the launcher's largest block, in warps
+#ifndef DISPATCH_WARPS
+#define DISPATCH_WARPS 8  // the launcher's largest block, in warps (launch_config.DISPATCH_MAX_WARPS)
 #endif
 
 constexpr int SEGMENT = 32 * DISPATCH_ROUNDS;
@@ -212,10 +212,10 @@ __device__ int warp_exclusive_scan(unsigned short* values, int n, int lane) {
 constexpr int DROPPED = -1;
 __device__ __forceinline__ int pack_staged(int expert, int token_offset) { return (expert << 16) | token_offset; }
 
-// At most 64 registers (four blocks of DISPATCH_MAX_WARPS warps per SM, as the
+// At most 64 registers (four blocks of DISPATCH_WARPS warps per SM, as the
 // kernel had before staging): left free, ptxas takes about 124 to load every
 // round's shared values at once, which a memory-bound kernel does not need.
-extern "C" __global__ void __launch_bounds__(32 * DISPATCH_MAX_WARPS, 4)
+extern "C" __global__ void __launch_bounds__(32 * DISPATCH_WARPS, 4)
 dispatch_scatter(const int* __restrict__ experts, long long n_tokens, int k, int n_experts, long long n_segments,
                  const long long* __restrict__ segment_base, const long long* __restrict__ offsets,
                  long long capacity, long long* __restrict__ token, long long* __restrict__ row) {

@@ -59,9 +59,9 @@ SCAN_THREADS = 256
 
 
 def dispatch_defines() -> dict:
-    """The -D constants of dispatch.cu (DISPATCH_MAX_WARPS bounds the scatter's
+    """The -D constants of dispatch.cu (DISPATCH_WARPS, the largest block, bounds the scatter's
     registers through __launch_bounds__)."""
-    return {"DISPATCH_ROUNDS": DISPATCH_ROUNDS, "DISPATCH_MAX_WARPS": DISPATCH_MAX_WARPS}
+    return {"DISPATCH_ROUNDS": DISPATCH_ROUNDS, "DISPATCH_WARPS": DISPATCH_MAX_WARPS}
 
 
 def _scatter_bytes_per_warp(n_experts: int) -> int:
