@@ -173,6 +173,17 @@ def test_notebook_has_one_parameters_cell_and_no_outputs(path):
 
 
 @pytest.mark.parametrize("path", SOURCE_NOTEBOOKS, ids=lambda path: path.stem)
+def test_every_code_cell_says_whether_its_code_is_shown(path):
+    """A reader sees results, not the calls that made them: every code cell is
+    tagged remove-input, or hide-input (the parameters a reader may change), so
+    a cell added without a tag does not print its source on the page."""
+    notebook = nbformat.read(path, as_version=4)
+    untagged = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"
+                and not {"remove-input", "hide-input"} & set(cell.metadata.get("tags", []))]
+    assert not untagged, f"{path.name}: code cells {untagged} have neither remove-input nor hide-input"
+
+
+@pytest.mark.parametrize("path", SOURCE_NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_starts_with_its_title(path):
     notebook = nbformat.read(path, as_version=4)
     first = notebook.cells[0]
