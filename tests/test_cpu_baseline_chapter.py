@@ -141,7 +141,7 @@ def test_the_activation_table_sets_our_activation_beside_the_loop():
     assert list(frame["T"]) == [256, 4096] and list(frame["rows"]) == [64, 1024]
     assert list(frame["activation: ours ÷ PyTorch's"]) == ["5.00±1.00", "5.50±1.10"]
     worst = cpu_baseline.grid_numbers(view)["grid_loop_worst_activation"]
-    assert worst.startswith("5.50±1.10 times PyTorch's at its worst point (gelu, T = 4096, k = 2")
+    assert worst.startswith("5.50±1.10 times PyTorch's (gelu, T = 4096, k = 2")
     assert worst.endswith("MoE ÷ loop 1.10)")
     empty = cpu_baseline.GridView("note", [row(0, 256, 0.9)])
     assert cpu_baseline.activation_frame(empty).empty

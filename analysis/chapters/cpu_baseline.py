@@ -410,7 +410,7 @@ def grid_numbers(view: GridView) -> dict:
                 and row.get("moe_over_torch_eager") is not None]
     loop_worst = max(compared, key=lambda row: row["moe_over_torch_eager"]) if compared else None
     return {"grid_loop_worst_activation": "–" if loop_worst is None else (
-                f"{bench_cpu.ratio_text(loop_worst, 'activation_over_torch')} times PyTorch's at its worst point "
+                f"{bench_cpu.ratio_text(loop_worst, 'activation_over_torch')} times PyTorch's "
                 f"({loop_worst['activation']}, T = {loop_worst['tokens']}, k = {loop_worst['top_k']}, "
                 f"D {loop_worst['d_model']}, F {loop_worst['d_ff']}, E {loop_worst['n_experts']}; MoE ÷ loop "
                 f"{bench_cpu.ratio_text(loop_worst, 'moe_over_torch_eager')})"),
