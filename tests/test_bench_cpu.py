@@ -305,6 +305,8 @@ def test_the_grid_run_writes_its_own_records_and_judges_its_targets(tmp_path, ca
     reads = [r for r in written if r["measurement"] == "one-row-read-rate"]
     assert {r["grid_point"] for r in reads} == {0} and len(reads) == rounds  # decode points only
     assert reads[0]["params"]["d_ff"] == 128 and reads[0]["bytes_per_s"] > 0
+    # T = 2, k = 2, E = 4: four assignments over four experts, one row each: the floor's own product
+    assert reads[0]["product_rows"] == 1 and reads[0]["product_rows_bytes_per_s"] == reads[0]["bytes_per_s"]
     gemm_rates = [r for r in written if r["measurement"] == "gemm-rate-by-rows"]
     assert {r["grid_point"] for r in gemm_rates} == {1} and len(gemm_rates) == rounds  # large points only
     assert gemm_rates[0]["expert_rows"] == round(300 * 1 / 8)  # T K / E
@@ -339,6 +341,20 @@ def test_the_grid_run_writes_its_own_records_and_judges_its_targets(tmp_path, ca
     assert rows[1]["gemm_rows_slowdown_interval"][0] <= rows[1]["gemm_rows_slowdown"]
     assert (goals[0].met is not None) == with_torch and (goals[1].met is not None) == with_torch
     assert bench_cpu.format_grid(rows, bench_cpu.fixed_cost_rows(written)) in printed
+
+
+def test_decode_product_rows_and_their_read_rate():
+    assert [bench_cpu.decode_product_rows(T, K, E) for T, K, E in ((1, 1, 8), (16, 2, 8), (16, 1, 64), (16, 1, 8))] \
+        == [1, 4, 1, 2]
+    small = dataclasses.replace(bench_cpu.PRESETS["quick"], d_model=32, d_ff=64, n_experts=8)
+    result = bench_cpu.measure_weight_read(small, 16, 2, None)
+    assert result["product_rows"] == 4 and result["bytes_per_s"] > 0 and result["product_rows_bytes_per_s"] > 0
+    rounds = [{bench_cpu.WEIGHT_READ: {"bytes_per_s": 2.0, "product_rows": 4, "product_rows_bytes_per_s": rate}}
+              for rate in (1.0, 1.0)]
+    assert bench_cpu.decode_rows_slowdown(rounds) == {"decode_product_rows": 4, "decode_rows_slowdown": 2.0,
+                                                       "decode_rows_slowdown_interval": [2.0, 2.0]}
+    old = [{bench_cpu.WEIGHT_READ: {"bytes_per_s": 2.0}}]  # a record from before the measurement
+    assert bench_cpu.decode_rows_slowdown(old) == {} and bench_cpu.decode_rows_slowdown([{}]) == {}
 
 
 def _grid_row(index, tokens, eager=None, dense=None, floor=None):

@@ -86,6 +86,7 @@ def test_without_grid_records_the_grid_section_names_the_command(tmp_path):
     numbers = cpu_baseline.grid_numbers(view)
     assert cpu_baseline.gemm_rows_frame(view).empty and numbers["grid_dense_worst_gemm"] == "–"
     assert numbers["grid_decode_worst_floor"] == numbers["grid_fixed_besides_mlps"] == "–"
+    assert numbers["grid_decode_worst_rows"] == "–"
 
 
 def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsys):
@@ -121,6 +122,7 @@ def test_the_grid_section_shows_the_newest_grid_run(tmp_path, monkeypatch, capsy
     assert "rows per expert against blocks of" in numbers["grid_dense_worst_gemm"]
     floor_us = view.rows[0]["moe_s"] / view.rows[0]["moe_over_weight_floor"] * 1e6  # the one decode point
     assert numbers["grid_decode_worst_floor"].startswith(f"{floor_us:.0f} µs (swiglu, T = 1, k = 2")
+    assert numbers["grid_decode_worst_rows"] == "one row, the floor's own product"  # T = 1, k = 2: two experts
     whole = [us for k, step, us in zip(fixed["k"], fixed["step"], fixed["time (µs)"]) if k == 1]
     assert numbers["grid_fixed_besides_mlps"] == f"{whole[-1] - whole[list(fixed['step']).index('expert MLPs')]:.0f} " \
                                                  f"µs of its {whole[-1]:.0f} µs"
@@ -146,6 +148,17 @@ def test_the_activation_table_sets_our_activation_beside_the_loop():
     empty = cpu_baseline.GridView("note", [row(0, 256, 0.9)])
     assert cpu_baseline.activation_frame(empty).empty
     assert cpu_baseline.grid_numbers(empty)["grid_loop_worst_activation"] == "–"
+
+
+def test_the_decode_sentence_names_the_worst_points_rows():
+    row = {"grid_point": 8, "tokens": 16, "top_k": 2, "activation": "gelu", "d_model": 256, "d_ff": 512,
+           "n_experts": 8, "moe_s": 0.002, "moe_over_weight_floor": 4.0, "moe_over_weight_floor_interval": None,
+           "decode_product_rows": 4, "decode_rows_slowdown": 1.7, "decode_rows_slowdown_interval": [1.5, 1.8]}
+    numbers = cpu_baseline.grid_numbers(cpu_baseline.GridView("note", [row]))
+    assert numbers["grid_decode_worst_floor"] == "500 µs (gelu, T = 16, k = 2, D 256, F 512, E 8)"
+    assert numbers["grid_decode_worst_rows"] == "4 rows, whose weights one thread's BLAS reads 1.70±0.20 times " \
+                                                "slower than one row's"
+    assert numbers["grid_fixed_besides_mlps"] == "–"  # no fixed-cost records in this view
 
 
 def test_the_sweep_note_names_its_conditions():

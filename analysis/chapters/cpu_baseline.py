@@ -426,17 +426,22 @@ def grid_numbers(view: GridView) -> dict:
 
 
 def _decode_numbers(view: GridView) -> dict:
-    """The decode target's worst point set against the fixed cost: its floor
-    (the touched weights at the one-row GEMV rate, the MoE's median time over
-    the ratio) and a k = 1, T = 1 call's time besides its expert MLPs (the
-    fixed-cost breakdown, at the one-shape layer), in microseconds; dashes
-    where the run has neither."""
+    """The decode target's worst point set against what its floor leaves out:
+    the floor (the touched weights at the one-row GEMV rate, the MoE's median
+    time over the ratio), the rows of each touched expert's products there and
+    how much slower BLAS reads the weights for them, and a k = 1, T = 1 call's
+    time besides its expert MLPs (the fixed-cost breakdown, at the one-shape
+    layer), in microseconds; dashes where the run has none of them."""
     decode = [row for row in view.rows if row.get("moe_over_weight_floor") is not None]
     fixed = {row["step"]: row["us"] for row in view.fixed if row["top_k"] == 1}
     worst = max(decode, key=lambda row: row["moe_over_weight_floor"]) if decode else None
     return {"grid_decode_worst_floor": "–" if worst is None else
             f"{worst['moe_s'] / worst['moe_over_weight_floor'] * 1e6:.0f} µs ({worst['activation']}, T = "
             f"{worst['tokens']}, k = {worst['top_k']}, D {worst['d_model']}, F {worst['d_ff']}, E {worst['n_experts']})",
+            "grid_decode_worst_rows": "–" if worst is None or "decode_product_rows" not in worst else (
+                "one row, the floor's own product" if worst["decode_product_rows"] == 1 else
+                f"{worst['decode_product_rows']} rows, whose weights one thread's BLAS reads "
+                f"{bench_cpu.ratio_text(worst, 'decode_rows_slowdown')} times slower than one row's"),
             "grid_fixed_besides_mlps": "–" if not fixed else
             f"{fixed['whole call'] - fixed['expert MLPs']:.0f} µs of its {fixed['whole call']:.0f} µs"}
 

@@ -102,6 +102,8 @@ DENSE_CPU = ("dense", "cpu")
 TORCH_EAGER = ("moe", "torch-eager")
 #: The grid's explanation of the dense gap at T >= LARGE_TOKENS (``measure_gemm_rows``).
 GEMM_ROWS = ("gemm-by-rows", "cpu")
+#: The decode floor's measurement (``measure_weight_read``).
+WEIGHT_READ = ("weight-read", "cpu")
 #: The grid's explanation of the PyTorch loop's lead at small D (``measure_activation``).
 ACTIVATION_CPU = ("activation", "cpu")
 ACTIVATION_TORCH = ("activation", "torch")
@@ -1060,11 +1062,22 @@ def grid_points(count: int = GRID_POINTS, seed: int = GRID_SEED) -> list[GridPoi
     return sorted(points, key=lambda p: (p.tokens, p.d_model, p.d_ff, p.n_experts, p.activation, p.top_k))
 
 
-def measure_weight_read(config: BenchConfig, inputs: "InputCache") -> dict:
+def decode_product_rows(T: int, K: int, n_experts: int) -> int:
+    """The rows each touched expert's products have at a decode point, about:
+    T K assignments over the min(E, T K) experts they can reach at most."""
+    return max(1, round(T * K / min(n_experts, T * K)))
+
+
+def measure_weight_read(config: BenchConfig, T: int, K: int, inputs: "InputCache") -> dict:
     """The one-row GEMV rate at the config's (D, F) on one BLAS thread, the
-    weights coming from memory (``few_row_read_rates``): decode's floor."""
-    rate = few_row_read_rates(config.d_model, config.d_ff, numpy.dtype(config.dtype), (1,))[1]
-    return {"bytes_per_s": rate, "threads": 1}
+    weights coming from memory (``few_row_read_rates``): decode's floor. And,
+    where an expert's products have more rows at this T and K
+    (``decode_product_rows``), the rate for that many rows: what the floor
+    leaves out, since NumPy's BLAS reads the weights at another rate for a
+    product of several rows (a GEMM, which packs them) than for one row."""
+    rows = decode_product_rows(T, K, config.n_experts)
+    rates = few_row_read_rates(config.d_model, config.d_ff, numpy.dtype(config.dtype), tuple(sorted({1, rows})))
+    return {"bytes_per_s": rates[1], "threads": 1, "product_rows": rows, "product_rows_bytes_per_s": rates[rows]}
 
 
 def measure_gemm_rows(config: BenchConfig, T: int, K: int, inputs: "InputCache") -> dict:
@@ -1256,8 +1269,8 @@ def run_grid(base: BenchConfig, points: list[GridPoint], *, progress: bool = Tru
                         numpy_worker, "measure_dense", activation, T, K * point.d_ff, point=config)})
                     bar.update(2)
                     if T <= DECODE_TOKENS:
-                        timed.append({"implementation": ("weight-read", "cpu"), **common,
-                                      "result": on(numpy_worker, "measure_weight_read", point=config)})
+                        timed.append({"implementation": WEIGHT_READ, **common,
+                                      "result": on(numpy_worker, "measure_weight_read", T, K, point=config)})
                         bar.update()
                     if T >= LARGE_TOKENS:
                         timed.append({"implementation": GEMM_ROWS, **common,
@@ -1314,7 +1327,8 @@ def grid_record(entry: dict, base: BenchConfig) -> dict:
     record = {"implementation": name, "backend": backend, "grid_point": entry["grid_point"], "round": entry["round"],
               "threads": result["threads"], "params": params}
     if name == "weight-read":
-        return {**record, "measurement": "one-row-read-rate", "bytes_per_s": result["bytes_per_s"]}
+        return {**record, "measurement": "one-row-read-rate", "bytes_per_s": result["bytes_per_s"],
+                "product_rows": result["product_rows"], "product_rows_bytes_per_s": result["product_rows_bytes_per_s"]}
     if name == "activation":
         return {**record, "measurement": "activation-time", "median_s": result["median_s"], "rows": result["rows"]}
     if (name, backend) == GEMM_ROWS:
@@ -1380,10 +1394,25 @@ def grid_rows(found: list[dict]) -> list[dict]:
             else:
                 row[field], row[f"{field}_interval"] = geometric_mean_interval(ratios)
                 row[f"{field}_rounds"] = ratios
+        row.update(decode_rows_slowdown(rounds))
         row.update(gemm_rows_slowdown(rounds))
         row.update(activation_over_torch(rounds))
         rows.append(row)
     return rows
+
+
+def decode_rows_slowdown(rounds: list[dict]) -> dict:
+    """A decode point's weight-read records: the rows of each touched expert's
+    products and how much slower one thread's BLAS reads the weights for that
+    many rows than for one (the one-row rate over that rate), as a geometric
+    mean over the rounds with its 95% interval; {} where the point has none
+    (or its records predate the measurement)."""
+    found = [measured.get(WEIGHT_READ) for measured in rounds]
+    if not found or any(r is None or "product_rows" not in r for r in found):
+        return {}
+    value, interval = geometric_mean_interval([r["bytes_per_s"] / r["product_rows_bytes_per_s"] for r in found])
+    return {"decode_product_rows": found[0]["product_rows"], "decode_rows_slowdown": value,
+            "decode_rows_slowdown_interval": interval}
 
 
 def gemm_rows_slowdown(rounds: list[dict]) -> dict:
@@ -1420,7 +1449,7 @@ def grid_baseline_s(field: str, measured: dict, moe_record: dict) -> Optional[fl
     if field == "moe_over_dense_active":
         other = measured.get(DENSE_CPU)
         return None if other is None else other["median_s"]
-    read = measured.get(("weight-read", "cpu"))
+    read = measured.get(WEIGHT_READ)
     return None if read is None else moe_record["touched_weight_bytes"] / read["bytes_per_s"]
 
 
@@ -1497,6 +1526,13 @@ GRID_COLUMNS = (
 def format_grid(rows: list[dict], fixed: list[dict]) -> str:
     """The grid table and the fixed-cost breakdown as ``main --grid`` prints them."""
     text = _aligned(rows, GRID_COLUMNS)
+    several = [row for row in rows if row.get("decode_product_rows", 1) > 1]
+    if several:
+        text.append("\nThe decode floor's read (one thread, weights from memory): the one-row rate over the rate "
+                    "for an expert's rows:")
+    for row in several:
+        text.append(f"  #{row['grid_point']:<2} {row['decode_product_rows']:>3} rows: "
+                    f"{ratio_text(row, 'decode_rows_slowdown')}  (MoE / floor: {ratio_text(row, 'moe_over_weight_floor')})")
     large = [row for row in rows if row.get("gemm_rows_slowdown") is not None]
     if large:
         text.append("\nThe GEMMs alone (one thread, weights from memory): FLOP rate at a dense block's rows over "
