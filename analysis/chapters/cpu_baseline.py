@@ -298,7 +298,7 @@ def grid_frame(view: GridView) -> pd.DataFrame:
     shown = []
     for row in view.rows:
         line = {field: row[field] for field in ("tokens", "top_k")}
-        line["shape"] = f"{row['activation']}, D {row['d_model']}, F {row['d_ff']}, E {row['n_experts']}"
+        line["shape"] = _layer_text(row)
         line["moe_s"] = row["moe_s"] * 1e3
         for field in GRID_RATIOS:
             line[field] = "–" if row[field] is None else bench_cpu.ratio_text(row, field)
@@ -323,6 +323,28 @@ def _goals_table(found: list) -> pd.DataFrame:
                          for goal in found])
 
 
+def _layer_text(row: dict) -> str:
+    """A grid point's layer in a table cell: "gelu, D 256, F 512, E 8"."""
+    return f"{row['activation']}, D {row['d_model']}, F {row['d_ff']}, E {row['n_experts']}"
+
+
+def _point_text(row: dict) -> str:
+    """A grid point in prose: "gelu, T = 16, k = 2, D 256, F 512, E 8"."""
+    return (f"{row['activation']}, T = {row['tokens']}, k = {row['top_k']}, D {row['d_model']}, F {row['d_ff']}, "
+            f"E {row['n_experts']}")
+
+
+def _rows_with(view: GridView, *fields: str) -> list:
+    """The grid rows that hold every one of ``fields``."""
+    return [row for row in view.rows if all(row.get(field) is not None for field in fields)]
+
+
+def _worst(view: GridView, field: str, *needed: str) -> Optional[dict]:
+    """The row with the largest ``field`` among those that hold it and ``needed``; None when none does."""
+    rows = _rows_with(view, field, *needed)
+    return max(rows, key=lambda row: row[field]) if rows else None
+
+
 def gemm_rows_frame(view: GridView) -> pd.DataFrame:
     """The T >= LARGE_TOKENS grid points: MoE time over our dense MLP's at
     equal active FLOPs beside the slowdown of the GEMMs alone
@@ -330,12 +352,11 @@ def gemm_rows_frame(view: GridView) -> pd.DataFrame:
     rows over its rate at an expert's mean rows), each ± the larger side of its
     95% interval. Empty for runs made before that measurement existed."""
     columns = ["layer", "T", "k", "rows per expert", "dense block rows", "GEMMs alone: slowdown", "MoE ÷ dense K·F"]
-    shown = [{"layer": f"{row['activation']}, D {row['d_model']}, F {row['d_ff']}, E {row['n_experts']}",
-              "T": row["tokens"], "k": row["top_k"], "rows per expert": row["expert_rows"],
+    shown = [{"layer": _layer_text(row), "T": row["tokens"], "k": row["top_k"], "rows per expert": row["expert_rows"],
               "dense block rows": row["dense_rows"],
               "GEMMs alone: slowdown": bench_cpu.ratio_text(row, "gemm_rows_slowdown"),
               "MoE ÷ dense K·F": bench_cpu.ratio_text(row, "moe_over_dense_active")}
-             for row in view.rows if row.get("gemm_rows_slowdown") is not None]
+             for row in _rows_with(view, "gemm_rows_slowdown")]
     return pd.DataFrame(shown, columns=columns)
 
 
@@ -345,12 +366,10 @@ def activation_frame(view: GridView) -> pd.DataFrame:
     thread each, ``bench_cpu.measure_activation``), each ± the larger side of
     its 95% interval. Empty for runs without that measurement."""
     columns = ["layer", "T", "k", "rows", "activation: ours ÷ PyTorch's", "MoE ÷ PyTorch loop"]
-    shown = [{"layer": f"{row['activation']}, D {row['d_model']}, F {row['d_ff']}, E {row['n_experts']}",
-              "T": row["tokens"], "k": row["top_k"], "rows": row["activation_rows"],
+    shown = [{"layer": _layer_text(row), "T": row["tokens"], "k": row["top_k"], "rows": row["activation_rows"],
               "activation: ours ÷ PyTorch's": bench_cpu.ratio_text(row, "activation_over_torch"),
               "MoE ÷ PyTorch loop": bench_cpu.ratio_text(row, "moe_over_torch_eager")}
-             for row in view.rows if row.get("activation_over_torch") is not None
-             and row.get("moe_over_torch_eager") is not None]
+             for row in _rows_with(view, "activation_over_torch", "moe_over_torch_eager")]
     return pd.DataFrame(shown, columns=columns)
 
 
@@ -403,17 +422,11 @@ def grid_chart(view: GridView) -> alt.TopLevelMixin:
 
 def grid_numbers(view: GridView) -> dict:
     """Numbers for the prose, by glue name: the grid's targets and its size."""
-    large = [row for row in view.rows if row.get("gemm_rows_slowdown") is not None
-             and row.get("moe_over_dense_active") is not None]
-    worst = max(large, key=lambda row: row["moe_over_dense_active"]) if large else None
-    compared = [row for row in view.rows if row.get("activation_over_torch") is not None
-                and row.get("moe_over_torch_eager") is not None]
-    loop_worst = max(compared, key=lambda row: row["moe_over_torch_eager"]) if compared else None
+    worst = _worst(view, "moe_over_dense_active", "gemm_rows_slowdown")
+    loop_worst = _worst(view, "moe_over_torch_eager", "activation_over_torch")
     return {"grid_loop_worst_activation": "–" if loop_worst is None else (
                 f"{bench_cpu.ratio_text(loop_worst, 'activation_over_torch')} times PyTorch's "
-                f"({loop_worst['activation']}, T = {loop_worst['tokens']}, k = {loop_worst['top_k']}, "
-                f"D {loop_worst['d_model']}, F {loop_worst['d_ff']}, E {loop_worst['n_experts']}; MoE ÷ loop "
-                f"{bench_cpu.ratio_text(loop_worst, 'moe_over_torch_eager')})"),
+                f"({_point_text(loop_worst)}; MoE ÷ loop {bench_cpu.ratio_text(loop_worst, 'moe_over_torch_eager')})"),
             "grid_dense_worst_gemm": "–" if worst is None else (
                 f"{bench_cpu.ratio_text(worst, 'gemm_rows_slowdown')} at {worst['expert_rows']} rows per expert "
                 f"against blocks of {worst['dense_rows']} rows (its MoE ÷ dense: "
@@ -432,12 +445,10 @@ def _decode_numbers(view: GridView) -> dict:
     how much slower BLAS reads the weights for them, and a k = 1, T = 1 call's
     time besides its expert MLPs (the fixed-cost breakdown, at the one-shape
     layer), in microseconds; dashes where the run has none of them."""
-    decode = [row for row in view.rows if row.get("moe_over_weight_floor") is not None]
+    worst = _worst(view, "moe_over_weight_floor")
     fixed = {row["step"]: row["us"] for row in view.fixed if row["top_k"] == 1}
-    worst = max(decode, key=lambda row: row["moe_over_weight_floor"]) if decode else None
     return {"grid_decode_worst_floor": "–" if worst is None else
-            f"{worst['moe_s'] / worst['moe_over_weight_floor'] * 1e6:.0f} µs ({worst['activation']}, T = "
-            f"{worst['tokens']}, k = {worst['top_k']}, D {worst['d_model']}, F {worst['d_ff']}, E {worst['n_experts']})",
+            f"{worst['moe_s'] / worst['moe_over_weight_floor'] * 1e6:.0f} µs ({_point_text(worst)})",
             "grid_decode_worst_rows": "–" if worst is None or "decode_product_rows" not in worst else (
                 "one row, the floor's own product" if worst["decode_product_rows"] == 1 else
                 f"{worst['decode_product_rows']} rows, whose weights one thread's BLAS reads "

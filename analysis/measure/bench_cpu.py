@@ -1121,7 +1121,7 @@ def measure_activation(config: BenchConfig, T: int, K: int, activation: str, lib
     activate one expert's hidden rows (T K / E rows of width F, the rows the
     eager loop activates per expert and about those of one of our blocks),
     ``library`` "numpy" (``topk_moe.cpu._activate``, in place) or "torch"
-    (the eager loop's ``peers._activate``) in its own worker. The rows are
+    (the eager loop's ``peers.activate``) in its own worker. The rows are
     copied in from the same random values before each call, untimed."""
     rows = max(1, round(T * K / config.n_experts))
     rng = numpy.random.default_rng(config.seed)
@@ -1148,7 +1148,7 @@ def measure_activation(config: BenchConfig, T: int, K: int, activation: str, lib
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            measured = timing.time_function(lambda: peers._activate(hidden, torch_gate, activation), setup=refill,
+            measured = timing.time_function(lambda: peers.activate(hidden, torch_gate, activation), setup=refill,
                                             warmup=3, repeats=20)
     finally:
         torch.set_num_threads(threads)
@@ -1401,44 +1401,56 @@ def grid_rows(found: list[dict]) -> list[dict]:
     return rows
 
 
+def _ratio_over_rounds(rounds: list[dict], field: str, ratio: Callable[[dict], Optional[float]],
+                       shown: Callable[[dict], dict]) -> dict:
+    """One of the grid's explanations of its targets: ``ratio`` of each
+    round's records (None where the round lacks the measurement) as a
+    geometric mean over the rounds with its 95% interval, under ``field`` and
+    ``<field>_interval``, beside ``shown`` of the first round's records; {}
+    unless every round has it."""
+    ratios = [ratio(measured) for measured in rounds]
+    if not ratios or None in ratios:
+        return {}
+    value, interval = geometric_mean_interval(ratios)
+    return {**shown(rounds[0]), field: value, f"{field}_interval": interval}
+
+
 def decode_rows_slowdown(rounds: list[dict]) -> dict:
     """A decode point's weight-read records: the rows of each touched expert's
     products and how much slower one thread's BLAS reads the weights for that
-    many rows than for one (the one-row rate over that rate), as a geometric
-    mean over the rounds with its 95% interval; {} where the point has none
-    (or its records predate the measurement)."""
-    found = [measured.get(WEIGHT_READ) for measured in rounds]
-    if not found or any(r is None or "product_rows" not in r for r in found):
-        return {}
-    value, interval = geometric_mean_interval([r["bytes_per_s"] / r["product_rows_bytes_per_s"] for r in found])
-    return {"decode_product_rows": found[0]["product_rows"], "decode_rows_slowdown": value,
-            "decode_rows_slowdown_interval": interval}
+    many rows than for one (the one-row rate over that rate); {} where the
+    point has none (or its records predate the measurement)."""
+    def ratio(measured):
+        read = measured.get(WEIGHT_READ)
+        return None if read is None or "product_rows" not in read else \
+            read["bytes_per_s"] / read["product_rows_bytes_per_s"]
+
+    return _ratio_over_rounds(rounds, "decode_rows_slowdown", ratio,
+                              lambda first: {"decode_product_rows": first[WEIGHT_READ]["product_rows"]})
 
 
 def gemm_rows_slowdown(rounds: list[dict]) -> dict:
     """A T >= LARGE_TOKENS grid point's ``measure_gemm_rows``: the mean rows
     per expert, the dense block's rows, and the GEMMs' slowdown (rate at the
-    dense block's rows over rate at an expert's) as a geometric mean over the
-    rounds with its 95% interval; {} where the point has none."""
-    found = [measured.get(GEMM_ROWS) for measured in rounds]
-    if not found or None in found:
-        return {}
-    ratios = [r["dense_flop_per_s"] / r["expert_flop_per_s"] for r in found]
-    value, interval = geometric_mean_interval(ratios)
-    return {"expert_rows": found[0]["expert_rows"], "dense_rows": found[0]["dense_rows"],
-            "gemm_rows_slowdown": value, "gemm_rows_slowdown_interval": interval}
+    dense block's rows over rate at an expert's); {} where the point has none."""
+    def ratio(measured):
+        rates = measured.get(GEMM_ROWS)
+        return None if rates is None else rates["dense_flop_per_s"] / rates["expert_flop_per_s"]
+
+    return _ratio_over_rounds(rounds, "gemm_rows_slowdown", ratio, lambda first: {
+        "expert_rows": first[GEMM_ROWS]["expert_rows"], "dense_rows": first[GEMM_ROWS]["dense_rows"]})
 
 
 def activation_over_torch(rounds: list[dict]) -> dict:
     """A T >= PEER_TOKENS grid point's ``measure_activation``: our activation's
-    time over PyTorch's on one expert's rows, one thread each, as a geometric
-    mean over the rounds with its 95% interval; {} where the point has none."""
-    pairs = [(measured.get(ACTIVATION_CPU), measured.get(ACTIVATION_TORCH)) for measured in rounds]
-    if not pairs or any(ours is None or theirs is None for ours, theirs in pairs):
-        return {}
-    value, interval = geometric_mean_interval([ours["median_s"] / theirs["median_s"] for ours, theirs in pairs])
-    return {"activation_rows": pairs[0][0]["rows"], "activation_over_torch": value,
-            "activation_over_torch_interval": interval}
+    time over PyTorch's on one expert's rows, one thread each; {} where the
+    point has none."""
+    def ratio(measured):
+        ours, theirs = measured.get(ACTIVATION_CPU), measured.get(ACTIVATION_TORCH)
+        return None if ours is None or theirs is None else ours["median_s"] / theirs["median_s"]
+
+    return _ratio_over_rounds(rounds, "activation_over_torch", ratio,
+                              lambda first: {"activation_rows": first[ACTIVATION_CPU]["rows"]})
 
 
 def grid_baseline_s(field: str, measured: dict, moe_record: dict) -> Optional[float]:

@@ -126,7 +126,9 @@ def _route(x, layer: TorchLayer):
     return weights.to(x.dtype), experts
 
 
-def _activate(hidden, gate, activation: str):
+def activate(hidden, gate, activation: str):
+    """The activation as the PyTorch layers here apply it: relu, exact-erf
+    gelu, or swiglu's ``silu(hidden) * gate`` (a new tensor; the inputs stay)."""
     torch = _torch()
     if activation == "swiglu":
         return torch.nn.functional.silu(hidden) * gate
@@ -139,7 +141,7 @@ def torch_dense_mlp(x, w1, w2, w3, activation: str):
     """y (T, D): the dense MLP in PyTorch, ``act(x @ w1) @ w2`` (swiglu:
     ``(silu(x @ w1) * (x @ w3)) @ w2``), as ``topk_moe.dense_mlp`` computes it."""
     gate = x @ w3 if w3 is not None else None
-    return _activate(x @ w1, gate, activation) @ w2
+    return activate(x @ w1, gate, activation) @ w2
 
 
 def hf_eager_moe(x, layer: TorchLayer):
@@ -155,7 +157,7 @@ def hf_eager_moe(x, layer: TorchLayer):
         choice, token = torch.where(mask[e])
         rows = x[token]
         gate = rows @ layer.w3[e] if layer.w3 is not None else None
-        hidden = _activate(rows @ layer.w1[e], gate, layer.activation)
+        hidden = activate(rows @ layer.w1[e], gate, layer.activation)
         out = (hidden @ layer.w2[e]) * weights[token, choice, None]
         y.index_add_(0, token, out.to(x.dtype))
     return y
@@ -204,9 +206,9 @@ def grouped_mm_moe(x, layer: GroupedLayer):
     rows = x[token]
     hidden = torch._grouped_mm(rows, layer.w13, offs=offsets)
     if layer.activation == "swiglu":
-        hidden = _activate(hidden[:, :layer.d_ff], hidden[:, layer.d_ff:], "swiglu")
+        hidden = activate(hidden[:, :layer.d_ff], hidden[:, layer.d_ff:], "swiglu")
     else:
-        hidden = _activate(hidden, None, layer.activation)
+        hidden = activate(hidden, None, layer.activation)
     out = torch._grouped_mm(hidden, layer.w2, offs=offsets)
     out = out * weights.reshape(-1)[order, None]
     y = torch.zeros((T, D), dtype=x.dtype, device=x.device)
